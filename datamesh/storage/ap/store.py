@@ -1,0 +1,147 @@
+"""The AP tier: per-region sets of shards, chosen by a stable hash of the entity id.
+
+:class:`ContentStore` is what the pipeline talks to.  It routes each key to
+``<ap_dir>/<region>/shard-NNN`` by the first 16 bytes of the key (the entity id), opens shards
+lazily through an engine factory (SQLite today, the LSM later), and is the single place where shard
+and ``sqlite3`` failures become ``StorageError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from datamesh.core.errors import StorageError
+from datamesh.core.result import Err, Ok, Result
+from datamesh.core.types import EntityId, GeoRegion
+from datamesh.storage.ap.base import ShardEngine, ShardError
+from datamesh.storage.ap.sqlite_shard import SqliteShard
+
+EngineFactory = Callable[[Path], ShardEngine]
+
+
+def shard_for(entity_bytes: bytes, shard_count: int) -> int:
+    """Stable across processes and versions: BLAKE2b of the entity id, modulo the shard count."""
+    digest = hashlib.blake2b(entity_bytes[:16], digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shard_count
+
+
+def default_engine(path: Path) -> ShardEngine:
+    return SqliteShard(path.with_suffix(".sqlite3"))
+
+
+class ContentStore:
+    """Routes turn content to region shards; every method returns a ``Result``."""
+
+    def __init__(
+        self,
+        root: Path,
+        shard_count: int,
+        *,
+        engine_factory: EngineFactory = default_engine,
+    ) -> None:
+        if shard_count < 1:
+            raise ValueError("shard_count must be at least 1")
+        self.root = Path(root)
+        self.shard_count = shard_count
+        self._factory = engine_factory
+        self._shards: dict[tuple[GeoRegion, int], ShardEngine] = {}
+        self._open_lock = threading.Lock()
+
+    def shard_path(self, region: GeoRegion, shard: int) -> Path:
+        return self.root / region.value / f"shard-{shard:03d}"
+
+    def shard_of(self, entity: EntityId) -> int:
+        return shard_for(entity.value.bytes, self.shard_count)
+
+    def put_many(self, region: GeoRegion, items: Sequence[tuple[bytes, bytes]]) -> Result[int, StorageError]:
+        """Write every item to its shard; each shard's part is atomic and durable."""
+        return self._each_shard(
+            region,
+            items,
+            lambda engine, part: (engine.put_many(part), len(part))[1],
+            "put_many",
+        )
+
+    def get_many(self, region: GeoRegion, keys: Sequence[bytes]) -> Result[dict[bytes, bytes], StorageError]:
+        found: dict[bytes, bytes] = {}
+        result = self._each_shard(
+            region,
+            [(k, b"") for k in keys],
+            lambda e, part: len(found.update(e.get_many([k for k, _ in part])) or ()),
+            "get_many",
+        )
+        if isinstance(result, Err):
+            return result
+        return Ok(found)
+
+    def delete_many(self, region: GeoRegion, keys: Sequence[bytes]) -> Result[int, StorageError]:
+        """Delete keys (missing keys are fine); returns how many existed."""
+        return self._each_shard(
+            region,
+            [(k, b"") for k in keys],
+            lambda e, part: e.delete_many([k for k, _ in part]),
+            "delete_many",
+        )
+
+    def scan_entity(
+        self, region: GeoRegion, entity: EntityId, limit: int | None = None
+    ) -> Result[list[tuple[bytes, bytes]], StorageError]:
+        prefix = entity.value.bytes
+        try:
+            engine = self._engine(region, self.shard_of(entity))
+            return Ok(list(engine.scan_prefix(prefix, limit)))
+        except (ShardError, sqlite3.Error, OSError) as exc:
+            return Err(_translate(exc, "scan_entity"))
+
+    def count(self, region: GeoRegion) -> Result[int, StorageError]:
+        try:
+            return Ok(sum(self._engine(region, n).count() for n in range(self.shard_count)))
+        except (ShardError, sqlite3.Error, OSError) as exc:
+            return Err(_translate(exc, "count"))
+
+    def close(self) -> None:
+        with self._open_lock:
+            shards, self._shards = self._shards, {}
+        for engine in shards.values():
+            engine.close()
+
+    def _each_shard(
+        self,
+        region: GeoRegion,
+        items: Sequence[tuple[bytes, bytes]],
+        action: Callable[[ShardEngine, list[tuple[bytes, bytes]]], int],
+        operation: str,
+    ) -> Result[int, StorageError]:
+        groups: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+        for item in items:
+            groups[shard_for(item[0], self.shard_count)].append(item)
+        total = 0
+        try:
+            for shard in sorted(groups):
+                total += action(self._engine(region, shard), groups[shard])
+        except (ShardError, sqlite3.Error, OSError) as exc:
+            return Err(_translate(exc, operation))
+        return Ok(total)
+
+    def _engine(self, region: GeoRegion, shard: int) -> ShardEngine:
+        key = (region, shard)
+        engine = self._shards.get(key)
+        if engine is None:
+            with self._open_lock:
+                engine = self._shards.get(key)
+                if engine is None:
+                    engine = self._factory(self.shard_path(region, shard))
+                    self._shards[key] = engine
+        return engine
+
+
+def _translate(exc: Exception, operation: str) -> StorageError:
+    retryable = isinstance(exc, ShardError) and exc.retryable
+    if isinstance(exc, sqlite3.OperationalError):
+        retryable = "locked" in str(exc) or "busy" in str(exc)
+    return StorageError("ap", operation, str(exc), retryable=retryable, cause=repr(exc))

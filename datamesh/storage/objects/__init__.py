@@ -1,0 +1,1 @@
+"""Object store backends and the per-region router."""

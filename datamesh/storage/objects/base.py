@@ -1,0 +1,201 @@
+"""The content-addressed object store: the interface every backend implements.
+
+The base class owns the public behaviour — hashing while writing, deduplication, verification on
+every read, translation of backend failures into ``StorageError`` — and a backend implements a few
+private methods over its medium (a folder, an S3 bucket).  Keys are SHA-256 hex digests; an object,
+once stored, never changes.
+
+Writing is two-phase so that a stream can be hashed as it is written: ``_stage`` stores the bytes
+under a temporary name and returns a token, then ``_promote`` publishes them under their hash (or
+``_discard`` drops them when the hash is already present).  Readers therefore never see a partly
+written object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Generic, TypeVar, cast
+
+from datamesh.core.errors import IntegrityError, NotFound, StorageError
+from datamesh.core.result import Err, Ok, Result
+from datamesh.core.types import ContentHash
+
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+
+Token = TypeVar("Token")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """What a put produced: the key, the size, and whether bytes were written (``False`` = dedup)."""
+
+    content_hash: ContentHash
+    size: int
+    written: bool
+
+
+class ObjectMissing(Exception):
+    """Raised by a backend's ``_open`` when the key is absent."""
+
+
+class _Hashing:
+    """Wraps an iterable of chunks, hashing and counting them as they pass."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            if chunk:
+                self.sha.update(chunk)
+                self.size += len(chunk)
+                yield chunk
+
+
+def iter_file(stream: BinaryIO, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """Chunks of a binary file-like object, without reading it whole."""
+    while chunk := stream.read(chunk_bytes):
+        yield chunk
+
+
+class ObjectStore(ABC, Generic[Token]):
+    """A SHA-256 content-addressed store; see the module docstring for the backend contract."""
+
+    #: Short name used in errors and metrics (``fs``, ``s3``).
+    backend: str = "objects"
+
+    # ---- the public behaviour -------------------------------------------------------------
+
+    def put(self, data: bytes) -> Result[StoredObject, StorageError]:
+        """Store ``data`` under its SHA-256; a second put of the same bytes writes nothing."""
+        content_hash = ContentHash.of(data)
+        try:
+            if self._exists(content_hash.hex):
+                return Ok(StoredObject(content_hash, len(data), written=False))
+            token = self._stage([data])
+            self._promote(token, content_hash.hex)
+        except Exception as exc:  # noqa: BLE001 - the one translation boundary of a backend
+            return Err(self._translate(exc, "put"))
+        return Ok(StoredObject(content_hash, len(data), written=True))
+
+    def put_stream(self, chunks: Iterable[bytes] | BinaryIO) -> Result[StoredObject, StorageError]:
+        """Store a stream, hashing it while it is written; memory use is one chunk."""
+        source: Iterable[bytes] = iter_file(cast(BinaryIO, chunks)) if hasattr(chunks, "read") else chunks
+        hashing = _Hashing(source)
+        token: Token | None = None
+        try:
+            token = self._stage(hashing)
+            content_hash = ContentHash(hashing.sha.hexdigest())
+            if self._exists(content_hash.hex):
+                self._discard(token)
+                return Ok(StoredObject(content_hash, hashing.size, written=False))
+            self._promote(token, content_hash.hex)
+        except Exception as exc:  # noqa: BLE001
+            if token is not None:
+                self._discard_quietly(token)
+            return Err(self._translate(exc, "put_stream"))
+        return Ok(StoredObject(content_hash, hashing.size, written=True))
+
+    def get(self, content_hash: ContentHash) -> Result[bytes, StorageError | NotFound | IntegrityError]:
+        """The bytes stored under ``content_hash``, verified; never returns bad bytes."""
+        parts: list[bytes] = []
+        verified = self.read_into(content_hash, parts.append)
+        if isinstance(verified, Err):
+            return verified
+        return Ok(b"".join(parts))
+
+    def read_into(
+        self, content_hash: ContentHash, sink: Callable[[bytes], object]
+    ) -> Result[int, StorageError | NotFound | IntegrityError]:
+        """Stream the object to ``sink`` chunk by chunk and verify it at the end.
+
+        On ``Err(IntegrityError)`` the caller must discard what ``sink`` received.
+        """
+        sha = hashlib.sha256()
+        size = 0
+        try:
+            for chunk in self._open(content_hash.hex):
+                sha.update(chunk)
+                size += len(chunk)
+                sink(chunk)
+        except ObjectMissing:
+            return Err(NotFound("object", content_hash.hex))
+        except Exception as exc:  # noqa: BLE001
+            return Err(self._translate(exc, "get"))
+        actual = sha.hexdigest()
+        if actual != content_hash.hex:
+            return Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual))
+        return Ok(size)
+
+    def verify(self, content_hash: ContentHash) -> Result[int, StorageError | NotFound | IntegrityError]:
+        """Re-hash one stored object; ``Ok(size)`` when intact."""
+        return self.read_into(content_hash, lambda _chunk: None)
+
+    def exists(self, content_hash: ContentHash) -> Result[bool, StorageError]:
+        try:
+            return Ok(self._exists(content_hash.hex))
+        except Exception as exc:  # noqa: BLE001
+            return Err(self._translate(exc, "exists"))
+
+    def delete(self, content_hash: ContentHash) -> Result[bool, StorageError]:
+        """Remove an object; ``Ok(False)`` when it was already gone.  Only GC should call this."""
+        try:
+            return Ok(self._delete(content_hash.hex))
+        except Exception as exc:  # noqa: BLE001
+            return Err(self._translate(exc, "delete"))
+
+    def list(self) -> Result[list[ContentHash], StorageError]:
+        """Every key in the store (keys that are not SHA-256 digests are skipped)."""
+        try:
+            keys = [ContentHash(k) for k in self._keys() if _is_digest(k)]
+        except Exception as exc:  # noqa: BLE001
+            return Err(self._translate(exc, "list"))
+        return Ok(keys)
+
+    def close(self) -> None:
+        """Release resources; the default has none."""
+
+    # ---- what a backend implements ----------------------------------------------------------
+
+    @abstractmethod
+    def _exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _stage(self, chunks: Iterable[bytes]) -> Token:
+        """Write ``chunks`` under a temporary name, durably; return a token for promote/discard."""
+
+    @abstractmethod
+    def _promote(self, token: Token, key: str) -> None:
+        """Publish staged bytes under ``key`` atomically (a concurrent identical promote is fine)."""
+
+    @abstractmethod
+    def _discard(self, token: Token) -> None: ...
+
+    @abstractmethod
+    def _open(self, key: str) -> Iterator[bytes]:
+        """Chunks of the object; raise :class:`ObjectMissing` when absent."""
+
+    @abstractmethod
+    def _delete(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _keys(self) -> Iterator[str]: ...
+
+    @abstractmethod
+    def _translate(self, exc: Exception, operation: str) -> StorageError:
+        """Map a backend exception to ``StorageError`` (keeping the cause, marking retryable)."""
+
+    def _discard_quietly(self, token: Token) -> None:
+        # best effort: staged leftovers are swept by GC
+        with contextlib.suppress(Exception):
+            self._discard(token)
+
+
+def _is_digest(key: str) -> bool:
+    return len(key) == 64 and all(c in "0123456789abcdef" for c in key)
