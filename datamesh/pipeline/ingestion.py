@@ -1,0 +1,220 @@
+"""The public ingestion API: :class:`IngestionPipeline` and :class:`IngestionRequest`.
+
+::
+
+    config = DataMeshConfig.from_env().unwrap()
+    pipeline = await IngestionPipeline.create(config)
+    async with pipeline.unwrap() as p:
+        result = await p.ingest(IngestionRequest(entity_id=..., prompt=b"...", response=b"...",
+                                                 geo_region=GeoRegion.EU_WEST))
+
+Every call returns a ``Result``.  An accepted turn is persisted (or its saga compensated and the
+error returned); a replayed request returns the first response; backpressure waits or answers
+``Err(Backpressure)``, it never drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+from datamesh.core.config import DataMeshConfig
+from datamesh.core.errors import Error, SagaFailed, StorageError, ValidationError
+from datamesh.core.result import Err, Ok, Result
+from datamesh.core.types import ConversationId, TurnId
+from datamesh.pipeline.backpressure import Admission
+from datamesh.pipeline.plan import SagaPlan
+from datamesh.pipeline.prepare import Prepared, prepare
+from datamesh.pipeline.reads import StoredConversation, get_conversation
+from datamesh.pipeline.request import IngestionRequest, IngestionResponse, ValidRequest, validate
+from datamesh.pipeline.saga import FaultHook, LocalSagaExecutor, ReapOutcome, reap
+from datamesh.pipeline.steps import Committed, Existing
+from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.ap.store import EngineFactory, default_engine
+
+__all__ = ["IngestionPipeline", "IngestionRequest", "IngestionResponse"]
+
+MAX_BATCH_ITEMS = 100_000
+_WAIT_POLL_S = 0.005
+_REAP_INTERVAL_FRACTION = 0.5
+
+ItemResult = Result[IngestionResponse, Error]
+
+
+class IngestionPipeline:
+    """Ingests conversations into every tier through a saga; create with :meth:`create`."""
+
+    def __init__(self, config: DataMeshConfig, tiers: Tiers, executor: LocalSagaExecutor) -> None:
+        self.config = config
+        self.tiers = tiers
+        self._executor = executor
+        self._admission = Admission(
+            rate=config.ingest_rate,
+            burst=config.ingest_burst,
+            max_in_flight=config.max_in_flight,
+            wait=config.backpressure == "wait",
+        )
+        self._reaper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def create(
+        cls,
+        config: DataMeshConfig,
+        *,
+        faults: FaultHook | None = None,
+        engine_factory: EngineFactory = default_engine,
+    ) -> Result[IngestionPipeline, Error]:
+        """Open the tiers (migrating a local SQLite CP database) and recover expired sagas."""
+        tiers = await asyncio.to_thread(Tiers.open, config, engine_factory=engine_factory)
+        if isinstance(tiers, Err):
+            return tiers
+        executor = LocalSagaExecutor(tiers.value, config.ap_shards)
+        if faults is not None:
+            executor.faults = faults
+        pipeline = cls(config, tiers.value, executor)
+        await pipeline.reap()
+        pipeline._reaper = asyncio.get_running_loop().create_task(pipeline._reap_periodically())
+        return Ok(pipeline)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await asyncio.to_thread(self.tiers.close)
+
+    # ---- writes -------------------------------------------------------------------------------
+
+    async def ingest(self, request: IngestionRequest) -> Result[IngestionResponse, Error]:
+        """Store one turn; the response carries its conversation id and the latency."""
+        batch = await self.ingest_many([request])
+        if isinstance(batch, Err):
+            return batch
+        return batch.value[0]
+
+    async def ingest_many(self, requests: Sequence[IngestionRequest]) -> Result[list[ItemResult], Error]:
+        """Store many turns as one saga; returns one result per request, in order.
+
+        A bad item gets its own ``Err`` and does not fail the others.  The outer ``Err`` is for the
+        batch as a whole (backpressure, a batch that is not a list or is too large).
+        """
+        started = time.perf_counter_ns()
+        if isinstance(requests, str | bytes) or not isinstance(requests, Sequence):
+            return Err(ValidationError("requests", "expected a list of IngestionRequest"))
+        if len(requests) > MAX_BATCH_ITEMS:
+            return Err(
+                ValidationError("requests", f"{len(requests)} items exceed the batch maximum of {MAX_BATCH_ITEMS}")
+            )
+        if self._closed:
+            return Err(StorageError("pipeline", "ingest", "the pipeline is closed"))
+        results: list[ItemResult | None] = [None] * len(requests)
+        valid = []
+        for index, request in enumerate(requests):
+            checked = validate(request, max_payload_bytes=self.config.max_payload_bytes)
+            if isinstance(checked, Err):
+                results[index] = checked
+            else:
+                valid.append((index, checked.value))
+        if valid:
+            async with self._admission.admit(len(valid)) as admitted:
+                if isinstance(admitted, Err):
+                    return admitted
+                done = await asyncio.to_thread(self._run_batch, valid, started)
+            for index, outcome in done.items():
+                results[index] = outcome
+        return Ok([r if r is not None else Err(StorageError("pipeline", "ingest", "no outcome")) for r in results])
+
+    def _run_batch(self, valid: list[tuple[int, ValidRequest]], started: int) -> dict[int, ItemResult]:
+        prepared = {index: prepare(index, request) for index, request in valid}
+        out: dict[int, ItemResult] = {}
+        pending = list(prepared.values())
+        deadline = time.monotonic() + self.config.idempotency_wait_s
+        while pending:
+            outcome = self._executor.reserve(self.config.tenant, pending)
+            if isinstance(outcome, Err):
+                for p in pending:
+                    out[p.index] = outcome
+                break
+            decided = outcome.value
+            for index, error in decided.rejected.items():
+                out[index] = Err(error)
+            for index, existing in decided.existing.items():
+                out[index] = Ok(_response(existing, started, deduplicated=True))
+            if decided.plan.items:
+                self._execute(decided.plan, prepared, out, started)
+            pending = [prepared[i] for i in decided.waiting]
+            if pending and time.monotonic() > deadline:
+                for p in pending:
+                    out[p.index] = Err(
+                        StorageError("cp", "ingest", f"a request with key {p.key!r} is still in flight", retryable=True)
+                    )
+                break
+            if pending:
+                time.sleep(_WAIT_POLL_S)
+        return out
+
+    def _execute(self, plan: SagaPlan, prepared: dict[int, Prepared], out: dict[int, ItemResult], started: int) -> None:
+        content = {}
+        blobs: dict[tuple[str, str], bytes] = {}
+        for item in plan.items:
+            r = prepared[item.index].request
+            content[item.index] = (r.prompt, r.response, r.embedding)
+            if item.prompt_location == "objects":
+                blobs[(item.region, item.prompt_sha256)] = r.prompt
+            if item.response_location == "objects":
+                blobs[(item.region, item.response_sha256)] = r.response
+        result = self._executor.execute(plan, content, blobs)
+        if isinstance(result, Err):
+            failure: SagaFailed = result.error
+            for item in plan.items:
+                out[item.index] = Err(failure)
+            return
+        for committed in result.value:
+            out[committed.index] = Ok(_response(committed, started, deduplicated=False, saga_id=plan.saga_id))
+
+    # ---- reads and maintenance ------------------------------------------------------------------
+
+    async def get(self, conversation_id: ConversationId | str) -> Result[StoredConversation, Error]:
+        """A conversation with every turn's content, verified against the CP tier's hashes."""
+        parsed = ConversationId.parse(conversation_id, "conversation_id")
+        if isinstance(parsed, Err):
+            return parsed
+        return await asyncio.to_thread(get_conversation, self.tiers, self.config.tenant, parsed.value)
+
+    async def reap(self) -> list[ReapOutcome]:
+        """Finish or compensate sagas whose lease expired (e.g. after a crash)."""
+        return await asyncio.to_thread(reap, self.tiers)
+
+    async def _reap_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.saga_lease_s * _REAP_INTERVAL_FRACTION)
+            await self.reap()
+
+
+def _response(
+    outcome: Committed | Existing, started: int, *, deduplicated: bool, saga_id: str | None = None
+) -> IngestionResponse:
+    return IngestionResponse(
+        conversation_id=ConversationId.parse(outcome.conversation_id).unwrap(),
+        turn_id=TurnId.parse(outcome.turn_id).unwrap(),
+        turn_seq=outcome.turn_seq,
+        saga_id=saga_id if saga_id is not None else getattr(outcome, "saga_id", ""),
+        latency_ms=(time.perf_counter_ns() - started) / 1e6,
+        deduplicated=deduplicated,
+    )

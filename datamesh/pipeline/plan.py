@@ -1,0 +1,76 @@
+"""The saga plan: everything the steps and compensations need, except the content itself.
+
+The plan is written to the saga log when the saga starts, so a reaper (or another worker) can
+finish or undo the saga from the CP tier alone.  Content bytes never enter the saga log.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from datamesh.core.types import ContentHash, GeoRegion
+
+LOCATION_AP = "ap"
+LOCATION_OBJECTS = "objects"
+
+
+@dataclass(slots=True)
+class ItemPlan:
+    """One turn of the saga."""
+
+    index: int
+    idempotency_key: str
+    request_sha256: str
+    conversation_id: str
+    new_conversation: bool
+    turn_id: str
+    entity_id: str
+    region: str
+    shard: int
+    prompt_sha256: str
+    prompt_size: int
+    prompt_location: str
+    response_sha256: str
+    response_size: int
+    response_location: str
+    has_embedding: bool
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def geo_region(self) -> GeoRegion:
+        return GeoRegion(self.region)
+
+
+@dataclass(slots=True)
+class BlobPlan:
+    """A blob the saga stores in a region's object store."""
+
+    region: str
+    content_hash: str
+    size: int
+
+
+@dataclass(slots=True)
+class SagaPlan:
+    saga_id: str
+    tenant: str
+    items: list[ItemPlan]
+    blobs: list[BlobPlan]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> SagaPlan:
+        data: dict[str, Any] = json.loads(raw)
+        return cls(
+            saga_id=data["saga_id"],
+            tenant=data["tenant"],
+            items=[ItemPlan(**item) for item in data["items"]],
+            blobs=[BlobPlan(**blob) for blob in data["blobs"]],
+        )
+
+    def blob_keys(self) -> list[tuple[str, ContentHash]]:
+        return [(b.region, ContentHash(b.content_hash)) for b in self.blobs]

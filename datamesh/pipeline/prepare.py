@@ -1,0 +1,69 @@
+"""Turn validated requests into saga items: hashes, keys, where each payload will live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datamesh.core.types import ContentHash, ConversationId, TurnId
+from datamesh.pipeline.dedup import idempotency_key, request_digest
+from datamesh.pipeline.plan import LOCATION_AP, LOCATION_OBJECTS, BlobPlan, ItemPlan
+from datamesh.pipeline.request import ValidRequest
+from datamesh.storage.ap.store import shard_for
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated request with its hashes and idempotency key, before the saga decides on it."""
+
+    index: int
+    request: ValidRequest
+    prompt_hash: ContentHash
+    response_hash: ContentHash
+    digest: str
+    key: str
+
+    def to_item(self, *, inline_max_bytes: int, shard_count: int) -> ItemPlan:
+        r = self.request
+        new = r.conversation_id is None
+        conversation = ConversationId.generate() if new else r.conversation_id
+        return ItemPlan(
+            index=self.index,
+            idempotency_key=self.key,
+            request_sha256=self.digest,
+            conversation_id=str(conversation),
+            new_conversation=new,
+            turn_id=str(TurnId.generate()),
+            entity_id=str(r.entity_id),
+            region=r.region.value,
+            shard=shard_for(r.entity_id.value.bytes, shard_count),
+            prompt_sha256=self.prompt_hash.hex,
+            prompt_size=len(r.prompt),
+            prompt_location=LOCATION_AP if len(r.prompt) <= inline_max_bytes else LOCATION_OBJECTS,
+            response_sha256=self.response_hash.hex,
+            response_size=len(r.response),
+            response_location=LOCATION_AP if len(r.response) <= inline_max_bytes else LOCATION_OBJECTS,
+            has_embedding=r.embedding is not None,
+            metadata=dict(r.metadata),
+        )
+
+
+def prepare(index: int, request: ValidRequest) -> Prepared:
+    prompt_hash = ContentHash.of(request.prompt)
+    response_hash = ContentHash.of(request.response)
+    digest = request_digest(request, prompt_hash.hex, response_hash.hex)
+    return Prepared(index, request, prompt_hash, response_hash, digest, idempotency_key(request, digest))
+
+
+def blobs_of(items: list[ItemPlan]) -> list[BlobPlan]:
+    """The distinct blobs the items put in object stores (per region: content stays in its region)."""
+    seen: dict[tuple[str, str], BlobPlan] = {}
+    for item in items:
+        if item.prompt_location == LOCATION_OBJECTS:
+            seen.setdefault(
+                (item.region, item.prompt_sha256), BlobPlan(item.region, item.prompt_sha256, item.prompt_size)
+            )
+        if item.response_location == LOCATION_OBJECTS:
+            seen.setdefault(
+                (item.region, item.response_sha256), BlobPlan(item.region, item.response_sha256, item.response_size)
+            )
+    return list(seen.values())

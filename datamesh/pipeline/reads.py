@@ -1,0 +1,114 @@
+"""The read path: CP first (existence, access, hashes), then AP and objects, verified.
+
+Content is returned only when it hashes to what the CP tier recorded; anything else is
+``Err(IntegrityError)``, never wrong bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from datamesh.core.errors import IntegrityError, NotFound, StorageError
+from datamesh.core.result import Err, Ok, Result
+from datamesh.core.types import ContentHash, ConversationId, EntityId, GeoRegion, TurnId
+from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.ap.record import Payload, RecordFormatError, TurnContent, turn_key
+from datamesh.storage.cp import conversations
+
+ReadError = NotFound | IntegrityError | StorageError
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTurn:
+    seq: int
+    turn_id: TurnId
+    prompt: bytes
+    response: bytes
+    embedding: tuple[float, ...] | None
+    metadata: dict[str, str]
+    prompt_sha256: str
+    response_sha256: str
+    prompt_location: str
+    response_location: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredConversation:
+    conversation_id: ConversationId
+    entity_id: EntityId
+    region: GeoRegion
+    tenant: str
+    created_at: datetime
+    turns: list[StoredTurn] = field(default_factory=list)
+
+
+def get_conversation(
+    tiers: Tiers, tenant: str, conversation_id: ConversationId
+) -> Result[StoredConversation, ReadError]:
+    def tx(conn: object) -> tuple[conversations.ConversationRow | None, list[conversations.TurnRow]]:
+        rows = conversations.get_many(conn, [str(conversation_id)])  # type: ignore[arg-type]
+        row = rows.get(str(conversation_id))
+        if row is None:
+            return None, []
+        return row, conversations.turns_of(conn, row.id)  # type: ignore[arg-type]
+
+    found = tiers.cp.run(tx, operation="read.conversation", write=False)
+    if isinstance(found, Err):
+        return found
+    row, turn_rows = found.value
+    if row is None or row.tenant != tenant or row.status != conversations.ACTIVE:
+        return Err(NotFound("conversation", str(conversation_id)))
+    region = GeoRegion(row.region)
+    entity = EntityId.parse(row.entity_id).unwrap()
+    keys = {t.turn_id: turn_key(entity, conversation_id, TurnId.parse(t.turn_id).unwrap()) for t in turn_rows}
+    content = tiers.ap.get_many(region, list(keys.values()))
+    if isinstance(content, Err):
+        return content
+    turns: list[StoredTurn] = []
+    for t in turn_rows:
+        raw = content.value.get(keys[t.turn_id])
+        if raw is None:
+            return Err(StorageError("ap", "read", f"content of turn {t.turn_id} is missing from the AP tier"))
+        try:
+            record = TurnContent.decode(raw)
+        except RecordFormatError as exc:
+            return Err(IntegrityError(f"turn {t.turn_id} record", "a valid record", str(exc)))
+        prompt = _resolve(tiers, region, record.prompt, t.prompt_sha256, f"turn {t.turn_id} prompt")
+        if isinstance(prompt, Err):
+            return prompt
+        response = _resolve(tiers, region, record.response, t.response_sha256, f"turn {t.turn_id} response")
+        if isinstance(response, Err):
+            return response
+        turns.append(
+            StoredTurn(
+                t.seq,
+                TurnId.parse(t.turn_id).unwrap(),
+                prompt.value,
+                response.value,
+                record.embedding,
+                t.metadata,
+                t.prompt_sha256,
+                t.response_sha256,
+                t.prompt_location,
+                t.response_location,
+                t.created_at,
+            )
+        )
+    return Ok(StoredConversation(conversation_id, entity, region, row.tenant, row.created_at, turns))
+
+
+def _resolve(tiers: Tiers, region: GeoRegion, payload: Payload, expected: str, what: str) -> Result[bytes, ReadError]:
+    if payload.inline is not None:
+        actual = ContentHash.of(payload.inline).hex
+        if actual != expected:
+            return Err(IntegrityError(what, expected, actual))
+        return Ok(payload.inline)
+    assert payload.ref is not None
+    if payload.ref.hex != expected:
+        return Err(IntegrityError(what, expected, payload.ref.hex))
+    store = tiers.objects.for_region(region)
+    if isinstance(store, Err):
+        return store
+    return store.value.get(payload.ref)

@@ -1,0 +1,155 @@
+"""The in-process saga executor and the reaper.
+
+:class:`LocalSagaExecutor` runs a saga's steps in order in the calling thread; on any failure —
+an ``Err``, an exception, or a fault injected by a test — it compensates the steps before the
+pivot in reverse order and reports ``SagaFailed``.  The Celery executor runs the same step
+functions as tasks.
+
+:func:`reap` finds sagas whose lease expired (their driver died) and drives each forward, when
+every pre-pivot step is recorded done, or into compensation.  It is safe to run anywhere, any
+number of times at once: the pivot only commits a running saga and compensation is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from datamesh.core.errors import DataMeshError, SagaFailed, StorageError, describe
+from datamesh.core.result import Err, Ok, Result
+from datamesh.pipeline import compensation
+from datamesh.pipeline.plan import SagaPlan
+from datamesh.pipeline.prepare import Prepared
+from datamesh.pipeline.steps import (
+    Committed,
+    ReserveOutcome,
+    Step,
+    _NotRunning,
+    commit_cp,
+    reserve,
+    store_blobs,
+    write_ap,
+)
+from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.cp import conversations, sagas
+from datamesh.storage.cp.sagas import SagaStatus, StepState
+from datamesh.storage.cp.sql import utcnow
+
+#: Called as ``hook(step, phase)`` with phase ``"before"`` or ``"after"``; raising fails the step.
+FaultHook = Callable[[str, str], None]
+Content = Mapping[int, tuple[bytes, bytes, tuple[float, ...] | None]]
+
+
+class InjectedFault(Exception):
+    """Raised by test fault hooks; handled like any step failure."""
+
+
+def _no_faults(step: str, phase: str) -> None:
+    return None
+
+
+@dataclass(slots=True)
+class LocalSagaExecutor:
+    """Runs sagas in the calling thread (the default, embedded executor)."""
+
+    tiers: Tiers
+    shard_count: int
+    faults: FaultHook = _no_faults
+
+    def reserve(self, tenant: str, prepared: Sequence[Prepared]) -> Result[ReserveOutcome, StorageError | SagaFailed]:
+        try:
+            self.faults(Step.RESERVE, "before")
+        except Exception as exc:  # noqa: BLE001 - nothing written yet
+            return Err(SagaFailed("-", Step.RESERVE, f"{type(exc).__name__}: {exc}"))
+        outcome = reserve(self.tiers, tenant, prepared, shard_count=self.shard_count)
+        if isinstance(outcome, Err):
+            return outcome
+        try:
+            self.faults(Step.RESERVE, "after")
+        except Exception as exc:  # noqa: BLE001
+            return Err(self._fail(outcome.value.plan, Step.RESERVE, f"{type(exc).__name__}: {exc}"))
+        return outcome
+
+    def execute(
+        self, plan: SagaPlan, content: Content, blobs: Mapping[tuple[str, str], bytes]
+    ) -> Result[list[Committed], SagaFailed]:
+        """Run the steps after ``reserve``; compensate and return ``SagaFailed`` on any failure."""
+        steps: list[tuple[Step, Callable[[], Result[object, object]]]] = [
+            (Step.STORE_BLOBS, lambda: store_blobs(self.tiers, plan, blobs)),
+            (Step.WRITE_AP, lambda: write_ap(self.tiers, plan, content)),
+            (Step.COMMIT_CP, lambda: commit_cp(self.tiers, plan)),
+        ]
+        committed: list[Committed] = []
+        for step, run in steps:
+            try:
+                self.faults(step, "before")
+                result = run()
+            except Exception as exc:  # noqa: BLE001 - a failing step is compensated, whatever the cause
+                result = Err(f"{type(exc).__name__}: {exc}")
+            if isinstance(result, Err):
+                error = result.error
+                if isinstance(error, _NotRunning) and error.status == SagaStatus.COMMITTED:
+                    return Ok(_committed_by_other(self.tiers, plan))  # a reaper drove it forward
+                return Err(self._fail(plan, step, _message(error)))
+            if step == Step.COMMIT_CP:
+                committed = result.value  # type: ignore[assignment]
+                continue  # past the pivot the saga stands: nothing after it can undo it
+            try:
+                self.faults(step, "after")
+            except Exception as exc:  # noqa: BLE001
+                return Err(self._fail(plan, step, f"{type(exc).__name__}: {exc}"))
+        return Ok(committed)
+
+    def _fail(self, plan: SagaPlan, step: str, message: str) -> SagaFailed:
+        outcome = compensation.compensate_with_retries(self.tiers, plan.saga_id, failed_step=step, error=message)
+        dead = isinstance(outcome, Err) or outcome.value == SagaStatus.DEAD
+        return SagaFailed(plan.saga_id, step, message, dead_lettered=dead)
+
+
+def _message(error: object) -> str:
+    if isinstance(error, DataMeshError):
+        return describe(error)  # type: ignore[arg-type]
+    return str(error)
+
+
+def _committed_by_other(tiers: Tiers, plan: SagaPlan) -> list[Committed]:
+    rows = tiers.cp.run(lambda c: conversations.turns_of_saga(c, plan.saga_id), operation="saga.load", write=False)
+    by_turn = {r.turn_id: r for r in rows.unwrap_or([])}
+    return [
+        Committed(i.index, i.conversation_id, i.turn_id, by_turn[i.turn_id].seq)
+        for i in plan.items
+        if i.turn_id in by_turn
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class ReapOutcome:
+    saga_id: str
+    action: str  # "committed" (driven forward), "compensated", "dead", "skipped", "error: ..."
+
+
+def reap(tiers: Tiers, *, limit: int = 100) -> list[ReapOutcome]:
+    """Finish or undo every saga whose lease expired; safe to run concurrently."""
+    expired = tiers.cp.run(lambda c: sagas.expired(c, now=utcnow(), limit=limit), operation="reaper.scan", write=False)
+    if isinstance(expired, Err):
+        return [ReapOutcome("-", f"error: {expired.error}")]
+    return [reap_one(tiers, saga_id) for saga_id in expired.value]
+
+
+def reap_one(tiers: Tiers, saga_id: str) -> ReapOutcome:
+    record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="reaper.load", write=False)
+    if isinstance(record, Err) or record.value is None:
+        return ReapOutcome(saga_id, "skipped")
+    saga = record.value
+    if saga.status == SagaStatus.RUNNING and all(
+        saga.steps.get(step) == StepState.DONE for step in (Step.RESERVE, Step.STORE_BLOBS, Step.WRITE_AP)
+    ):
+        committed = commit_cp(tiers, SagaPlan.from_json(saga.plan_json))
+        if isinstance(committed, Ok):
+            return ReapOutcome(saga_id, "committed")
+    outcome = compensation.compensate_with_retries(
+        tiers, saga_id, failed_step=saga.failed_step or "lease", error=saga.error or "lease expired"
+    )
+    if isinstance(outcome, Err):
+        return ReapOutcome(saga_id, f"error: {outcome.error}")
+    return ReapOutcome(saga_id, outcome.value.value)

@@ -1,0 +1,76 @@
+"""The storage tiers a saga step works on, opened from one configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datamesh.core.config import DataMeshConfig
+from datamesh.core.errors import ConfigError, StorageError
+from datamesh.core.result import Err, Ok, Result
+from datamesh.storage.ap.store import ContentStore, EngineFactory, default_engine
+from datamesh.storage.cp import migrate
+from datamesh.storage.cp.database import CpDatabase
+from datamesh.storage.objects.router import ObjectStoreRouter, open_object_stores
+
+
+@dataclass(slots=True)
+class Tiers:
+    """Handles on the CP database, the AP shards and the object stores."""
+
+    cp: CpDatabase
+    ap: ContentStore
+    objects: ObjectStoreRouter
+    lease_s: float
+    inline_max_bytes: int
+
+    @classmethod
+    def open(
+        cls, config: DataMeshConfig, *, engine_factory: EngineFactory = default_engine, auto_migrate: bool | None = None
+    ) -> Result[Tiers, ConfigError | StorageError]:
+        """Open every tier; SQLite CP databases are migrated to the latest schema on open."""
+        db = CpDatabase.open(config.resolved_cp_url)
+        if isinstance(db, Err):
+            return db
+        cp = db.value
+        migrate_now = cp.dialect == "sqlite" if auto_migrate is None else auto_migrate
+        if migrate_now:
+            upgraded = migrate.upgrade(cp)
+            if isinstance(upgraded, Err):
+                cp.dispose()
+                return upgraded
+        else:
+            checked = _check_schema(cp)
+            if isinstance(checked, Err):
+                cp.dispose()
+                return checked
+        objects = open_object_stores(config.resolved_objects_url)
+        if isinstance(objects, Err):
+            cp.dispose()
+            return objects
+        try:
+            ap = ContentStore(config.resolved_ap_dir, config.ap_shards, engine_factory=engine_factory)
+        except OSError as exc:
+            cp.dispose()
+            return Err(ConfigError("DATAMESH_AP_DIR", f"cannot use {config.resolved_ap_dir}: {exc}"))
+        return Ok(cls(cp, ap, objects.value, config.saga_lease_s, config.inline_max_bytes))
+
+    def close(self) -> None:
+        self.ap.close()
+        self.objects.close()
+        self.cp.dispose()
+
+
+def _check_schema(cp: CpDatabase) -> Result[None, StorageError]:
+    current = migrate.current_revision(cp)
+    if isinstance(current, Err):
+        return current
+    head = migrate.head_revision(cp)
+    if current.value != head:
+        return Err(
+            StorageError(
+                "cp",
+                "open",
+                f"schema is at revision {current.value!r}, code expects {head!r}: run `python -m datamesh migrate`",
+            )
+        )
+    return Ok(None)

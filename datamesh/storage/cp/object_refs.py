@@ -1,0 +1,96 @@
+"""References from sagas to object-store blobs, and the locked collection of unreferenced blobs.
+
+A saga records its references *before* it writes its blobs.  Dropping references and deleting a
+blob whose last reference went both happen while the blob's CP row is locked (``FOR UPDATE`` on
+PostgreSQL; SQLite serialises writers), so a saga adding a reference to the same content either
+runs before (the blob stays) or after (its own put writes the blob again).  A blob is therefore
+never deleted while a committed row or a saga in flight references it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import cast
+
+from sqlalchemy import Table, delete, func, select
+from sqlalchemy.engine import Connection
+
+from datamesh.models.tables import Blob, ObjectRef
+from datamesh.storage.cp.sql import insert_ignore
+
+BLOBS = cast(Table, Blob.__table__)
+REFS = cast(Table, ObjectRef.__table__)
+
+
+def add_refs(conn: Connection, saga_id: str, blobs: Sequence[tuple[str, str, int]], now: datetime) -> None:
+    """Reference ``(region, content_hash, size)`` blobs from ``saga_id`` (idempotent)."""
+    if not blobs:
+        return
+    insert_ignore(
+        conn,
+        BLOBS,
+        [{"region": r, "content_hash": h, "size": s, "created_at": now} for r, h, s in blobs],
+        ["region", "content_hash"],
+    )
+    _lock(conn, [(r, h) for r, h, _ in blobs])
+    insert_ignore(
+        conn,
+        REFS,
+        [{"region": r, "content_hash": h, "saga_id": saga_id, "created_at": now} for r, h, _ in blobs],
+        ["region", "content_hash", "saga_id"],
+    )
+
+
+def drop_refs(conn: Connection, saga_id: str, delete_blob: Callable[[str, str], None]) -> list[tuple[str, str]]:
+    """Drop every reference of ``saga_id``; delete blobs left with none.  Returns those deleted.
+
+    ``delete_blob(region, content_hash)`` runs inside the transaction, while the row is locked; it
+    must be idempotent (the transaction may be re-run).
+    """
+    refs = [(r.region, r.content_hash) for r in conn.execute(select(REFS).where(REFS.c.saga_id == saga_id))]
+    if not refs:
+        return []
+    _lock(conn, refs)
+    conn.execute(delete(REFS).where(REFS.c.saga_id == saga_id))
+    return collect(conn, refs, delete_blob)
+
+
+def collect(
+    conn: Connection, candidates: Sequence[tuple[str, str]], delete_blob: Callable[[str, str], None]
+) -> list[tuple[str, str]]:
+    """Delete each candidate blob that no reference holds (rows locked by the caller or here)."""
+    _lock(conn, candidates)
+    deleted: list[tuple[str, str]] = []
+    for region, content_hash in sorted(set(candidates)):
+        remaining = conn.execute(
+            select(func.count()).select_from(REFS).where(REFS.c.region == region, REFS.c.content_hash == content_hash)
+        ).scalar_one()
+        if remaining == 0:
+            delete_blob(region, content_hash)
+            conn.execute(delete(BLOBS).where(BLOBS.c.region == region, BLOBS.c.content_hash == content_hash))
+            deleted.append((region, content_hash))
+    return deleted
+
+
+def referenced(conn: Connection, region: str, hashes: Sequence[str]) -> set[str]:
+    """Which of ``hashes`` some saga (committed or in flight) still references in ``region``."""
+    found: set[str] = set()
+    for start in range(0, len(hashes), 400):
+        chunk = list(hashes[start : start + 400])
+        rows = conn.execute(
+            select(REFS.c.content_hash).where(REFS.c.region == region, REFS.c.content_hash.in_(chunk)).distinct()
+        )
+        found.update(r.content_hash for r in rows)
+    return found
+
+
+def _lock(conn: Connection, keys: Sequence[tuple[str, str]]) -> None:
+    if conn.dialect.name != "postgresql" or not keys:
+        return  # SQLite: BEGIN IMMEDIATE already holds the database's write lock
+    for region, content_hash in sorted(set(keys)):  # a fixed order avoids deadlocks between lockers
+        conn.execute(
+            select(BLOBS.c.content_hash)
+            .where(BLOBS.c.region == region, BLOBS.c.content_hash == content_hash)
+            .with_for_update()
+        )

@@ -1,0 +1,143 @@
+"""Provenance chains: an append-only, hash-linked list of events per conversation.
+
+Each record's hash is SHA-256 over a canonical encoding of (conversation id, sequence number,
+kind, body, previous hash); the first record links to :data:`GENESIS`.  The unique constraints on
+``(conversation_id, seq)`` and ``(conversation_id, prev_hash)`` — under serializable transactions —
+mean two concurrent appends can never fork a chain: one of them fails and is re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, cast
+
+from sqlalchemy import Table, func, select
+from sqlalchemy.engine import Connection
+
+from datamesh.models.tables import ProvenanceRecord
+
+RECORDS = cast(Table, ProvenanceRecord.__table__)
+GENESIS = "0" * 64
+
+
+class ProvenanceKind(StrEnum):
+    TURN_INGESTED = "turn_ingested"
+    CONTENT_STORED = "content_stored"
+    DERIVED_ARTIFACT = "derived_artifact"
+    ACCESS_GRANTED = "access_granted"
+    ACCESS_REVOKED = "access_revoked"
+    REDACTED = "redacted"
+    ERASED = "erased"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainBreak:
+    """The first record whose stored hash or link does not match what is recomputed."""
+
+    conversation_id: str
+    seq: int
+    expected: str
+    actual: str
+    reason: str
+
+
+def canonical(body: Mapping[str, Any]) -> str:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def chain_hash(conversation_id: str, seq: int, kind: str, body_json: str, prev_hash: str) -> str:
+    encoded = canonical({"c": conversation_id, "s": seq, "k": kind, "b": body_json, "p": prev_hash})
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def heads(conn: Connection, conversation_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """The last ``(seq, record_hash)`` of each conversation that has records."""
+    if not conversation_ids:
+        return {}
+    last = (
+        select(RECORDS.c.conversation_id, func.max(RECORDS.c.seq).label("seq"))
+        .where(RECORDS.c.conversation_id.in_(list(conversation_ids)))
+        .group_by(RECORDS.c.conversation_id)
+        .subquery()
+    )
+    rows = conn.execute(
+        select(RECORDS.c.conversation_id, RECORDS.c.seq, RECORDS.c.record_hash).join(
+            last, (RECORDS.c.conversation_id == last.c.conversation_id) & (RECORDS.c.seq == last.c.seq)
+        )
+    )
+    return {r.conversation_id: (r.seq, r.record_hash) for r in rows}
+
+
+def append_many(
+    conn: Connection,
+    events: Sequence[tuple[str, ProvenanceKind, Mapping[str, Any]]],
+    *,
+    now: datetime,
+    known_new: frozenset[str] = frozenset(),
+) -> None:
+    """Append ``(conversation_id, kind, body)`` events in order, with one multi-row insert.
+
+    ``known_new`` names conversations created in this transaction (no head to look up).
+    """
+    if not events:
+        return
+    lookup = sorted({c for c, _, _ in events} - known_new)
+    state = heads(conn, lookup)
+    rows: list[dict[str, Any]] = []
+    for conversation_id, kind, body in events:
+        seq, prev = state.get(conversation_id, (-1, GENESIS))
+        seq += 1
+        body_json = canonical(body)
+        record_hash = chain_hash(conversation_id, seq, kind.value, body_json, prev)
+        rows.append(
+            {
+                "conversation_id": conversation_id,
+                "seq": seq,
+                "kind": kind.value,
+                "body": body_json,
+                "prev_hash": prev,
+                "record_hash": record_hash,
+                "created_at": now,
+            }
+        )
+        state[conversation_id] = (seq, record_hash)
+    conn.execute(RECORDS.insert(), rows)
+
+
+def verify(conn: Connection, conversation_id: str) -> tuple[int, ChainBreak | None]:
+    """Recompute a chain; returns (records checked, the first break or None)."""
+    rows = conn.execute(
+        select(RECORDS).where(RECORDS.c.conversation_id == conversation_id).order_by(RECORDS.c.seq)
+    ).all()
+    prev = GENESIS
+    for expected_seq, r in enumerate(rows):
+        if r.seq != expected_seq:
+            return expected_seq, ChainBreak(
+                conversation_id, expected_seq, str(expected_seq), str(r.seq), "gap in sequence"
+            )
+        if r.prev_hash != prev:
+            return expected_seq, ChainBreak(conversation_id, r.seq, prev, r.prev_hash, "link to previous record broken")
+        recomputed = chain_hash(conversation_id, r.seq, r.kind, r.body, r.prev_hash)
+        if recomputed != r.record_hash:
+            return expected_seq, ChainBreak(conversation_id, r.seq, recomputed, r.record_hash, "record content changed")
+        prev = r.record_hash
+    return len(rows), None
+
+
+def records(conn: Connection, conversation_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(select(RECORDS).where(RECORDS.c.conversation_id == conversation_id).order_by(RECORDS.c.seq))
+    return [
+        {
+            "seq": r.seq,
+            "kind": r.kind,
+            "body": json.loads(r.body),
+            "record_hash": r.record_hash,
+            "prev_hash": r.prev_hash,
+        }
+        for r in rows
+    ]

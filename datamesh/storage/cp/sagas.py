@@ -1,0 +1,172 @@
+"""The saga log: a row per saga and a row per step, written with the step's own CP writes.
+
+Statuses: ``running`` → ``committed`` (the pivot committed) or ``running`` → ``compensating`` →
+``compensated`` (or ``dead`` after too many failed compensation attempts).  The pivot only commits
+a ``running`` saga and compensation only claims a ``running`` one, so the two can never both win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import cast
+
+from sqlalchemy import Table, func, select, update
+from sqlalchemy.engine import Connection
+
+from datamesh.models.tables import Saga, SagaStep
+from datamesh.storage.cp.sql import as_utc, upsert
+
+SAGAS = cast(Table, Saga.__table__)
+STEPS = cast(Table, SagaStep.__table__)
+
+
+class SagaStatus(StrEnum):
+    RUNNING = "running"
+    COMMITTED = "committed"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    DEAD = "dead"
+
+
+class StepState(StrEnum):
+    DONE = "done"
+    FAILED = "failed"
+    COMPENSATED = "compensated"
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRecord:
+    saga_id: str
+    status: SagaStatus
+    tenant: str
+    plan_json: str
+    steps: dict[str, StepState]
+    failed_step: str | None
+    error: str | None
+    attempts: int
+    lease_expires_at: datetime
+    created_at: datetime
+    updated_at: datetime
+
+
+def create(conn: Connection, saga_id: str, tenant: str, plan_json: str, *, now: datetime, lease_s: float) -> None:
+    conn.execute(
+        SAGAS.insert(),
+        {
+            "id": saga_id,
+            "kind": "ingest",
+            "status": SagaStatus.RUNNING.value,
+            "tenant": tenant,
+            "plan": plan_json,
+            "attempts": 0,
+            "lease_expires_at": now + timedelta(seconds=lease_s),
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+
+
+def record_step(
+    conn: Connection,
+    saga_id: str,
+    step: str,
+    state: StepState,
+    *,
+    now: datetime,
+    lease_s: float,
+    error: str | None = None,
+) -> None:
+    """Record a step's state and extend the saga's lease (the saga is alive)."""
+    upsert(
+        conn,
+        STEPS,
+        [{"saga_id": saga_id, "step": step, "state": state.value, "attempts": 1, "error": error, "updated_at": now}],
+        ["saga_id", "step"],
+        ["state", "error", "updated_at"],
+    )
+    conn.execute(
+        update(SAGAS)
+        .where(SAGAS.c.id == saga_id)
+        .values(lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
+    )
+
+
+def transition(
+    conn: Connection,
+    saga_id: str,
+    *,
+    from_status: tuple[SagaStatus, ...],
+    to_status: SagaStatus,
+    now: datetime,
+    lease_s: float = 0.0,
+    failed_step: str | None = None,
+    error: str | None = None,
+    count_attempt: bool = False,
+) -> bool:
+    """Move the saga to ``to_status`` if it is in one of ``from_status``; True when it moved."""
+    values: dict[str, object] = {"status": to_status.value, "updated_at": now}
+    if lease_s:
+        values["lease_expires_at"] = now + timedelta(seconds=lease_s)
+    if failed_step is not None:
+        values["failed_step"] = failed_step
+    if error is not None:
+        values["error"] = error[:2000]
+    if count_attempt:
+        values["attempts"] = SAGAS.c.attempts + 1
+    result = conn.execute(
+        update(SAGAS).where(SAGAS.c.id == saga_id, SAGAS.c.status.in_([s.value for s in from_status])).values(**values)
+    )
+    return result.rowcount == 1
+
+
+def status_of(conn: Connection, saga_id: str) -> SagaStatus | None:
+    row = conn.execute(select(SAGAS.c.status).where(SAGAS.c.id == saga_id)).first()
+    return SagaStatus(row.status) if row else None
+
+
+def load(conn: Connection, saga_id: str) -> SagaRecord | None:
+    row = conn.execute(select(SAGAS).where(SAGAS.c.id == saga_id)).first()
+    if row is None:
+        return None
+    steps = {r.step: StepState(r.state) for r in conn.execute(select(STEPS).where(STEPS.c.saga_id == saga_id))}
+    return SagaRecord(
+        saga_id=row.id,
+        status=SagaStatus(row.status),
+        tenant=row.tenant,
+        plan_json=row.plan,
+        steps=steps,
+        failed_step=row.failed_step,
+        error=row.error,
+        attempts=row.attempts,
+        lease_expires_at=as_utc(row.lease_expires_at),
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
+    )
+
+
+def expired(conn: Connection, *, now: datetime, limit: int = 100) -> list[str]:
+    """Sagas still in flight whose lease ran out (their driver died or lost its message)."""
+    rows = conn.execute(
+        select(SAGAS.c.id)
+        .where(
+            SAGAS.c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]),
+            SAGAS.c.lease_expires_at < now,
+        )
+        .order_by(SAGAS.c.lease_expires_at)
+        .limit(limit)
+    )
+    return [r.id for r in rows]
+
+
+def list_by_status(conn: Connection, status: SagaStatus, *, limit: int = 100) -> list[str]:
+    rows = conn.execute(
+        select(SAGAS.c.id).where(SAGAS.c.status == status.value).order_by(SAGAS.c.created_at).limit(limit)
+    )
+    return [r.id for r in rows]
+
+
+def count_by_status(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(select(SAGAS.c.status, func.count()).group_by(SAGAS.c.status))
+    return {r[0]: int(r[1]) for r in rows}
