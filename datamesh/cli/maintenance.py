@@ -1,0 +1,140 @@
+"""Operator commands: ``migrate``, ``sagas``, ``reap``, ``provenance verify``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from datamesh.core.config import DataMeshConfig
+from datamesh.core.result import Err
+from datamesh.pipeline import compensation
+from datamesh.pipeline.saga import reap
+from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.cp import migrate, provenance, sagas
+from datamesh.storage.cp.database import CpDatabase
+from datamesh.storage.cp.sagas import SagaStatus
+
+
+def register(sub: Any) -> None:
+    m = sub.add_parser("migrate", help="apply the CP tier's Alembic migrations")
+    m.add_argument("--revision", default="head")
+    m.add_argument("--downgrade", action="store_true", help="downgrade to --revision instead")
+    m.set_defaults(handler=_migrate)
+
+    s = sub.add_parser("sagas", help="list sagas by state, or re-drive one")
+    s.add_argument("--dead", action="store_true", help="list dead-lettered sagas")
+    s.add_argument("--status", choices=[x.value for x in SagaStatus], help="list sagas in this state")
+    s.add_argument("action", nargs="?", choices=["retry"], help="retry: compensate a dead or stuck saga again")
+    s.add_argument("saga_id", nargs="?")
+    s.set_defaults(handler=_sagas)
+
+    r = sub.add_parser("reap", help="finish or compensate sagas whose lease expired")
+    r.set_defaults(handler=_reap)
+
+    p = sub.add_parser("provenance", help="provenance chains")
+    p.add_argument("action", choices=["verify"])
+    p.add_argument("conversation_id", nargs="?", help="one conversation (default: every conversation)")
+    p.set_defaults(handler=_provenance)
+
+
+def _open_db(config: DataMeshConfig) -> CpDatabase | None:
+    db = CpDatabase.open(config.resolved_cp_url)
+    if isinstance(db, Err):
+        print(f"error: {db.error}")
+        return None
+    return db.value
+
+
+def _migrate(args: argparse.Namespace, config: DataMeshConfig) -> int:
+    db = _open_db(config)
+    if db is None:
+        return 2
+    done = migrate.downgrade(db, args.revision) if args.downgrade else migrate.upgrade(db, args.revision)
+    db.dispose()
+    if isinstance(done, Err):
+        print(f"error: {done.error}")
+        return 1
+    print(f"CP schema at revision {done.value}")
+    return 0
+
+
+def _with_tiers(config: DataMeshConfig) -> Tiers | None:
+    tiers = Tiers.open(config)
+    if isinstance(tiers, Err):
+        print(f"error: {tiers.error}")
+        return None
+    return tiers.value
+
+
+def _sagas(args: argparse.Namespace, config: DataMeshConfig) -> int:
+    tiers = _with_tiers(config)
+    if tiers is None:
+        return 2
+    try:
+        if args.action == "retry":
+            if not args.saga_id:
+                print("error: sagas retry needs a SAGA_ID")
+                return 2
+            outcome = compensation.compensate_with_retries(tiers, args.saga_id, failed_step="retry", error="re-driven")
+            print(f"{args.saga_id}: {outcome.value if not isinstance(outcome, Err) else outcome.error}")
+            return 0 if not isinstance(outcome, Err) else 1
+        status = SagaStatus.DEAD if args.dead else SagaStatus(args.status) if args.status else None
+        if status is None:
+            counts = tiers.cp.run(sagas.count_by_status, operation="cli.sagas", write=False).unwrap()
+            for name in SagaStatus:
+                print(f"{name.value:13} {counts.get(name.value, 0)}")
+            return 0
+        ids = tiers.cp.run(lambda c: sagas.list_by_status(c, status, limit=1000), operation="cli.sagas", write=False)
+        for saga_id in ids.unwrap():
+            record = tiers.cp.run(lambda c, s=saga_id: sagas.load(c, s), operation="cli.sagas", write=False).unwrap()
+            if record is not None:
+                print(f"{saga_id} {record.status.value} step={record.failed_step} error={record.error}")
+        return 0
+    finally:
+        tiers.close()
+
+
+def _reap(args: argparse.Namespace, config: DataMeshConfig) -> int:
+    tiers = _with_tiers(config)
+    if tiers is None:
+        return 2
+    try:
+        outcomes = reap(tiers)
+        for outcome in outcomes:
+            print(f"{outcome.saga_id} {outcome.action}")
+        print(f"{len(outcomes)} expired sagas handled")
+        return 0
+    finally:
+        tiers.close()
+
+
+def _provenance(args: argparse.Namespace, config: DataMeshConfig) -> int:
+    tiers = _with_tiers(config)
+    if tiers is None:
+        return 2
+    try:
+        from sqlalchemy import select
+
+        from datamesh.storage.cp.conversations import CONVERSATIONS
+
+        if args.conversation_id:
+            ids = [args.conversation_id]
+        else:
+            ids = tiers.cp.run(
+                lambda c: [r.id for r in c.execute(select(CONVERSATIONS.c.id))], operation="cli.provenance", write=False
+            ).unwrap()
+        broken = 0
+        for cid in ids:
+            checked, failure = tiers.cp.run(
+                lambda c, x=cid: provenance.verify(c, x), operation="cli.provenance", write=False
+            ).unwrap()
+            if failure is not None:
+                broken += 1
+                print(
+                    f"BROKEN {cid} at record {failure.seq}: {failure.reason} "
+                    f"(expected {failure.expected}, found {failure.actual})"
+                )
+        print(f"{len(ids)} chains verified, {broken} broken")
+        return 1 if broken else 0
+    finally:
+        tiers.close()

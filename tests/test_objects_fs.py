@@ -1,0 +1,52 @@
+"""The filesystem object store: content addressing, dedup, atomic writes, verification."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from datamesh.core.errors import IntegrityError, NotFound
+from datamesh.core.result import Err
+from datamesh.core.types import ContentHash, GeoRegion
+from datamesh.storage.objects.filesystem import FilesystemObjectStore
+from datamesh.storage.objects.router import open_object_stores
+
+
+def test_put_is_idempotent_and_verified(tmp_path: Path) -> None:
+    store = FilesystemObjectStore(tmp_path)
+    first = store.put(b"hello world").unwrap()
+    again = store.put(b"hello world").unwrap()
+    assert first.written and not again.written and first.content_hash == again.content_hash
+    assert store.path_of(first.content_hash.hex).parent.parent.name == first.content_hash.hex[:2]
+    assert store.get(first.content_hash).unwrap() == b"hello world"
+    assert store.list().unwrap() == [first.content_hash]
+    assert store.stale_staging() == []
+
+
+def test_stream_put_hashes_while_writing(tmp_path: Path) -> None:
+    store = FilesystemObjectStore(tmp_path, chunk_bytes=4096)
+    data = bytes(range(256)) * 10_000
+    stored = store.put_stream(io.BytesIO(data)).unwrap()
+    assert stored.content_hash == ContentHash.of(data) and stored.size == len(data)
+    assert store.put_stream(iter([data[:100], data[100:]])).unwrap().written is False
+
+
+def test_corruption_is_an_error_never_bad_bytes(tmp_path: Path) -> None:
+    store = FilesystemObjectStore(tmp_path)
+    key = store.put(b"precious").unwrap().content_hash
+    store.path_of(key.hex).write_bytes(b"tampered")
+    result = store.get(key)
+    assert isinstance(result, Err) and isinstance(result.error, IntegrityError)
+    missing = store.get(ContentHash.of(b"never stored"))
+    assert isinstance(missing, Err) and isinstance(missing.error, NotFound)
+
+
+def test_each_region_has_its_own_folder(tmp_path: Path) -> None:
+    router = open_object_stores((tmp_path / "objects").as_uri()).unwrap()
+    eu = router.for_region(GeoRegion.EU_WEST).unwrap()
+    us = router.for_region(GeoRegion.US_EAST).unwrap()
+    key = eu.put(b"eu only").unwrap().content_hash
+    assert us.exists(key).unwrap() is False
+    assert (tmp_path / "objects" / "eu-west").is_dir()
+    bad = open_object_stores("ftp://example/x")
+    assert isinstance(bad, Err) and bad.error.variable == "DATAMESH_OBJECTS_URL"
