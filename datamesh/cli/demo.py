@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import statistics
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ def load_sample() -> list[dict[str, str]]:
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def run(config: DataMeshConfig, count: int) -> int:

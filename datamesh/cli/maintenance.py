@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from typing import Any
 
 from datamesh.core.config import DataMeshConfig
@@ -86,7 +87,7 @@ def _sagas(args: argparse.Namespace, config: DataMeshConfig) -> int:
             return 0
         ids = tiers.cp.run(lambda c: sagas.list_by_status(c, status, limit=1000), operation="cli.sagas", write=False)
         for saga_id in ids.unwrap():
-            record = tiers.cp.run(lambda c, s=saga_id: sagas.load(c, s), operation="cli.sagas", write=False).unwrap()
+            record = tiers.cp.run(partial(sagas.load, saga_id=saga_id), operation="cli.sagas", write=False).unwrap()
             if record is not None:
                 print(f"{saga_id} {record.status.value} step={record.failed_step} error={record.error}")
         return 0
@@ -125,8 +126,8 @@ def _provenance(args: argparse.Namespace, config: DataMeshConfig) -> int:
             ).unwrap()
         broken = 0
         for cid in ids:
-            checked, failure = tiers.cp.run(
-                lambda c, x=cid: provenance.verify(c, x), operation="cli.provenance", write=False
+            _checked, failure = tiers.cp.run(
+                partial(provenance.verify, conversation_id=cid), operation="cli.provenance", write=False
             ).unwrap()
             if failure is not None:
                 broken += 1

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
+from uuid import UUID
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import Error, SagaFailed, StorageError, ValidationError
@@ -211,8 +212,8 @@ def _response(
     outcome: Committed | Existing, started: int, *, deduplicated: bool, saga_id: str | None = None
 ) -> IngestionResponse:
     return IngestionResponse(
-        conversation_id=ConversationId.parse(outcome.conversation_id).unwrap(),
-        turn_id=TurnId.parse(outcome.turn_id).unwrap(),
+        conversation_id=ConversationId(UUID(outcome.conversation_id)),
+        turn_id=TurnId(UUID(outcome.turn_id)),
         turn_seq=outcome.turn_seq,
         saga_id=saga_id if saga_id is not None else getattr(outcome, "saga_id", ""),
         latency_ms=(time.perf_counter_ns() - started) / 1e6,

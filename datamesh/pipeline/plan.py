@@ -7,7 +7,7 @@ finish or undo the saga from the CP tier alone.  Content bytes never enter the s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from datamesh.core.types import ContentHash, GeoRegion
@@ -60,17 +60,31 @@ class SagaPlan:
     blobs: list[BlobPlan]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        """Compact JSON: items and blobs as rows under a column list (plans of large batches are big)."""
+        return json.dumps(
+            {
+                "saga_id": self.saga_id,
+                "tenant": self.tenant,
+                "item_fields": _ITEM_FIELDS,
+                "items": [[getattr(item, f) for f in _ITEM_FIELDS] for item in self.items],
+                "blobs": [[b.region, b.content_hash, b.size] for b in self.blobs],
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, raw: str) -> SagaPlan:
         data: dict[str, Any] = json.loads(raw)
+        names = data["item_fields"]
         return cls(
             saga_id=data["saga_id"],
             tenant=data["tenant"],
-            items=[ItemPlan(**item) for item in data["items"]],
-            blobs=[BlobPlan(**blob) for blob in data["blobs"]],
+            items=[ItemPlan(**dict(zip(names, row, strict=True))) for row in data["items"]],
+            blobs=[BlobPlan(*blob) for blob in data["blobs"]],
         )
 
     def blob_keys(self) -> list[tuple[str, ContentHash]]:
         return [(b.region, ContentHash(b.content_hash)) for b in self.blobs]
+
+
+_ITEM_FIELDS = [f.name for f in fields(ItemPlan)]

@@ -17,16 +17,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy.engine import Connection
 
 from datamesh.core.errors import IdempotencyConflict, NotFound, StorageError, ValidationError
 from datamesh.core.result import Err, Ok, Result
-from datamesh.core.types import ContentHash, ConversationId, EntityId, GeoRegion, SagaId, TurnId
+from datamesh.core.types import ContentHash, GeoRegion, SagaId
 from datamesh.pipeline.plan import LOCATION_AP, ItemPlan, SagaPlan
 from datamesh.pipeline.prepare import Prepared, blobs_of
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.record import Payload, TurnContent, turn_key
+from datamesh.storage.ap.record import Payload, TurnContent
 from datamesh.storage.cp import conversations, idempotency, object_refs, provenance, sagas
 from datamesh.storage.cp.provenance import ProvenanceKind
 from datamesh.storage.cp.sagas import SagaStatus, StepState
@@ -206,11 +207,8 @@ def _payload(data: bytes, location: str, sha256: str) -> Payload:
 
 
 def _key(item: ItemPlan) -> bytes:
-    return turn_key(
-        EntityId.parse(item.entity_id).unwrap(),
-        ConversationId.parse(item.conversation_id).unwrap(),
-        TurnId.parse(item.turn_id).unwrap(),
-    )
+    """The AP key of an item (see :func:`datamesh.storage.ap.record.turn_key` for the layout)."""
+    return UUID(item.entity_id).bytes + UUID(item.conversation_id).bytes + UUID(item.turn_id).bytes
 
 
 # ---- commit_cp: the pivot -------------------------------------------------------------------

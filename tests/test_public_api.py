@@ -1,0 +1,28 @@
+"""The public surface is small and frozen: a change here is a deliberate API change."""
+
+from __future__ import annotations
+
+import datamesh.pipeline.ingestion as ingestion
+from datamesh.pipeline.request import IngestionRequest
+
+
+def test_ingestion_exports() -> None:
+    assert ingestion.__all__ == ["IngestionPipeline", "IngestionRequest", "IngestionResponse"]
+
+
+def test_request_fields() -> None:
+    assert list(IngestionRequest.__dataclass_fields__) == [
+        "entity_id",
+        "prompt",
+        "response",
+        "geo_region",
+        "conversation_id",
+        "idempotency_key",
+        "embedding",
+        "metadata",
+    ]
+
+
+def test_pipeline_methods() -> None:
+    for name in ("create", "ingest", "ingest_many", "get", "reap", "close", "__aenter__", "__aexit__"):
+        assert callable(getattr(ingestion.IngestionPipeline, name))
