@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from datamesh.core.config import DataMeshConfig
-from datamesh.core.errors import Backpressure, IdempotencyConflict, NotFound, ValidationError
+from datamesh.core.errors import AccessDenied, Backpressure, IdempotencyConflict, NotFound, ValidationError
+from datamesh.core.principal import Principal, Role
 from datamesh.core.result import Err
 from datamesh.core.types import ConversationId, EntityId, GeoRegion
 from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
@@ -184,3 +185,17 @@ async def test_backpressure_waits_by_default_and_drops_nothing(config: DataMeshC
         assert all(r.is_ok() for r in results)
         assert tier_counts(p.tiers).rows["conversations"] == 8
         assert elapsed >= (8 - 2) / 20.0 * 0.9  # six requests had to wait for tokens
+
+
+async def test_principals_are_scoped_to_their_tenant_and_roles(pipeline: IngestionPipeline) -> None:
+    alice = Principal(tenant="acme", name="alice", roles=frozenset({Role.WRITER}))
+    reader = Principal(tenant="acme", name="rita", roles=frozenset({Role.READER}))
+    mallory = Principal(tenant="other", name="mallory", roles=frozenset({Role.ADMIN}))
+    written = (await pipeline.ingest(request(), principal=alice)).unwrap()
+    assert (await pipeline.get(written.conversation_id, principal=reader)).is_ok()
+    cross = await pipeline.get(written.conversation_id, principal=mallory)
+    assert isinstance(cross, Err) and isinstance(cross.error, NotFound)  # not even its existence leaks
+    refused = await pipeline.ingest(request(), principal=reader)
+    assert isinstance(refused, Err) and isinstance(refused.error, AccessDenied)
+    default = await pipeline.get(written.conversation_id)  # the local default principal is another tenant
+    assert isinstance(default, Err) and isinstance(default.error, NotFound)

@@ -24,7 +24,8 @@ from typing import Self
 from uuid import UUID
 
 from datamesh.core.config import DataMeshConfig
-from datamesh.core.errors import Error, SagaFailed, StorageError, ValidationError
+from datamesh.core.errors import AccessDenied, Error, NotFound, SagaFailed, StorageError, ValidationError
+from datamesh.core.principal import Action, Principal
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import ConversationId, TurnId
 from datamesh.pipeline.backpressure import Admission
@@ -102,14 +103,18 @@ class IngestionPipeline:
 
     # ---- writes -------------------------------------------------------------------------------
 
-    async def ingest(self, request: IngestionRequest) -> Result[IngestionResponse, Error]:
+    async def ingest(
+        self, request: IngestionRequest, *, principal: Principal | None = None
+    ) -> Result[IngestionResponse, Error]:
         """Store one turn; the response carries its conversation id and the latency."""
-        batch = await self.ingest_many([request])
+        batch = await self.ingest_many([request], principal=principal)
         if isinstance(batch, Err):
             return batch
         return batch.value[0]
 
-    async def ingest_many(self, requests: Sequence[IngestionRequest]) -> Result[list[ItemResult], Error]:
+    async def ingest_many(
+        self, requests: Sequence[IngestionRequest], *, principal: Principal | None = None
+    ) -> Result[list[ItemResult], Error]:
         """Store many turns as one saga; returns one result per request, in order.
 
         A bad item gets its own ``Err`` and does not fail the others.  The outer ``Err`` is for the
@@ -124,30 +129,35 @@ class IngestionPipeline:
             )
         if self._closed:
             return Err(StorageError("pipeline", "ingest", "the pipeline is closed"))
+        caller = self._caller(principal)
+        if not caller.can(Action.WRITE):
+            return Err(AccessDenied("write", f"principal {caller.name!r} may not write"))
         results: list[ItemResult | None] = [None] * len(requests)
         valid = []
         for index, request in enumerate(requests):
             checked = validate(request, max_payload_bytes=self.config.max_payload_bytes)
             if isinstance(checked, Err):
                 results[index] = checked
+            elif not caller.sees_entity(str(checked.value.entity_id)):
+                results[index] = Err(AccessDenied("write", f"principal {caller.name!r} has no grant on this entity"))
             else:
                 valid.append((index, checked.value))
         if valid:
             async with self._admission.admit(len(valid)) as admitted:
                 if isinstance(admitted, Err):
                     return admitted
-                done = await asyncio.to_thread(self._run_batch, valid, started)
+                done = await asyncio.to_thread(self._run_batch, caller.tenant, valid, started)
             for index, outcome in done.items():
                 results[index] = outcome
         return Ok([r if r is not None else Err(StorageError("pipeline", "ingest", "no outcome")) for r in results])
 
-    def _run_batch(self, valid: list[tuple[int, ValidRequest]], started: int) -> dict[int, ItemResult]:
+    def _run_batch(self, tenant: str, valid: list[tuple[int, ValidRequest]], started: int) -> dict[int, ItemResult]:
         prepared = {index: prepare(index, request) for index, request in valid}
         out: dict[int, ItemResult] = {}
         pending = list(prepared.values())
         deadline = time.monotonic() + self.config.idempotency_wait_s
         while pending:
-            outcome = self._executor.reserve(self.config.tenant, pending)
+            outcome = self._executor.reserve(tenant, pending)
             if isinstance(outcome, Err):
                 for p in pending:
                     out[p.index] = outcome
@@ -191,12 +201,26 @@ class IngestionPipeline:
 
     # ---- reads and maintenance ------------------------------------------------------------------
 
-    async def get(self, conversation_id: ConversationId | str) -> Result[StoredConversation, Error]:
-        """A conversation with every turn's content, verified against the CP tier's hashes."""
+    async def get(
+        self, conversation_id: ConversationId | str, *, principal: Principal | None = None
+    ) -> Result[StoredConversation, Error]:
+        """A conversation with every turn's content, verified against the CP tier's hashes.
+
+        A conversation the principal may not see is ``NotFound``, as if it did not exist.
+        """
         parsed = ConversationId.parse(conversation_id, "conversation_id")
         if isinstance(parsed, Err):
             return parsed
-        return await asyncio.to_thread(get_conversation, self.tiers, self.config.tenant, parsed.value)
+        caller = self._caller(principal)
+        if not caller.can(Action.READ):
+            return Err(AccessDenied("read", f"principal {caller.name!r} may not read"))
+        found = await asyncio.to_thread(get_conversation, self.tiers, caller.tenant, parsed.value)
+        if isinstance(found, Ok) and not caller.sees_entity(str(found.value.entity_id)):
+            return Err(NotFound("conversation", str(parsed.value)))
+        return found
+
+    def _caller(self, principal: Principal | None) -> Principal:
+        return principal if principal is not None else Principal.local_default(self.config.tenant)
 
     async def reap(self) -> list[ReapOutcome]:
         """Finish or compensate sagas whose lease expired (e.g. after a crash)."""
