@@ -323,6 +323,7 @@ class S3ObjectStore(ObjectStore[Staged]):
                 )
                 done.append({"PartNumber": number, "ETag": answer["ETag"]})
                 size += len(part)
+                part = b""  # drop this part before the next one is assembled
             self._complete(s3_key, upload_id, done)
         except BaseException:
             self._abort_quietly(s3_key, upload_id)
@@ -411,21 +412,26 @@ class S3ObjectStore(ObjectStore[Staged]):
             markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
 
-def _rechunk(first: list[bytes], rest: Iterator[bytes], part_bytes: int) -> Iterator[bytes]:
-    """Regroup a stream of chunks into parts of at least ``part_bytes`` (the last may be shorter)."""
-    pending = list(first)
+def _rechunk(pending: list[bytes], rest: Iterator[bytes], part_bytes: int) -> Iterator[bytes]:
+    """Regroup chunks into parts of at least ``part_bytes`` (the last may be shorter).
+
+    Takes ownership of ``pending`` and empties it as parts go out, so no part outlives its upload.
+    """
     size = sum(len(c) for c in pending)
-    if size >= part_bytes:
-        yield b"".join(pending)
-        pending, size = [], 0
     for chunk in rest:
+        if size >= part_bytes:
+            yield _take(pending)
+            size = 0
         pending.append(chunk)
         size += len(chunk)
-        if size >= part_bytes:
-            yield b"".join(pending)
-            pending, size = [], 0
     if pending:
-        yield b"".join(pending)
+        yield _take(pending)
+
+
+def _take(pending: list[bytes]) -> bytes:
+    part = b"".join(pending)
+    pending.clear()
+    return part
 
 
 def _code(exc: ClientError) -> str:
