@@ -29,10 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from datamesh.core.types import ContentHash  # noqa: E402
-from datamesh.storage.objects.config import S3Settings  # noqa: E402
-from datamesh.storage.objects.filesystem import FilesystemObjectStore  # noqa: E402
-from datamesh.storage.objects.s3 import S3ObjectStore, make_client  # noqa: E402
+from datamesh.core.types import ContentHash
+from datamesh.storage.objects.config import S3Settings
+from datamesh.storage.objects.filesystem import FilesystemObjectStore
+from datamesh.storage.objects.s3 import S3ObjectStore, make_client
 
 KiB, MiB = 1024, 1024 * 1024
 CREDENTIALS = {"access_key_id": "bench", "secret_access_key": "bench"}
@@ -94,7 +94,7 @@ def fs_round(blobs: list[bytes], root: Path) -> dict[str, Rate]:
     return out
 
 
-def s3_round(blobs: list[bytes], endpoint: str) -> dict[str, Rate]:
+def s3_round(blobs: list[bytes], endpoint: str, part_bytes: int) -> dict[str, Rate]:
     import boto3
 
     raw = boto3.client(
@@ -107,7 +107,7 @@ def s3_round(blobs: list[bytes], endpoint: str) -> dict[str, Rate]:
     raw_bucket, dm_bucket = f"raw-{uuid.uuid4().hex[:20]}", f"dm-{uuid.uuid4().hex[:20]}"
     raw.create_bucket(Bucket=raw_bucket)
     raw.create_bucket(Bucket=dm_bucket)
-    settings = S3Settings(endpoint_url=endpoint, region_name="us-east-1", **CREDENTIALS)
+    settings = S3Settings(endpoint_url=endpoint, region_name="us-east-1", part_bytes=part_bytes, **CREDENTIALS)
     store = S3ObjectStore(make_client(settings), dm_bucket, "bench", part_bytes=settings.part_bytes)
     keys = [ContentHash.of(b) for b in blobs]
 
@@ -151,7 +151,9 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     binary = shutil.which("moto_server")
     if binary is None:
         sys.exit("moto_server not found: pip install 'moto[server]' or pass --endpoint")
-    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
@@ -168,6 +170,7 @@ def main() -> None:
     parser.add_argument("--small-count", type=int, default=500)
     parser.add_argument("--large-count", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--part-mib", type=int, default=8, help="S3 part size (DATAMESH_S3_PART_BYTES), MiB")
     parser.add_argument("--endpoint", default=None, help="S3 endpoint (default: start moto_server)")
     parser.add_argument("--dir", type=Path, default=None, help="folder for filesystem runs (default: a temp dir)")
     args = parser.parse_args()
@@ -179,7 +182,10 @@ def main() -> None:
     try:
         rows = []
         for label, blobs in sizes.items():
-            for backend, run in (("fs", lambda b: fs_round(b, root)), ("s3", lambda b: s3_round(b, endpoint))):
+            for backend, run in (
+                ("fs", lambda b: fs_round(b, root)),
+                ("s3", lambda b: s3_round(b, endpoint, args.part_mib * MiB)),
+            ):
                 rounds = [run(blobs) for _ in range(args.rounds)]
                 for op in ("put", "get"):
                     dm = best([r[f"dm {op}"] for r in rounds])
@@ -192,10 +198,16 @@ def main() -> None:
             proc.wait()
 
     target = {"fs": 0.80, "s3": 0.90}
-    print(f"S3 endpoint: {endpoint} ({'moto_server on loopback' if proc else 'given'}); fs folder: {root.parent}")
+    print(f"S3 endpoint: {endpoint} ({'moto_server on loopback' if proc else 'given'}); fs folder under {root.parent}")
     print(f"hashlib SHA-256 on this machine: {sha256_rate():.0f} MB/s (64 MiB buffer)")
-    print(f"small={args.small_count} x 4 KiB, large={args.large_count} x 64 MiB, best of {args.rounds} rounds")
-    header = f"{'backend':<7} {'blob':<7} {'op':<4} {'datamesh obj/s':>15} {'MB/s':>9} {'raw obj/s':>11} {'MB/s':>9} {'ratio':>6}  target"
+    print(
+        f"small={args.small_count} x 4 KiB, large={args.large_count} x 64 MiB, best of {args.rounds} rounds,"
+        f" S3 part size {args.part_mib} MiB"
+    )
+    header = (
+        f"{'backend':<7} {'blob':<7} {'op':<4} {'datamesh obj/s':>15} {'MB/s':>9}"
+        f" {'raw obj/s':>11} {'MB/s':>9} {'ratio':>6}  target"
+    )
     print(header)
     print("-" * len(header))
     for backend, label, op, dm, raw in rows:

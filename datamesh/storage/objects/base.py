@@ -83,12 +83,10 @@ class ObjectStore(ABC, Generic[Token]):
         """Store ``data`` under its SHA-256; a second put of the same bytes writes nothing."""
         content_hash = ContentHash.of(data)
         try:
-            if self._exists(content_hash.hex):
-                return Ok(StoredObject(content_hash, len(data), written=False))
-            self._write(content_hash.hex, data)
+            written = self._write(content_hash.hex, data)
         except Exception as exc:  # noqa: BLE001 - the one translation boundary of a backend
             return Err(self._translate(exc, "put"))
-        return Ok(StoredObject(content_hash, len(data), written=True))
+        return Ok(StoredObject(content_hash, len(data), written=written))
 
     def put_stream(self, chunks: Iterable[bytes] | BinaryIO) -> Result[StoredObject, StorageError]:
         """Store a stream, hashing it while it is written; memory use is one chunk."""
@@ -211,9 +209,15 @@ class ObjectStore(ABC, Generic[Token]):
     @abstractmethod
     def _discard(self, token: Token) -> None: ...
 
-    def _write(self, key: str, data: bytes) -> None:
-        """Publish ``data`` whose hash ``key`` is already known; backends may skip staging."""
+    def _write(self, key: str, data: bytes) -> bool:
+        """Publish ``data`` whose hash ``key`` is known, unless present; return whether it wrote.
+
+        Backends may skip staging or fold the existence check into the write (a conditional PUT).
+        """
+        if self._exists(key):
+            return False
         self._promote(self._stage([data]), key)
+        return True
 
     @abstractmethod
     def _open(self, key: str) -> Iterator[bytes]:

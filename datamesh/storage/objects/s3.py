@@ -73,6 +73,7 @@ RETRYABLE_CODES = frozenset(
         "InternalError",
         "ServiceUnavailable",
         "PriorRequestNotComplete",
+        "ConditionalRequestConflict",  # a concurrent conditional write to the same key: try again
     }
 )
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
@@ -184,13 +185,15 @@ class S3ObjectStore(ObjectStore[Staged]):
             raise
         return True
 
-    def _write(self, key: str, data: bytes) -> None:
-        if len(data) <= self.part_bytes:
-            self._put_single(key, data)
-            return
+    def _write(self, key: str, data: bytes) -> bool:
+        if len(data) <= self.part_bytes:  # one conditional PUT: the existence check costs no request
+            return self._put_single(key, data, if_absent=True)
+        if self._exists(key):
+            return False
         # one part copied at a time (botocore takes bytes or files, not memoryviews)
         parts = (data[i : i + self.part_bytes] for i in range(0, len(data), self.part_bytes))
         self._multipart_upload(self.key_of(key), parts)
+        return True
 
     def _stage(self, chunks: Iterable[bytes]) -> Staged:
         pending: list[bytes] = []
@@ -293,16 +296,29 @@ class S3ObjectStore(ObjectStore[Staged]):
     def _call(self, fn: Callable[[], T]) -> T:
         return call_with_retry(fn, _is_retryable, self.retry)
 
-    def _put_single(self, key: str, data: bytes) -> None:
+    def _put_single(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """One PUT with S3 checking the SHA-256; with ``if_absent``, ``False`` when the key exists.
+
+        ``If-None-Match: *`` makes the existence check and the write one request.  A server that
+        ignores the header overwrites the key with identical bytes, which is harmless.
+        """
         checksum = base64.b64encode(bytes.fromhex(key)).decode("ascii")
-        self._call(
-            lambda: self.client.put_object(
-                Bucket=self.bucket,
-                Key=self.key_of(key),
-                Body=data,
-                ChecksumSHA256=checksum,
+        condition = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            self._call(
+                lambda: self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self.key_of(key),
+                    Body=data,
+                    ChecksumSHA256=checksum,
+                    **condition,  # type: ignore[arg-type]
+                )
             )
-        )
+        except ClientError as exc:
+            if if_absent and (_code(exc) == "PreconditionFailed" or _status(exc) == 412):
+                return False
+            raise
+        return True
 
     def _multipart_upload(self, s3_key: str, parts: Iterable[bytes]) -> int:
         """Upload ``parts`` (each at least 5 MiB but the last) as one object; return its size."""
