@@ -8,16 +8,23 @@ once stored, never changes.
 Writing is two-phase so that a stream can be hashed as it is written: ``_stage`` stores the bytes
 under a temporary name and returns a token, then ``_promote`` publishes them under their hash (or
 ``_discard`` drops them when the hash is already present).  Readers therefore never see a partly
-written object.
+written object.  When the hash is known before writing (``put`` of bytes), ``_write`` may publish
+directly; its default is stage-then-promote.
+
+For garbage collection, ``list_with_mtime`` lists keys with their last-modified time and
+``sweep_staging`` removes what interrupted writes left behind; deciding *which* objects are garbage is
+the CP tier's job (reference counts), never the store's.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO, Generic, TypeVar, cast
 
 from datamesh.core.errors import IntegrityError, NotFound, StorageError
@@ -76,13 +83,10 @@ class ObjectStore(ABC, Generic[Token]):
         """Store ``data`` under its SHA-256; a second put of the same bytes writes nothing."""
         content_hash = ContentHash.of(data)
         try:
-            if self._exists(content_hash.hex):
-                return Ok(StoredObject(content_hash, len(data), written=False))
-            token = self._stage([data])
-            self._promote(token, content_hash.hex)
+            written = self._write(content_hash.hex, data)
         except Exception as exc:  # noqa: BLE001 - the one translation boundary of a backend
             return Err(self._translate(exc, "put"))
-        return Ok(StoredObject(content_hash, len(data), written=True))
+        return Ok(StoredObject(content_hash, len(data), written=written))
 
     def put_stream(self, chunks: Iterable[bytes] | BinaryIO) -> Result[StoredObject, StorageError]:
         """Store a stream, hashing it while it is written; memory use is one chunk."""
@@ -158,6 +162,34 @@ class ObjectStore(ABC, Generic[Token]):
             return Err(self._translate(exc, "list"))
         return Ok(keys)
 
+    def list_with_mtime(
+        self, *, older_than: datetime | None = None
+    ) -> Result[builtins.list[tuple[ContentHash, datetime]], StorageError]:
+        """Every key with its last-modified time (timezone-aware UTC), for garbage collection.
+
+        With ``older_than``, only objects last modified strictly before it.  A put that found the
+        object already present does not change its time.
+        """
+        try:
+            found = [
+                (ContentHash(key), mtime)
+                for key, mtime in self._keys_with_mtime()
+                if _is_digest(key) and (older_than is None or mtime < older_than)
+            ]
+        except Exception as exc:  # noqa: BLE001
+            return Err(self._translate(exc, "list"))
+        return Ok(found)
+
+    def sweep_staging(self, *, older_than: datetime) -> Result[int, StorageError]:
+        """Remove staged leftovers of interrupted writes started before ``older_than``; ``Ok(count)``.
+
+        Pick ``older_than`` well before the longest write in flight (GC uses its grace period).
+        """
+        try:
+            return Ok(self._sweep_staging(older_than))
+        except Exception as exc:  # noqa: BLE001
+            return Err(self._translate(exc, "sweep_staging"))
+
     def close(self) -> None:
         """Release resources; the default has none."""
 
@@ -177,6 +209,16 @@ class ObjectStore(ABC, Generic[Token]):
     @abstractmethod
     def _discard(self, token: Token) -> None: ...
 
+    def _write(self, key: str, data: bytes) -> bool:
+        """Publish ``data`` whose hash ``key`` is known, unless present; return whether it wrote.
+
+        Backends may skip staging or fold the existence check into the write (a conditional PUT).
+        """
+        if self._exists(key):
+            return False
+        self._promote(self._stage([data]), key)
+        return True
+
     @abstractmethod
     def _open(self, key: str) -> Iterator[bytes]:
         """Chunks of the object; raise :class:`ObjectMissing` when absent."""
@@ -186,6 +228,14 @@ class ObjectStore(ABC, Generic[Token]):
 
     @abstractmethod
     def _keys(self) -> Iterator[str]: ...
+
+    @abstractmethod
+    def _keys_with_mtime(self) -> Iterator[tuple[str, datetime]]:
+        """Keys with their last-modified time as an aware UTC datetime."""
+
+    @abstractmethod
+    def _sweep_staging(self, older_than: datetime) -> int:
+        """Delete staged leftovers older than ``older_than``; return how many were removed."""
 
     @abstractmethod
     def _translate(self, exc: Exception, operation: str) -> StorageError:

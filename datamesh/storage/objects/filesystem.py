@@ -10,6 +10,7 @@ import errno
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from datamesh.core.errors import StorageError
@@ -98,6 +99,26 @@ class FilesystemObjectStore(ObjectStore[Path]):
             for second in sorted(first.iterdir()):
                 if second.is_dir():
                     yield from sorted(p.name for p in second.iterdir() if p.is_file())
+
+    def _keys_with_mtime(self) -> Iterator[tuple[str, datetime]]:
+        for key in self._keys():
+            try:
+                mtime = self.path_of(key).stat().st_mtime
+            except FileNotFoundError:  # deleted between listing and stat
+                continue
+            yield key, datetime.fromtimestamp(mtime, tz=UTC)
+
+    def _sweep_staging(self, older_than: datetime) -> int:
+        cutoff = older_than.timestamp()
+        removed = 0
+        for path in self._staging.iterdir():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def _translate(self, exc: Exception, operation: str) -> StorageError:
         retryable = isinstance(exc, OSError) and exc.errno in _RETRYABLE_ERRNOS

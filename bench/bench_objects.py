@@ -1,0 +1,223 @@
+"""Object store throughput next to raw writes of the same data, in the same run.
+
+    python bench/bench_objects.py [--small-count 500] [--large-count 3] [--rounds 2]
+                                  [--endpoint http://...] [--dir ./bench-data]
+
+Without ``--endpoint`` it starts ``moto_server`` on a loopback port.  For each backend and blob size
+it times datamesh ``put`` and ``get`` (hash-verified) against the raw path (``open/write/fsync`` and
+``open/read`` for the filesystem, ``put_object`` / ``get_object().read()`` on a default boto3 client
+for S3) and prints objects/s, MB/s and the ratio; the best of ``--rounds`` runs counts.  Every round
+writes fresh stores, so datamesh puts are real writes, never dedup hits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from datamesh.core.types import ContentHash
+from datamesh.storage.objects.config import S3Settings
+from datamesh.storage.objects.filesystem import FilesystemObjectStore
+from datamesh.storage.objects.s3 import S3ObjectStore, make_client
+
+KiB, MiB = 1024, 1024 * 1024
+CREDENTIALS = {"access_key_id": "bench", "secret_access_key": "bench"}
+
+
+@dataclass
+class Rate:
+    count: int
+    nbytes: int
+    seconds: float
+
+    @property
+    def ops(self) -> float:
+        return self.count / self.seconds
+
+    @property
+    def mbs(self) -> float:
+        return self.nbytes / self.seconds / 1e6
+
+
+def timed(blobs: list[bytes], fn: Callable[[int, bytes], object]) -> Rate:
+    start = time.perf_counter()
+    for i, blob in enumerate(blobs):
+        fn(i, blob)
+    return Rate(len(blobs), sum(map(len, blobs)), time.perf_counter() - start)
+
+
+def best(rates: list[Rate]) -> Rate:
+    return min(rates, key=lambda r: r.seconds)
+
+
+def fs_round(blobs: list[bytes], root: Path) -> dict[str, Rate]:
+    raw_dir, store_dir = root / f"raw-{uuid.uuid4().hex}", root / f"dm-{uuid.uuid4().hex}"
+    raw_dir.mkdir(parents=True)
+
+    def raw_put(i: int, blob: bytes) -> None:
+        with open(raw_dir / f"obj-{i}", "wb") as out:
+            out.write(blob)
+            out.flush()
+            os.fsync(out.fileno())
+
+    def raw_get(i: int, blob: bytes) -> None:
+        with open(raw_dir / f"obj-{i}", "rb") as handle:
+            assert len(handle.read()) == len(blob)
+
+    store = FilesystemObjectStore(store_dir)
+    keys = [ContentHash.of(b) for b in blobs]  # precomputed only to address gets
+
+    def dm_put(i: int, blob: bytes) -> None:
+        assert store.put(blob).unwrap().written
+
+    def dm_get(i: int, blob: bytes) -> None:
+        assert len(store.get(keys[i]).unwrap()) == len(blob)
+
+    out = {"raw put": timed(blobs, raw_put), "dm put": timed(blobs, dm_put)}
+    out |= {"raw get": timed(blobs, raw_get), "dm get": timed(blobs, dm_get)}
+    shutil.rmtree(raw_dir)
+    shutil.rmtree(store_dir)
+    return out
+
+
+def s3_round(blobs: list[bytes], endpoint: str, part_bytes: int) -> dict[str, Rate]:
+    import boto3
+
+    raw = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
+    raw_bucket, dm_bucket = f"raw-{uuid.uuid4().hex[:20]}", f"dm-{uuid.uuid4().hex[:20]}"
+    raw.create_bucket(Bucket=raw_bucket)
+    raw.create_bucket(Bucket=dm_bucket)
+    settings = S3Settings(endpoint_url=endpoint, region_name="us-east-1", part_bytes=part_bytes, **CREDENTIALS)
+    store = S3ObjectStore(make_client(settings), dm_bucket, "bench", part_bytes=settings.part_bytes)
+    keys = [ContentHash.of(b) for b in blobs]
+
+    def raw_put(i: int, blob: bytes) -> None:
+        raw.put_object(Bucket=raw_bucket, Key=f"obj-{i}", Body=blob)
+
+    def raw_get(i: int, blob: bytes) -> None:
+        assert len(raw.get_object(Bucket=raw_bucket, Key=f"obj-{i}")["Body"].read()) == len(blob)
+
+    def dm_put(i: int, blob: bytes) -> None:
+        assert store.put(blob).unwrap().written
+
+    def dm_get(i: int, blob: bytes) -> None:
+        assert len(store.get(keys[i]).unwrap()) == len(blob)
+
+    out = {"raw put": timed(blobs, raw_put), "dm put": timed(blobs, dm_put)}
+    out |= {"raw get": timed(blobs, raw_get), "dm get": timed(blobs, dm_get)}
+    for bucket in (raw_bucket, dm_bucket):  # free the server's memory between rounds
+        for item in raw.list_objects_v2(Bucket=bucket).get("Contents", []):
+            raw.delete_object(Bucket=bucket, Key=item["Key"])
+    store.close()
+    return out
+
+
+def sha256_rate(size: int = 64 * MiB, rounds: int = 3) -> float:
+    data = os.urandom(size)
+    best_s = min(_time(lambda: hashlib.sha256(data).digest()) for _ in range(rounds))
+    return size / best_s / 1e6
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    binary = shutil.which("moto_server")
+    if binary is None:
+        sys.exit("moto_server not found: pip install 'moto[server]' or pass --endpoint")
+    proc = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    sys.exit("moto_server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small-count", type=int, default=500)
+    parser.add_argument("--large-count", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--part-mib", type=int, default=8, help="S3 part size (DATAMESH_S3_PART_BYTES), MiB")
+    parser.add_argument("--endpoint", default=None, help="S3 endpoint (default: start moto_server)")
+    parser.add_argument("--dir", type=Path, default=None, help="folder for filesystem runs (default: a temp dir)")
+    args = parser.parse_args()
+
+    proc, endpoint = (None, args.endpoint) if args.endpoint else start_moto()
+    root = Path(tempfile.mkdtemp(prefix="bench-objects-", dir=args.dir))
+    sizes = {"4 KiB": [os.urandom(4 * KiB) for _ in range(args.small_count)]}
+    sizes["64 MiB"] = [os.urandom(64 * MiB) for _ in range(args.large_count)]
+    try:
+        rows = []
+        for label, blobs in sizes.items():
+            for backend, run in (
+                ("fs", lambda b: fs_round(b, root)),
+                ("s3", lambda b: s3_round(b, endpoint, args.part_mib * MiB)),
+            ):
+                rounds = [run(blobs) for _ in range(args.rounds)]
+                for op in ("put", "get"):
+                    dm = best([r[f"dm {op}"] for r in rounds])
+                    raw = best([r[f"raw {op}"] for r in rounds])
+                    rows.append((backend, label, op, dm, raw))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+
+    target = {"fs": 0.80, "s3": 0.90}
+    print(f"S3 endpoint: {endpoint} ({'moto_server on loopback' if proc else 'given'}); fs folder under {root.parent}")
+    print(f"hashlib SHA-256 on this machine: {sha256_rate():.0f} MB/s (64 MiB buffer)")
+    print(
+        f"small={args.small_count} x 4 KiB, large={args.large_count} x 64 MiB, best of {args.rounds} rounds,"
+        f" S3 part size {args.part_mib} MiB"
+    )
+    header = (
+        f"{'backend':<7} {'blob':<7} {'op':<4} {'datamesh obj/s':>15} {'MB/s':>9}"
+        f" {'raw obj/s':>11} {'MB/s':>9} {'ratio':>6}  target"
+    )
+    print(header)
+    print("-" * len(header))
+    for backend, label, op, dm, raw in rows:
+        ratio = dm.ops / raw.ops
+        verdict = "met" if ratio >= target[backend] else "MISSED"
+        print(
+            f"{backend:<7} {label:<7} {op:<4} {dm.ops:>15.1f} {dm.mbs:>9.1f} {raw.ops:>11.1f} {raw.mbs:>9.1f}"
+            f" {ratio:>6.0%}  >={target[backend]:.0%} {verdict}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Faults: the S3 server goes away mid-run; nothing acknowledged is lost, and a lasting failure is a clear Err.
+
+These tests use their own moto_server (moto keeps objects in memory, so a real restart would wipe
+them: that would test moto, not us).  "Stop and restart" is done two ways that keep the server's
+state: cutting its port (a proxy that closes every connection and refuses new ones: connection
+refused / reset) and freezing the process (SIGSTOP / SIGCONT: requests time out).  A permanent
+failure kills the server for good.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+from datamesh.core.errors import StorageError
+from datamesh.core.result import Err, Ok
+from datamesh.core.retry import RetryPolicy
+from datamesh.core.types import ContentHash
+from datamesh.storage.objects import s3 as s3_module
+from datamesh.storage.objects.base import ObjectStore
+from datamesh.storage.objects.s3 import S3ObjectStore, _classify, make_client
+
+from .conftest import TEST_PART_BYTES, MotoServer, free_port, s3_settings, unavailable
+
+PATIENT_RETRY = RetryPolicy(attempts=30, base_s=0.05, cap_s=0.4)
+
+
+class PortCut:
+    """A TCP proxy in front of the server; ``cut()`` drops every connection and refuses new ones."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            for conn in self._conns:
+                with _quiet():
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with _quiet():
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    with _quiet():
+        sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture(scope="module")
+def own_moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = MotoServer(free_port(), tmp_path_factory.mktemp("moto-faults") / "moto.log")
+    if not server.start():
+        server.stop()
+        unavailable("moto_server is not installed or did not start")
+    yield server
+    server.stop()
+
+
+def fresh_bucket(endpoint: str) -> str:
+    name = f"f-{os.urandom(8).hex()}"
+    make_client(s3_settings(endpoint)).create_bucket(Bucket=name)
+    return name
+
+
+def payloads(n: int) -> list[bytes]:
+    """Mostly small blobs, every fifth one a multipart stream."""
+    return [os.urandom(TEST_PART_BYTES + 4096) if i % 5 == 4 else os.urandom(32 * 1024) for i in range(n)]
+
+
+def ingest_through_outage(
+    store: ObjectStore[Any], blobs: list[bytes], outage: Callable[[], None], resume: Callable[[], None]
+) -> list[ContentHash]:
+    """Put every blob while the server goes away for a while mid-run; return the acknowledged keys."""
+    acknowledged: list[ContentHash] = []
+    for i, blob in enumerate(blobs):
+        if i == len(blobs) // 3:
+            outage()
+            threading.Timer(1.5, resume).start()
+        chunks = [blob[j : j + (1 << 20)] for j in range(0, len(blob), 1 << 20)]
+        result = store.put_stream(iter(chunks)) if len(blob) > TEST_PART_BYTES else store.put(blob)
+        if isinstance(result, Ok):
+            acknowledged.append(result.value.content_hash)
+    return acknowledged
+
+
+@pytest.fixture
+def transient_failures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every failure the S3 store judged transient (and therefore retried)."""
+    seen: list[str] = []
+
+    def counting(exc: BaseException) -> bool:
+        retryable = _classify(exc)[0]
+        if retryable:
+            seen.append(type(exc).__name__)
+        return retryable
+
+    monkeypatch.setattr(s3_module, "_is_retryable", counting)
+    return seen
+
+
+def test_port_cut_mid_run_loses_no_acknowledged_blob(own_moto: MotoServer, transient_failures: list[str]) -> None:
+    bucket = fresh_bucket(own_moto.endpoint)
+    cut = PortCut(own_moto.port)
+    cut.restore()
+    store = S3ObjectStore.from_settings(s3_settings(cut.endpoint, retry=PATIENT_RETRY), bucket, "x")
+    blobs = payloads(30)
+    acknowledged = ingest_through_outage(store, blobs, cut.cut, cut.restore)
+
+    assert transient_failures, "the outage should have been seen and retried"
+    assert len(acknowledged) == len(blobs)  # the outage was shorter than the retry budget
+    for key in acknowledged:
+        assert isinstance(store.verify(key), Ok)
+    assert isinstance(store.sweep_staging(older_than=datetime(2999, 1, 1, tzinfo=UTC)), Ok)
+    cut.cut()
+    store.close()
+
+
+def test_frozen_server_mid_run_loses_no_acknowledged_blob(own_moto: MotoServer, transient_failures: list[str]) -> None:
+    assert own_moto.process is not None
+    pid = own_moto.process.pid
+    bucket = fresh_bucket(own_moto.endpoint)
+    settings = s3_settings(own_moto.endpoint, retry=PATIENT_RETRY, read_timeout_s=0.5, connect_timeout_s=0.5)
+    store = S3ObjectStore.from_settings(settings, bucket, "x")
+    blobs = payloads(20)
+    try:
+        acknowledged = ingest_through_outage(
+            store, blobs, lambda: os.kill(pid, signal.SIGSTOP), lambda: os.kill(pid, signal.SIGCONT)
+        )
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert transient_failures, "the freeze should have been seen and retried"
+    assert len(acknowledged) == len(blobs)
+    for key in acknowledged:
+        assert isinstance(store.verify(key), Ok)
+    store.close()
+
+
+def test_missing_bucket_is_a_permanent_clear_error(own_moto: MotoServer) -> None:
+    store = S3ObjectStore.from_settings(s3_settings(own_moto.endpoint), "no-such-bucket-here", "x")
+    started = time.monotonic()
+    result = store.put(b"anything")
+    assert isinstance(result, Err) and isinstance(result.error, StorageError)
+    assert not result.error.retryable and "NoSuchBucket" in result.error.message
+    assert time.monotonic() - started < 2  # not retried
+    store.close()
+
+
+def test_server_gone_for_good_is_a_retryable_err_after_bounded_retries(tmp_path: Path) -> None:
+    server = MotoServer(free_port(), tmp_path / "moto.log")
+    if not server.start():
+        unavailable("moto_server did not start")
+    bucket = fresh_bucket(server.endpoint)
+    store = S3ObjectStore.from_settings(s3_settings(server.endpoint), bucket, "x")
+    key = store.put(b"before the crash").unwrap().content_hash
+    server.stop()
+
+    for result in (store.put(b"after the crash"), store.get(key), store.exists(key), store.list()):
+        assert isinstance(result, Err) and isinstance(result.error, StorageError)
+        assert result.error.retryable and "connection failed" in result.error.message
+    store.close()
+
+
+def _client_error(status: int, code: str) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},  # type: ignore[typeddict-item]
+        "PutObject",
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "retryable"),
+    [
+        (_client_error(503, "SlowDown"), True),
+        (_client_error(500, "InternalError"), True),
+        (_client_error(502, "BadGateway"), True),
+        (_client_error(400, "ThrottlingException"), True),
+        (_client_error(429, "TooManyRequests"), True),
+        (_client_error(400, "RequestTimeout"), True),
+        (_client_error(403, "AccessDenied"), False),
+        (_client_error(404, "NoSuchBucket"), False),
+        (_client_error(400, "BadDigest"), False),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+        (ConnectionRefusedError(111, "refused"), True),
+        (NoCredentialsError(), False),
+    ],
+)
+def test_failures_are_classified(exc: Exception, retryable: bool) -> None:
+    assert _classify(exc)[0] is retryable
