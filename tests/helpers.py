@@ -52,7 +52,7 @@ class TierCounts:
         return self.rows["conversations"] + self.rows["turns"] + self.ap_rows + self.blobs
 
 
-def tier_counts(tiers: Tiers) -> TierCounts:
+def tier_counts(tiers: Tiers, *, object_regions: tuple[GeoRegion, ...] = tuple(GeoRegion)) -> TierCounts:
     def count_all(conn: object) -> dict[str, int]:
         return {
             name: int(conn.execute(select(func.count()).select_from(table)).scalar_one())  # type: ignore[attr-defined]
@@ -62,7 +62,7 @@ def tier_counts(tiers: Tiers) -> TierCounts:
     rows = tiers.cp.run(count_all, operation="test.count", write=False).unwrap()
     ap_rows = sum(tiers.ap.count(region).unwrap() for region in GeoRegion)
     blobs = 0
-    for region in GeoRegion:
+    for region in object_regions:
         store = tiers.objects.for_region(region)
         if store.is_ok():
             blobs += len(store.unwrap().list().unwrap())

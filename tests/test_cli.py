@@ -83,3 +83,15 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, variable: str) -> No
 def test_migrate_command(tmp_path: Path) -> None:
     out = run(["-m", "datamesh", "migrate"], tmp_path, DATAMESH_CP_URL=f"sqlite:///{tmp_path / 'm.sqlite3'}")
     assert out.returncode == 0 and "revision 0001" in out.stdout
+
+
+def test_objects_verify_and_gc_commands(tmp_path: Path) -> None:
+    assert run(["-m", "datamesh", "demo", "--conversations", "4"], tmp_path).returncode == 0
+    clean = run(["-m", "datamesh", "objects", "verify"], tmp_path)
+    assert clean.returncode == 0 and "0 problems found" in clean.stdout
+    blob = next(p for p in (tmp_path / "datamesh-data" / "objects").rglob("*") if p.is_file() and len(p.name) == 64)
+    blob.write_bytes(b"rot" + blob.read_bytes()[3:])
+    dirty = run(["-m", "datamesh", "objects", "verify"], tmp_path)
+    assert dirty.returncode == 1 and f"CORRUPT eu-west {blob.name}" in dirty.stdout
+    gc = run(["-m", "datamesh", "objects", "gc", "--grace-s", "0"], tmp_path)
+    assert gc.returncode == 0 and "0 deleted" in gc.stdout  # the corrupt blob is still referenced

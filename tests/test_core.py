@@ -105,8 +105,10 @@ def test_config_names_the_bad_variable(variable: str, value: str) -> None:
 
 
 def test_readme_lists_every_variable_with_its_default() -> None:
-    source = Path(__file__).resolve().parents[1] / "datamesh" / "core" / "config.py"
-    variables = set(re.findall(r'"(DATAMESH_[A-Z0-9_]+)"', source.read_text()))
+    package = Path(__file__).resolve().parents[1] / "datamesh"
+    variables: set[str] = set()
+    for source in package.rglob("*.py"):
+        variables |= set(re.findall(r'"(DATAMESH_[A-Z0-9_]+)"', source.read_text()))
     readme = README.read_text()
     missing = sorted(v for v in variables if f"`{v}`" not in readme)
     assert not missing, f"README does not document {missing}"

@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from datamesh.cli import demo, maintenance
+from datamesh.cli import demo, maintenance, objects
 from datamesh.core.config import DataMeshConfig
 
-COMMANDS = (demo, maintenance)
+COMMANDS = (demo, maintenance, objects)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from datamesh.core.errors import ConfigError
 from datamesh.core.result import Err, Ok, Result
+from datamesh.storage.objects.config import ObjectsSettings
 
 DEFAULT_DATA_DIR = "./datamesh-data"
 DEFAULT_AP_SHARDS = 4
@@ -54,6 +55,9 @@ class DataMeshConfig:
     tenant: str = DEFAULT_TENANT
     idempotency_wait_s: float = DEFAULT_IDEMPOTENCY_WAIT_S
     saga_lease_s: float = DEFAULT_SAGA_LEASE_S
+    #: Per-region object store locations and S3 client settings; ``None``: every region in a
+    #: sub-folder of :attr:`resolved_objects_url` (see ``datamesh.storage.objects.config``).
+    objects: ObjectsSettings | None = None
 
     @property
     def resolved_cp_url(self) -> str:
@@ -126,7 +130,10 @@ class DataMeshConfig:
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))
-        return Ok(config)
+        objects = ObjectsSettings.from_env(env, default_url=config.resolved_objects_url)
+        if isinstance(objects, Err):
+            return objects
+        return Ok(replace(config, objects=objects.value))
 
 
 class _BadValue(Exception):

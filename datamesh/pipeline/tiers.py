@@ -10,7 +10,7 @@ from datamesh.core.result import Err, Ok, Result
 from datamesh.storage.ap.store import ContentStore, EngineFactory, default_engine
 from datamesh.storage.cp import migrate
 from datamesh.storage.cp.database import CpDatabase
-from datamesh.storage.objects.router import ObjectStoreRouter, open_object_stores
+from datamesh.storage.objects.router import ObjectStoreRouter, open_object_stores, open_object_stores_from
 
 
 @dataclass(slots=True)
@@ -43,7 +43,10 @@ class Tiers:
             if isinstance(checked, Err):
                 cp.dispose()
                 return checked
-        objects = open_object_stores(config.resolved_objects_url)
+        if config.objects is not None:
+            objects = open_object_stores_from(config.objects)
+        else:
+            objects = open_object_stores(config.resolved_objects_url)
         if isinstance(objects, Err):
             cp.dispose()
             return objects

@@ -17,7 +17,7 @@ from sqlalchemy import Table, delete, func, select
 from sqlalchemy.engine import Connection
 
 from datamesh.models.tables import Blob, ObjectRef
-from datamesh.storage.cp.sql import insert_ignore
+from datamesh.storage.cp.sql import insert_ignore, utcnow
 
 BLOBS = cast(Table, Blob.__table__)
 REFS = cast(Table, ObjectRef.__table__)
@@ -59,7 +59,19 @@ def drop_refs(conn: Connection, saga_id: str, delete_blob: Callable[[str, str], 
 def collect(
     conn: Connection, candidates: Sequence[tuple[str, str]], delete_blob: Callable[[str, str], None]
 ) -> list[tuple[str, str]]:
-    """Delete each candidate blob that no reference holds (rows locked by the caller or here)."""
+    """Delete each candidate blob that no reference holds, with its row locked.
+
+    On PostgreSQL the candidate's row is created if missing, so there is always a row to lock: a
+    saga adding a reference to the same content waits for this transaction, then writes the blob
+    anew.  (SQLite serialises writers, which gives the same guarantee.)
+    """
+    if conn.dialect.name == "postgresql" and candidates:
+        insert_ignore(
+            conn,
+            BLOBS,
+            [{"region": r, "content_hash": h, "size": 0, "created_at": utcnow()} for r, h in sorted(set(candidates))],
+            ["region", "content_hash"],
+        )
     _lock(conn, candidates)
     deleted: list[tuple[str, str]] = []
     for region, content_hash in sorted(set(candidates)):
@@ -83,6 +95,20 @@ def referenced(conn: Connection, region: str, hashes: Sequence[str]) -> set[str]
         )
         found.update(r.content_hash for r in rows)
     return found
+
+
+def committed_hashes(conn: Connection, region: str) -> set[str]:
+    """Blobs of ``region`` that committed conversations reference (what a scrub expects to find)."""
+    from datamesh.models.tables import Saga
+
+    sagas_table = cast(Table, Saga.__table__)
+    rows = conn.execute(
+        select(REFS.c.content_hash)
+        .join(sagas_table, sagas_table.c.id == REFS.c.saga_id)
+        .where(REFS.c.region == region, sagas_table.c.status == "committed")
+        .distinct()
+    )
+    return {r.content_hash for r in rows}
 
 
 def _lock(conn: Connection, keys: Sequence[tuple[str, str]]) -> None:

@@ -259,9 +259,10 @@ class S3ObjectStore(ObjectStore[Staged]):
                 body.close()
 
     def _delete(self, key: str) -> bool:
-        existed = self._exists(key)
+        if not self._exists(key):  # nothing to delete (nor a request to fail, e.g. a missing bucket)
+            return False
         self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key_of(key)))
-        return existed
+        return True
 
     def _keys(self) -> Iterator[str]:
         for key, _mtime in self._keys_with_mtime():
