@@ -34,6 +34,8 @@ class FilesystemObjectStore(ObjectStore[Path]):
     """Content-addressed objects under ``root`` on a local filesystem."""
 
     backend = "fs"
+    stage_while_hashing = True
+    reads_whole = True
 
     def __init__(self, root: Path, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, fsync: bool = True) -> None:
         self.root = Path(root)
@@ -72,6 +74,12 @@ class FilesystemObjectStore(ObjectStore[Path]):
 
     def _discard(self, token: Path) -> None:
         token.unlink(missing_ok=True)
+
+    def _read_all(self, key: str) -> bytes:
+        try:
+            return self.path_of(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(key) from None
 
     def _open(self, key: str) -> Iterator[bytes]:
         try:
