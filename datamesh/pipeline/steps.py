@@ -124,6 +124,8 @@ def reserve(
             )
             object_refs.add_refs(conn, saga_id, [(b.region, b.content_hash, b.size) for b in plan.blobs], now)
             sagas.record_step(conn, saga_id, Step.RESERVE, StepState.DONE, now=now, lease_s=tiers.lease_s)
+            if not plan.blobs:  # nothing to store: the step is done with the reservation, saving a commit
+                sagas.record_step(conn, saga_id, Step.STORE_BLOBS, StepState.DONE, now=now, lease_s=tiers.lease_s)
         return outcome
 
     return tiers.cp.run(tx, operation="saga.reserve", retry_unique_violation=True)
@@ -150,6 +152,8 @@ def store_blobs(
     tiers: Tiers, plan: SagaPlan, blobs: Mapping[tuple[str, str], bytes]
 ) -> Result[int, StorageError | NotFound]:
     """Put every planned blob into its region's store (a blob already present is not rewritten)."""
+    if not plan.blobs:
+        return Ok(0)  # recorded done by reserve
     written = 0
     for blob in plan.blobs:
         store = tiers.objects.for_region(GeoRegion(blob.region))
