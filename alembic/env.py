@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection
 
 from alembic import context
 from datamesh.core.config import DataMeshConfig
+import datamesh.models  # noqa: F401  (registers every table)
 from datamesh.models.tables import Base
 
 target_metadata = Base.metadata

@@ -82,4 +82,4 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, variable: str) -> No
 
 def test_migrate_command(tmp_path: Path) -> None:
     out = run(["-m", "datamesh", "migrate"], tmp_path, DATAMESH_CP_URL=f"sqlite:///{tmp_path / 'm.sqlite3'}")
-    assert out.returncode == 0 and "revision 0001" in out.stdout
+    assert out.returncode == 0 and "revision 0002" in out.stdout

@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from datamesh.cli import demo, maintenance
+from datamesh.cli import demo, keys, maintenance, serve
 from datamesh.core.config import DataMeshConfig
 
-COMMANDS = (demo, maintenance)
+COMMANDS = (demo, maintenance, keys, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
