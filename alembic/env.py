@@ -9,9 +9,9 @@ from __future__ import annotations
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 
+import datamesh.models  # noqa: F401  (registers every table)
 from alembic import context
 from datamesh.core.config import DataMeshConfig
-import datamesh.models  # noqa: F401  (registers every table)
 from datamesh.models.tables import Base
 
 target_metadata = Base.metadata

@@ -63,7 +63,12 @@ def test_only_a_hash_is_stored_and_the_key_authenticates(access: AccessControl) 
 
 @pytest.mark.parametrize(
     "mangle",
-    [lambda raw: raw[:-1] + ("A" if raw[-1] != "A" else "B"), lambda raw: "nonsense", lambda raw: raw + "x", lambda _: ""],
+    [
+        lambda raw: raw[:-1] + ("A" if raw[-1] != "A" else "B"),
+        lambda raw: "nonsense",
+        lambda raw: raw + "x",
+        lambda _: "",
+    ],
     ids=["wrong-secret", "malformed", "too-long", "empty"],
 )
 def test_bad_keys_are_refused(access: AccessControl, mangle: object) -> None:
@@ -90,7 +95,11 @@ def test_revoked_and_expired_keys_are_refused(access: AccessControl) -> None:
 async def test_no_cross_tenant_read_or_write_and_readers_cannot_write(
     access: AccessControl, pipeline: IngestionPipeline
 ) -> None:
-    for tenant, name, role in (("acme", "alice", Role.WRITER), ("acme", "rita", Role.READER), ("umbrella", "eve", Role.ADMIN)):
+    for tenant, name, role in (
+        ("acme", "alice", Role.WRITER),
+        ("acme", "rita", Role.READER),
+        ("umbrella", "eve", Role.ADMIN),
+    ):
         access.grant(tenant, name, role).unwrap()
     alice = principal_of(access, access.issue_key("acme", "alice").unwrap().raw)
     rita = principal_of(access, access.issue_key("acme", "rita").unwrap().raw)

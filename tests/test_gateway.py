@@ -22,7 +22,7 @@ from datamesh.core.principal import Role
 from datamesh.models.tables import Conversation
 from datamesh.storage.cp.access import AccessControl
 from datamesh.storage.cp.database import CpDatabase
-from tests.gateway_support import Server, b64, clean_redis, pg_schema, serve, turn
+from tests.gateway_support import Server, clean_redis, pg_schema, serve, turn
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 AUTH_TTL_S = 1.0
@@ -67,9 +67,10 @@ def test_ingest_replay_and_read_back_with_trace_context(server: Server, access: 
         first = c.post("/v1/conversations", json=body, headers={"traceparent": parent, "x-request-id": "req-1"})
         assert first.status_code == 201, first.text
         assert first.headers["x-request-id"] == "req-1"
-        assert first.headers["traceparent"].startswith(f"00-{TRACE_ID}-") and "00f067aa0ba902b7" not in first.headers[
-            "traceparent"
-        ]
+        assert (
+            first.headers["traceparent"].startswith(f"00-{TRACE_ID}-")
+            and "00f067aa0ba902b7" not in first.headers["traceparent"]
+        )
         assert {"ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"} <= set(first.headers)
         again = c.post("/v1/conversations", json=body)
         assert again.status_code == 200 and again.json()["deduplicated"] is True
@@ -161,7 +162,13 @@ def test_a_revoked_key_stops_working_within_the_cache_ttl(server: Server, access
         (b'{"entity_id": "%s", "prompt": "%%%%", "geo_region": "eu-west"}', {}, 422, "prompt"),
         (b'{"entity_id": "%s", "prompt": "eA==", "geo_region": "atlantis"}', {}, 422, "geo_region"),
         (b'{"entity_id": "%s", "prompt": "eA==", "geo_region": "eu-west", "colour": 1}', {}, 422, "colour"),
-        (b'{"entity_id": "%s", "prompt": "eA==", "geo_region": "eu-west", "embedding": [NaN]}', {}, 422, "embedding"),
+        (b'{"entity_id": "%s", "prompt": "eA==", "geo_region": "eu-west", "embedding": [NaN]}', {}, 422, "embedding.0"),
+        (
+            b'{"entity_id": "%s", "prompt": "eA==", "geo_region": "eu-west", "embedding": [1e39]}',
+            {},
+            422,
+            "embedding.0",
+        ),
         (b'{"entity_id": "%s", "prompt": "eA==", "geo_region": "eu-west", "conversation_id": "x"}', {}, 422, None),
         (b"[" * 50_000, {}, 400, "body"),
         (b"x" * 70_000, {}, 413, "body"),
@@ -177,6 +184,7 @@ def test_a_revoked_key_stops_working_within_the_cache_ttl(server: Server, access
         "unknown-region",
         "unknown-field",
         "nan-embedding",
+        "embedding-beyond-float32",
         "bad-conversation-id",
         "too-deep",
         "over-the-limit",
@@ -299,7 +307,3 @@ def test_pipeline_backpressure_is_503_with_retry_after_and_nothing_unpersisted_i
         ).scalar_one()
     engine.dispose()
     assert stored == 2  # exactly the accepted ones
-
-
-def test_unused_b64_helper_roundtrip() -> None:
-    assert base64.b64decode(b64(b"\x00\x01")) == b"\x00\x01"

@@ -111,6 +111,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "malformed JSON",
         401: "missing or bad API key",
         403: "the key's principal lacks the right",
+        404: "not found, or not visible to the key's tenant",
+        409: "the idempotency key was used with a different payload",
         413: "body over DATAMESH_GATEWAY_MAX_BODY_BYTES",
         422: "a field is invalid (``error.field`` names it)",
         429: "rate limited (per key or per tenant); see Retry-After",

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from datamesh.core.types import GeoRegion
-from datamesh.pipeline.request import MAX_EMBEDDING_DIM, MAX_IDEMPOTENCY_KEY_CHARS, MAX_METADATA_ITEMS
+from datamesh.pipeline.request import (
+    MAX_EMBEDDING_ABS,
+    MAX_EMBEDDING_DIM,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_METADATA_ITEMS,
+)
+
+BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+_B64: dict[str, Any] = {"contentEncoding": "base64"}
+Component = Annotated[StrictFloat | StrictInt, Field(ge=-MAX_EMBEDDING_ABS, le=MAX_EMBEDDING_ABS)]
 
 
 class ConversationIn(BaseModel):
@@ -17,14 +28,14 @@ class ConversationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     entity_id: uuid.UUID = Field(description="owner of the conversation (a UUID)")
-    prompt: StrictStr = Field(description="the prompt, base64", json_schema_extra={"contentEncoding": "base64"})
-    response: StrictStr = Field(
-        default="", description="the response, base64", json_schema_extra={"contentEncoding": "base64"}
+    prompt: StrictStr = Field(
+        min_length=4, pattern=BASE64, description="the prompt (not empty), base64", json_schema_extra=_B64
     )
+    response: StrictStr = Field(default="", pattern=BASE64, description="the response, base64", json_schema_extra=_B64)
     geo_region: GeoRegion = Field(description="where the content is kept")
     conversation_id: uuid.UUID | None = Field(default=None, description="append to this conversation")
     idempotency_key: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY_CHARS)
-    embedding: list[StrictFloat | StrictInt] | None = Field(default=None, min_length=1, max_length=MAX_EMBEDDING_DIM)
+    embedding: list[Component] | None = Field(default=None, min_length=1, max_length=MAX_EMBEDDING_DIM)
     metadata: dict[StrictStr, StrictStr] | None = Field(default=None, max_length=MAX_METADATA_ITEMS)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -102,13 +103,13 @@ async def ingest_batch(request: Request) -> JSONResponse:
 @router.get(
     "/conversations/{conversation_id}",
     response_model=ConversationOut,
-    responses={k: v for k, v in ERROR_RESPONSES.items() if k not in (400, 413)} | {404: ERROR_RESPONSES[403]},
+    responses={k: v for k, v in ERROR_RESPONSES.items() if k not in (400, 409, 413)},
     summary="A conversation with every turn, verified against the CP hashes",
 )
-async def get_conversation(request: Request, conversation_id: str) -> JSONResponse:
+async def get_conversation(request: Request, conversation_id: uuid.UUID) -> JSONResponse:
     gw = gateway_of(request)
     caller = await authorize(request, Action.READ)
-    found = await gw.pipeline.get(conversation_id, principal=caller.principal)
+    found = await gw.pipeline.get(str(conversation_id), principal=caller.principal)
     if isinstance(found, Err):
         raise api_error(found.error)
     return JSONResponse(_conversation(found.value).model_dump(), headers=caller.headers)
