@@ -9,7 +9,9 @@ AccessDenied              403     (a missing or bad key is 401, before this)
 IdempotencyConflict       409
 Backpressure              503     ``Retry-After`` from the pipeline
 StorageError              503/500 503 + ``Retry-After`` when retryable
-IntegrityError, SagaFailed 500    never wrong data
+SagaFailed                503/500 503 + ``Retry-After``: compensated, nothing kept,
+                                  safe to retry; 500 once dead-lettered
+IntegrityError            500     never wrong data
 ConfigError               500
 ========================  ======  ==============================================
 """
@@ -92,6 +94,8 @@ def classify(error: Error) -> tuple[int, ErrorBody]:
             return 500, ErrorBody(type="storage", message=message)
         case IntegrityError():
             return 500, ErrorBody(type="integrity", message=message)
+        case SagaFailed(dead_lettered=False):
+            return 503, ErrorBody(type="saga_failed", message=message, retry_after_s=1.0)
         case SagaFailed():
             return 500, ErrorBody(type="saga_failed", message=message)
         case ConfigError():
