@@ -9,6 +9,7 @@ from __future__ import annotations
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 
+import datamesh.models  # noqa: F401  (registers every table)
 from alembic import context
 from datamesh.core.config import DataMeshConfig
 from datamesh.models.tables import Base

@@ -82,7 +82,7 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path, variable: str) -> No
 
 def test_migrate_command(tmp_path: Path) -> None:
     out = run(["-m", "datamesh", "migrate"], tmp_path, DATAMESH_CP_URL=f"sqlite:///{tmp_path / 'm.sqlite3'}")
-    assert out.returncode == 0 and "revision 0001" in out.stdout
+    assert out.returncode == 0 and "revision 0002" in out.stdout
 
 
 def test_objects_verify_and_gc_commands(tmp_path: Path) -> None:
@@ -95,3 +95,20 @@ def test_objects_verify_and_gc_commands(tmp_path: Path) -> None:
     assert dirty.returncode == 1 and f"CORRUPT eu-west {blob.name}" in dirty.stdout
     gc = run(["-m", "datamesh", "objects", "gc", "--grace-s", "0"], tmp_path)
     assert gc.returncode == 0 and "0 deleted" in gc.stdout  # the corrupt blob is still referenced
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    env = {"DATAMESH_CP_URL": f"sqlite:///{tmp_path / 'k.sqlite3'}"}
+    made = run(
+        ["-m", "datamesh", "keys", "create", "--tenant", "acme", "--principal", "ops", "--role", "reader"],
+        tmp_path,
+        **env,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    raw = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("api key:"))
+    key_id = raw.split("_")[1]
+    listed = run(["-m", "datamesh", "keys", "list"], tmp_path, **env)
+    assert key_id in listed.stdout and "active" in listed.stdout and raw.split("_")[2] not in listed.stdout
+    assert run(["-m", "datamesh", "keys", "revoke", key_id], tmp_path, **env).returncode == 0
+    assert "revoked" in run(["-m", "datamesh", "keys", "list", "--tenant", "acme"], tmp_path, **env).stdout
+    assert run(["-m", "datamesh", "keys", "revoke", "0000000000000000"], tmp_path, **env).returncode == 1

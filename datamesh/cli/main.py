@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from datamesh.cli import demo, maintenance, objects
+from datamesh.cli import demo, keys, maintenance, objects, serve
 from datamesh.core.config import DataMeshConfig
 
-COMMANDS = (demo, maintenance, objects)
+COMMANDS = (demo, maintenance, objects, keys, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,9 +29,22 @@ DEFAULT_EXECUTOR = "local"
 DEFAULT_TENANT = "default"
 DEFAULT_IDEMPOTENCY_WAIT_S = 30.0
 DEFAULT_SAGA_LEASE_S = 60.0
+DEFAULT_GATEWAY_HOST = "127.0.0.1"
+DEFAULT_GATEWAY_PORT = 8080
+DEFAULT_GATEWAY_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_GATEWAY_MAX_BATCH = 1_000
+DEFAULT_GATEWAY_AUTH_CACHE_S = 5.0
+DEFAULT_RATE_LIMIT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_RATE_LIMIT_KEY_RATE = 100.0
+DEFAULT_RATE_LIMIT_KEY_BURST = 200
+DEFAULT_RATE_LIMIT_TENANT_RATE = 1_000.0
+DEFAULT_RATE_LIMIT_TENANT_BURST = 2_000
+DEFAULT_RATE_LIMIT_FAILURE = "closed"
 
 BACKPRESSURE_MODES = ("wait", "reject")
 EXECUTORS = ("local",)
+RATE_LIMIT_FAILURE_MODES = ("closed", "open")
+RATE_LIMIT_OFF = "off"
 
 T = TypeVar("T")
 
@@ -55,6 +68,17 @@ class DataMeshConfig:
     tenant: str = DEFAULT_TENANT
     idempotency_wait_s: float = DEFAULT_IDEMPOTENCY_WAIT_S
     saga_lease_s: float = DEFAULT_SAGA_LEASE_S
+    gateway_host: str = DEFAULT_GATEWAY_HOST
+    gateway_port: int = DEFAULT_GATEWAY_PORT
+    gateway_max_body_bytes: int = DEFAULT_GATEWAY_MAX_BODY_BYTES
+    gateway_max_batch: int = DEFAULT_GATEWAY_MAX_BATCH
+    gateway_auth_cache_s: float = DEFAULT_GATEWAY_AUTH_CACHE_S
+    rate_limit_redis_url: str = DEFAULT_RATE_LIMIT_REDIS_URL
+    rate_limit_key_rate: float = DEFAULT_RATE_LIMIT_KEY_RATE
+    rate_limit_key_burst: int = DEFAULT_RATE_LIMIT_KEY_BURST
+    rate_limit_tenant_rate: float = DEFAULT_RATE_LIMIT_TENANT_RATE
+    rate_limit_tenant_burst: int = DEFAULT_RATE_LIMIT_TENANT_BURST
+    rate_limit_failure: str = DEFAULT_RATE_LIMIT_FAILURE
     #: Per-region object store locations and S3 client settings; ``None``: every region in a
     #: sub-folder of :attr:`resolved_objects_url` (see ``datamesh.storage.objects.config``).
     objects: ObjectsSettings | None = None
@@ -127,6 +151,41 @@ class DataMeshConfig:
                     DEFAULT_IDEMPOTENCY_WAIT_S,
                 ),
                 saga_lease_s=_get(env, "DATAMESH_SAGA_LEASE_S", _positive_float, DEFAULT_SAGA_LEASE_S),
+                gateway_host=_get(env, "DATAMESH_GATEWAY_HOST", str, DEFAULT_GATEWAY_HOST),
+                gateway_port=_get(env, "DATAMESH_GATEWAY_PORT", _int_between(0, 65535), DEFAULT_GATEWAY_PORT),
+                gateway_max_body_bytes=_get(
+                    env, "DATAMESH_GATEWAY_MAX_BODY_BYTES", _int_between(1024, 1 << 34), DEFAULT_GATEWAY_MAX_BODY_BYTES
+                ),
+                gateway_max_batch=_get(
+                    env, "DATAMESH_GATEWAY_MAX_BATCH", _int_between(1, 100_000), DEFAULT_GATEWAY_MAX_BATCH
+                ),
+                gateway_auth_cache_s=_get(
+                    env, "DATAMESH_GATEWAY_AUTH_CACHE_S", _non_negative_float, DEFAULT_GATEWAY_AUTH_CACHE_S
+                ),
+                rate_limit_redis_url=_get(
+                    env, "DATAMESH_RATE_LIMIT_REDIS_URL", _redis_url, DEFAULT_RATE_LIMIT_REDIS_URL
+                ),
+                rate_limit_key_rate=_get(
+                    env, "DATAMESH_RATE_LIMIT_KEY_RATE", _positive_float, DEFAULT_RATE_LIMIT_KEY_RATE
+                ),
+                rate_limit_key_burst=_get(
+                    env, "DATAMESH_RATE_LIMIT_KEY_BURST", _int_between(1, 1 << 40), DEFAULT_RATE_LIMIT_KEY_BURST
+                ),
+                rate_limit_tenant_rate=_get(
+                    env, "DATAMESH_RATE_LIMIT_TENANT_RATE", _positive_float, DEFAULT_RATE_LIMIT_TENANT_RATE
+                ),
+                rate_limit_tenant_burst=_get(
+                    env,
+                    "DATAMESH_RATE_LIMIT_TENANT_BURST",
+                    _int_between(1, 1 << 40),
+                    DEFAULT_RATE_LIMIT_TENANT_BURST,
+                ),
+                rate_limit_failure=_get(
+                    env,
+                    "DATAMESH_RATE_LIMIT_FAILURE",
+                    _choice(RATE_LIMIT_FAILURE_MODES),
+                    DEFAULT_RATE_LIMIT_FAILURE,
+                ),
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))
@@ -174,6 +233,22 @@ def _positive_float(raw: str) -> float:
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError("expected a positive finite number")
     return value
+
+
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not 0 <= value < float("inf"):
+        raise ValueError("expected a finite number >= 0")
+    return value
+
+
+def _redis_url(raw: str) -> str:
+    if raw != RATE_LIMIT_OFF and not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"expected redis://host:port/db or {RATE_LIMIT_OFF!r}")
+    return raw
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:

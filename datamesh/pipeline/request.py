@@ -18,6 +18,7 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 MAX_EMBEDDING_DIM = 8192
 MAX_METADATA_ITEMS = 64
 MAX_METADATA_VALUE_CHARS = 1024
+MAX_EMBEDDING_ABS = 3.4028234663852886e38  # embeddings are stored as float32
 
 
 @dataclass(slots=True, kw_only=True)
@@ -137,6 +138,8 @@ def _embedding(raw: object) -> Result[tuple[float, ...] | None, ValidationError]
     for item in raw:
         if isinstance(item, bool) or not isinstance(item, int | float) or not math.isfinite(item):
             return Err(ValidationError("embedding", f"expected finite numbers, got {item!r}"))
+        if abs(item) > MAX_EMBEDDING_ABS:
+            return Err(ValidationError("embedding", f"{item!r} is outside the float32 range"))
         values.append(float(item))
     return Ok(tuple(values))
 

@@ -39,7 +39,7 @@ class Tiers:
                 cp.dispose()
                 return upgraded
         else:
-            checked = _check_schema(cp)
+            checked = check_schema(cp)
             if isinstance(checked, Err):
                 cp.dispose()
                 return checked
@@ -63,7 +63,7 @@ class Tiers:
         self.cp.dispose()
 
 
-def _check_schema(cp: CpDatabase) -> Result[None, StorageError]:
+def check_schema(cp: CpDatabase) -> Result[None, StorageError]:
     current = migrate.current_revision(cp)
     if isinstance(current, Err):
         return current

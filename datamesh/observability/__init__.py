@@ -1,0 +1,1 @@
+"""Observability: trace context (W3C ``traceparent``), request ids, log correlation."""
