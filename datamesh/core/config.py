@@ -29,9 +29,19 @@ DEFAULT_EXECUTOR = "local"
 DEFAULT_TENANT = "default"
 DEFAULT_IDEMPOTENCY_WAIT_S = 30.0
 DEFAULT_SAGA_LEASE_S = 60.0
+DEFAULT_METRICS = "on"
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_OTLP_ENDPOINT = ""
+DEFAULT_TRACE_SAMPLE_RATE = 0.01
+DEFAULT_LOG_FORMAT = "json"
+DEFAULT_LOG_LEVEL = "INFO"
+DEFAULT_SERVICE_NAME = "datamesh"
 
 BACKPRESSURE_MODES = ("wait", "reject")
 EXECUTORS = ("local",)
+SWITCH = ("on", "off")
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 T = TypeVar("T")
 
@@ -58,6 +68,21 @@ class DataMeshConfig:
     #: Per-region object store locations and S3 client settings; ``None``: every region in a
     #: sub-folder of :attr:`resolved_objects_url` (see ``datamesh.storage.objects.config``).
     objects: ObjectsSettings | None = None
+    #: Observability (see ``datamesh.observability``): metrics are cheap and on by default; traces
+    #: are made only when exported (OTLP or a JSON-lines file); logs are JSON lines.
+    metrics: bool = True
+    metrics_port: int = DEFAULT_METRICS_PORT
+    otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT
+    trace_file: Path | None = None
+    trace_sample_rate: float = DEFAULT_TRACE_SAMPLE_RATE
+    log_format: str = DEFAULT_LOG_FORMAT
+    log_level: str = DEFAULT_LOG_LEVEL
+    service_name: str = DEFAULT_SERVICE_NAME
+
+    @property
+    def tracing(self) -> bool:
+        """Spans are made only when something receives them."""
+        return bool(self.otlp_endpoint) or self.trace_file is not None
 
     @property
     def resolved_cp_url(self) -> str:
@@ -127,6 +152,14 @@ class DataMeshConfig:
                     DEFAULT_IDEMPOTENCY_WAIT_S,
                 ),
                 saga_lease_s=_get(env, "DATAMESH_SAGA_LEASE_S", _positive_float, DEFAULT_SAGA_LEASE_S),
+                metrics=_get(env, "DATAMESH_METRICS", _choice(SWITCH), DEFAULT_METRICS) == "on",
+                metrics_port=_get(env, "DATAMESH_METRICS_PORT", _int_between(0, 65535), DEFAULT_METRICS_PORT),
+                otlp_endpoint=_get(env, "DATAMESH_OTLP_ENDPOINT", _url, DEFAULT_OTLP_ENDPOINT),
+                trace_file=_get(env, "DATAMESH_TRACE_FILE", _optional_path, None),
+                trace_sample_rate=_get(env, "DATAMESH_TRACE_SAMPLE_RATE", _fraction, DEFAULT_TRACE_SAMPLE_RATE),
+                log_format=_get(env, "DATAMESH_LOG_FORMAT", _choice(LOG_FORMATS), DEFAULT_LOG_FORMAT),
+                log_level=_get(env, "DATAMESH_LOG_LEVEL", _upper_choice(LOG_LEVELS), DEFAULT_LOG_LEVEL),
+                service_name=_get(env, "DATAMESH_SERVICE_NAME", _name, DEFAULT_SERVICE_NAME),
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))
@@ -174,6 +207,21 @@ def _positive_float(raw: str) -> float:
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError("expected a positive finite number")
     return value
+
+
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected a number from 0 to 1")
+    return value
+
+
+def _upper_choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    parse = _choice(options)
+    return lambda raw: parse(raw.upper())
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
