@@ -33,6 +33,7 @@ from datamesh.pipeline.steps import (
 )
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp import conversations, sagas
+from datamesh.storage.cp.database import CpDatabase
 from datamesh.storage.cp.sagas import SagaStatus, StepState
 from datamesh.storage.cp.sql import utcnow
 
@@ -141,15 +142,15 @@ def reap(tiers: Tiers, *, limit: int = 100) -> list[ReapOutcome]:
     if isinstance(expired, Err):
         return [ReapOutcome("-", f"error: {expired.error}")]
     outcomes = [reap_one(tiers, saga_id) for saga_id in expired.value]
-    observe_saga_log(tiers)
+    observe_saga_log(tiers.cp)
     return outcomes
 
 
-def observe_saga_log(tiers: Tiers) -> None:
+def observe_saga_log(cp: CpDatabase) -> None:
     """Set the saga-log gauges (sagas by status, oldest open saga's age) from the CP tier."""
     if not metrics.enabled():
         return
-    summary = tiers.cp.run(lambda c: sagas.summary(c, now=utcnow()), operation="saga.summary", write=False)
+    summary = cp.run(lambda c: sagas.summary(c, now=utcnow()), operation="saga.summary", write=False)
     if isinstance(summary, Err):
         return
     counts, oldest_age_s = summary.value
