@@ -386,3 +386,33 @@ def test_readme_documents_every_variable() -> None:
     assert "DATAMESH_TRACE_SAMPLE_RATE" in variables
     missing = sorted(v for v in variables if f"`{v}`" not in readme)
     assert missing == []
+
+
+async def test_ledger_moves_dead_lettered_turns_out_when_re_driven(
+    config: DataMeshConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datamesh.core.errors import StorageError
+    from datamesh.core.result import Err as E
+    from datamesh.pipeline import compensation
+
+    faults = Faults()
+    before = ledger.snapshot()
+    async with (await IngestionPipeline.create(config, faults=faults)).unwrap() as p:
+        # Given a saga whose compensation keeps failing,
+        monkeypatch.setattr(
+            compensation, "undo_write_ap", lambda tiers, plan: E(StorageError("ap", "delete_many", "disk gone"))
+        )
+        faults.at = (Step.WRITE_AP, "after")
+        failed = (await p.ingest_many(real_requests(3))).unwrap()
+        failure = failed[0].error
+        assert isinstance(failure, SagaFailed) and failure.dead_lettered
+        dead = ledger.snapshot() - before
+        # its turns are dead-lettered, not lost;
+        assert (dead.accepted, dead.dead_letter, dead.in_flight, dead.lost) == (3, 3, 0, 0)
+        # re-driven once the tier is back, they move from dead-lettered to compensated.
+        monkeypatch.undo()
+        redriven = compensation.compensate_with_retries(p.tiers, failure.saga_id, failed_step="retry", error="re")
+        assert redriven.unwrap().value == "compensated"
+        after = ledger.snapshot() - before
+        assert (after.compensated, after.dead_letter, after.lost) == (3, 0, 0)
+        assert (ledger.snapshot().accepted - before.accepted) == 3
