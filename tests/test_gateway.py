@@ -55,6 +55,7 @@ def server(cp: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         DATAMESH_RATE_LIMIT_REDIS_URL=redis_url,
         DATAMESH_GATEWAY_AUTH_CACHE_S=str(AUTH_TTL_S),
         DATAMESH_GATEWAY_MAX_BODY_BYTES="65536",
+        DATAMESH_TRACE_SAMPLE_RATE="1",  # keep every success's log lines: the test reads them
     ) as s:
         yield s
 
@@ -81,7 +82,7 @@ def test_ingest_replay_and_read_back_with_trace_context(server: Server, access: 
     assert base64.b64decode(t["prompt"]) == b"Name a prime.\x00\xff" and t["embedding"] == [0.5, 1.0, -2.25]
     assert t["metadata"] == {"model": "gpt-4"} and got.json()["geo_region"] == "eu-west"
     assert len(got.headers["x-request-id"]) == 32  # made up when the client sends none
-    assert "request_id=req-1" in server.output() and f"trace_id={TRACE_ID}" in server.output()
+    assert '"request_id":"req-1"' in server.output() and f'"trace_id":"{TRACE_ID}"' in server.output()
 
 
 def test_batch_answers_per_item_and_a_bad_item_does_not_fail_the_others(server: Server, access: AccessControl) -> None:

@@ -10,7 +10,7 @@ import pytest
 from datamesh.core.errors import ValidationError
 from datamesh.core.result import Err
 from datamesh.core.types import EntityId, GeoRegion
-from datamesh.observability import tracing
+from datamesh.observability import context as tracing
 from datamesh.pipeline.request import IngestionRequest, validate
 
 PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -10,10 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from datamesh.cli import demo, keys, maintenance, objects, serve
+from datamesh import observability
+from datamesh.cli import demo, keys, maintenance, metrics, objects, serve
 from datamesh.core.config import DataMeshConfig
 
-COMMANDS = (demo, maintenance, objects, keys, serve)
+COMMANDS = (demo, maintenance, objects, metrics, keys, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,5 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.is_err():
         print(f"error: {config.error}", file=sys.stderr)
         return 2
-    code: int = args.handler(args, config.unwrap())
+    observability.configure(config.unwrap())
+    try:
+        code: int = args.handler(args, config.unwrap())
+    finally:
+        observability.tracing.shutdown()  # flush kept spans before the process exits
     return code

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from datamesh.core.config import DataMeshConfig
-from datamesh.observability.tracing import LogContextFilter
+from datamesh.observability.context import LogContextFilter
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [request_id=%(request_id)s trace_id=%(trace_id)s] %(message)s"
 

@@ -45,6 +45,17 @@ BACKPRESSURE_MODES = ("wait", "reject")
 EXECUTORS = ("local",)
 RATE_LIMIT_FAILURE_MODES = ("closed", "open")
 RATE_LIMIT_OFF = "off"
+DEFAULT_METRICS = "on"
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_OTLP_ENDPOINT = ""
+DEFAULT_TRACE_SAMPLE_RATE = 0.01
+DEFAULT_LOG_FORMAT = "json"
+DEFAULT_LOG_LEVEL = "INFO"
+DEFAULT_SERVICE_NAME = "datamesh"
+
+SWITCH = ("on", "off")
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 T = TypeVar("T")
 
@@ -82,6 +93,21 @@ class DataMeshConfig:
     #: Per-region object store locations and S3 client settings; ``None``: every region in a
     #: sub-folder of :attr:`resolved_objects_url` (see ``datamesh.storage.objects.config``).
     objects: ObjectsSettings | None = None
+    #: Observability (see ``datamesh.observability``): metrics are cheap and on by default; traces
+    #: are made only when exported (OTLP or a JSON-lines file); logs are JSON lines.
+    metrics: bool = True
+    metrics_port: int = DEFAULT_METRICS_PORT
+    otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT
+    trace_file: Path | None = None
+    trace_sample_rate: float = DEFAULT_TRACE_SAMPLE_RATE
+    log_format: str = DEFAULT_LOG_FORMAT
+    log_level: str = DEFAULT_LOG_LEVEL
+    service_name: str = DEFAULT_SERVICE_NAME
+
+    @property
+    def tracing(self) -> bool:
+        """Spans are made only when something receives them."""
+        return bool(self.otlp_endpoint) or self.trace_file is not None
 
     @property
     def resolved_cp_url(self) -> str:
@@ -186,6 +212,14 @@ class DataMeshConfig:
                     _choice(RATE_LIMIT_FAILURE_MODES),
                     DEFAULT_RATE_LIMIT_FAILURE,
                 ),
+                metrics=_get(env, "DATAMESH_METRICS", _choice(SWITCH), DEFAULT_METRICS) == "on",
+                metrics_port=_get(env, "DATAMESH_METRICS_PORT", _int_between(0, 65535), DEFAULT_METRICS_PORT),
+                otlp_endpoint=_get(env, "DATAMESH_OTLP_ENDPOINT", _url, DEFAULT_OTLP_ENDPOINT),
+                trace_file=_get(env, "DATAMESH_TRACE_FILE", _optional_path, None),
+                trace_sample_rate=_get(env, "DATAMESH_TRACE_SAMPLE_RATE", _fraction, DEFAULT_TRACE_SAMPLE_RATE),
+                log_format=_get(env, "DATAMESH_LOG_FORMAT", _choice(LOG_FORMATS), DEFAULT_LOG_FORMAT),
+                log_level=_get(env, "DATAMESH_LOG_LEVEL", _upper_choice(LOG_LEVELS), DEFAULT_LOG_LEVEL),
+                service_name=_get(env, "DATAMESH_SERVICE_NAME", _name, DEFAULT_SERVICE_NAME),
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))
@@ -245,10 +279,25 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("expected a number from 0 to 1")
+    return value
+
+
 def _redis_url(raw: str) -> str:
     if raw != RATE_LIMIT_OFF and not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"expected redis://host:port/db or {RATE_LIMIT_OFF!r}")
     return raw
+
+
+def _upper_choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    parse = _choice(options)
+    return lambda raw: parse(raw.upper())
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:

@@ -37,7 +37,7 @@ from datamesh.core.errors import (
     describe,
 )
 from datamesh.gateway.schemas import ErrorBody, ErrorOut
-from datamesh.observability import tracing
+from datamesh.observability import context
 
 
 class ApiError(Exception):
@@ -65,7 +65,7 @@ class ApiError(Exception):
 
 
 def request_id() -> str:
-    ctx = tracing.current.get()
+    ctx = context.current.get()
     return ctx.request_id if ctx else "-"
 
 

@@ -1,7 +1,7 @@
 """The ASGI layer under every route: trace context, request id, body limit, metrics, access log.
 
 * ``traceparent`` is continued (or a trace started) and ``X-Request-Id`` taken or made; both are
-  set in :data:`datamesh.observability.tracing.current` for the request and echoed on the response.
+  set in :data:`datamesh.observability.context.current` for the request and echoed on the response.
 * A body over ``max_body_bytes`` (by ``Content-Length`` or as streamed) is answered 413 before any
   route runs; the body is read here once and replayed to the app.
 * An exception escaping a route (a bug) becomes a 500 with the request id, and is logged.
@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from datamesh.gateway.errors import error_response
 from datamesh.gateway.metrics import GatewayMetrics
 from datamesh.gateway.schemas import ErrorBody
-from datamesh.observability import tracing
+from datamesh.observability import context
 
 log = logging.getLogger("datamesh.gateway")
 access_log = logging.getLogger("datamesh.gateway.access")
@@ -34,8 +34,8 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
-        ctx = tracing.continue_from(headers.get("traceparent"), headers.get("x-request-id"))
-        token = tracing.start(ctx)
+        ctx = context.continue_from(headers.get("traceparent"), headers.get("x-request-id"))
+        token = context.start(ctx)
         started = time.perf_counter()
         status = [500]
         sent_start = [False]
@@ -80,7 +80,7 @@ class GatewayMiddleware:
             access_log.info(
                 "%s %s %d %.1fms", method, scope.get("path"), status[0], elapsed * 1000, extra={"route": route}
             )
-            tracing.end(token)
+            context.end(token)
 
     async def _read_body(self, scope: Scope, receive: Receive, headers: dict[str, str]) -> bytes | None:
         """The whole body, or ``None`` when it is over the limit."""

@@ -16,6 +16,8 @@ from datamesh.core.errors import StorageError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.retry import RetryPolicy, full_jitter_delay
 from datamesh.core.types import ContentHash, GeoRegion
+from datamesh.observability import ledger, logs
+from datamesh.observability.instrument import saga_step
 from datamesh.pipeline.plan import SagaPlan
 from datamesh.pipeline.steps import Step, _key
 from datamesh.pipeline.tiers import Tiers
@@ -24,6 +26,8 @@ from datamesh.storage.cp.sagas import SagaStatus, StepState
 from datamesh.storage.cp.sql import utcnow
 
 DEFAULT_COMPENSATION_POLICY = RetryPolicy(attempts=6, base_s=0.05, cap_s=2.0)
+
+log = logs.logger(__name__)
 
 
 class _BlobDeleteFailed(Exception):
@@ -97,10 +101,19 @@ def compensate_with_retries(
         operation="saga.dead_letter",
     )
     if isinstance(dead, Ok) and dead.value:
+        _count_dead(tiers, saga_id)
+        log.error("saga %s dead-lettered: compensation kept failing", saga_id, extra={"saga_id": saga_id})
         return Ok(SagaStatus.DEAD)
     return last
 
 
+def _count_dead(tiers: Tiers, saga_id: str) -> None:
+    record = tiers.cp.run(lambda conn: sagas.load(conn, saga_id), operation="saga.load", write=False)
+    if isinstance(record, Ok) and record.value is not None:
+        ledger.dead_lettered(item.region for item in SagaPlan.from_json(record.value.plan_json).items)
+
+
+@saga_step("write_ap", compensation=True)
 def undo_write_ap(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
     """Delete the saga's AP keys (turn ids are the saga's own, so no other content is touched)."""
     keys: dict[str, list[bytes]] = defaultdict(list)
@@ -113,6 +126,7 @@ def undo_write_ap(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
     return _mark(tiers, plan.saga_id, Step.WRITE_AP)
 
 
+@saga_step("store_blobs", compensation=True)
 def undo_store_blobs(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
     """Drop the saga's references and collect the planned blobs that nothing references any more."""
 
@@ -137,22 +151,25 @@ def undo_store_blobs(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]
         return Err(StorageError("objects", "saga.undo_store_blobs", str(exc), retryable=True))
 
 
+@saga_step("reserve", compensation=True)
 def undo_reserve(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
     """Release the saga's pending idempotency keys and close the saga as compensated."""
 
-    def tx(conn: Connection) -> None:
+    def tx(conn: Connection) -> SagaStatus | None:
         now = utcnow()
         idempotency.release(conn, plan.saga_id)
         sagas.record_step(conn, plan.saga_id, Step.RESERVE, StepState.COMPENSATED, now=now, lease_s=tiers.lease_s)
-        sagas.transition(
-            conn,
-            plan.saga_id,
-            from_status=(SagaStatus.COMPENSATING, SagaStatus.DEAD),
-            to_status=SagaStatus.COMPENSATED,
-            now=now,
-        )
+        for source in (SagaStatus.COMPENSATING, SagaStatus.DEAD):
+            if sagas.transition(conn, plan.saga_id, from_status=(source,), to_status=SagaStatus.COMPENSATED, now=now):
+                return source
+        return None  # already compensated by an earlier run: counted then
 
-    return tiers.cp.run(tx, operation="saga.undo_reserve")
+    closed = tiers.cp.run(tx, operation="saga.undo_reserve")
+    if isinstance(closed, Err):
+        return closed
+    if closed.value is not None:
+        ledger.compensated((item.region for item in plan.items), from_dead=closed.value == SagaStatus.DEAD)
+    return Ok(None)
 
 
 def _mark(tiers: Tiers, saga_id: str, step: Step) -> Result[None, StorageError]:

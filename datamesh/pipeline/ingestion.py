@@ -27,7 +27,8 @@ from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import AccessDenied, Error, NotFound, SagaFailed, StorageError, ValidationError
 from datamesh.core.principal import Action, Principal
 from datamesh.core.result import Err, Ok, Result
-from datamesh.core.types import ConversationId, TurnId
+from datamesh.core.types import ConversationId, GeoRegion, TurnId
+from datamesh.observability import ledger, logs, metrics, tracing
 from datamesh.pipeline.backpressure import Admission
 from datamesh.pipeline.plan import SagaPlan
 from datamesh.pipeline.prepare import Prepared, prepare
@@ -45,6 +46,7 @@ _WAIT_POLL_S = 0.005
 _REAP_INTERVAL_FRACTION = 0.5
 
 ItemResult = Result[IngestionResponse, Error]
+log = logs.logger(__name__)
 
 
 class IngestionPipeline:
@@ -121,6 +123,15 @@ class IngestionPipeline:
         batch as a whole (backpressure, a batch that is not a list or is too large).
         """
         started = time.perf_counter_ns()
+        size = len(requests) if isinstance(requests, Sequence) else 0
+        with tracing.span("pipeline.ingest_many", **{"datamesh.items": size}) as current:
+            outcome = await self._ingest_many(requests, principal, started)
+            _observe_ingest(outcome, requests, started, current)
+        return outcome
+
+    async def _ingest_many(
+        self, requests: Sequence[IngestionRequest], principal: Principal | None, started: int
+    ) -> Result[list[ItemResult], Error]:
         if isinstance(requests, str | bytes) or not isinstance(requests, Sequence):
             return Err(ValidationError("requests", "expected a list of IngestionRequest"))
         if len(requests) > MAX_BATCH_ITEMS:
@@ -208,6 +219,15 @@ class IngestionPipeline:
 
         A conversation the principal may not see is ``NotFound``, as if it did not exist.
         """
+        with tracing.span("pipeline.get") as current:
+            found = await self._get(conversation_id, principal)
+            if isinstance(found, Err) and not isinstance(found.error, NotFound | AccessDenied | ValidationError):
+                tracing.set_error(type(found.error).__name__, current)
+            return found
+
+    async def _get(
+        self, conversation_id: ConversationId | str, principal: Principal | None
+    ) -> Result[StoredConversation, Error]:
         parsed = ConversationId.parse(conversation_id, "conversation_id")
         if isinstance(parsed, Err):
             return parsed
@@ -224,12 +244,69 @@ class IngestionPipeline:
 
     async def reap(self) -> list[ReapOutcome]:
         """Finish or compensate sagas whose lease expired (e.g. after a crash)."""
-        return await asyncio.to_thread(reap, self.tiers)
+        with tracing.span("pipeline.reap"):
+            return await asyncio.to_thread(reap, self.tiers)
 
     async def _reap_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.config.saga_lease_s * _REAP_INTERVAL_FRACTION)
             await self.reap()
+
+
+_REFUSALS = {
+    "ValidationError": "invalid",
+    "AccessDenied": "denied",
+    "Backpressure": "backpressure",
+    "IdempotencyConflict": "conflict",
+    "NotFound": "not_found",
+}
+
+
+def _observe_ingest(
+    outcome: Result[list[ItemResult], Error], requests: Sequence[IngestionRequest], started: int, current: object
+) -> None:
+    """Metrics, trace status and logs of one ingest call; never raises."""
+    try:
+        failed = _count_refusals(outcome, requests)
+        if failed:
+            tracing.set_error(failed)
+        if metrics.enabled():
+            metrics.INGEST_CALLS.labels("error" if failed else "ok").inc()
+            metrics.INGEST_CALL_SECONDS.observe((time.perf_counter_ns() - started) / 1e9)
+        if failed:
+            log.warning("ingest of %d items: %s", len(requests), failed)
+        else:
+            log.info("ingest of %d items done in %.2f ms", len(requests), (time.perf_counter_ns() - started) / 1e6)
+    except Exception:  # noqa: BLE001 - observability never raises into the data path
+        return
+
+
+def _count_refusals(outcome: Result[list[ItemResult], Error], requests: Sequence[IngestionRequest]) -> str:
+    """Count turns refused before a saga accepted them; returns a failure description or ``""``."""
+    listed = requests if isinstance(requests, Sequence) and not isinstance(requests, str | bytes) else []
+    regions = [_region_label(r) for r in listed]
+    if isinstance(outcome, Err):
+        name = type(outcome.error).__name__
+        ledger.rejected(regions, _REFUSALS.get(name, "error"))
+        return "" if name in ("ValidationError", "AccessDenied", "Backpressure") else name
+    failure = ""
+    for region, item in zip(regions, outcome.value, strict=False):
+        if isinstance(item, Ok):
+            continue
+        error = item.error
+        if isinstance(error, SagaFailed) and error.saga_id != "-":
+            failure = failure or "saga failed"  # accepted, then compensated or dead: counted by the saga
+            continue
+        name = type(error).__name__
+        ledger.rejected([region], _REFUSALS.get(name, "error"))
+        if name in ("StorageError", "SagaFailed"):
+            failure = failure or name
+    return failure
+
+
+def _region_label(request: object) -> str:
+    parsed = GeoRegion.parse(getattr(request, "geo_region", None))
+    return parsed.value.value if isinstance(parsed, Ok) else "unknown"  # a closed set: never the raw value
 
 
 def _response(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from datamesh.core.errors import DataMeshError, SagaFailed, StorageError, describe
 from datamesh.core.result import Err, Ok, Result
+from datamesh.observability import logs, metrics, tracing
 from datamesh.pipeline import compensation
 from datamesh.pipeline.plan import SagaPlan
 from datamesh.pipeline.prepare import Prepared
@@ -32,11 +33,13 @@ from datamesh.pipeline.steps import (
 )
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp import conversations, sagas
+from datamesh.storage.cp.database import CpDatabase
 from datamesh.storage.cp.sagas import SagaStatus, StepState
 from datamesh.storage.cp.sql import utcnow
 
 #: Called as ``hook(step, phase)`` with phase ``"before"`` or ``"after"``; raising fails the step.
 FaultHook = Callable[[str, str], None]
+log = logs.logger(__name__)
 Content = Mapping[int, tuple[bytes, bytes, tuple[float, ...] | None]]
 
 
@@ -101,7 +104,12 @@ class LocalSagaExecutor:
         return Ok(committed)
 
     def _fail(self, plan: SagaPlan, step: str, message: str) -> SagaFailed:
-        outcome = compensation.compensate_with_retries(self.tiers, plan.saga_id, failed_step=step, error=message)
+        tracing.set_error(f"saga failed at {step}")
+        log.warning(
+            "saga %s failed at %s: %s; compensating", plan.saga_id, step, message, extra={"saga_id": plan.saga_id}
+        )
+        with tracing.span("saga.compensate", **{"datamesh.saga_id": plan.saga_id, "datamesh.step": step}):
+            outcome = compensation.compensate_with_retries(self.tiers, plan.saga_id, failed_step=step, error=message)
         dead = isinstance(outcome, Err) or outcome.value == SagaStatus.DEAD
         return SagaFailed(plan.saga_id, step, message, dead_lettered=dead)
 
@@ -133,10 +141,36 @@ def reap(tiers: Tiers, *, limit: int = 100) -> list[ReapOutcome]:
     expired = tiers.cp.run(lambda c: sagas.expired(c, now=utcnow(), limit=limit), operation="reaper.scan", write=False)
     if isinstance(expired, Err):
         return [ReapOutcome("-", f"error: {expired.error}")]
-    return [reap_one(tiers, saga_id) for saga_id in expired.value]
+    outcomes = [reap_one(tiers, saga_id) for saga_id in expired.value]
+    observe_saga_log(tiers.cp)
+    return outcomes
+
+
+def observe_saga_log(cp: CpDatabase) -> None:
+    """Set the saga-log gauges (sagas by status, oldest open saga's age) from the CP tier."""
+    if not metrics.enabled():
+        return
+    summary = cp.run(lambda c: sagas.summary(c, now=utcnow()), operation="saga.summary", write=False)
+    if isinstance(summary, Err):
+        return
+    counts, oldest_age_s = summary.value
+    for status in SagaStatus:
+        metrics.SAGA_LOG.labels(status.value).set(counts.get(status.value, 0))
+    metrics.SAGA_OLDEST_OPEN_AGE.set(oldest_age_s)
 
 
 def reap_one(tiers: Tiers, saga_id: str) -> ReapOutcome:
+    with logs.bind(saga_id=saga_id), tracing.span("saga.reap", **{"datamesh.saga_id": saga_id}):
+        outcome = _reap_one(tiers, saga_id)
+        if outcome.action.startswith("error") or outcome.action == "dead":
+            tracing.set_error(outcome.action)
+            log.error("reaper: saga %s: %s", saga_id, outcome.action)
+        elif outcome.action != "skipped":
+            log.warning("reaper: saga %s whose lease expired was %s", saga_id, outcome.action)
+        return outcome
+
+
+def _reap_one(tiers: Tiers, saga_id: str) -> ReapOutcome:
     record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="reaper.load", write=False)
     if isinstance(record, Err) or record.value is None:
         return ReapOutcome(saga_id, "skipped")

@@ -24,6 +24,8 @@ from sqlalchemy.engine import Connection
 from datamesh.core.errors import IdempotencyConflict, NotFound, StorageError, ValidationError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import ContentHash, GeoRegion, SagaId
+from datamesh.observability import ledger
+from datamesh.observability.instrument import saga_step
 from datamesh.pipeline.plan import LOCATION_AP, ItemPlan, SagaPlan
 from datamesh.pipeline.prepare import Prepared, blobs_of
 from datamesh.pipeline.tiers import Tiers
@@ -84,6 +86,7 @@ class _NotRunning(Exception):
 # ---- reserve ----------------------------------------------------------------------------------
 
 
+@saga_step("reserve")
 def reserve(
     tiers: Tiers, tenant: str, prepared: Sequence[Prepared], *, shard_count: int
 ) -> Result[ReserveOutcome, StorageError]:
@@ -128,7 +131,18 @@ def reserve(
                 sagas.record_step(conn, saga_id, Step.STORE_BLOBS, StepState.DONE, now=now, lease_s=tiers.lease_s)
         return outcome
 
-    return tiers.cp.run(tx, operation="saga.reserve", retry_unique_violation=True)
+    decided = tiers.cp.run(tx, operation="saga.reserve", retry_unique_violation=True)
+    if isinstance(decided, Ok):
+        _count_reserved(decided.value, prepared)
+    return decided
+
+
+def _count_reserved(outcome: ReserveOutcome, prepared: Sequence[Prepared]) -> None:
+    """The ledger's entries for a committed reserve: accepted and replayed turns (refusals: the pipeline)."""
+    ledger.accepted(item.region for item in outcome.plan.items)
+    if outcome.existing:
+        region_of = {p.index: p.request.region.value for p in prepared}
+        ledger.deduplicated(region_of[i] for i in outcome.existing)
 
 
 def _target_problem(p: Prepared, targets: Mapping[str, conversations.ConversationRow], tenant: str) -> ItemError | None:
@@ -148,6 +162,7 @@ def _target_problem(p: Prepared, targets: Mapping[str, conversations.Conversatio
 # ---- store_blobs / write_ap -----------------------------------------------------------------
 
 
+@saga_step("store_blobs")
 def store_blobs(
     tiers: Tiers, plan: SagaPlan, blobs: Mapping[tuple[str, str], bytes]
 ) -> Result[int, StorageError | NotFound]:
@@ -193,6 +208,7 @@ def ap_records(
     return by_region
 
 
+@saga_step("write_ap")
 def write_ap(
     tiers: Tiers, plan: SagaPlan, content: Mapping[int, tuple[bytes, bytes, tuple[float, ...] | None]]
 ) -> Result[int, StorageError]:
@@ -218,6 +234,7 @@ def _key(item: ItemPlan) -> bytes:
 # ---- commit_cp: the pivot -------------------------------------------------------------------
 
 
+@saga_step("commit_cp")
 def commit_cp(tiers: Tiers, plan: SagaPlan) -> Result[list[Committed], StorageError | _NotRunning]:
     """Make the saga's turns visible in one serializable transaction; only a running saga commits."""
 
@@ -262,6 +279,8 @@ def commit_cp(tiers: Tiers, plan: SagaPlan) -> Result[list[Committed], StorageEr
     result = tiers.cp.run(tx, operation="saga.commit_cp")
     if isinstance(result, Ok) and isinstance(result.value, _NotRunning):
         return Err(result.value)
+    if isinstance(result, Ok):
+        ledger.persisted(item.region for item in plan.items)  # this call made the transition
     return result  # type: ignore[return-value]
 
 

@@ -3,7 +3,7 @@
 :class:`ContentStore` is what the pipeline talks to.  It routes each key to
 ``<ap_dir>/<region>/shard-NNN`` by the first 16 bytes of the key (the entity id), opens shards
 lazily through an engine factory (SQLite today, the LSM later), and is the single place where shard
-and ``sqlite3`` failures become ``StorageError``.
+and ``sqlite3`` failures become ``StorageError`` — and where AP calls are counted, timed and traced.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from datamesh.core.errors import StorageError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import EntityId, GeoRegion
+from datamesh.observability.instrument import tier_call
 from datamesh.storage.ap.base import ShardEngine, ShardError
 from datamesh.storage.ap.sqlite_shard import SqliteShard
 
@@ -92,17 +93,19 @@ class ContentStore:
         self, region: GeoRegion, entity: EntityId, limit: int | None = None
     ) -> Result[list[tuple[bytes, bytes]], StorageError]:
         prefix = entity.value.bytes
-        try:
-            engine = self._engine(region, self.shard_of(entity))
-            return Ok(list(engine.scan_prefix(prefix, limit)))
-        except (ShardError, sqlite3.Error, OSError) as exc:
-            return Err(_translate(exc, "scan_entity"))
+        with tier_call("ap", "scan_entity", region.value) as call:
+            try:
+                engine = self._engine(region, self.shard_of(entity))
+                return Ok(list(engine.scan_prefix(prefix, limit)))
+            except (ShardError, sqlite3.Error, OSError) as exc:
+                return call.check(Err(_translate(exc, "scan_entity")))
 
     def count(self, region: GeoRegion) -> Result[int, StorageError]:
-        try:
-            return Ok(sum(self._engine(region, n).count() for n in range(self.shard_count)))
-        except (ShardError, sqlite3.Error, OSError) as exc:
-            return Err(_translate(exc, "count"))
+        with tier_call("ap", "count", region.value) as call:
+            try:
+                return Ok(sum(self._engine(region, n).count() for n in range(self.shard_count)))
+            except (ShardError, sqlite3.Error, OSError) as exc:
+                return call.check(Err(_translate(exc, "count")))
 
     def close(self) -> None:
         with self._open_lock:
@@ -121,11 +124,12 @@ class ContentStore:
         for item in items:
             groups[shard_for(item[0], self.shard_count)].append(item)
         total = 0
-        try:
-            for shard in sorted(groups):
-                total += action(self._engine(region, shard), groups[shard])
-        except (ShardError, sqlite3.Error, OSError) as exc:
-            return Err(_translate(exc, operation))
+        with tier_call("ap", operation, region.value) as call:
+            try:
+                for shard in sorted(groups):
+                    total += action(self._engine(region, shard), groups[shard])
+            except (ShardError, sqlite3.Error, OSError) as exc:
+                return call.check(Err(_translate(exc, operation)))
         return Ok(total)
 
     def _engine(self, region: GeoRegion, shard: int) -> ShardEngine:

@@ -6,7 +6,8 @@ Every CP transaction goes through :meth:`CpDatabase.run`, which
   failures and deadlocks (SQLSTATE 40001 / 40P01) with full-jitter backoff and a bound;
 * on SQLite (local mode) opens write transactions with ``BEGIN IMMEDIATE`` on a WAL database with
   ``synchronous=FULL``, which serialises writers, and retries ``database is locked``;
-* translates every SQLAlchemy / DBAPI failure into ``StorageError`` (keeping the cause).
+* translates every SQLAlchemy / DBAPI failure into ``StorageError`` (keeping the cause);
+* counts, times and traces each transaction (``tier="cp"``, see ``datamesh.observability``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from datamesh.core.errors import ConfigError, StorageError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.retry import RetryPolicy, call_with_retry
+from datamesh.observability.instrument import tier_call
 
 T = TypeVar("T")
 
@@ -102,12 +104,15 @@ class CpDatabase:
                     raise _Retry(str(exc.orig)) from exc
                 raise
 
-        try:
-            return Ok(call_with_retry(attempt, lambda e: isinstance(e, _Retry), self.policy))
-        except _Retry as exc:
-            return Err(StorageError("cp", operation, f"gave up after retries: {exc}", retryable=True, cause=repr(exc)))
-        except SQLAlchemyError as exc:
-            return Err(translate(exc, operation))
+        with tier_call("cp", operation) as call:
+            try:
+                return Ok(call_with_retry(attempt, lambda e: isinstance(e, _Retry), self.policy))
+            except _Retry as exc:
+                return call.check(
+                    Err(StorageError("cp", operation, f"gave up after retries: {exc}", retryable=True, cause=repr(exc)))
+                )
+            except SQLAlchemyError as exc:
+                return call.check(Err(translate(exc, operation)))
 
     def ping(self) -> Result[None, StorageError]:
         def select_one(conn: Connection) -> None:

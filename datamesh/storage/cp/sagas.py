@@ -170,3 +170,14 @@ def list_by_status(conn: Connection, status: SagaStatus, *, limit: int = 100) ->
 def count_by_status(conn: Connection) -> dict[str, int]:
     rows = conn.execute(select(SAGAS.c.status, func.count()).group_by(SAGAS.c.status))
     return {r[0]: int(r[1]) for r in rows}
+
+
+def summary(conn: Connection, *, now: datetime) -> tuple[dict[str, int], float]:
+    """Sagas by status, and the age in seconds of the oldest running or compensating one (0 if none)."""
+    oldest = conn.execute(
+        select(func.min(SAGAS.c.created_at)).where(
+            SAGAS.c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value])
+        )
+    ).scalar()
+    age = 0.0 if oldest is None else max(0.0, (now - as_utc(oldest)).total_seconds())
+    return count_by_status(conn), age

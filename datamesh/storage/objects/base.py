@@ -31,6 +31,7 @@ from typing import BinaryIO, Generic, TypeVar, cast
 from datamesh.core.errors import IntegrityError, NotFound, StorageError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import ContentHash
+from datamesh.observability.instrument import tier_call
 
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 #: Puts at least this large overlap hashing with staging where the backend allows it.
@@ -89,14 +90,15 @@ class ObjectStore(ABC, Generic[Token]):
 
     def put(self, data: bytes) -> Result[StoredObject, StorageError]:
         """Store ``data`` under its SHA-256; a second put of the same bytes writes nothing."""
-        if self.stage_while_hashing and len(data) >= OVERLAP_MIN_BYTES:
-            return self._put_overlapped(data)
-        content_hash = ContentHash.of(data)
-        try:
-            written = self._write(content_hash.hex, data)
-        except Exception as exc:  # noqa: BLE001 - the one translation boundary of a backend
-            return Err(self._translate(exc, "put"))
-        return Ok(StoredObject(content_hash, len(data), written=written))
+        with tier_call("objects", "put") as call:
+            if self.stage_while_hashing and len(data) >= OVERLAP_MIN_BYTES:
+                return call.check(self._put_overlapped(data))
+            content_hash = ContentHash.of(data)
+            try:
+                written = self._write(content_hash.hex, data)
+            except Exception as exc:  # noqa: BLE001 - the one translation boundary of a backend
+                return call.check(Err(self._translate(exc, "put")))
+            return Ok(StoredObject(content_hash, len(data), written=written))
 
     def _put_overlapped(self, data: bytes) -> Result[StoredObject, StorageError]:
         """Hash on a second thread while staging the bytes (hashlib and file writes release the GIL)."""
@@ -117,21 +119,22 @@ class ObjectStore(ABC, Generic[Token]):
 
     def put_stream(self, chunks: Iterable[bytes] | BinaryIO) -> Result[StoredObject, StorageError]:
         """Store a stream, hashing it while it is written; memory use is one chunk."""
-        source: Iterable[bytes] = iter_file(cast(BinaryIO, chunks)) if hasattr(chunks, "read") else chunks
-        hashing = _Hashing(source)
-        token: Token | None = None
-        try:
-            token = self._stage(hashing)
-            content_hash = ContentHash(hashing.sha.hexdigest())
-            if self._exists(content_hash.hex):
-                self._discard(token)
-                return Ok(StoredObject(content_hash, hashing.size, written=False))
-            self._promote(token, content_hash.hex)
-        except Exception as exc:  # noqa: BLE001
-            if token is not None:
-                self._discard_quietly(token)
-            return Err(self._translate(exc, "put_stream"))
-        return Ok(StoredObject(content_hash, hashing.size, written=True))
+        with tier_call("objects", "put_stream") as call:
+            source: Iterable[bytes] = iter_file(cast(BinaryIO, chunks)) if hasattr(chunks, "read") else chunks
+            hashing = _Hashing(source)
+            token: Token | None = None
+            try:
+                token = self._stage(hashing)
+                content_hash = ContentHash(hashing.sha.hexdigest())
+                if self._exists(content_hash.hex):
+                    self._discard(token)
+                    return Ok(StoredObject(content_hash, hashing.size, written=False))
+                self._promote(token, content_hash.hex)
+            except Exception as exc:  # noqa: BLE001
+                if token is not None:
+                    self._discard_quietly(token)
+                return call.check(Err(self._translate(exc, "put_stream")))
+            return Ok(StoredObject(content_hash, hashing.size, written=True))
 
     def get(self, content_hash: ContentHash) -> Result[bytes, StorageError | NotFound | IntegrityError]:
         """The bytes stored under ``content_hash``, verified; never returns bad bytes."""
@@ -159,38 +162,41 @@ class ObjectStore(ABC, Generic[Token]):
 
         On ``Err(IntegrityError)`` the caller must discard what ``sink`` received.
         """
-        sha = hashlib.sha256()
-        size = 0
-        try:
-            for chunk in self._open(content_hash.hex):
-                sha.update(chunk)
-                size += len(chunk)
-                sink(chunk)
-        except ObjectMissing:
-            return Err(NotFound("object", content_hash.hex))
-        except Exception as exc:  # noqa: BLE001
-            return Err(self._translate(exc, "get"))
-        actual = sha.hexdigest()
-        if actual != content_hash.hex:
-            return Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual))
-        return Ok(size)
+        with tier_call("objects", "get") as call:
+            sha = hashlib.sha256()
+            size = 0
+            try:
+                for chunk in self._open(content_hash.hex):
+                    sha.update(chunk)
+                    size += len(chunk)
+                    sink(chunk)
+            except ObjectMissing:
+                return call.check(Err(NotFound("object", content_hash.hex)))
+            except Exception as exc:  # noqa: BLE001
+                return call.check(Err(self._translate(exc, "get")))
+            actual = sha.hexdigest()
+            if actual != content_hash.hex:
+                return call.check(Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual)))
+            return Ok(size)
 
     def verify(self, content_hash: ContentHash) -> Result[int, StorageError | NotFound | IntegrityError]:
         """Re-hash one stored object; ``Ok(size)`` when intact."""
         return self.read_into(content_hash, lambda _chunk: None)
 
     def exists(self, content_hash: ContentHash) -> Result[bool, StorageError]:
-        try:
-            return Ok(self._exists(content_hash.hex))
-        except Exception as exc:  # noqa: BLE001
-            return Err(self._translate(exc, "exists"))
+        with tier_call("objects", "exists") as call:
+            try:
+                return Ok(self._exists(content_hash.hex))
+            except Exception as exc:  # noqa: BLE001
+                return call.check(Err(self._translate(exc, "exists")))
 
     def delete(self, content_hash: ContentHash) -> Result[bool, StorageError]:
         """Remove an object; ``Ok(False)`` when it was already gone.  Only GC should call this."""
-        try:
-            return Ok(self._delete(content_hash.hex))
-        except Exception as exc:  # noqa: BLE001
-            return Err(self._translate(exc, "delete"))
+        with tier_call("objects", "delete") as call:
+            try:
+                return Ok(self._delete(content_hash.hex))
+            except Exception as exc:  # noqa: BLE001
+                return call.check(Err(self._translate(exc, "delete")))
 
     def list(self) -> Result[list[ContentHash], StorageError]:
         """Every key in the store (keys that are not SHA-256 digests are skipped)."""
