@@ -28,6 +28,8 @@ DEFAULT_EXECUTOR = "local"
 DEFAULT_TENANT = "default"
 DEFAULT_IDEMPOTENCY_WAIT_S = 30.0
 DEFAULT_SAGA_LEASE_S = 60.0
+DEFAULT_CP_REQUIRE_SYNC_REPLICATION = False
+DEFAULT_CP_COMMIT_TIMEOUT_S = 30.0
 
 BACKPRESSURE_MODES = ("wait", "reject")
 EXECUTORS = ("local",)
@@ -54,6 +56,8 @@ class DataMeshConfig:
     tenant: str = DEFAULT_TENANT
     idempotency_wait_s: float = DEFAULT_IDEMPOTENCY_WAIT_S
     saga_lease_s: float = DEFAULT_SAGA_LEASE_S
+    cp_require_sync_replication: bool = DEFAULT_CP_REQUIRE_SYNC_REPLICATION
+    cp_commit_timeout_s: float = DEFAULT_CP_COMMIT_TIMEOUT_S
 
     @property
     def resolved_cp_url(self) -> str:
@@ -123,6 +127,18 @@ class DataMeshConfig:
                     DEFAULT_IDEMPOTENCY_WAIT_S,
                 ),
                 saga_lease_s=_get(env, "DATAMESH_SAGA_LEASE_S", _positive_float, DEFAULT_SAGA_LEASE_S),
+                cp_require_sync_replication=_get(
+                    env,
+                    "DATAMESH_CP_REQUIRE_SYNC_REPLICATION",
+                    _bool,
+                    DEFAULT_CP_REQUIRE_SYNC_REPLICATION,
+                ),
+                cp_commit_timeout_s=_get(
+                    env,
+                    "DATAMESH_CP_COMMIT_TIMEOUT_S",
+                    _positive_float,
+                    DEFAULT_CP_COMMIT_TIMEOUT_S,
+                ),
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))
@@ -176,6 +192,19 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
         return raw
 
     return parse
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
 
 
 def _url(raw: str) -> str:

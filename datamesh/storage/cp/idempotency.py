@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, and_, bindparam, delete, select, update
+from sqlalchemy import Table, and_, bindparam, delete, select, text, update
 from sqlalchemy.engine import Connection
 
 from datamesh.models.tables import IdempotencyKey
+from datamesh.storage.cp.sql import bulk_insert
 
 KEYS = cast(Table, IdempotencyKey.__table__)
 PENDING = "pending"
@@ -51,8 +52,9 @@ def lookup_many(conn: Connection, tenant: str, keys: Sequence[str]) -> dict[str,
 def reserve_many(conn: Connection, tenant: str, saga_id: str, keys: Sequence[tuple[str, str]], now: datetime) -> None:
     """Insert ``(key, request_sha256)`` rows as pending for ``saga_id`` (a duplicate key raises)."""
     if keys:
-        conn.execute(
-            KEYS.insert(),
+        bulk_insert(
+            conn,
+            KEYS,
             [
                 {
                     "tenant": tenant,
@@ -68,11 +70,37 @@ def reserve_many(conn: Connection, tenant: str, saga_id: str, keys: Sequence[tup
         )
 
 
+_COMPLETE_PG = text(
+    "UPDATE idempotency_keys AS k SET status = 'completed', conversation_id = v.c, turn_id = v.t,"
+    " turn_seq = v.s, updated_at = :now"
+    " FROM unnest(CAST(:keys AS varchar[]), CAST(:cids AS varchar[]), CAST(:tids AS varchar[]),"
+    " CAST(:seqs AS integer[])) AS v(k, c, t, s)"
+    " WHERE k.tenant = :tenant AND k.key = v.k AND k.saga_id = :saga"
+)
+
+
 def complete_many(
     conn: Connection, tenant: str, saga_id: str, results: Sequence[tuple[str, str, str, int]], now: datetime
 ) -> None:
-    """Mark keys completed with ``(key, conversation_id, turn_id, turn_seq)``."""
+    """Mark keys completed with ``(key, conversation_id, turn_id, turn_seq)``.
+
+    PostgreSQL: one ``UPDATE ... FROM unnest(...)`` for the whole batch; SQLite: one executemany.
+    """
     if not results:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            _COMPLETE_PG,
+            {
+                "tenant": tenant,
+                "saga": saga_id,
+                "now": now,
+                "keys": [r[0] for r in results],
+                "cids": [r[1] for r in results],
+                "tids": [r[2] for r in results],
+                "seqs": [r[3] for r in results],
+            },
+        )
         return
     stmt = (
         update(KEYS)
