@@ -217,8 +217,12 @@ def _key(item: ItemPlan) -> bytes:
 def commit_cp(tiers: Tiers, plan: SagaPlan) -> Result[list[Committed], StorageError | _NotRunning]:
     """Make the saga's turns visible in one serializable transaction; only a running saga commits."""
 
+    appended_to = sorted({i.conversation_id for i in plan.items if not i.new_conversation})
+
     def tx(conn: Connection) -> list[Committed] | _NotRunning:
         now = utcnow()
+        # pivots appending to the same conversation queue on its row here, before any work
+        provenance.lock_chains(conn, appended_to)
         if not sagas.transition(
             conn, plan.saga_id, from_status=(SagaStatus.RUNNING,), to_status=SagaStatus.COMMITTED, now=now
         ):

@@ -41,7 +41,7 @@ from datamesh.core.retry import RetryPolicy, call_with_retry
 
 T = TypeVar("T")
 
-DEFAULT_TX_POLICY = RetryPolicy(attempts=12, base_s=0.005, cap_s=0.5)
+DEFAULT_TX_POLICY = RetryPolicy(attempts=30, base_s=0.005, cap_s=0.5, deadline_s=60.0)
 _RETRY_SQLSTATES = {"40001", "40P01"}
 _UNIQUE_VIOLATION = "23505"
 
