@@ -1,0 +1,30 @@
+"""Indexes for every CP query the code makes that the initial schema did not cover.
+
+Listing sagas by state (``python -m datamesh sagas --status/--dead``) filters on ``status`` and
+orders by ``created_at``: ``ix_sagas_status_created_at``.  Every other lookup is served by a
+primary key, a unique constraint or an index of 0001 (``tests/test_cp_indexes.py`` checks each
+statement with EXPLAIN on PostgreSQL).
+
+Revision ID: 0003
+Revises: 0001
+Create Date: 2026-11-26 15:45:00
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0003"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("sagas", schema=None) as batch_op:
+        batch_op.create_index("ix_sagas_status_created_at", ["status", "created_at"], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("sagas", schema=None) as batch_op:
+        batch_op.drop_index("ix_sagas_status_created_at")
