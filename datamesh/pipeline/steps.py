@@ -242,8 +242,10 @@ def commit_cp(tiers: Tiers, plan: SagaPlan) -> Result[list[Committed], StorageEr
             turn_rows.append(_turn_row(plan.saga_id, item, seq, now))
             events.extend(_events(plan.saga_id, item, seq, tiers.ap.shard_path))
             done.append(Committed(item.index, item.conversation_id, item.turn_id, seq))
+        for row in new_rows:  # a new conversation is inserted with its final count: no update
+            row["turn_count"] = counts[row["id"]]
         conversations.insert_conversations(conn, new_rows)
-        conversations.set_turn_counts(conn, counts, now)
+        conversations.set_turn_counts(conn, {c: n for c, n in counts.items() if c in existing}, now)
         conversations.insert_turns(conn, turn_rows)
         provenance.append_many(conn, events, now=now, known_new=frozenset(r["id"] for r in new_rows))
         idempotency.complete_many(

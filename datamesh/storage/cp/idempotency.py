@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, and_, bindparam, delete, select, text, update
+from sqlalchemy import String, Table, and_, any_, bindparam, delete, select, text, update
+from sqlalchemy import cast as cast_
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from datamesh.models.tables import IdempotencyKey
@@ -37,11 +39,17 @@ class KeyState:
 
 
 def lookup_many(conn: Connection, tenant: str, keys: Sequence[str]) -> dict[str, KeyState]:
+    """The state of each of ``keys`` that exists (one ``= ANY(array)`` query on PostgreSQL)."""
     found: dict[str, KeyState] = {}
     unique = list(dict.fromkeys(keys))
-    for start in range(0, len(unique), _CHUNK):
-        chunk = unique[start : start + _CHUNK]
-        rows = conn.execute(select(KEYS).where(KEYS.c.tenant == tenant, KEYS.c.key.in_(chunk)))
+    chunk_size = max(1, len(unique)) if conn.dialect.name == "postgresql" else _CHUNK
+    for start in range(0, len(unique), chunk_size):
+        chunk = unique[start : start + chunk_size]
+        if conn.dialect.name == "postgresql":
+            match = KEYS.c.key == any_(cast_(chunk, ARRAY(String)))
+        else:
+            match = KEYS.c.key.in_(chunk)
+        rows = conn.execute(select(KEYS).where(KEYS.c.tenant == tenant, match))
         for r in rows:
             found[r.key] = KeyState(
                 r.key, r.request_sha256, r.saga_id, r.status, r.conversation_id, r.turn_id, r.turn_seq

@@ -62,12 +62,28 @@ class ChainBreak:
     reason: str
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_string = json.encoder.encode_basestring
+
+
 def canonical(body: Mapping[str, Any]) -> str:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Sorted keys, no spaces, UTF-8 as is: ``json.dumps(body, sort_keys=True, ...)``."""
+    return _CANONICAL.encode(body)
 
 
 def chain_hash(conversation_id: str, seq: int, kind: str, body_json: str, prev_hash: str) -> str:
-    encoded = canonical({"c": conversation_id, "s": seq, "k": kind, "b": body_json, "p": prev_hash})
+    """SHA-256 of ``canonical({"c": id, "s": seq, "k": kind, "b": body_json, "p": prev_hash})``.
+
+    Spelled out by hand (keys in sorted order) because it runs twice per turn on the ingest path;
+    a test checks it against the ``canonical`` form.
+    """
+    encoded = '{"b":%s,"c":%s,"k":%s,"p":%s,"s":%d}' % (  # noqa: UP031 - fixed layout, hashed
+        _string(body_json),
+        _string(conversation_id),
+        _string(kind),
+        _string(prev_hash),
+        seq,
+    )
     return hashlib.sha256(encoded.encode()).hexdigest()
 
 

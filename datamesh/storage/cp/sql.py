@@ -55,10 +55,7 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
         return
     columns = list(rows[0])
     buffer = io.StringIO()
-    write = buffer.write
-    for row in rows:
-        write("\t".join([_copy_value(row[c]) for c in columns]))
-        write("\n")
+    buffer.writelines(["\t".join([_copy_value(row[c]) for c in columns]) + "\n" for row in rows])
     buffer.seek(0)
     quoted = ", ".join(f'"{c}"' for c in columns)
     statement = f'COPY "{table.name}" ({quoted}) FROM STDIN'
@@ -76,16 +73,26 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
+def _copy_str(value: str) -> str:
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
+_COPY_FORMAT: dict[type, Any] = {
+    str: _copy_str,
+    int: str,
+    float: repr,
+    bool: lambda v: "t" if v else "f",
+    type(None): lambda _: "\\N",
+    datetime: datetime.isoformat,
+}
+
+
 def _copy_value(value: object) -> str:
-    """One value in COPY's text format."""
-    if value is None:
-        return "\\N"
-    if value is True:
-        return "t"
-    if value is False:
-        return "f"
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, int | float):
-        return str(value)
-    return str(value).translate(_COPY_ESCAPES)
+    """One value in COPY's text format (ids and hashes, the bulk of it, need no escaping)."""
+    format_ = _COPY_FORMAT.get(type(value))
+    if format_ is None:
+        return _copy_str(str(value))
+    result: str = format_(value)
+    return result
