@@ -26,14 +26,18 @@ from tests import cp_workers
 WORKERS = 4
 
 
-def _run_workers(target: Any, args_of: Any, n: int) -> list[dict[str, Any]]:
+def _run_workers(
+    target: Any, args_of: Any, n: int, extra: tuple[tuple[Any, tuple[Any, ...]], ...] = ()
+) -> list[dict[str, Any]]:
     ctx = multiprocessing.get_context("spawn")
-    start = ctx.Event()
+    jobs = [*((target, args_of(w)) for w in range(n)), *extra]
+    n = len(jobs)
+    start = ctx.Barrier(n + 1)  # every worker is connected and ready before any writes
     results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args_of(w), start, results)) for w in range(n)]
+    procs = [ctx.Process(target=t, args=(*args, start, results)) for t, args in jobs]
     for proc in procs:
         proc.start()
-    start.set()
+    start.wait(120)
     out: list[dict[str, Any]] = []
     try:
         for _ in procs:
@@ -62,11 +66,18 @@ async def test_concurrent_appends_from_processes_serialize(pg_cp_url: str, tmp_p
             )
             targets.append((str((await p.ingest(first)).unwrap().conversation_id), str(entity)))
 
-    # When four processes append 10 turns each, round-robin over both conversations, all at once
+    # When four processes append 10 turns each, round-robin over both conversations, all at once,
+    # while a fifth appends 10 derived-artifact events to the first conversation's chain
     turns = 10
+    events = 10
     reports = _run_workers(
-        cp_workers.append_turns, lambda w: (w, pg_url, str(tmp_path / f"w{w}"), targets, turns), WORKERS
+        cp_workers.append_turns,
+        lambda w: (w, pg_url, str(tmp_path / f"w{w}"), targets, turns),
+        WORKERS,
+        extra=((cp_workers.append_events, (WORKERS, pg_url, targets[0][0], events)),),
     )
+    event_report = next(r for r in reports if r["worker"] == WORKERS)
+    reports = [r for r in reports if r["worker"] != WORKERS]
 
     # Then every turn committed, after real serialization failures and re-runs
     retries = sum(int(r["stats"]["retries"]) for r in reports)
@@ -107,12 +118,15 @@ async def test_concurrent_appends_from_processes_serialize(pg_cp_url: str, tmp_p
         assert state["rows"][conversation].turn_count == len(seqs)
         # ... and the provenance chain has two links per turn, verified and unforked.
         checked, broken = state["chains"][conversation]
-        assert broken is None and checked == 2 * len(seqs)
+        extra_links = events if conversation == targets[0][0] else 0
+        assert broken is None and checked == 2 * len(seqs) + extra_links
         records = state["records"][conversation]
         assert len({r["prev_hash"] for r in records}) == len(records)
     assert sum(len(ts) for ts in state["turns"].values()) == 2 + WORKERS * turns
     assert state["sagas"] == {"committed": 2 + WORKERS * turns}
     assert state["pending"] == 0
+    kinds = [r["kind"] for r in state["records"][targets[0][0]]]
+    assert kinds.count("derived_artifact") == events == len(event_report["done"])
 
 
 async def test_concurrent_provenance_appends_never_fork(pg_cp_url: str, tmp_path: Path) -> None:
@@ -125,11 +139,11 @@ async def test_concurrent_provenance_appends_never_fork(pg_cp_url: str, tmp_path
         )
         cid = str((await p.ingest(request)).unwrap().conversation_id)
 
-    # When four processes append 15 derived-artifact events each to its chain at once
-    events = 15
+    # When four processes append 25 derived-artifact events each to its chain at once
+    events = 25
     reports = _run_workers(cp_workers.append_events, lambda w: (w, pg_url, cid, events), WORKERS)
 
-    # Then all 60 landed on one straight chain: seqs 2..61, each linked to the one before
+    # Then all 100 landed on one straight chain: seqs 2..101, each linked to the one before
     assert sum(int(r["stats"]["retries"]) for r in reports) > 0
     appended = sorted(seq for r in reports for seq, _ in r["done"])
     assert appended == list(range(2, 2 + WORKERS * events))

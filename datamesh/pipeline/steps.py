@@ -222,7 +222,7 @@ def commit_cp(tiers: Tiers, plan: SagaPlan) -> Result[list[Committed], StorageEr
     def tx(conn: Connection) -> list[Committed] | _NotRunning:
         now = utcnow()
         # pivots appending to the same conversation queue on its row here, before any work
-        provenance.lock_chains(conn, appended_to)
+        provenance.lock_chains(conn, appended_to, now=now)
         if not sagas.transition(
             conn, plan.saga_id, from_status=(SagaStatus.RUNNING,), to_status=SagaStatus.COMMITTED, now=now
         ):

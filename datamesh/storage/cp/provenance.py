@@ -4,9 +4,9 @@ Each record's hash is SHA-256 over a canonical encoding of (conversation id, seq
 kind, body, previous hash); the first record links to :data:`GENESIS`.  The unique constraints on
 ``(conversation_id, seq)`` and ``(conversation_id, prev_hash)`` — under serializable transactions —
 mean two concurrent appends can never fork a chain: one of them fails and is re-run.  On
-PostgreSQL an append also locks the conversation's row first (``FOR UPDATE``, in id order), so
-concurrent appenders queue behind one another and the loser fails with a serialization error
-(re-run by :meth:`CpDatabase.run`) rather than a constraint violation.
+PostgreSQL an append first updates the conversation's row (:func:`lock_chains`), so concurrent
+appenders queue behind one another and each loser fails with a serialization error (re-run by
+:meth:`CpDatabase.run` on the new head) rather than a constraint violation.
 
 Events, each a :class:`ProvenanceKind` with a JSON body:
 
@@ -29,7 +29,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, func, select, text
 from sqlalchemy.engine import Connection
 
 from datamesh.core.principal import Principal
@@ -119,7 +119,7 @@ def append_many(
     if not events:
         return
     lookup = sorted({c for c, _, _ in events} - known_new)
-    lock_chains(conn, lookup)
+    lock_chains(conn, lookup, now=now)
     state = heads(conn, lookup)
     rows: list[dict[str, Any]] = []
     for conversation_id, kind, body in events:
@@ -154,19 +154,20 @@ def append(
     return heads(conn, [conversation_id])[conversation_id]
 
 
-def lock_chains(conn: Connection, conversation_ids: Sequence[str]) -> None:
-    """Lock the conversations' rows (PostgreSQL; SQLite writers are serialised already)."""
+def lock_chains(conn: Connection, conversation_ids: Sequence[str], *, now: datetime) -> None:
+    """Claim the conversations' chains for this transaction (PostgreSQL; SQLite serialises writers).
+
+    An ``UPDATE`` of the conversation rows (``updated_at``), not a bare ``FOR UPDATE``: a
+    serializable transaction that waited on the row then fails with 40001 as soon as the holder
+    commits (first updater wins) and is re-run on the new head, instead of reading a stale head
+    and tripping over the ``(conversation_id, seq)`` constraint.
+    """
     if conn.dialect.name != "postgresql" or not conversation_ids:
         return
-    ordered = sorted(set(conversation_ids))
-    for start in range(0, len(ordered), 1000):
-        chunk = ordered[start : start + 1000]
-        conn.execute(
-            select(CONVERSATIONS.c.id)
-            .where(CONVERSATIONS.c.id.in_(chunk))
-            .order_by(CONVERSATIONS.c.id)
-            .with_for_update()
-        )
+    conn.execute(_CLAIM_PG, {"ids": sorted(set(conversation_ids)), "now": now})
+
+
+_CLAIM_PG = text("UPDATE conversations SET updated_at = :now WHERE id = ANY(CAST(:ids AS varchar[]))")
 
 
 # ---- event bodies ----------------------------------------------------------------------------
