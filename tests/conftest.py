@@ -56,6 +56,17 @@ def pg_url(pg_admin_engine: object) -> Iterator[str]:
         conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
+@pytest.fixture
+def pg_cp_url(pg_url: str) -> str:
+    """A fresh PostgreSQL schema migrated to the latest revision (PostgreSQL-only tests)."""
+    db = CpDatabase.open(pg_url).unwrap()
+    migrated = migrate.upgrade(db)
+    db.dispose()
+    if isinstance(migrated, Err):
+        pytest.fail(f"migration failed: {migrated.error}")
+    return pg_url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def cp_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The CP database URL: each test using it runs on SQLite and on the real PostgreSQL."""

@@ -96,6 +96,8 @@ def test_config_defaults_work_without_environment() -> None:
         ("DATAMESH_CP_URL", "not a url"),
         ("DATAMESH_TENANT", "a b"),
         ("DATAMESH_MAX_PAYLOAD_BYTES", "1e3"),
+        ("DATAMESH_CP_REQUIRE_SYNC_REPLICATION", "maybe"),
+        ("DATAMESH_CP_COMMIT_TIMEOUT_S", "0"),
     ],
 )
 def test_config_names_the_bad_variable(variable: str, value: str) -> None:

@@ -40,6 +40,8 @@ DEFAULT_RATE_LIMIT_KEY_BURST = 200
 DEFAULT_RATE_LIMIT_TENANT_RATE = 1_000.0
 DEFAULT_RATE_LIMIT_TENANT_BURST = 2_000
 DEFAULT_RATE_LIMIT_FAILURE = "closed"
+DEFAULT_CP_REQUIRE_SYNC_REPLICATION = False
+DEFAULT_CP_COMMIT_TIMEOUT_S = 30.0
 
 BACKPRESSURE_MODES = ("wait", "reject")
 EXECUTORS = ("local",)
@@ -103,6 +105,8 @@ class DataMeshConfig:
     log_format: str = DEFAULT_LOG_FORMAT
     log_level: str = DEFAULT_LOG_LEVEL
     service_name: str = DEFAULT_SERVICE_NAME
+    cp_require_sync_replication: bool = DEFAULT_CP_REQUIRE_SYNC_REPLICATION
+    cp_commit_timeout_s: float = DEFAULT_CP_COMMIT_TIMEOUT_S
 
     @property
     def tracing(self) -> bool:
@@ -220,6 +224,18 @@ class DataMeshConfig:
                 log_format=_get(env, "DATAMESH_LOG_FORMAT", _choice(LOG_FORMATS), DEFAULT_LOG_FORMAT),
                 log_level=_get(env, "DATAMESH_LOG_LEVEL", _upper_choice(LOG_LEVELS), DEFAULT_LOG_LEVEL),
                 service_name=_get(env, "DATAMESH_SERVICE_NAME", _name, DEFAULT_SERVICE_NAME),
+                cp_require_sync_replication=_get(
+                    env,
+                    "DATAMESH_CP_REQUIRE_SYNC_REPLICATION",
+                    _bool,
+                    DEFAULT_CP_REQUIRE_SYNC_REPLICATION,
+                ),
+                cp_commit_timeout_s=_get(
+                    env,
+                    "DATAMESH_CP_COMMIT_TIMEOUT_S",
+                    _positive_float,
+                    DEFAULT_CP_COMMIT_TIMEOUT_S,
+                ),
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))
@@ -307,6 +323,19 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
         return raw
 
     return parse
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
 
 
 def _url(raw: str) -> str:

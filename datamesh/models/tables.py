@@ -133,7 +133,10 @@ class Saga(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_sagas_status_lease", "status", "lease_expires_at"),)
+    __table_args__ = (
+        Index("ix_sagas_status_lease", "status", "lease_expires_at"),
+        Index("ix_sagas_status_created_at", "status", "created_at"),
+    )
 
 
 class SagaStep(Base):

@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from uuid import UUID
 
 from datamesh.core.config import DataMeshConfig
@@ -30,6 +30,7 @@ from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import ConversationId, GeoRegion, TurnId
 from datamesh.observability import ledger, logs, metrics, tracing
 from datamesh.pipeline.backpressure import Admission
+from datamesh.pipeline.lineage import ProvenanceEntry, record_event
 from datamesh.pipeline.plan import SagaPlan
 from datamesh.pipeline.prepare import Prepared, prepare
 from datamesh.pipeline.reads import StoredConversation, get_conversation
@@ -38,10 +39,12 @@ from datamesh.pipeline.saga import FaultHook, LocalSagaExecutor, ReapOutcome, re
 from datamesh.pipeline.steps import Committed, Existing
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.ap.store import EngineFactory, default_engine
+from datamesh.storage.cp import provenance
 
 __all__ = ["IngestionPipeline", "IngestionRequest", "IngestionResponse"]
 
 MAX_BATCH_ITEMS = 100_000
+_MAX_LABEL_CHARS = 200
 _WAIT_POLL_S = 0.005
 _REAP_INTERVAL_FRACTION = 0.5
 
@@ -203,7 +206,7 @@ class IngestionPipeline:
                 blobs[(item.region, item.response_sha256)] = r.response
         result = self._executor.execute(plan, content, blobs)
         if isinstance(result, Err):
-            failure: SagaFailed = result.error
+            failure: SagaFailed | StorageError = result.error
             for item in plan.items:
                 out[item.index] = Err(failure)
             return
@@ -238,6 +241,71 @@ class IngestionPipeline:
         if isinstance(found, Ok) and not caller.sees_entity(str(found.value.entity_id)):
             return Err(NotFound("conversation", str(parsed.value)))
         return found
+
+    # ---- provenance after ingest ----------------------------------------------------------------
+
+    async def record_derived(
+        self,
+        conversation_id: ConversationId | str,
+        *,
+        kind: str,
+        model: str,
+        turn_seq: int | None = None,
+        artifact_sha256: str | None = None,
+        principal: Principal | None = None,
+    ) -> Result[ProvenanceEntry, Error]:
+        """Record that an artifact ``kind`` (e.g. ``"embedding"``) was derived by ``model``."""
+        for name, value in (("kind", kind), ("model", model)):
+            if not isinstance(value, str) or not 0 < len(value) <= _MAX_LABEL_CHARS:
+                return Err(ValidationError(name, f"expected 1-{_MAX_LABEL_CHARS} characters"))
+        event = provenance.derived_artifact(
+            kind,
+            model=model,
+            turn_seq=turn_seq,
+            artifact_sha256=artifact_sha256,
+            principal=self._caller(principal),
+        )
+        return await self._record(conversation_id, event, principal)
+
+    async def record_access_change(
+        self,
+        conversation_id: ConversationId | str,
+        *,
+        granted: bool,
+        subject: str,
+        role: str,
+        principal: Principal | None = None,
+    ) -> Result[ProvenanceEntry, Error]:
+        """Record that ``subject`` was granted (or lost) ``role`` on the conversation (admins only)."""
+        event = provenance.access_change(granted=granted, subject=subject, role=role, principal=self._caller(principal))
+        return await self._record(conversation_id, event, principal)
+
+    async def record_redaction(
+        self,
+        conversation_id: ConversationId | str,
+        *,
+        erased: bool,
+        reason: str,
+        turn_seqs: Sequence[int] | None = None,
+        principal: Principal | None = None,
+    ) -> Result[ProvenanceEntry, Error]:
+        """Record a redaction (or an erasure) of some turns, or of all of them (admins only)."""
+        event = provenance.redaction(
+            erased=erased, turn_seqs=turn_seqs, reason=reason, principal=self._caller(principal)
+        )
+        return await self._record(conversation_id, event, principal)
+
+    async def _record(
+        self,
+        conversation_id: ConversationId | str,
+        event: tuple[provenance.ProvenanceKind, dict[str, Any]],
+        principal: Principal | None,
+    ) -> Result[ProvenanceEntry, Error]:
+        if self._closed:
+            return Err(StorageError("pipeline", "provenance", "the pipeline is closed"))
+        caller = self._caller(principal)
+        recorded = await asyncio.to_thread(record_event, self.tiers, caller, conversation_id, event)
+        return recorded
 
     def _caller(self, principal: Principal | None) -> Principal:
         return principal if principal is not None else Principal.local_default(self.config.tenant)

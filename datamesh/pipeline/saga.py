@@ -33,7 +33,7 @@ from datamesh.pipeline.steps import (
 )
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp import conversations, sagas
-from datamesh.storage.cp.database import CpDatabase
+from datamesh.storage.cp.database import CpDatabase, is_commit_in_doubt
 from datamesh.storage.cp.sagas import SagaStatus, StepState
 from datamesh.storage.cp.sql import utcnow
 
@@ -70,13 +70,19 @@ class LocalSagaExecutor:
         try:
             self.faults(Step.RESERVE, "after")
         except Exception as exc:  # noqa: BLE001
-            return Err(self._fail(outcome.value.plan, Step.RESERVE, f"{type(exc).__name__}: {exc}"))
+            return Err(self._fail_or_committed(outcome.value.plan, Step.RESERVE, f"{type(exc).__name__}: {exc}"))
         return outcome
 
     def execute(
         self, plan: SagaPlan, content: Content, blobs: Mapping[tuple[str, str], bytes]
-    ) -> Result[list[Committed], SagaFailed]:
-        """Run the steps after ``reserve``; compensate and return ``SagaFailed`` on any failure."""
+    ) -> Result[list[Committed], SagaFailed | StorageError]:
+        """Run the steps after ``reserve``; compensate and return ``SagaFailed`` on any failure.
+
+        A pivot whose commit a synchronous standby did not confirm in time is in doubt: when the
+        saga turns out committed on the primary it is not compensated (that would be a lie about
+        data that may survive) and the in-doubt ``StorageError`` is returned; a retry with the same
+        idempotency key gets the first result once replication is back.
+        """
         steps: list[tuple[Step, Callable[[], Result[object, object]]]] = [
             (Step.STORE_BLOBS, lambda: store_blobs(self.tiers, plan, blobs)),
             (Step.WRITE_AP, lambda: write_ap(self.tiers, plan, content)),
@@ -93,25 +99,37 @@ class LocalSagaExecutor:
                 error = result.error
                 if isinstance(error, _NotRunning) and error.status == SagaStatus.COMMITTED:
                     return Ok(_committed_by_other(self.tiers, plan))  # a reaper drove it forward
-                return Err(self._fail(plan, step, _message(error)))
+                failed = self._fail(plan, step, _message(error))
+                if failed is not None:
+                    return Err(failed)
+                if isinstance(error, StorageError) and is_commit_in_doubt(error):
+                    return Err(error)
+                return Ok(_committed_by_other(self.tiers, plan))
             if step == Step.COMMIT_CP:
                 committed = result.value  # type: ignore[assignment]
                 continue  # past the pivot the saga stands: nothing after it can undo it
             try:
                 self.faults(step, "after")
             except Exception as exc:  # noqa: BLE001
-                return Err(self._fail(plan, step, f"{type(exc).__name__}: {exc}"))
+                return Err(self._fail_or_committed(plan, step, f"{type(exc).__name__}: {exc}"))
         return Ok(committed)
 
-    def _fail(self, plan: SagaPlan, step: str, message: str) -> SagaFailed:
+    def _fail(self, plan: SagaPlan, step: str, message: str) -> SagaFailed | None:
+        """Compensate; ``None`` when the saga had committed after all (nothing was undone)."""
         tracing.set_error(f"saga failed at {step}")
         log.warning(
             "saga %s failed at %s: %s; compensating", plan.saga_id, step, message, extra={"saga_id": plan.saga_id}
         )
         with tracing.span("saga.compensate", **{"datamesh.saga_id": plan.saga_id, "datamesh.step": step}):
             outcome = compensation.compensate_with_retries(self.tiers, plan.saga_id, failed_step=step, error=message)
+        if isinstance(outcome, Ok) and outcome.value == SagaStatus.COMMITTED:
+            return None
         dead = isinstance(outcome, Err) or outcome.value == SagaStatus.DEAD
         return SagaFailed(plan.saga_id, step, message, dead_lettered=dead)
+
+    def _fail_or_committed(self, plan: SagaPlan, step: str, message: str) -> SagaFailed:
+        failed = self._fail(plan, step, message)
+        return failed if failed is not None else SagaFailed(plan.saga_id, step, f"{message} (the saga had committed)")
 
 
 def _message(error: object) -> str:

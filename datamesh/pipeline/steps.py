@@ -238,8 +238,12 @@ def _key(item: ItemPlan) -> bytes:
 def commit_cp(tiers: Tiers, plan: SagaPlan) -> Result[list[Committed], StorageError | _NotRunning]:
     """Make the saga's turns visible in one serializable transaction; only a running saga commits."""
 
+    appended_to = sorted({i.conversation_id for i in plan.items if not i.new_conversation})
+
     def tx(conn: Connection) -> list[Committed] | _NotRunning:
         now = utcnow()
+        # pivots appending to the same conversation queue on its row here, before any work
+        provenance.lock_chains(conn, appended_to, now=now)
         if not sagas.transition(
             conn, plan.saga_id, from_status=(SagaStatus.RUNNING,), to_status=SagaStatus.COMMITTED, now=now
         ):
@@ -259,8 +263,10 @@ def commit_cp(tiers: Tiers, plan: SagaPlan) -> Result[list[Committed], StorageEr
             turn_rows.append(_turn_row(plan.saga_id, item, seq, now))
             events.extend(_events(plan.saga_id, item, seq, tiers.ap.shard_path))
             done.append(Committed(item.index, item.conversation_id, item.turn_id, seq))
+        for row in new_rows:  # a new conversation is inserted with its final count: no update
+            row["turn_count"] = counts[row["id"]]
         conversations.insert_conversations(conn, new_rows)
-        conversations.set_turn_counts(conn, counts, now)
+        conversations.set_turn_counts(conn, {c: n for c, n in counts.items() if c in existing}, now)
         conversations.insert_turns(conn, turn_rows)
         provenance.append_many(conn, events, now=now, known_new=frozenset(r["id"] for r in new_rows))
         idempotency.complete_many(

@@ -8,7 +8,7 @@ from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import ConfigError, StorageError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.storage.ap.store import ContentStore, EngineFactory, default_engine
-from datamesh.storage.cp import migrate
+from datamesh.storage.cp import migrate, replication
 from datamesh.storage.cp.database import CpDatabase
 from datamesh.storage.objects.router import ObjectStoreRouter, open_object_stores, open_object_stores_from
 
@@ -27,11 +27,20 @@ class Tiers:
     def open(
         cls, config: DataMeshConfig, *, engine_factory: EngineFactory = default_engine, auto_migrate: bool | None = None
     ) -> Result[Tiers, ConfigError | StorageError]:
-        """Open every tier; SQLite CP databases are migrated to the latest schema on open."""
-        db = CpDatabase.open(config.resolved_cp_url)
+        """Open every tier; SQLite CP databases are migrated to the latest schema on open.
+
+        With ``cp_require_sync_replication`` the CP database must commit synchronously to a
+        streaming standby, or nothing opens (RPO=0 is a start condition, not a hope).
+        """
+        db = CpDatabase.open(config.resolved_cp_url, commit_timeout_s=config.cp_commit_timeout_s)
         if isinstance(db, Err):
             return db
         cp = db.value
+        if config.cp_require_sync_replication:
+            synced = replication.check_sync_replication(cp)
+            if isinstance(synced, Err):
+                cp.dispose()
+                return synced
         migrate_now = cp.dialect == "sqlite" if auto_migrate is None else auto_migrate
         if migrate_now:
             upgraded = migrate.upgrade(cp)

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, select, text, update
 from sqlalchemy.engine import Connection
 
 from datamesh.models.tables import Conversation, Turn
-from datamesh.storage.cp.sql import as_utc
+from datamesh.storage.cp.sql import as_utc, bulk_insert
 
 CONVERSATIONS = cast(Table, Conversation.__table__)
 TURNS = cast(Table, Turn.__table__)
@@ -60,23 +60,33 @@ def get_many(conn: Connection, ids: Sequence[str]) -> dict[str, ConversationRow]
 
 
 def insert_conversations(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        conn.execute(CONVERSATIONS.insert(), list(rows))
+    bulk_insert(conn, CONVERSATIONS, rows)
+
+
+_SET_COUNTS_PG = text(
+    "UPDATE conversations AS c SET turn_count = v.n, updated_at = :now"
+    " FROM unnest(CAST(:ids AS varchar[]), CAST(:ns AS integer[])) AS v(id, n) WHERE c.id = v.id"
+)
 
 
 def set_turn_counts(conn: Connection, counts: dict[str, int], now: datetime) -> None:
-    if counts:
-        conn.execute(
-            update(CONVERSATIONS)
-            .where(CONVERSATIONS.c.id == bindparam("cid"))
-            .values(turn_count=bindparam("n"), updated_at=now),
-            [{"cid": cid, "n": n} for cid, n in counts.items()],
-        )
+    """Set each conversation's turn count: one ``UPDATE ... FROM unnest(...)`` on PostgreSQL."""
+    if not counts:
+        return
+    ordered = sorted(counts.items())  # a fixed lock order keeps concurrent writers from deadlocking
+    if conn.dialect.name == "postgresql":
+        conn.execute(_SET_COUNTS_PG, {"ids": [c for c, _ in ordered], "ns": [n for _, n in ordered], "now": now})
+        return
+    conn.execute(
+        update(CONVERSATIONS)
+        .where(CONVERSATIONS.c.id == bindparam("cid"))
+        .values(turn_count=bindparam("n"), updated_at=now),
+        [{"cid": cid, "n": n} for cid, n in ordered],
+    )
 
 
 def insert_turns(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        conn.execute(TURNS.insert(), list(rows))
+    bulk_insert(conn, TURNS, rows)
 
 
 def turns_of(conn: Connection, conversation_id: str) -> list[TurnRow]:

@@ -16,7 +16,7 @@ from sqlalchemy import Table, func, select, update
 from sqlalchemy.engine import Connection
 
 from datamesh.models.tables import Saga, SagaStep
-from datamesh.storage.cp.sql import as_utc, upsert
+from datamesh.storage.cp.sql import as_utc, bulk_insert, upsert
 
 SAGAS = cast(Table, Saga.__table__)
 STEPS = cast(Table, SagaStep.__table__)
@@ -52,19 +52,23 @@ class SagaRecord:
 
 
 def create(conn: Connection, saga_id: str, tenant: str, plan_json: str, *, now: datetime, lease_s: float) -> None:
-    conn.execute(
-        SAGAS.insert(),
-        {
-            "id": saga_id,
-            "kind": "ingest",
-            "status": SagaStatus.RUNNING.value,
-            "tenant": tenant,
-            "plan": plan_json,
-            "attempts": 0,
-            "lease_expires_at": now + timedelta(seconds=lease_s),
-            "created_at": now,
-            "updated_at": now,
-        },
+    # COPY on PostgreSQL: the plan of a large batch is megabytes, cheaper streamed than quoted
+    bulk_insert(
+        conn,
+        SAGAS,
+        [
+            {
+                "id": saga_id,
+                "kind": "ingest",
+                "status": SagaStatus.RUNNING.value,
+                "tenant": tenant,
+                "plan": plan_json,
+                "attempts": 0,
+                "lease_expires_at": now + timedelta(seconds=lease_s),
+                "created_at": now,
+                "updated_at": now,
+            }
+        ],
     )
 
 

@@ -1,7 +1,8 @@
-"""Small helpers shared by the CP repositories: clocks and dialect-aware upserts."""
+"""Small helpers shared by the CP repositories: clocks, dialect-aware upserts and bulk inserts."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 
 def utcnow() -> datetime:
@@ -38,3 +40,59 @@ def upsert(
     stmt = dialect.insert(table)
     stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in update})
     conn.execute(stmt, list(rows))
+
+
+def bulk_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert ``rows`` set-based: ``COPY`` on PostgreSQL, one executemany on SQLite.
+
+    ``COPY`` runs in the caller's transaction (it is the same DBAPI connection) and checks every
+    constraint as ``INSERT`` does, so a duplicate key still fails the transaction.
+    """
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        conn.execute(table.insert(), list(rows))
+        return
+    columns = list(rows[0])
+    buffer = io.StringIO()
+    buffer.writelines(["\t".join([_copy_value(row[c]) for c in columns]) + "\n" for row in rows])
+    buffer.seek(0)
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    statement = f'COPY "{table.name}" ({quoted}) FROM STDIN'
+    dbapi_error: type[Exception] = conn.dialect.loaded_dbapi.Error
+    cursor: Any = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.copy_expert(statement, buffer)
+    except dbapi_error as exc:
+        # a raw cursor bypasses SQLAlchemy: wrap as it would, so retries and translation see it
+        raise DBAPIError.instance(statement, None, exc, dbapi_error) from exc
+    finally:
+        cursor.close()
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_str(value: str) -> str:
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
+_COPY_FORMAT: dict[type, Any] = {
+    str: _copy_str,
+    int: str,
+    float: repr,
+    bool: lambda v: "t" if v else "f",
+    type(None): lambda _: "\\N",
+    datetime: datetime.isoformat,
+}
+
+
+def _copy_value(value: object) -> str:
+    """One value in COPY's text format (ids and hashes, the bulk of it, need no escaping)."""
+    format_ = _COPY_FORMAT.get(type(value))
+    if format_ is None:
+        return _copy_str(str(value))
+    result: str = format_(value)
+    return result
