@@ -1,11 +1,17 @@
-"""Full-text engine: one SQLite file per region with a ``docs`` table and an FTS5 table over it.
+"""Full-text engine: one SQLite file per region: a ``docs`` table and one FTS5 table per tenant.
 
-``docs`` holds each turn's ids, access fields and its embedding (float32, L2-normalised; the vector
-index is keyed by the same rowid and rebuilt from here).  Rowids are never reused (AUTOINCREMENT),
-so a stale vector snapshot can never attach an old vector to a new document.  ``fts`` holds the segmented
-prompt and response (see :mod:`.text_query`) under the same rowid.  A search joins the two and puts
-the caller's access filter in the ``WHERE`` clause, so rows of other tenants or entities never reach
-ranking, ``LIMIT`` or snippets.
+``docs`` holds each turn's ids, access fields, a short preview and its embedding (float32,
+L2-normalised; the vector index is keyed by the same rowid and rebuilt from here).  Rowids are never
+reused (AUTOINCREMENT), so a stale vector snapshot can never attach an old vector to a new document.
+
+``fts_<n>`` (``n`` from the ``tenants`` table) holds the segmented prompt and response (see
+:mod:`.text_query`) of one tenant's turns under the same rowid.  One table per tenant because bm25
+scores depend on corpus statistics (document counts, term frequencies, average length): in a shared
+table another tenant's writes would shift this tenant's scores and even its ranks, a side channel on
+their content.  Per-tenant tables make scores, ranks and counts functions of the tenant's own data;
+a search also reads only that tenant's postings.  The remaining filter (entities, time range) is in
+the ``WHERE`` clause, so disallowed rows never reach ranking, ``LIMIT`` or snippets.  (Thousands of
+tenants per region are fine; far more would call for grouping tenants into shards.)
 
 ``secure_delete`` is on: pages freed by a removal are zeroed, so erased text does not linger in the
 file.  FTS5 keeps deleted rowids in older index segments until they merge; :meth:`optimize` merges
@@ -27,7 +33,7 @@ from pathlib import Path
 from datamesh.storage.index.document import AccessFilter, IndexDocument, to_micros
 from datamesh.storage.index.text_query import TOKENIZER, desegment, segment
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     turn_id TEXT NOT NULL UNIQUE,
@@ -35,13 +41,14 @@ CREATE TABLE IF NOT EXISTS docs (
     tenant TEXT NOT NULL,
     entity_id TEXT NOT NULL,
     created_us INTEGER NOT NULL,
+    preview TEXT NOT NULL,
     embedding BLOB
 );
+CREATE TABLE IF NOT EXISTS tenants (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE INDEX IF NOT EXISTS docs_conversation ON docs(conversation_id);
 CREATE INDEX IF NOT EXISTS docs_entity ON docs(entity_id);
-CREATE INDEX IF NOT EXISTS docs_access ON docs(tenant, entity_id, created_us);
-CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(prompt, response, tokenize="{TOKENIZER}");
 """
+_FTS = f'CREATE VIRTUAL TABLE IF NOT EXISTS fts_{{n}} USING fts5(prompt, response, tokenize="{TOKENIZER}")'
 
 SNIPPET_OPEN = "["
 SNIPPET_CLOSE = "]"
@@ -80,6 +87,16 @@ class FullTextStore:
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
+        self._tenants: dict[str, int] = {name: int(n) for n, name in self._db.execute("SELECT id, name FROM tenants")}
+
+    def _table(self, db: sqlite3.Connection, tenant: str) -> str:
+        """The FTS5 table of ``tenant``, created inside the current transaction if new."""
+        n = self._tenants.get(tenant)
+        if n is None:
+            n = int(db.execute("INSERT INTO tenants(name) VALUES (?)", (tenant,)).lastrowid or 0)
+            db.execute(_FTS.format(n=n))
+            self._tenants[tenant] = n
+        return f"fts_{n}"
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -101,26 +118,27 @@ class FullTextStore:
         replaced: list[int] = []
         with self._tx() as db:
             for doc, blob in zip(docs, embeddings, strict=True):
-                old = db.execute("SELECT id FROM docs WHERE turn_id = ?", (str(doc.turn_id),)).fetchone()
+                old = db.execute("SELECT id, tenant FROM docs WHERE turn_id = ?", (str(doc.turn_id),)).fetchone()
                 if old is not None:
-                    db.execute("DELETE FROM fts WHERE rowid = ?", (old[0],))
+                    db.execute(f"DELETE FROM {self._table(db, old[1])} WHERE rowid = ?", (old[0],))
                     db.execute("DELETE FROM docs WHERE id = ?", (old[0],))
                     replaced.append(int(old[0]))
                 cur = db.execute(
-                    "INSERT INTO docs(turn_id, conversation_id, tenant, entity_id, created_us, embedding)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO docs(turn_id, conversation_id, tenant, entity_id, created_us, preview, embedding)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         str(doc.turn_id),
                         str(doc.conversation_id),
                         doc.tenant,
                         str(doc.entity_id),
                         to_micros(doc.created_at),
+                        " ".join(doc.response[: PREVIEW_CHARS * 2].split())[:PREVIEW_CHARS],
                         blob,
                     ),
                 )
                 rowid = int(cur.lastrowid or 0)
                 db.execute(
-                    "INSERT INTO fts(rowid, prompt, response) VALUES (?, ?, ?)",
+                    f"INSERT INTO {self._table(db, doc.tenant)}(rowid, prompt, response) VALUES (?, ?, ?)",
                     (rowid, segment(doc.prompt), segment(doc.response)),
                 )
                 rowids.append(rowid)
@@ -135,18 +153,22 @@ class FullTextStore:
             raise ValueError(column)
         with self._tx() as db:
             rows = db.execute(
-                f"SELECT id FROM docs WHERE {column} IN (SELECT value FROM json_each(?))",
+                f"SELECT id, tenant FROM docs WHERE {column} IN (SELECT value FROM json_each(?))",
                 (json.dumps(list(values)),),
             ).fetchall()
-            ids = [(r[0],) for r in rows]
-            db.executemany("DELETE FROM fts WHERE rowid = ?", ids)
-            db.executemany("DELETE FROM docs WHERE id = ?", ids)
+            for rowid, tenant in rows:
+                db.execute(f"DELETE FROM {self._table(db, tenant)} WHERE rowid = ?", (rowid,))
+            db.executemany("DELETE FROM docs WHERE id = ?", [(r[0],) for r in rows])
         return [int(r[0]) for r in rows]
 
     def search(self, match: str, access: AccessFilter, limit: int) -> list[TextHit]:
         """Best ``limit`` rows matching ``match`` among those ``access`` allows, by bm25."""
-        where = ["fts MATCH ?", "d.tenant = ?"]
-        params: list[object] = [SNIPPET_OPEN, SNIPPET_CLOSE, SNIPPET_TOKENS, match, access.tenant]
+        n = self._tenants.get(access.tenant)
+        if n is None:
+            return []
+        table = f"fts_{n}"
+        where = [f"{table} MATCH ?"]
+        params: list[object] = [SNIPPET_OPEN, SNIPPET_CLOSE, SNIPPET_TOKENS, match]
         entities = access.entity_strings()
         if entities is not None:
             if not entities:
@@ -161,8 +183,8 @@ class FullTextStore:
             params.append(access.until_us())
         params.append(limit)
         sql = (
-            "SELECT d.id, d.conversation_id, d.turn_id, bm25(fts) AS s, snippet(fts, -1, ?, ?, '…', ?)"
-            " FROM fts JOIN docs d ON d.id = fts.rowid"
+            f"SELECT d.id, d.conversation_id, d.turn_id, bm25({table}) AS s, snippet({table}, -1, ?, ?, '…', ?)"
+            f" FROM {table} JOIN docs d ON d.id = {table}.rowid"
             f" WHERE {' AND '.join(where)} ORDER BY s LIMIT ?"
         )
         with self._lock:
@@ -174,12 +196,10 @@ class FullTextStore:
         """``rowid -> (conversation_id, turn_id, start of the response)`` for rows that still exist."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT d.id, d.conversation_id, d.turn_id, substr(f.response, 1, ?)"
-                " FROM docs d JOIN fts f ON f.rowid = d.id"
-                " WHERE d.id IN (SELECT value FROM json_each(?))",
-                (PREVIEW_CHARS * 2, json.dumps(list(rowids))),
+                "SELECT id, conversation_id, turn_id, preview FROM docs WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(rowids)),),
             ).fetchall()
-        return {int(r[0]): (r[1], r[2], desegment(r[3])[:PREVIEW_CHARS]) for r in rows}
+        return {int(r[0]): (r[1], r[2], r[3]) for r in rows}
 
     def vector_ids(self) -> list[int]:
         """Rowids of every document that has an embedding."""
@@ -218,7 +238,8 @@ class FullTextStore:
     def optimize(self) -> None:
         """Merge FTS5 segments, dropping the postings of deleted rows, then checkpoint the WAL."""
         with self._lock:
-            self._db.execute("INSERT INTO fts(fts) VALUES ('optimize')")
+            for n in self._tenants.values():
+                self._db.execute(f"INSERT INTO fts_{n}(fts_{n}) VALUES ('optimize')")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
