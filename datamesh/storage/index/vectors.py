@@ -273,6 +273,12 @@ class VectorIndex:
         else:
             params = faiss.SearchParameters()
         params.sel = selector
-        scores, ids = self._index.search(query.reshape(1, self.dim), min(k, allowed), params=params)
+        # One query is too little work to share: OpenMP's barrier costs milliseconds on a busy machine.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            scores, ids = self._index.search(query.reshape(1, self.dim), min(k, allowed), params=params)
+        finally:
+            faiss.omp_set_num_threads(threads)
         del bitmap  # the selector points into it until the search returns
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
