@@ -162,13 +162,17 @@ class FullTextStore:
         return [int(r[0]) for r in rows]
 
     def search(self, match: str, access: AccessFilter, limit: int) -> list[TextHit]:
-        """Best ``limit`` rows matching ``match`` among those ``access`` allows, by bm25."""
+        """Best ``limit`` rows matching ``match`` among those ``access`` allows, by bm25.
+
+        Two steps: rank (joining ``docs`` only when an entity or time filter needs it), then make
+        snippets for the ``limit`` winners only; snippets are the costly part of a common word's query.
+        """
         n = self._tenants.get(access.tenant)
         if n is None:
             return []
         table = f"fts_{n}"
         where = [f"{table} MATCH ?"]
-        params: list[object] = [SNIPPET_OPEN, SNIPPET_CLOSE, SNIPPET_TOKENS, match]
+        params: list[object] = [match]
         entities = access.entity_strings()
         if entities is not None:
             if not entities:
@@ -181,16 +185,25 @@ class FullTextStore:
         if access.until is not None:
             where.append("d.created_us < ?")
             params.append(access.until_us())
-        params.append(limit)
-        sql = (
-            f"SELECT d.id, d.conversation_id, d.turn_id, bm25({table}) AS s, snippet({table}, -1, ?, ?, '…', ?)"
-            f" FROM {table} JOIN docs d ON d.id = {table}.rowid"
+        join = f" JOIN docs d ON d.id = {table}.rowid" if len(where) > 1 else ""
+        rank_sql = (
+            f"SELECT {table}.rowid, bm25({table}) AS s FROM {table}{join}"
             f" WHERE {' AND '.join(where)} ORDER BY s LIMIT ?"
         )
+        snippet_sql = (
+            f"SELECT d.id, d.conversation_id, d.turn_id, snippet({table}, -1, ?, ?, '…', ?)"
+            f" FROM {table} JOIN docs d ON d.id = {table}.rowid"
+            f" WHERE {table} MATCH ? AND {table}.rowid IN (SELECT value FROM json_each(?))"
+        )
         with self._lock:
-            rows = self._db.execute(sql, params).fetchall()
+            ranked = self._db.execute(rank_sql, [*params, limit]).fetchall()
+            if not ranked:
+                return []
+            ids = json.dumps([r[0] for r in ranked])
+            rows = self._db.execute(snippet_sql, (SNIPPET_OPEN, SNIPPET_CLOSE, SNIPPET_TOKENS, match, ids))
+            info = {int(r[0]): (r[1], r[2], desegment(r[3])) for r in rows}
         # bm25() is lower-is-better; negate so every engine's score is higher-is-better.
-        return [TextHit(r[0], r[1], r[2], -float(r[3]), desegment(r[4])) for r in rows]
+        return [TextHit(int(r[0]), *info[int(r[0])][:2], -float(r[1]), info[int(r[0])][2]) for r in ranked]
 
     def previews(self, rowids: Sequence[int]) -> dict[int, tuple[str, str, str]]:
         """``rowid -> (conversation_id, turn_id, start of the response)`` for rows that still exist."""
