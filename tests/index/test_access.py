@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamesh.core.errors import ValidationError
+from datamesh.core.errors import StorageError, ValidationError
 from datamesh.core.types import EntityId, GeoRegion
 from datamesh.storage.index import IndexConfig, RegionalIndexes, SearchIndex
 from tests.index.conftest import DIM, T0, make_doc, random_vector
@@ -125,3 +125,8 @@ def test_bad_documents_and_arguments_are_validation_errors(index: SearchIndex) -
     assert isinstance(index.search(tenant="acme").error, ValidationError)
     assert isinstance(index.search("x", tenant="acme", limit=0).error, ValidationError)
     assert isinstance(index.search(vector=(0.0,) * DIM, tenant="acme").error, ValidationError)
+
+
+def test_a_second_writer_is_refused_with_a_retryable_storage_error(index: SearchIndex) -> None:
+    second = SearchIndex.open(index.directory.parent, GeoRegion.EU_WEST, config=index.config)
+    assert isinstance(second.error, StorageError) and second.error.retryable

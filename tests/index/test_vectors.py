@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ def test_vectors_added_after_the_last_snapshot_survive_a_crash(tmp_path: Path) -
     index.add_many([later]).unwrap()
     # When the process dies without a snapshot (we just drop the object), Then reopening reconciles
     index._store.close()
+    os.close(index._lock_fd)
     reopened = SearchIndex.open(tmp_path, GeoRegion.EU_WEST, config=config).unwrap()
     assert later.embedding is not None
     assert reopened.search(vector=later.embedding, tenant="acme", limit=1).unwrap()[0].turn_id == later.turn_id

@@ -1,5 +1,9 @@
 """The index tier's facade: one :class:`SearchIndex` per region, under ``<root>/<region>/``.
 
+One process opens a region's index at a time (an exclusive ``flock`` on ``writer.lock``; a second
+open fails with a retryable ``StorageError``): the vector index lives in that process's memory.
+Methods block; call them from asyncio through ``asyncio.to_thread``.
+
 Files per region: ``text.sqlite`` (documents, access fields, embeddings, FTS5 index) and
 ``vectors.faiss`` (the vector index snapshot, rebuildable from ``text.sqlite``).  A region's index
 accepts only that region's documents (``ValidationError`` otherwise), so content never crosses
@@ -15,7 +19,9 @@ rank fusion.  Scores are higher-is-better: negated bm25 for text, cosine for vec
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence, Set
@@ -46,6 +52,7 @@ T = TypeVar("T")
 DEFAULT_DIM = 384  # all-MiniLM-L6-v2
 DEFAULT_SNAPSHOT_EVERY = 100_000
 RRF_K = 60
+LOCK_FILE = "writer.lock"
 TEXT_FILE = "text.sqlite"
 VECTOR_FILE = "vectors.faiss"
 
@@ -76,7 +83,19 @@ def _guard(operation: str, fn: Callable[[], T]) -> Result[T, StorageError]:
         retryable = isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
         return Err(StorageError("index", operation, text, retryable=retryable, cause=repr(exc)))
     except (OSError, RuntimeError, MemoryError) as exc:
-        return Err(StorageError("index", operation, str(exc) or type(exc).__name__, cause=repr(exc)))
+        busy = isinstance(exc, BlockingIOError)
+        return Err(StorageError("index", operation, str(exc) or type(exc).__name__, retryable=busy, cause=repr(exc)))
+
+
+def _take_writer_lock(path: Path) -> int:
+    """One process per regional index: its in-memory vector index is the writer's alone."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BlockingIOError(f"index {path.parent} is open in another process or object") from None
+    return fd
 
 
 def _widen(result: Result[T, StorageError]) -> Result[T, ValidationError | StorageError]:
@@ -97,9 +116,20 @@ class SearchIndex:
         self.region = region
         self.config = config
         self._lock = threading.RLock()
-        self._store = FullTextStore(directory / TEXT_FILE, synchronous=config.synchronous)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _take_writer_lock(directory / LOCK_FILE)
+        try:
+            self._store = FullTextStore(directory / TEXT_FILE, synchronous=config.synchronous)
+            self._open_vectors()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._unsaved = 0
+
+    def _open_vectors(self) -> None:
+        config = self.config
         self._vectors = VectorIndex(
-            directory / VECTOR_FILE,
+            self.directory / VECTOR_FILE,
             config.dim,
             self._store,
             train_at=config.train_at,
@@ -107,7 +137,6 @@ class SearchIndex:
             exact_below=config.exact_below,
         )
         self._vectors.open()
-        self._unsaved = 0
 
     @classmethod
     def open(
@@ -256,8 +285,11 @@ class SearchIndex:
 
     def _close(self) -> None:
         with self._lock:
-            self._vectors.save()
-            self._store.close()
+            try:
+                self._vectors.save()
+                self._store.close()
+            finally:
+                os.close(self._lock_fd)
 
 
 def _hit(conversation_id: str, turn_id: str, score: float, snippet: str) -> SearchHit:
