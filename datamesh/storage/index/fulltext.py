@@ -1,0 +1,260 @@
+"""Full-text engine: one SQLite file per region: a ``docs`` table and one FTS5 table per tenant.
+
+``docs`` holds each turn's ids, access fields, a short preview and its embedding (float32,
+L2-normalised; the vector index is keyed by the same rowid and rebuilt from here).  Rowids are never
+reused (AUTOINCREMENT), so a stale vector snapshot can never attach an old vector to a new document.
+
+``fts_<n>`` (``n`` from the ``tenants`` table) holds the segmented prompt and response (see
+:mod:`.text_query`) of one tenant's turns under the same rowid.  One table per tenant because bm25
+scores depend on corpus statistics (document counts, term frequencies, average length): in a shared
+table another tenant's writes would shift this tenant's scores and even its ranks, a side channel on
+their content.  Per-tenant tables make scores, ranks and counts functions of the tenant's own data;
+a search also reads only that tenant's postings.  The remaining filter (entities, time range) is in
+the ``WHERE`` clause, so disallowed rows never reach ranking, ``LIMIT`` or snippets.  (Thousands of
+tenants per region are fine; far more would call for grouping tenants into shards.)
+
+``secure_delete`` is on: pages freed by a removal are zeroed, so erased text does not linger in the
+file.  FTS5 keeps deleted rowids in older index segments until they merge; :meth:`optimize` merges
+them all (see ``SearchIndex.compact``).
+
+Raises ``sqlite3.Error``; the facade translates it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from datamesh.storage.index.document import AccessFilter, IndexDocument, to_micros
+from datamesh.storage.index.text_query import TOKENIZER, desegment, segment
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    turn_id TEXT NOT NULL UNIQUE,
+    conversation_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    entity_id TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    preview TEXT NOT NULL,
+    embedding BLOB
+);
+CREATE TABLE IF NOT EXISTS tenants (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE INDEX IF NOT EXISTS docs_conversation ON docs(conversation_id);
+CREATE INDEX IF NOT EXISTS docs_entity ON docs(entity_id);
+"""
+_FTS = f'CREATE VIRTUAL TABLE IF NOT EXISTS fts_{{n}} USING fts5(prompt, response, tokenize="{TOKENIZER}")'
+
+SNIPPET_OPEN = "["
+SNIPPET_CLOSE = "]"
+SNIPPET_TOKENS = 16
+PREVIEW_CHARS = 160
+
+
+@dataclass(frozen=True, slots=True)
+class TextHit:
+    rowid: int
+    conversation_id: str
+    turn_id: str
+    score: float
+    snippet: str
+
+
+@dataclass(frozen=True, slots=True)
+class VectorRow:
+    """A document with an embedding: its rowid (the vector id), access fields and vector bytes."""
+
+    rowid: int
+    tenant: str
+    entity_id: str
+    created_us: int
+    embedding: bytes
+
+
+class FullTextStore:
+    """The per-region SQLite file: documents, their access fields, embeddings and the FTS5 index."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.executescript(_SCHEMA)
+        self._tenants: dict[str, int] = {name: int(n) for n, name in self._db.execute("SELECT id, name FROM tenants")}
+
+    def _table(self, db: sqlite3.Connection, tenant: str) -> str:
+        """The FTS5 table of ``tenant``, created inside the current transaction if new."""
+        n = self._tenants.get(tenant)
+        if n is None:
+            n = int(db.execute("INSERT INTO tenants(name) VALUES (?)", (tenant,)).lastrowid or 0)
+            db.execute(_FTS.format(n=n))
+            self._tenants[tenant] = n
+        return f"fts_{n}"
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def upsert(self, docs: Sequence[IndexDocument], embeddings: Sequence[bytes | None]) -> tuple[list[int], list[int]]:
+        """Insert or replace ``docs`` (keyed by turn id) in one transaction.
+
+        Returns the new rowids (in order) and the rowids of replaced documents.
+        """
+        rowids: list[int] = []
+        replaced: list[int] = []
+        with self._tx() as db:
+            for doc, blob in zip(docs, embeddings, strict=True):
+                old = db.execute("SELECT id, tenant FROM docs WHERE turn_id = ?", (str(doc.turn_id),)).fetchone()
+                if old is not None:
+                    db.execute(f"DELETE FROM {self._table(db, old[1])} WHERE rowid = ?", (old[0],))
+                    db.execute("DELETE FROM docs WHERE id = ?", (old[0],))
+                    replaced.append(int(old[0]))
+                cur = db.execute(
+                    "INSERT INTO docs(turn_id, conversation_id, tenant, entity_id, created_us, preview, embedding)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        str(doc.turn_id),
+                        str(doc.conversation_id),
+                        doc.tenant,
+                        str(doc.entity_id),
+                        to_micros(doc.created_at),
+                        " ".join(doc.response[: PREVIEW_CHARS * 2].split())[:PREVIEW_CHARS],
+                        blob,
+                    ),
+                )
+                rowid = int(cur.lastrowid or 0)
+                db.execute(
+                    f"INSERT INTO {self._table(db, doc.tenant)}(rowid, prompt, response) VALUES (?, ?, ?)",
+                    (rowid, segment(doc.prompt), segment(doc.response)),
+                )
+                rowids.append(rowid)
+        return rowids, replaced
+
+    def delete_where(self, column: str, values: Sequence[str]) -> list[int]:
+        """Delete every document whose ``column`` (conversation_id or entity_id) is in ``values``.
+
+        Returns the rowids deleted.
+        """
+        if column not in ("conversation_id", "entity_id"):
+            raise ValueError(column)
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT id, tenant FROM docs WHERE {column} IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(values)),),
+            ).fetchall()
+            for rowid, tenant in rows:
+                db.execute(f"DELETE FROM {self._table(db, tenant)} WHERE rowid = ?", (rowid,))
+            db.executemany("DELETE FROM docs WHERE id = ?", [(r[0],) for r in rows])
+        return [int(r[0]) for r in rows]
+
+    def search(self, match: str, access: AccessFilter, limit: int) -> list[TextHit]:
+        """Best ``limit`` rows matching ``match`` among those ``access`` allows, by bm25.
+
+        Two steps: rank (joining ``docs`` only when an entity or time filter needs it), then make
+        snippets for the ``limit`` winners only; snippets are the costly part of a common word's query.
+        """
+        n = self._tenants.get(access.tenant)
+        if n is None:
+            return []
+        table = f"fts_{n}"
+        where = [f"{table} MATCH ?"]
+        params: list[object] = [match]
+        entities = access.entity_strings()
+        if entities is not None:
+            if not entities:
+                return []
+            where.append("d.entity_id IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(entities))
+        if access.since is not None:
+            where.append("d.created_us >= ?")
+            params.append(access.since_us())
+        if access.until is not None:
+            where.append("d.created_us < ?")
+            params.append(access.until_us())
+        join = f" JOIN docs d ON d.id = {table}.rowid" if len(where) > 1 else ""
+        rank_sql = (
+            f"SELECT {table}.rowid, bm25({table}) AS s FROM {table}{join}"
+            f" WHERE {' AND '.join(where)} ORDER BY s LIMIT ?"
+        )
+        snippet_sql = (
+            f"SELECT d.id, d.conversation_id, d.turn_id, snippet({table}, -1, ?, ?, '…', ?)"
+            f" FROM {table} JOIN docs d ON d.id = {table}.rowid"
+            f" WHERE {table} MATCH ? AND {table}.rowid IN (SELECT value FROM json_each(?))"
+        )
+        with self._lock:
+            ranked = self._db.execute(rank_sql, [*params, limit]).fetchall()
+            if not ranked:
+                return []
+            ids = json.dumps([r[0] for r in ranked])
+            rows = self._db.execute(snippet_sql, (SNIPPET_OPEN, SNIPPET_CLOSE, SNIPPET_TOKENS, match, ids))
+            info = {int(r[0]): (r[1], r[2], desegment(r[3])) for r in rows}
+        # bm25() is lower-is-better; negate so every engine's score is higher-is-better.
+        return [TextHit(int(r[0]), *info[int(r[0])][:2], -float(r[1]), info[int(r[0])][2]) for r in ranked]
+
+    def previews(self, rowids: Sequence[int]) -> dict[int, tuple[str, str, str]]:
+        """``rowid -> (conversation_id, turn_id, start of the response)`` for rows that still exist."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, conversation_id, turn_id, preview FROM docs WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(rowids)),),
+            ).fetchall()
+        return {int(r[0]): (r[1], r[2], r[3]) for r in rows}
+
+    def vector_ids(self) -> list[int]:
+        """Rowids of every document that has an embedding."""
+        with self._lock:
+            return [int(r[0]) for r in self._db.execute("SELECT id FROM docs WHERE embedding IS NOT NULL")]
+
+    def vector_rows(self, *, with_vectors: bool = True, batch: int = 20_000) -> Iterator[list[VectorRow]]:
+        """Every document with an embedding, in rowid order, in batches (``embedding`` empty unless asked)."""
+        after = -1
+        column = "embedding" if with_vectors else "x''"
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT id, tenant, entity_id, created_us, {column} FROM docs"
+                    " WHERE id > ? AND embedding IS NOT NULL ORDER BY id LIMIT ?",
+                    (after, batch),
+                ).fetchall()
+            if not rows:
+                return
+            yield [VectorRow(int(r[0]), r[1], r[2], int(r[3]), bytes(r[4])) for r in rows]
+            after = int(rows[-1][0])
+
+    def vector_rows_by_id(self, rowids: Sequence[int]) -> list[VectorRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, tenant, entity_id, created_us, embedding FROM docs"
+                " WHERE id IN (SELECT value FROM json_each(?)) AND embedding IS NOT NULL ORDER BY id",
+                (json.dumps(list(rowids)),),
+            ).fetchall()
+        return [VectorRow(int(r[0]), r[1], r[2], int(r[3]), bytes(r[4])) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0])
+
+    def optimize(self) -> None:
+        """Merge FTS5 segments, dropping the postings of deleted rows, then checkpoint the WAL."""
+        with self._lock:
+            for n in self._tenants.values():
+                self._db.execute(f"INSERT INTO fts_{n}(fts_{n}) VALUES ('optimize')")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
