@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from datamesh.gateway.errors import error_response
 from datamesh.gateway.metrics import GatewayMetrics
 from datamesh.gateway.schemas import ErrorBody
-from datamesh.observability import context
+from datamesh.observability import context, tracing
 
 log = logging.getLogger("datamesh.gateway")
 access_log = logging.getLogger("datamesh.gateway.access")
@@ -52,6 +52,13 @@ class GatewayMiddleware:
             await send(message)
 
         self.metrics.in_flight.inc()
+        # the OpenTelemetry span joins the trace the request context carries (continued or started above)
+        span = tracing.continued(
+            {"traceparent": ctx.traceparent},
+            f"http {scope.get('method', '')}",
+            **{"http.method": scope.get("method", "")},
+        )
+        span.__enter__()
         try:
             body = await self._read_body(scope, receive, headers)
             if body is None:
@@ -80,6 +87,9 @@ class GatewayMiddleware:
             access_log.info(
                 "%s %s %d %.1fms", method, scope.get("path"), status[0], elapsed * 1000, extra={"route": route}
             )
+            if status[0] >= 500:
+                tracing.set_error(f"HTTP {status[0]}")
+            span.__exit__(None, None, None)  # the span's name stays generic: raw paths are unbounded
             context.end(token)
 
     async def _read_body(self, scope: Scope, receive: Receive, headers: dict[str, str]) -> bytes | None:

@@ -14,6 +14,7 @@ from datamesh.core.result import Err
 from datamesh.gateway.metrics import CONTENT_TYPE
 from datamesh.gateway.schemas import Health
 from datamesh.gateway.state import gateway_of
+from datamesh.observability import metrics as pipeline_metrics
 
 router = APIRouter(tags=["operations"])
 
@@ -49,4 +50,6 @@ async def readyz(request: Request) -> JSONResponse:
     summary="Prometheus metrics",
 )
 async def metrics(request: Request) -> Response:
-    return Response(gateway_of(request).metrics.render(), media_type=CONTENT_TYPE)
+    # the gateway's HTTP metrics, then the pipeline's and tiers' (ingest ledger, saga steps, tier calls)
+    body = gateway_of(request).metrics.render() + pipeline_metrics.render()
+    return Response(body, media_type=CONTENT_TYPE)
