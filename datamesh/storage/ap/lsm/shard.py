@@ -1,0 +1,557 @@
+"""``LsmShard``: a shard engine with a log and memtable in front of sorted SQLite runs.
+
+Write path: ``put_many`` encodes the batch once, appends it to the log as one checksummed record
+and applies it to the memtable, both under the shard lock (so log order is apply order and a batch
+is visible whole or not at all), then makes the record durable outside the lock (group commit, see
+:mod:`~datamesh.storage.ap.lsm.log`).  A full memtable is frozen and a new log started; a
+background *flusher* thread writes frozen memtables into tier-0 runs, and a background *compactor*
+thread merges runs (:mod:`~datamesh.storage.ap.lsm.compaction`).  Writers stall only when
+``max_immutable`` frozen memtables wait for the flusher: the stall is bounded by one memtable flush
+(compaction never blocks writers) and is counted in :meth:`LsmShard.stats`.
+
+Read path: memtable, frozen memtables, then runs newest first (each skipped by key range and key
+filter).  A read pins the runs it needs (reference counts), so a compaction that replaces them
+meanwhile deletes the files only after the read: scans see one consistent snapshot.
+
+Readers in other processes open the shard with ``readonly=True``: they read flushed runs directly
+(``immutable=1`` SQLite handles, no lock) and reload the manifest when its generation changes.
+They do not see the writer's memtable: the writer flushes a non-empty memtable at least every
+``flush_interval_s``, which bounds how stale such a reader is (the owner sees its writes at once).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from datamesh.storage.ap.base import ShardEngine, ShardError
+from datamesh.storage.ap.lsm.compaction import merge_blocks, pick_compaction
+from datamesh.storage.ap.lsm.format import FormatError, Value, encode_entries, encode_puts
+from datamesh.storage.ap.lsm.log import HEADER, FsyncPolicy, LogWriter
+from datamesh.storage.ap.lsm.manifest import Manifest, RunMeta, load_manifest, save_manifest
+from datamesh.storage.ap.lsm.memtable import MISSING, Memtable
+from datamesh.storage.ap.lsm.recovery import file_path, recover, remove_obsolete_logs
+from datamesh.storage.ap.lsm.run import Block, Run, RunWriter, iter_blocks
+from datamesh.storage.ap.lsm.stats import LOG_SUFFIX, RUN_SUFFIX, LsmStats, build_stats
+from datamesh.storage.ap.sqlite_shard import _prefix_upper_bound, _take_writer_lock
+
+DEFAULT_MEMTABLE_BYTES = 64 * 1024 * 1024
+"""Key+value bytes buffered before a flush: bigger means fewer, larger runs and less compaction."""
+DEFAULT_MAX_IMMUTABLE = 2
+"""Frozen memtables allowed to wait for the flusher before writers stall."""
+DEFAULT_BLOCK_ENTRIES = 256
+"""Entries packed per SQLite row of a run (a point lookup decodes one block)."""
+DEFAULT_TIER_FANOUT = 4
+"""Runs of one tier merged together into one run of the next."""
+DEFAULT_FSYNC = FsyncPolicy.ALWAYS
+DEFAULT_FSYNC_INTERVAL_S = 0.05
+DEFAULT_FLUSH_INTERVAL_S = 2.0
+"""A non-empty memtable older than this is flushed, bounding staleness for other processes."""
+_MERGE_CHUNK = 65536
+
+
+class LsmShard(ShardEngine):
+    """One shard directory (``<path>/``): ``MANIFEST``, ``NNNNNNNN.log`` files and ``NNNNNNNN.sqlite3`` runs."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        readonly: bool = False,
+        memtable_bytes: int = DEFAULT_MEMTABLE_BYTES,
+        max_immutable: int = DEFAULT_MAX_IMMUTABLE,
+        block_entries: int = DEFAULT_BLOCK_ENTRIES,
+        tier_fanout: int = DEFAULT_TIER_FANOUT,
+        fsync: FsyncPolicy = DEFAULT_FSYNC,
+        fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
+        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+        background: bool = True,
+    ) -> None:
+        if memtable_bytes < 1 or max_immutable < 1 or block_entries < 1 or tier_fanout < 2:
+            raise ValueError("memtable_bytes, max_immutable, block_entries >= 1 and tier_fanout >= 2 required")
+        self.path = Path(path)
+        self.readonly = readonly
+        self._memtable_limit = memtable_bytes
+        self._max_immutable = max_immutable
+        self._block_entries = block_entries
+        self._fanout = tier_fanout
+        self._fsync = fsync
+        self._fsync_interval = fsync_interval_s
+        self._flush_interval = flush_interval_s
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+        self._closing = False
+        self._background_error: BaseException | None = None
+        self._compacting = False
+        self._stalls = 0
+        self._stall_total = 0.0
+        self._stall_max = 0.0
+        self._lock_fd: int | None = None
+        self._runs: list[tuple[RunMeta, Run]] = []  # newest first
+        self._immutables: list[Memtable] = []  # newest first
+        self._threads: list[threading.Thread] = []
+        self._manifest_stat: tuple[int, int] = (0, 0)
+        if readonly:
+            self._manifest = Manifest()
+            self._mem = Memtable(0)
+            self._refresh_readonly()
+            self.last_recovery: dict[str, int | str] = {}
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _take_writer_lock(self.path)
+        try:
+            state = recover(self.path, block_entries=block_entries)
+        except BaseException:
+            self._release_writer_lock()
+            raise
+        self._manifest = state.manifest
+        self._runs = [(meta, Run(file_path(self.path, meta.name))) for meta in state.manifest.runs]
+        self._runs.sort(key=lambda pair: pair[0].max_seq, reverse=True)
+        self._seq = state.manifest.last_seq
+        self.last_recovery = state.report
+        self._mem = Memtable(state.log_number)
+        self._log = LogWriter(self._log_path(state.log_number), policy=fsync, fsync_interval_s=fsync_interval_s)
+        if background:
+            for target, name in ((self._flush_loop, "flusher"), (self._compact_loop, "compactor")):
+                thread = threading.Thread(target=target, name=f"lsm-{name}-{self.path.name}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        if not items:
+            return
+        payload, keys, values = encode_puts(items)
+        self._write(payload, keys, values)
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        if not keys:
+            return 0
+        existed = len(self.get_many(keys))
+        unique = list(dict.fromkeys(keys))
+        tombstones: list[Value] = [None] * len(unique)
+        self._write(encode_entries(unique, tombstones), unique, tombstones)
+        return existed
+
+    def _write(self, payload: bytes, keys: list[bytes], values: Sequence[Value]) -> None:
+        self._require_writer()
+        with self._lock:
+            self._check_usable()
+            if self._mem.approx_bytes >= self._memtable_limit:
+                self._freeze_locked(stall=True)
+            self._seq += 1
+            sequence = self._seq
+            log = self._log
+            log.append(sequence, payload)
+            self._mem.apply(keys, values, sequence, len(payload))
+            counters = self._manifest.counters
+            counters.user_bytes += len(payload)
+            counters.log_bytes += len(payload) + HEADER.size
+        log.sync(sequence)
+        if not self._threads:
+            self._drain_inline()
+
+    def _drain_inline(self) -> None:
+        """Without background threads (tests, tools): flush frozen memtables in the caller."""
+        while self._immutables:
+            self._flush_oldest()
+
+    def _freeze_locked(self, *, stall: bool) -> None:
+        """Make the memtable immutable and start a new log; stall while too many wait for the flusher."""
+        if stall and self._threads:
+            started = time.monotonic()
+            stalled = False
+            while len(self._immutables) >= self._max_immutable and self._background_error is None:
+                stalled = True
+                self._cond.wait(1.0)
+            if stalled:
+                waited = time.monotonic() - started
+                self._stalls += 1
+                self._stall_total += waited
+                self._stall_max = max(self._stall_max, waited)
+            self._check_usable()
+        number = self._alloc_file()
+        old_log = self._log
+        self._log = LogWriter(self._log_path(number), policy=self._fsync, fsync_interval_s=self._fsync_interval)
+        old_log.close()
+        self._immutables.insert(0, self._mem)
+        self._mem = Memtable(number)
+        self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Freeze the memtable and wait until every frozen memtable is a run (readers then see it)."""
+        self._require_writer()
+        with self._lock:
+            self._check_usable()
+            if len(self._mem):
+                self._freeze_locked(stall=False)
+            while self._immutables and self._threads:
+                self._check_usable()
+                self._cond.wait(1.0)
+        if not self._threads:
+            self._drain_inline()
+        self._check_usable()
+
+    def wait_for_compactions(self, timeout: float | None = None) -> bool:
+        """Block until no merge is due or running; False on timeout.  Without threads, compact inline."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._threads:
+            while self._compact_once():
+                pass
+            return True
+        with self._lock:
+            while self._compacting or pick_compaction(self._manifest.runs, self._fanout) is not None:
+                self._check_usable()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(1.0 if remaining is None else min(remaining, 1.0))
+        return True
+
+    # -- background work ------------------------------------------------------------------------
+
+    def _flush_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._immutables and not self._closing:
+                        aged = time.monotonic() - self._mem.created >= self._flush_interval
+                        if len(self._mem) and aged:
+                            self._freeze_locked(stall=False)
+                            break
+                        self._cond.wait(self._flush_interval / 4)
+                    if self._closing and not self._immutables:
+                        return
+                self._flush_oldest()
+        except BaseException as exc:  # noqa: BLE001 - kept and re-raised to writers as ShardError
+            self._fail(exc)
+
+    def _flush_oldest(self) -> None:
+        with self._lock:
+            if not self._immutables:
+                return
+            memtable = self._immutables[-1]
+            number = self._alloc_file()
+        entries = memtable.entries
+        keys = sorted(entries)
+        values = list(map(entries.__getitem__, keys))
+        path = self._run_path(number)
+        writer = RunWriter(path, block_entries=self._block_entries)
+        try:
+            for start in range(0, len(keys), _MERGE_CHUNK):
+                writer.add(keys[start : start + _MERGE_CHUNK], values[start : start + _MERGE_CHUNK])
+            summary = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        meta = RunMeta(
+            name=path.name,
+            level=0,
+            max_seq=memtable.max_seq,
+            entries=summary.entries,
+            tombstones=summary.tombstones,
+            payload_bytes=summary.payload_bytes,
+            file_bytes=summary.file_bytes,
+        )
+        run = Run(path)
+        with self._lock:
+            self._immutables.remove(memtable)
+            self._install_locked(added=[(meta, run)], removed=[])
+            counters = self._manifest.counters
+            counters.flush_bytes += summary.file_bytes
+            counters.flushes += 1
+            oldest = self._immutables[-1] if self._immutables else self._mem
+            self._manifest.min_log = oldest.log_number
+            self._manifest.last_seq = max(self._manifest.last_seq, memtable.max_seq)
+            save_manifest(self.path, self._manifest)
+            self._cond.notify_all()
+        remove_obsolete_logs(self.path, self._manifest.min_log)
+
+    def _compact_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._closing and pick_compaction(self._manifest.runs, self._fanout) is None:
+                        self._cond.wait(1.0)
+                    if self._closing:
+                        return
+                self._compact_once()
+        except BaseException as exc:  # noqa: BLE001 - kept and re-raised to writers as ShardError
+            self._fail(exc)
+
+    def _compact_once(self) -> bool:
+        """Merge one due tier into a run of the next; False if nothing was due (or closing)."""
+        with self._lock:
+            picked = pick_compaction(self._manifest.runs, self._fanout)
+            if picked is None or self._closing:
+                return False
+            level, inputs = picked
+            names = {meta.name for meta in inputs}
+            pairs = [pair for pair in self._runs if pair[0].name in names]
+            drop_tombstones = all(meta.level <= level for meta in self._manifest.runs)
+            number = self._alloc_file()
+            self._compacting = True
+        try:
+            return self._merge(level, pairs, number, drop_tombstones=drop_tombstones)
+        finally:
+            with self._lock:
+                self._compacting = False
+                self._cond.notify_all()
+
+    def _merge(self, level: int, pairs: list[tuple[RunMeta, Run]], number: int, *, drop_tombstones: bool) -> bool:
+        path = self._run_path(number)
+        writer = RunWriter(path, block_entries=self._block_entries)
+        try:
+            streams = [iter_blocks(run.path) for _, run in pairs]
+            for keys, values in merge_blocks(streams, drop_tombstones=drop_tombstones):
+                if self._closing:
+                    writer.abort()
+                    return False
+                writer.add(keys, values)
+            summary = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        added: list[tuple[RunMeta, Run]] = []
+        if summary.entries:
+            meta = RunMeta(
+                name=path.name,
+                level=level + 1,
+                max_seq=max(meta.max_seq for meta, _ in pairs),
+                entries=summary.entries,
+                tombstones=summary.tombstones,
+                payload_bytes=summary.payload_bytes,
+                file_bytes=summary.file_bytes,
+            )
+            added.append((meta, Run(path)))
+        else:
+            path.unlink(missing_ok=True)
+        with self._lock:
+            self._install_locked(added=added, removed=pairs)
+            counters = self._manifest.counters
+            counters.compaction_bytes_read += sum(meta.file_bytes for meta, _ in pairs)
+            counters.compaction_bytes_written += summary.file_bytes
+            counters.compactions += 1
+            save_manifest(self.path, self._manifest)
+        for _, run in pairs:
+            run.retire(delete=True)
+        return True
+
+    def _install_locked(self, *, added: list[tuple[RunMeta, Run]], removed: list[tuple[RunMeta, Run]]) -> None:
+        gone = {meta.name for meta, _ in removed}
+        self._runs = [pair for pair in self._runs if pair[0].name not in gone] + added
+        self._runs.sort(key=lambda pair: pair[0].max_seq, reverse=True)
+        self._manifest.runs = [meta for meta, _ in self._runs]
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._background_error = exc
+            self._cond.notify_all()
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _snapshot(self) -> tuple[list[Memtable], list[Run]]:
+        """Memtables newest first and pinned runs newest first; call under the lock."""
+        runs = [run for _, run in self._runs]
+        for run in runs:
+            run.acquire()
+        return [self._mem, *self._immutables], runs
+
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
+        self._refresh_readonly()
+        found: dict[bytes, bytes] = {}
+        pending: list[bytes] = []
+        with self._lock:
+            self._check_open()
+            memtables, runs = self._snapshot()
+            for key in keys:
+                value: Value | object = MISSING
+                for memtable in memtables:
+                    value = memtable.get(key)
+                    if value is not MISSING:
+                        break
+                if value is MISSING:
+                    pending.append(key)
+                elif isinstance(value, bytes):
+                    found[key] = value
+        try:
+            for key in pending:
+                for run in runs:
+                    value = run.get(key)
+                    if value is not MISSING:
+                        if isinstance(value, bytes):
+                            found[key] = value
+                        break
+        except FormatError as exc:
+            raise ShardError(f"corrupt run in {self.path}: {exc}") from exc
+        finally:
+            for run in runs:
+                run.release()
+        return found
+
+    def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        self._refresh_readonly()
+        upper = _prefix_upper_bound(prefix)
+        merged: dict[bytes, Value] = {}
+        with self._lock:
+            self._check_open()
+            memtables, runs = self._snapshot()
+            for memtable in memtables:
+                for key, value in memtable.range_items(prefix, upper):
+                    merged.setdefault(key, value)
+        try:
+            for run in runs:
+                for key, value in run.range_items(prefix, upper):
+                    merged.setdefault(key, value)
+        except FormatError as exc:
+            raise ShardError(f"corrupt run in {self.path}: {exc}") from exc
+        finally:
+            for run in runs:
+                run.release()
+        live = [(key, value) for key, value in sorted(merged.items()) if value is not None]
+        return iter(live if limit is None else live[:limit])
+
+    def iter_all(self) -> Iterator[Block]:
+        """Every live entry in key order, in chunks, from a snapshot (streams; for counts and dumps)."""
+        self._refresh_readonly()
+        with self._lock:
+            self._check_open()
+            memtables, runs = self._snapshot()
+            streams: list[Iterator[Block]] = []
+            for memtable in memtables:
+                items = memtable.range_items(b"", None)
+                streams.append(iter([([k for k, _ in items], [v for _, v in items])]) if items else iter(()))
+        try:
+            streams.extend(iter_blocks(run.path) for run in runs)
+            yield from merge_blocks(streams, drop_tombstones=True)
+        finally:
+            for run in runs:
+                run.release()
+
+    def count(self) -> int:
+        return sum(len(keys) for keys, _ in self.iter_all())
+
+    # -- lifecycle and introspection ------------------------------------------------------------
+
+    def stats(self) -> LsmStats:
+        self._refresh_readonly()
+        with self._lock:
+            memtables = [self._mem, *self._immutables]
+            log_bytes = sum(p.stat().st_size for p in self.path.glob(f"*{LOG_SUFFIX}")) if self.path.exists() else 0
+            return build_stats(
+                self.path,
+                self._manifest,
+                fanout=self._fanout,
+                memtable_bytes=sum(m.approx_bytes for m in memtables),
+                memtable_entries=sum(len(m) for m in memtables),
+                immutable_memtables=len(self._immutables),
+                log_bytes=log_bytes,
+                compacting=self._compacting,
+                stalls=self._stalls,
+                stall_seconds_total=self._stall_total,
+                stall_seconds_max=self._stall_max,
+                last_recovery=self.last_recovery,
+            )
+
+    def close(self) -> None:
+        """Stop background work, flush the memtable into a run (so readers see it), release the lock."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+        try:
+            if not self.readonly and self._background_error is None:
+                with self._lock:
+                    if len(self._mem):
+                        self._freeze_locked(stall=False)
+                self._drain_inline()
+        finally:
+            with self._lock:
+                self._closed = True
+                if not self.readonly:
+                    self._log.close()
+                for _, run in self._runs:
+                    run.release()
+                self._runs = []
+            self._release_writer_lock()
+
+    def _refresh_readonly(self) -> None:
+        """In a reader: reopen the runs named by a changed manifest (retrying across compactions)."""
+        if not self.readonly:
+            return
+        manifest_path = self.path / "MANIFEST"
+        for _attempt in range(10):
+            try:
+                stat = manifest_path.stat()
+            except FileNotFoundError:
+                return
+            if (stat.st_mtime_ns, stat.st_ino) == self._manifest_stat:
+                return
+            manifest = load_manifest(self.path)
+            if manifest is None:
+                return
+            current = {meta.name: run for meta, run in self._runs}
+            opened: list[tuple[RunMeta, Run]] = []
+            try:
+                for meta in manifest.runs:
+                    opened.append((meta, current.get(meta.name) or Run(file_path(self.path, meta.name))))
+            except (OSError, sqlite3.Error, FormatError):  # a run was compacted away meanwhile: retry
+                for meta, run in opened:
+                    if meta.name not in current:
+                        run.release()
+                time.sleep(0.01)
+                continue
+            with self._lock:
+                kept = {meta.name for meta, _ in opened}
+                for name, run in current.items():
+                    if name not in kept:
+                        run.retire(delete=False)
+                self._runs = sorted(opened, key=lambda pair: pair[0].max_seq, reverse=True)
+                self._manifest = manifest
+                self._manifest_stat = (stat.st_mtime_ns, stat.st_ino)
+            return
+        raise ShardError(f"shard {self.path}: manifest kept changing while opening runs", retryable=True)
+
+    def _alloc_file(self) -> int:
+        number = self._manifest.next_file
+        self._manifest.next_file += 1
+        return number
+
+    def _log_path(self, number: int) -> Path:
+        return self.path / f"{number:08d}{LOG_SUFFIX}"
+
+    def _run_path(self, number: int) -> Path:
+        return self.path / f"{number:08d}{RUN_SUFFIX}"
+
+    def _require_writer(self) -> None:
+        if self.readonly:
+            raise ShardError(f"shard {self.path} is open read-only")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShardError(f"shard {self.path} is closed")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if self._background_error is not None:
+            raise ShardError(f"shard {self.path} background work failed: {self._background_error!r}")
+
+    def _release_writer_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def lsm_engine(path: Path) -> ShardEngine:
+    """An ``EngineFactory`` for :class:`~datamesh.storage.ap.store.ContentStore`: ``<path>.lsm/``."""
+    return LsmShard(path.with_suffix(".lsm"))
