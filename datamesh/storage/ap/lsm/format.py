@@ -94,3 +94,36 @@ def decode_entries(buf: bytes) -> tuple[list[bytes], list[Value]]:
             if flag:
                 values[index] = None
     return keys, values
+
+
+def find_entry(buf: bytes, key: bytes) -> tuple[bool, Value]:
+    """Look one key up in an encoded batch whose keys are sorted, decoding only what it must.
+
+    A point lookup needs one entry of a block: a binary search over key slices costs ~log2(n)
+    slices instead of materialising every key and value.  Returns ``(found, value)``.
+    """
+    (n,) = _COUNT.unpack_from(buf, 0)
+    flags_end = 4 + n
+    lens_end = flags_end + 8 * n
+    key_lens = array("I")
+    key_lens.frombytes(buf[flags_end : flags_end + 4 * n])
+    if _BIG_ENDIAN:  # pragma: no cover
+        key_lens.byteswap()
+    offsets = list(accumulate(key_lens, initial=lens_end))
+    low, high = 0, n
+    while low < high:
+        middle = (low + high) // 2
+        if buf[offsets[middle] : offsets[middle + 1]] < key:
+            low = middle + 1
+        else:
+            high = middle
+    if low == n or buf[offsets[low] : offsets[low + 1]] != key:
+        return False, None
+    if buf[4 + low]:
+        return True, None
+    value_lens = array("I")
+    value_lens.frombytes(buf[flags_end + 4 * n : lens_end])
+    if _BIG_ENDIAN:  # pragma: no cover
+        value_lens.byteswap()
+    start = offsets[-1] + sum(value_lens[:low])
+    return True, buf[start : start + value_lens[low]]

@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datamesh.storage.ap.lsm.filter import KeyFilter
-from datamesh.storage.ap.lsm.format import FormatError, Value, decode_entries, encode_entries
+from datamesh.storage.ap.lsm.format import FormatError, Value, decode_entries, encode_entries, find_entry
 from datamesh.storage.ap.lsm.memtable import MISSING
 
 FORMAT_VERSION = 1
+PAGE_SIZE = 65536  # the largest SQLite page: a block of a few dozen KiB sits in one or two pages
+MMAP_BYTES = 1 << 30  # readers map runs into memory: a block read is a memcpy, not a read syscall
 _SCHEMA = (
     "CREATE TABLE blocks(first_key BLOB PRIMARY KEY, last_key BLOB NOT NULL, n INTEGER NOT NULL,"
     " crc INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID",
@@ -63,9 +65,12 @@ class RunWriter:
         self.path = path
         self._block_entries = block_entries
         self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA page_size=16384")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # Built without a journal: until the manifest names it the file is scratch (recovery deletes
+        # it), so a rollback journal or WAL would only write every page twice.  ``finish`` switches
+        # the finished file to WAL mode, which is recorded in its header.
+        self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
         for statement in _SCHEMA:
             self._db.execute(statement)
         self._db.execute("BEGIN")
@@ -89,7 +94,7 @@ class RunWriter:
         self._fingerprints.extend(map(zlib.crc32, keys))
         self._entries += len(keys)
         self._tombstones += values.count(None)
-        self._payload += sum(map(len, keys)) + sum(len(v) for v in values if v is not None)
+        self._payload += sum(map(len, keys)) + sum(map(len, filter(None, values)))
         if len(self._keys) >= self._block_entries:
             self._emit(final=False)
 
@@ -120,7 +125,7 @@ class RunWriter:
         }
         self._db.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
         self._db.execute("COMMIT")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.execute("PRAGMA journal_mode=WAL")
         self._db.close()
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -144,7 +149,9 @@ class RunWriter:
 
 def _connect_immutable(path: Path) -> sqlite3.Connection:
     uri = path.resolve().as_uri() + "?mode=ro&immutable=1"
-    return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    db.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
+    return db
 
 
 def _decode_block(data: bytes, crc: int, where: str) -> Block:
@@ -180,11 +187,11 @@ class Run:
             return MISSING
         with self._lock:
             row = self._db.execute("SELECT data, crc FROM blocks WHERE first_key = ?", (self.index[slot],)).fetchone()
-        keys, values = _decode_block(row[0], row[1], str(self.path))
-        at = bisect_left(keys, key)
-        if at < len(keys) and keys[at] == key:
-            return values[at]
-        return MISSING
+        data, crc = row
+        if zlib.crc32(data) != crc:
+            raise FormatError(f"block checksum mismatch in {self.path}")
+        found, value = find_entry(data, key)
+        return value if found else MISSING
 
     def range_items(self, low: bytes, high: bytes | None) -> list[tuple[bytes, Value]]:
         """Entries with ``low <= key < high`` in key order (tombstones included)."""

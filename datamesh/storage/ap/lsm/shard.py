@@ -43,7 +43,7 @@ DEFAULT_MEMTABLE_BYTES = 64 * 1024 * 1024
 """Key+value bytes buffered before a flush: bigger means fewer, larger runs and less compaction."""
 DEFAULT_MAX_IMMUTABLE = 2
 """Frozen memtables allowed to wait for the flusher before writers stall."""
-DEFAULT_BLOCK_ENTRIES = 256
+DEFAULT_BLOCK_ENTRIES = 64
 """Entries packed per SQLite row of a run (a point lookup decodes one block)."""
 DEFAULT_TIER_FANOUT = 4
 """Runs of one tier merged together into one run of the next."""
