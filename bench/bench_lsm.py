@@ -85,10 +85,12 @@ def _dir_bytes(path: Path) -> int:
 
 
 class _Lsm:
+    fanout = 4
+
     def __init__(self, path: Path, memtable_mb: int) -> None:
         from datamesh.storage.ap.lsm import LsmShard
 
-        self.shard = LsmShard(path, memtable_bytes=memtable_mb * 1024 * 1024)
+        self.shard = LsmShard(path, memtable_bytes=memtable_mb * 1024 * 1024, tier_fanout=self.fanout)
 
     def write(self, items: list[tuple[bytes, bytes]]) -> None:
         self.shard.put_many(items)
@@ -332,6 +334,44 @@ def report(results: list[EngineResult]) -> None:
                 print(f"  {r.engine} shard {n}: {s.extra}")
 
 
+def measure_run_formats(root: Path, rows: int = 300_000) -> None:
+    """Why runs pack blocks: flush rate of one sorted run, one SQLite row per key vs packed blocks."""
+    from datamesh.storage.ap.lsm.run import RunWriter
+
+    root.mkdir(parents=True, exist_ok=True)
+    batches = _Batches(rows, 99)
+    items = sorted(batches.next())
+    keys = [k for k, _ in items]
+    values: list[bytes | None] = [v for _, v in items]
+    path = root / "row-per-key.sqlite3"
+    path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=OFF")
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID")
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO kv VALUES (?, ?)", items)
+    db.execute("COMMIT")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    rates = [("one row per key", rows / (time.perf_counter() - t0))]
+    for block in (16, 64, 256):
+        path = root / f"blocks-{block}.sqlite3"
+        path.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        writer = RunWriter(path, block_entries=block)
+        writer.add(keys, values)
+        writer.finish()
+        rates.append((f"packed blocks of {block}", rows / (time.perf_counter() - t0)))
+    shutil.rmtree(root, ignore_errors=True)
+    print(
+        "run format (one sorted run of "
+        + f"{rows:,} rows, build + fsync): "
+        + ", ".join(f"{name} {rate:,.0f} rows/s" for name, rate in rates)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=50_000_000, help="total rows per engine, across shards")
@@ -340,6 +380,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1800, help="seconds the LSM may write")
     parser.add_argument("--baseline-budget", type=float, default=180, help="seconds each baseline may write")
     parser.add_argument("--memtable-mb", type=int, default=64)
+    parser.add_argument("--fanout", type=int, default=4, help="LSM size-tiered fanout")
     parser.add_argument("--engines", default="lsm,sqlite,rocksdb")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/datamesh-bench"))
     parser.add_argument("--keep", action="store_true", help="keep the data directories")
@@ -349,6 +390,7 @@ def main() -> None:
         f"{VALUE_BYTES}-byte values, {args.shards} shards, {os.cpu_count()} cpus, "
         f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}"
     )
+    measure_run_formats(args.dir / "run-format")
     results = []
     for engine in args.engines.split(","):
         budget = args.budget if engine == "lsm" else args.baseline_budget

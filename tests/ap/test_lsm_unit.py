@@ -12,7 +12,7 @@ import pytest
 from datamesh.storage.ap.base import ShardError
 from datamesh.storage.ap.lsm import FsyncPolicy, LsmShard, format_stats
 from datamesh.storage.ap.lsm.compaction import merge_blocks, pending_compactions, pick_compaction
-from datamesh.storage.ap.lsm.filter import KeyFilter
+from datamesh.storage.ap.lsm.filter import FilterBuilder, KeyFilter
 from datamesh.storage.ap.lsm.format import FormatError, decode_entries, encode_entries
 from datamesh.storage.ap.lsm.log import LogWriter, record_bytes, replay
 from datamesh.storage.ap.lsm.manifest import RunMeta, load_manifest
@@ -76,10 +76,15 @@ def test_group_commit_covers_concurrent_writers(tmp_path: Path) -> None:
 
 
 def test_key_filter_has_no_false_negatives_and_few_false_positives() -> None:
-    keys = [os.urandom(16) for _ in range(20000)]
-    key_filter = KeyFilter.from_bytes(KeyFilter.build(keys).to_bytes())
-    assert all(key_filter.may_contain(key) for key in keys)
-    assert sum(key_filter.may_contain(os.urandom(16)) for _ in range(20000)) < 10
+    # Given the filter of a run's keys (in key order), partitioned by 1024 keys
+    keys = _keys(20000)
+    builder = FilterBuilder(1024)
+    builder.add(keys[:5000])
+    builder.add(keys[5000:])
+    key_filter = KeyFilter.from_bytes(builder.finish().to_bytes(), 1024)
+    # Then every key is found in its partition and random keys almost never are
+    assert all(key_filter.may_contain(key, ordinal) for ordinal, key in enumerate(keys))
+    assert sum(key_filter.may_contain(os.urandom(16), n % 20000) for n in range(20000)) < 3
 
 
 def test_merge_keeps_the_newest_value_and_drops_tombstones_only_when_asked() -> None:

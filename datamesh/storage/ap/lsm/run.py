@@ -1,21 +1,24 @@
 """Sorted runs: immutable SQLite files (WAL mode) of packed, checksummed blocks with a sparse index.
 
-Why blocks: a run stored as one SQLite row per key costs a B-tree insert per key, which caps a
-flush near SQLite's append rate (measured here: ~165k rows/s with sqlite3, row per key, 216-byte
-rows).  Packing ``block_entries`` sorted entries into one row (the layout of
-:mod:`~datamesh.storage.ap.lsm.format`) makes SQLite store a few large rows instead (~340k rows/s
-for 512-entry blocks in the same measurement, the rest of the cost being Python packing).  The
-table is keyed by each block's first key, so the B-tree over ``first_key`` *is* the sparse index;
-a copy of that column is held in memory to find a block with one ``bisect``.
+Why blocks: a run stored as one SQLite row per key costs a B-tree insert and a Python-to-SQLite
+call per key; packing ``block_entries`` sorted entries into one row makes SQLite store a few large
+rows instead, gives every block a checksum, and halves the rows a merge must step through.
+Measured (``bench/bench_lsm.py`` prints it first): with the journal off both are close, e.g.
+~300k rows/s for a row per key against ~350k rows/s for blocks of 64 (blocks of 256 were no
+faster, and make a point lookup read and checksum 4x the bytes), and a row-per-key run in WAL mode
+with ``synchronous=NORMAL`` wrote ~165k rows/s.  The table is keyed by each block's first key, so
+the B-tree over ``first_key`` *is* the sparse index; a copy of that column is held in memory to
+find a block with one ``bisect``.
 
 Layout of ``run-NNNNNNNN.sqlite3``::
 
     blocks(first_key BLOB PRIMARY KEY, last_key BLOB, n INTEGER, crc INTEGER, data BLOB) WITHOUT ROWID
     meta(name TEXT PRIMARY KEY, value BLOB)   -- entries, tombstones, min/max key, key filter, ...
 
-A run is written once, in key order, committed, checkpointed (its ``-wal`` folds back into the file
-and disappears) and fsynced before the manifest names it.  Afterwards nothing writes it again, so
-readers (in any process) open it with ``immutable=1``: no locks, no shared memory file.
+A run is written once, in key order, without a journal (until the manifest names it, it is scratch
+that recovery deletes), then switched to WAL mode and fsynced before the manifest names it.
+Afterwards nothing writes it again, so readers (in any process) open it with ``immutable=1``: no
+locks, no shared memory file.
 """
 
 from __future__ import annotations
@@ -24,13 +27,12 @@ import os
 import sqlite3
 import threading
 import zlib
-from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamesh.storage.ap.lsm.filter import KeyFilter
+from datamesh.storage.ap.lsm.filter import DEFAULT_PARTITION, FilterBuilder, KeyFilter
 from datamesh.storage.ap.lsm.format import FormatError, Value, decode_entries, encode_entries, find_entry
 from datamesh.storage.ap.lsm.memtable import MISSING
 
@@ -76,7 +78,7 @@ class RunWriter:
         self._db.execute("BEGIN")
         self._keys: list[bytes] = []
         self._values: list[Value] = []
-        self._fingerprints = array("I")
+        self._filter = FilterBuilder(block_entries * max(1, DEFAULT_PARTITION // block_entries))
         self._entries = 0
         self._tombstones = 0
         self._payload = 0
@@ -91,7 +93,7 @@ class RunWriter:
         self._max_key = keys[-1]
         self._keys.extend(keys)
         self._values.extend(values)
-        self._fingerprints.extend(map(zlib.crc32, keys))
+        self._filter.add(keys)
         self._entries += len(keys)
         self._tombstones += values.count(None)
         self._payload += sum(map(len, keys)) + sum(map(len, filter(None, values)))
@@ -113,7 +115,7 @@ class RunWriter:
     def finish(self) -> RunSummary:
         """Commit, fold the WAL into the file and fsync it; the run is then immutable."""
         self._emit(final=True)
-        key_filter = KeyFilter.from_fingerprints(self._fingerprints)
+        key_filter = self._filter.finish()
         meta = {
             "format": FORMAT_VERSION,
             "entries": self._entries,
@@ -122,6 +124,8 @@ class RunWriter:
             "min_key": self._min_key or b"",
             "max_key": self._max_key,
             "filter": key_filter.to_bytes(),
+            "filter_partition": key_filter.partition,
+            "block_entries": self._block_entries,
         }
         self._db.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
         self._db.execute("COMMIT")
@@ -173,17 +177,18 @@ class Run:
         self.entries = int(meta["entries"])
         self.min_key = bytes(meta["min_key"])
         self.max_key = bytes(meta["max_key"])
-        self.filter = KeyFilter.from_bytes(meta["filter"])
+        self.filter = KeyFilter.from_bytes(meta["filter"], int(meta["filter_partition"]))
+        self.block_entries = int(meta["block_entries"])
         self.index = [bytes(row[0]) for row in self._db.execute("SELECT first_key FROM blocks ORDER BY first_key")]
         self._refs = 1
         self._obsolete = False
 
     def get(self, key: bytes) -> Value | object:
         """The value, ``None`` (a tombstone here) or ``MISSING``: range, then filter, then one block."""
-        if key < self.min_key or key > self.max_key or not self.filter.may_contain(key):
+        if key < self.min_key or key > self.max_key:
             return MISSING
         slot = bisect_right(self.index, key) - 1
-        if slot < 0:
+        if slot < 0 or not self.filter.may_contain(key, slot * self.block_entries):
             return MISSING
         with self._lock:
             row = self._db.execute("SELECT data, crc FROM blocks WHERE first_key = ?", (self.index[slot],)).fetchone()
