@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 
 from datamesh.storage.ap.lsm.format import Value
 from datamesh.storage.ap.lsm.manifest import RunMeta
@@ -31,12 +31,26 @@ from datamesh.storage.ap.lsm.run import Block
 _MERGE_BUFFER = 4096  # entries buffered per source between fences
 
 
-def pick_compaction(runs: Sequence[RunMeta], fanout: int) -> tuple[int, list[RunMeta]] | None:
-    """The lowest tier holding ``fanout`` runs or more, with those runs newest first."""
+def pick_compaction(
+    runs: Sequence[RunMeta],
+    fanout: int,
+    *,
+    min_level: int = 0,
+    max_level: int | None = None,
+    busy: Set[int] = frozenset(),
+) -> tuple[int, list[RunMeta]] | None:
+    """The lowest tier in ``[min_level, max_level]`` holding ``fanout`` runs or more and not being
+    merged already (``busy``), with its runs newest first.
+
+    Merges of different tiers may run at once: each takes every run its tier holds when picked,
+    and runs arriving in that tier meanwhile are newer, so the age order of tiers still holds.
+    """
     tiers: dict[int, list[RunMeta]] = defaultdict(list)
     for run in runs:
         tiers[run.level].append(run)
     for level in sorted(tiers):
+        if level < min_level or (max_level is not None and level > max_level) or level in busy:
+            continue
         if len(tiers[level]) >= fanout:
             return level, sorted(tiers[level], key=lambda run: run.max_seq, reverse=True)
     return None

@@ -27,6 +27,7 @@ from pathlib import Path
 
 HEADER = struct.Struct("<IIQ")
 _SEQ = struct.Struct("<Q")
+_CLOSED = 2**64  # covers every sequence: ``sync`` on a closed (hence fully synced) log returns at once
 
 
 class FsyncPolicy(StrEnum):
@@ -92,7 +93,7 @@ class LogWriter:
             if self._fd < 0:
                 return
             os.fdatasync(self._fd)
-            self._synced = max(self._synced, self._written, 2**63)
+            self._synced = _CLOSED
             os.close(self._fd)
             self._fd = -1
 

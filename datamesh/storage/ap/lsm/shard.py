@@ -4,10 +4,12 @@ Write path: ``put_many`` encodes the batch once, appends it to the log as one ch
 and applies it to the memtable, both under the shard lock (so log order is apply order and a batch
 is visible whole or not at all), then makes the record durable outside the lock (group commit, see
 :mod:`~datamesh.storage.ap.lsm.log`).  A full memtable is frozen and a new log started; a
-background *flusher* thread writes frozen memtables into tier-0 runs, and a background *compactor*
-thread merges runs (:mod:`~datamesh.storage.ap.lsm.compaction`).  Writers stall only when
-``max_immutable`` frozen memtables wait for the flusher: the stall is bounded by one memtable flush
-(compaction never blocks writers) and is counted in :meth:`LsmShard.stats`.
+background *flusher* thread writes frozen memtables into tier-0 runs, and two background
+*compactor* threads merge runs (:mod:`~datamesh.storage.ap.lsm.compaction`): one only merges tier 0,
+so tier-0 debt always drains, the other merges the bigger tiers.  Writers stall only when
+``max_immutable`` frozen memtables wait for the flusher or ``max_tier0_runs`` runs wait in tier 0;
+either stall lasts at most one memtable flush or one tier-0 merge (a big-tier merge never blocks
+writers), and both are counted in :meth:`LsmShard.stats` (``stalls``, ``stall_seconds_max``).
 
 Read path: memtable, frozen memtables, then runs newest first (each skipped by key range and key
 filter).  A read pins the runs it needs (reference counts), so a compaction that replaces them
@@ -47,6 +49,8 @@ DEFAULT_BLOCK_ENTRIES = 64
 """Entries packed per SQLite row of a run (a point lookup decodes one block)."""
 DEFAULT_TIER_FANOUT = 4
 """Runs of one tier merged together into one run of the next."""
+DEFAULT_MAX_TIER0_RUNS = 3 * DEFAULT_TIER_FANOUT
+"""Writers stall while tier 0 holds this many runs: compaction debt may not grow without bound."""
 DEFAULT_FSYNC = FsyncPolicy.ALWAYS
 DEFAULT_FSYNC_INTERVAL_S = 0.05
 DEFAULT_FLUSH_INTERVAL_S = 2.0
@@ -66,6 +70,7 @@ class LsmShard(ShardEngine):
         max_immutable: int = DEFAULT_MAX_IMMUTABLE,
         block_entries: int = DEFAULT_BLOCK_ENTRIES,
         tier_fanout: int = DEFAULT_TIER_FANOUT,
+        max_tier0_runs: int = DEFAULT_MAX_TIER0_RUNS,
         fsync: FsyncPolicy = DEFAULT_FSYNC,
         fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
@@ -79,6 +84,7 @@ class LsmShard(ShardEngine):
         self._max_immutable = max_immutable
         self._block_entries = block_entries
         self._fanout = tier_fanout
+        self._max_tier0_runs = max(max_tier0_runs, tier_fanout)
         self._fsync = fsync
         self._fsync_interval = fsync_interval_s
         self._flush_interval = flush_interval_s
@@ -87,7 +93,7 @@ class LsmShard(ShardEngine):
         self._closed = False
         self._closing = False
         self._background_error: BaseException | None = None
-        self._compacting = False
+        self._busy_levels: set[int] = set()
         self._stalls = 0
         self._stall_total = 0.0
         self._stall_max = 0.0
@@ -117,8 +123,16 @@ class LsmShard(ShardEngine):
         self._mem = Memtable(state.log_number)
         self._log = LogWriter(self._log_path(state.log_number), policy=fsync, fsync_interval_s=fsync_interval_s)
         if background:
-            for target, name in ((self._flush_loop, "flusher"), (self._compact_loop, "compactor")):
-                thread = threading.Thread(target=target, name=f"lsm-{name}-{self.path.name}", daemon=True)
+            # One compactor keeps tier 0 moving (it bounds the stall), the other takes bigger tiers.
+            workers = (
+                (self._flush_loop, (), "flusher"),
+                (self._compact_loop, (0, 0), "compactor-0"),
+                (self._compact_loop, (1, None), "compactor-1"),
+            )
+            for target, arguments, name in workers:
+                thread = threading.Thread(
+                    target=target, args=arguments, name=f"lsm-{name}-{self.path.name}", daemon=True
+                )
                 thread.start()
                 self._threads.append(thread)
 
@@ -167,7 +181,7 @@ class LsmShard(ShardEngine):
         if stall and self._threads:
             started = time.monotonic()
             stalled = False
-            while len(self._immutables) >= self._max_immutable and self._background_error is None:
+            while self._must_stall() and self._background_error is None:
                 stalled = True
                 self._cond.wait(1.0)
             if stalled:
@@ -183,6 +197,12 @@ class LsmShard(ShardEngine):
         self._immutables.insert(0, self._mem)
         self._mem = Memtable(number)
         self._cond.notify_all()
+
+    def _must_stall(self) -> bool:
+        """Too many frozen memtables wait for the flusher, or too many tier-0 runs for compaction."""
+        if len(self._immutables) >= self._max_immutable:
+            return True
+        return sum(1 for meta, _ in self._runs if meta.level == 0) >= self._max_tier0_runs
 
     def flush(self) -> None:
         """Freeze the memtable and wait until every frozen memtable is a run (readers then see it)."""
@@ -206,7 +226,7 @@ class LsmShard(ShardEngine):
                 pass
             return True
         with self._lock:
-            while self._compacting or pick_compaction(self._manifest.runs, self._fanout) is not None:
+            while self._busy_levels or pick_compaction(self._manifest.runs, self._fanout) is not None:
                 self._check_usable()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -273,22 +293,27 @@ class LsmShard(ShardEngine):
             self._cond.notify_all()
         remove_obsolete_logs(self.path, self._manifest.min_log)
 
-    def _compact_loop(self) -> None:
+    def _compact_loop(self, min_level: int, max_level: int | None) -> None:
         try:
             while True:
                 with self._lock:
-                    while not self._closing and pick_compaction(self._manifest.runs, self._fanout) is None:
+                    while not self._closing and self._pick(min_level, max_level) is None:
                         self._cond.wait(1.0)
                     if self._closing:
                         return
-                self._compact_once()
+                self._compact_once(min_level, max_level)
         except BaseException as exc:  # noqa: BLE001 - kept and re-raised to writers as ShardError
             self._fail(exc)
 
-    def _compact_once(self) -> bool:
+    def _pick(self, min_level: int = 0, max_level: int | None = None) -> tuple[int, list[RunMeta]] | None:
+        return pick_compaction(
+            self._manifest.runs, self._fanout, min_level=min_level, max_level=max_level, busy=self._busy_levels
+        )
+
+    def _compact_once(self, min_level: int = 0, max_level: int | None = None) -> bool:
         """Merge one due tier into a run of the next; False if nothing was due (or closing)."""
         with self._lock:
-            picked = pick_compaction(self._manifest.runs, self._fanout)
+            picked = self._pick(min_level, max_level)
             if picked is None or self._closing:
                 return False
             level, inputs = picked
@@ -296,12 +321,12 @@ class LsmShard(ShardEngine):
             pairs = [pair for pair in self._runs if pair[0].name in names]
             drop_tombstones = all(meta.level <= level for meta in self._manifest.runs)
             number = self._alloc_file()
-            self._compacting = True
+            self._busy_levels.add(level)
         try:
             return self._merge(level, pairs, number, drop_tombstones=drop_tombstones)
         finally:
             with self._lock:
-                self._compacting = False
+                self._busy_levels.discard(level)
                 self._cond.notify_all()
 
     def _merge(self, level: int, pairs: list[tuple[RunMeta, Run]], number: int, *, drop_tombstones: bool) -> bool:
@@ -334,6 +359,7 @@ class LsmShard(ShardEngine):
             path.unlink(missing_ok=True)
         with self._lock:
             self._install_locked(added=added, removed=pairs)
+            self._cond.notify_all()  # writers stalled on tier-0 debt
             counters = self._manifest.counters
             counters.compaction_bytes_read += sum(meta.file_bytes for meta, _ in pairs)
             counters.compaction_bytes_written += summary.file_bytes
@@ -435,7 +461,11 @@ class LsmShard(ShardEngine):
                 run.release()
 
     def count(self) -> int:
-        return sum(len(keys) for keys, _ in self.iter_all())
+        """Live keys, by a streaming merge of every source (linear in the shard's size)."""
+        try:
+            return sum(len(keys) for keys, _ in self.iter_all())
+        except FormatError as exc:
+            raise ShardError(f"corrupt run in {self.path}: {exc}") from exc
 
     # -- lifecycle and introspection ------------------------------------------------------------
 
@@ -452,7 +482,7 @@ class LsmShard(ShardEngine):
                 memtable_entries=sum(len(m) for m in memtables),
                 immutable_memtables=len(self._immutables),
                 log_bytes=log_bytes,
-                compacting=self._compacting,
+                compacting=bool(self._busy_levels),
                 stalls=self._stalls,
                 stall_seconds_total=self._stall_total,
                 stall_seconds_max=self._stall_max,

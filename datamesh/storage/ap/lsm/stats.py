@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamesh.storage.ap.lsm.compaction import pending_compactions
-from datamesh.storage.ap.lsm.manifest import Manifest, load_manifest
+from datamesh.storage.ap.lsm.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 LOG_SUFFIX = ".log"
 RUN_SUFFIX = ".sqlite3"
@@ -113,14 +113,14 @@ def read_stats(shard_dir: Path, *, fanout: int) -> LsmStats | None:
 
 
 def format_stats(data_dir: Path, *, fanout: int | None = None) -> str:
-    """A table of every LSM shard under ``data_dir`` (searched recursively for ``*.lsm``)."""
+    """A table of every LSM shard under ``data_dir`` (any directory below it holding a ``MANIFEST``)."""
     from datamesh.storage.ap.lsm.shard import DEFAULT_TIER_FANOUT
 
     header = (
         f"{'shard':<40} {'memtable':>10} {'runs/level':<22} {'run bytes':>12} {'pending':>7} {'W-amp':>6} {'S-amp':>6}"
     )
     lines = [header, "-" * len(header)]
-    shards = sorted(p for p in Path(data_dir).rglob(f"*{SHARD_SUFFIX}") if p.is_dir())
+    shards = sorted(manifest.parent for manifest in Path(data_dir).rglob(MANIFEST_NAME))
     for shard in shards:
         stats = read_stats(shard, fanout=fanout or DEFAULT_TIER_FANOUT)
         if stats is None:
