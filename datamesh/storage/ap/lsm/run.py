@@ -37,6 +37,7 @@ from datamesh.storage.ap.lsm.format import FormatError, Value, decode_entries, e
 from datamesh.storage.ap.lsm.memtable import MISSING
 
 FORMAT_VERSION = 1
+SYNC_EVERY_BYTES = 8 << 20  # fdatasync a run being built this often (see RunWriter._emit)
 PAGE_SIZE = 65536  # the largest SQLite page: a block of a few dozen KiB sits in one or two pages
 MMAP_BYTES = 1 << 30  # readers map runs into memory: a block read is a memcpy, not a read syscall
 _SCHEMA = (
@@ -78,6 +79,8 @@ class RunWriter:
         self._db.execute("BEGIN")
         self._keys: list[bytes] = []
         self._values: list[Value] = []
+        self._sync_fd = os.open(path, os.O_RDONLY)
+        self._unsynced = 0
         self._filter = FilterBuilder(block_entries * max(1, DEFAULT_PARTITION // block_entries))
         self._entries = 0
         self._tombstones = 0
@@ -111,6 +114,12 @@ class RunWriter:
             rows.append((keys[start], keys[end - 1], end - start, zlib.crc32(data), data))
         self._db.executemany("INSERT INTO blocks VALUES (?, ?, ?, ?, ?)", rows)
         self._keys, self._values = keys[stop:], values[stop:]
+        # Push the run to disk as it grows: on ext4 (data=ordered) a log fdatasync can wait for all
+        # dirty data of the filesystem, so one big fsync at the end would stall writers for its length.
+        self._unsynced += sum(len(row[4]) for row in rows)
+        if self._unsynced >= SYNC_EVERY_BYTES:
+            os.fdatasync(self._sync_fd)
+            self._unsynced = 0
 
     def finish(self) -> RunSummary:
         """Commit, fold the WAL into the file and fsync it; the run is then immutable."""
@@ -131,11 +140,10 @@ class RunWriter:
         self._db.execute("COMMIT")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.close()
-        fd = os.open(self.path, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            os.fsync(self._sync_fd)
         finally:
-            os.close(fd)
+            os.close(self._sync_fd)
         return RunSummary(
             entries=self._entries,
             tombstones=self._tombstones,
@@ -147,6 +155,7 @@ class RunWriter:
 
     def abort(self) -> None:
         self._db.close()
+        os.close(self._sync_fd)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
