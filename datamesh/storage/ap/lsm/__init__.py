@@ -2,7 +2,8 @@
 
 Modules, in the order data flows: :mod:`.format` (batch layout), :mod:`.log` (write-ahead log),
 :mod:`.memtable`, :mod:`.run` (sorted runs as SQLite files) with :mod:`.filter` (key filters),
-:mod:`.compaction`, :mod:`.manifest`, :mod:`.recovery`, :mod:`.shard` (``LsmShard``) and
+:mod:`.compaction`, :mod:`.manifest`, :mod:`.recovery`, :mod:`.shard` (``LsmShard``) with its
+background work in :mod:`.maintenance`, :mod:`.reader` (readers in other processes) and
 :mod:`.stats` (``format_stats`` for ``python -m datamesh ap stats``).
 """
 

@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from datamesh.storage.ap.lsm.run import RunSummary
+
 MANIFEST_NAME = "MANIFEST"
 
 
@@ -28,6 +30,18 @@ class RunMeta:
     tombstones: int
     payload_bytes: int
     file_bytes: int
+
+
+def run_meta(name: str, level: int, max_seq: int, summary: RunSummary) -> RunMeta:
+    return RunMeta(
+        name=name,
+        level=level,
+        max_seq=max_seq,
+        entries=summary.entries,
+        tombstones=summary.tombstones,
+        payload_bytes=summary.payload_bytes,
+        file_bytes=summary.file_bytes,
+    )
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from datamesh.storage.ap.lsm.format import Value
 
@@ -55,6 +55,13 @@ class Memtable:
         stop = len(keys) if high is None else bisect_left(keys, high, start)
         entries = self.entries
         return [(key, entries[key]) for key in keys[start:stop]]
+
+    def sorted_chunks(self, size: int = 65536) -> Iterator[tuple[list[bytes], list[Value]]]:
+        """Every entry in key order, in chunks of ``size`` (the input of a flush)."""
+        keys = sorted(self.entries)
+        for start in range(0, len(keys), size):
+            chunk = keys[start : start + size]
+            yield chunk, list(map(self.entries.__getitem__, chunk))
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from datamesh.storage.ap.lsm.format import decode_entries
 from datamesh.storage.ap.lsm.log import replay
-from datamesh.storage.ap.lsm.manifest import MANIFEST_NAME, Manifest, RunMeta, load_manifest, save_manifest
+from datamesh.storage.ap.lsm.manifest import MANIFEST_NAME, Manifest, load_manifest, run_meta, save_manifest
 from datamesh.storage.ap.lsm.memtable import Memtable
-from datamesh.storage.ap.lsm.run import RunWriter
+from datamesh.storage.ap.lsm.run import write_run
 from datamesh.storage.ap.lsm.stats import LOG_SUFFIX, RUN_SUFFIX
 
 
@@ -86,26 +86,9 @@ def recover(directory: Path, *, block_entries: int) -> RecoveryState:
         number = manifest.next_file
         manifest.next_file += 1
         path = directory / f"{number:08d}{RUN_SUFFIX}"
-        entries = memtable.entries
-        keys = sorted(entries)
-        writer = RunWriter(path, block_entries=block_entries)
-        try:
-            writer.add(keys, list(map(entries.__getitem__, keys)))
-            summary = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        manifest.runs.append(
-            RunMeta(
-                name=path.name,
-                level=0,
-                max_seq=memtable.max_seq,
-                entries=summary.entries,
-                tombstones=summary.tombstones,
-                payload_bytes=summary.payload_bytes,
-                file_bytes=summary.file_bytes,
-            )
-        )
+        summary = write_run(path, memtable.sorted_chunks(), block_entries=block_entries)
+        assert summary is not None  # the memtable is not empty
+        manifest.runs.append(run_meta(path.name, 0, memtable.max_seq, summary))
         manifest.counters.flush_bytes += summary.file_bytes
         manifest.counters.flushes += 1
         manifest.last_seq = max(manifest.last_seq, memtable.max_seq)

@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import zlib
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +158,27 @@ class RunWriter:
         os.close(self._sync_fd)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+
+def write_run(
+    path: Path, chunks: Iterable[Block], *, block_entries: int, cancelled: Callable[[], bool] = lambda: False
+) -> RunSummary | None:
+    """Write sorted chunks into a finished run; None (and no file) if ``cancelled`` or no entries."""
+    writer = RunWriter(path, block_entries=block_entries)
+    try:
+        for keys, values in chunks:
+            if cancelled():
+                writer.abort()
+                return None
+            writer.add(keys, values)
+        summary = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    if not summary.entries:
+        path.unlink(missing_ok=True)
+        return None
+    return summary
 
 
 def _connect_immutable(path: Path) -> sqlite3.Connection:

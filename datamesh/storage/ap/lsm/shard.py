@@ -24,7 +24,6 @@ They do not see the writer's memtable: the writer flushes a non-empty memtable a
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,10 +33,12 @@ from datamesh.storage.ap.base import ShardEngine, ShardError
 from datamesh.storage.ap.lsm.compaction import merge_blocks, pick_compaction
 from datamesh.storage.ap.lsm.format import FormatError, Value, encode_entries, encode_puts
 from datamesh.storage.ap.lsm.log import HEADER, FsyncPolicy, LogWriter
-from datamesh.storage.ap.lsm.manifest import Manifest, RunMeta, load_manifest, save_manifest
+from datamesh.storage.ap.lsm.maintenance import ShardMaintenance
+from datamesh.storage.ap.lsm.manifest import Manifest, RunMeta
 from datamesh.storage.ap.lsm.memtable import MISSING, Memtable
-from datamesh.storage.ap.lsm.recovery import file_path, recover, remove_obsolete_logs
-from datamesh.storage.ap.lsm.run import Block, Run, RunWriter, iter_blocks
+from datamesh.storage.ap.lsm.reader import reload_runs
+from datamesh.storage.ap.lsm.recovery import file_path, recover
+from datamesh.storage.ap.lsm.run import Block, Run, iter_blocks
 from datamesh.storage.ap.lsm.stats import LOG_SUFFIX, RUN_SUFFIX, LsmStats, build_stats
 from datamesh.storage.ap.sqlite_shard import _prefix_upper_bound, _take_writer_lock
 
@@ -55,10 +56,9 @@ DEFAULT_FSYNC = FsyncPolicy.ALWAYS
 DEFAULT_FSYNC_INTERVAL_S = 0.05
 DEFAULT_FLUSH_INTERVAL_S = 2.0
 """A non-empty memtable older than this is flushed, bounding staleness for other processes."""
-_MERGE_CHUNK = 65536
 
 
-class LsmShard(ShardEngine):
+class LsmShard(ShardMaintenance, ShardEngine):
     """One shard directory (``<path>/``): ``MANIFEST``, ``NNNNNNNN.log`` files and ``NNNNNNNN.sqlite3`` runs."""
 
     def __init__(
@@ -234,152 +234,6 @@ class LsmShard(ShardEngine):
                 self._cond.wait(1.0 if remaining is None else min(remaining, 1.0))
         return True
 
-    # -- background work ------------------------------------------------------------------------
-
-    def _flush_loop(self) -> None:
-        try:
-            while True:
-                with self._lock:
-                    while not self._immutables and not self._closing:
-                        aged = time.monotonic() - self._mem.created >= self._flush_interval
-                        if len(self._mem) and aged:
-                            self._freeze_locked(stall=False)
-                            break
-                        self._cond.wait(self._flush_interval / 4)
-                    if self._closing and not self._immutables:
-                        return
-                self._flush_oldest()
-        except BaseException as exc:  # noqa: BLE001 - kept and re-raised to writers as ShardError
-            self._fail(exc)
-
-    def _flush_oldest(self) -> None:
-        with self._lock:
-            if not self._immutables:
-                return
-            memtable = self._immutables[-1]
-            number = self._alloc_file()
-        entries = memtable.entries
-        keys = sorted(entries)
-        values = list(map(entries.__getitem__, keys))
-        path = self._run_path(number)
-        writer = RunWriter(path, block_entries=self._block_entries)
-        try:
-            for start in range(0, len(keys), _MERGE_CHUNK):
-                writer.add(keys[start : start + _MERGE_CHUNK], values[start : start + _MERGE_CHUNK])
-            summary = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        meta = RunMeta(
-            name=path.name,
-            level=0,
-            max_seq=memtable.max_seq,
-            entries=summary.entries,
-            tombstones=summary.tombstones,
-            payload_bytes=summary.payload_bytes,
-            file_bytes=summary.file_bytes,
-        )
-        run = Run(path)
-        with self._lock:
-            self._immutables.remove(memtable)
-            self._install_locked(added=[(meta, run)], removed=[])
-            counters = self._manifest.counters
-            counters.flush_bytes += summary.file_bytes
-            counters.flushes += 1
-            oldest = self._immutables[-1] if self._immutables else self._mem
-            self._manifest.min_log = oldest.log_number
-            self._manifest.last_seq = max(self._manifest.last_seq, memtable.max_seq)
-            save_manifest(self.path, self._manifest)
-            self._cond.notify_all()
-        remove_obsolete_logs(self.path, self._manifest.min_log)
-
-    def _compact_loop(self, min_level: int, max_level: int | None) -> None:
-        try:
-            while True:
-                with self._lock:
-                    while not self._closing and self._pick(min_level, max_level) is None:
-                        self._cond.wait(1.0)
-                    if self._closing:
-                        return
-                self._compact_once(min_level, max_level)
-        except BaseException as exc:  # noqa: BLE001 - kept and re-raised to writers as ShardError
-            self._fail(exc)
-
-    def _pick(self, min_level: int = 0, max_level: int | None = None) -> tuple[int, list[RunMeta]] | None:
-        return pick_compaction(
-            self._manifest.runs, self._fanout, min_level=min_level, max_level=max_level, busy=self._busy_levels
-        )
-
-    def _compact_once(self, min_level: int = 0, max_level: int | None = None) -> bool:
-        """Merge one due tier into a run of the next; False if nothing was due (or closing)."""
-        with self._lock:
-            picked = self._pick(min_level, max_level)
-            if picked is None or self._closing:
-                return False
-            level, inputs = picked
-            names = {meta.name for meta in inputs}
-            pairs = [pair for pair in self._runs if pair[0].name in names]
-            drop_tombstones = all(meta.level <= level for meta in self._manifest.runs)
-            number = self._alloc_file()
-            self._busy_levels.add(level)
-        try:
-            return self._merge(level, pairs, number, drop_tombstones=drop_tombstones)
-        finally:
-            with self._lock:
-                self._busy_levels.discard(level)
-                self._cond.notify_all()
-
-    def _merge(self, level: int, pairs: list[tuple[RunMeta, Run]], number: int, *, drop_tombstones: bool) -> bool:
-        path = self._run_path(number)
-        writer = RunWriter(path, block_entries=self._block_entries)
-        try:
-            streams = [iter_blocks(run.path) for _, run in pairs]
-            for keys, values in merge_blocks(streams, drop_tombstones=drop_tombstones):
-                if self._closing:
-                    writer.abort()
-                    return False
-                writer.add(keys, values)
-            summary = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        added: list[tuple[RunMeta, Run]] = []
-        if summary.entries:
-            meta = RunMeta(
-                name=path.name,
-                level=level + 1,
-                max_seq=max(meta.max_seq for meta, _ in pairs),
-                entries=summary.entries,
-                tombstones=summary.tombstones,
-                payload_bytes=summary.payload_bytes,
-                file_bytes=summary.file_bytes,
-            )
-            added.append((meta, Run(path)))
-        else:
-            path.unlink(missing_ok=True)
-        with self._lock:
-            self._install_locked(added=added, removed=pairs)
-            self._cond.notify_all()  # writers stalled on tier-0 debt
-            counters = self._manifest.counters
-            counters.compaction_bytes_read += sum(meta.file_bytes for meta, _ in pairs)
-            counters.compaction_bytes_written += summary.file_bytes
-            counters.compactions += 1
-            save_manifest(self.path, self._manifest)
-        for _, run in pairs:
-            run.retire(delete=True)
-        return True
-
-    def _install_locked(self, *, added: list[tuple[RunMeta, Run]], removed: list[tuple[RunMeta, Run]]) -> None:
-        gone = {meta.name for meta, _ in removed}
-        self._runs = [pair for pair in self._runs if pair[0].name not in gone] + added
-        self._runs.sort(key=lambda pair: pair[0].max_seq, reverse=True)
-        self._manifest.runs = [meta for meta, _ in self._runs]
-
-    def _fail(self, exc: BaseException) -> None:
-        with self._lock:
-            self._background_error = exc
-            self._cond.notify_all()
-
     # -- reads ----------------------------------------------------------------------------------
 
     def _snapshot(self) -> tuple[list[Memtable], list[Run]]:
@@ -516,41 +370,22 @@ class LsmShard(ShardEngine):
             self._release_writer_lock()
 
     def _refresh_readonly(self) -> None:
-        """In a reader: reopen the runs named by a changed manifest (retrying across compactions)."""
+        """In a reader: reopen the runs named by a changed manifest (see :func:`.reader.reload_runs`)."""
         if not self.readonly:
             return
-        manifest_path = self.path / "MANIFEST"
-        for _attempt in range(10):
-            try:
-                stat = manifest_path.stat()
-            except FileNotFoundError:
-                return
-            if (stat.st_mtime_ns, stat.st_ino) == self._manifest_stat:
-                return
-            manifest = load_manifest(self.path)
-            if manifest is None:
-                return
-            current = {meta.name: run for meta, run in self._runs}
-            opened: list[tuple[RunMeta, Run]] = []
-            try:
-                for meta in manifest.runs:
-                    opened.append((meta, current.get(meta.name) or Run(file_path(self.path, meta.name))))
-            except (OSError, sqlite3.Error, FormatError):  # a run was compacted away meanwhile: retry
-                for meta, run in opened:
-                    if meta.name not in current:
-                        run.release()
-                time.sleep(0.01)
-                continue
-            with self._lock:
-                kept = {meta.name for meta, _ in opened}
-                for name, run in current.items():
-                    if name not in kept:
-                        run.retire(delete=False)
-                self._runs = sorted(opened, key=lambda pair: pair[0].max_seq, reverse=True)
-                self._manifest = manifest
-                self._manifest_stat = (stat.st_mtime_ns, stat.st_ino)
+        current = {meta.name: run for meta, run in self._runs}
+        reloaded = reload_runs(self.path, current, self._manifest_stat)
+        if reloaded is None:
             return
-        raise ShardError(f"shard {self.path}: manifest kept changing while opening runs", retryable=True)
+        manifest, opened, stamp = reloaded
+        with self._lock:
+            kept = {meta.name for meta, _ in opened}
+            for name, run in current.items():
+                if name not in kept:
+                    run.retire(delete=False)
+            self._runs = sorted(opened, key=lambda pair: pair[0].max_seq, reverse=True)
+            self._manifest = manifest
+            self._manifest_stat = stamp
 
     def _alloc_file(self) -> int:
         number = self._manifest.next_file
