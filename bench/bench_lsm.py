@@ -113,6 +113,7 @@ class _Lsm:
             "stalls": s.stalls,
             "stall_max_s": s.stall_seconds_max,
             "stall_total_s": s.stall_seconds_total,
+            "slowdown_total_s": s.slowdown_seconds_total,
             "compactions": s.compactions,
         }
 

@@ -107,6 +107,8 @@ def test_size_tiered_pick_takes_the_lowest_full_tier() -> None:
 
     runs = [meta("a", 1, 1), meta("b", 0, 5), meta("c", 0, 6), meta("d", 1, 2), meta("e", 0, 7)]
     assert pick_compaction(runs, 3) == (0, [runs[4], runs[2], runs[1]])
+    assert pick_compaction(runs, 2) == (0, [runs[2], runs[1]])  # the oldest two, newest first
+    assert pick_compaction(runs, 2, busy={0}) == (1, [runs[3], runs[0]])
     assert pick_compaction(runs, 4) is None
     assert pending_compactions(runs, 2) == 2
 

@@ -40,10 +40,12 @@ def pick_compaction(
     busy: Set[int] = frozenset(),
 ) -> tuple[int, list[RunMeta]] | None:
     """The lowest tier in ``[min_level, max_level]`` holding ``fanout`` runs or more and not being
-    merged already (``busy``), with its runs newest first.
+    merged already (``busy``), with its ``fanout`` *oldest* runs, newest first.
 
-    Merges of different tiers may run at once: each takes every run its tier holds when picked,
-    and runs arriving in that tier meanwhile are newer, so the age order of tiers still holds.
+    Taking the oldest runs keeps the age order (the runs left in the tier are newer than the
+    output, which is newer than the next tier) and bounds every merge to ``fanout`` runs, so a tier
+    that fell behind is caught up by several bounded merges rather than one long one (which would
+    stretch a writer stall).  Merges of different tiers may run at once for the same reason.
     """
     tiers: dict[int, list[RunMeta]] = defaultdict(list)
     for run in runs:
@@ -52,7 +54,8 @@ def pick_compaction(
         if level < min_level or (max_level is not None and level > max_level) or level in busy:
             continue
         if len(tiers[level]) >= fanout:
-            return level, sorted(tiers[level], key=lambda run: run.max_seq, reverse=True)
+            oldest = sorted(tiers[level], key=lambda run: run.max_seq)[:fanout]
+            return level, oldest[::-1]
     return None
 
 

@@ -146,8 +146,8 @@ class ShardMaintenance:
 
     def _install_locked(self, *, added: list[tuple[RunMeta, Run]], removed: list[tuple[RunMeta, Run]]) -> None:
         gone = {meta.name for meta, _ in removed}
-        self._runs = [pair for pair in self._runs if pair[0].name not in gone] + added
-        self._runs.sort(key=lambda pair: pair[0].max_seq, reverse=True)
+        runs = [pair for pair in self._runs if pair[0].name not in gone] + added
+        self._runs = sorted(runs, key=lambda pair: pair[0].max_seq, reverse=True)  # one atomic swap
         self._manifest.runs = [meta for meta, _ in self._runs]
 
     def _fail(self, exc: BaseException) -> None:

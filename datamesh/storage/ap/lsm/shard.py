@@ -6,10 +6,13 @@ is visible whole or not at all), then makes the record durable outside the lock 
 :mod:`~datamesh.storage.ap.lsm.log`).  A full memtable is frozen and a new log started; a
 background *flusher* thread writes frozen memtables into tier-0 runs, and two background
 *compactor* threads merge runs (:mod:`~datamesh.storage.ap.lsm.compaction`): one only merges tier 0,
-so tier-0 debt always drains, the other merges the bigger tiers.  Writers stall only when
-``max_immutable`` frozen memtables wait for the flusher or ``max_tier0_runs`` runs wait in tier 0;
-either stall lasts at most one memtable flush or one tier-0 merge (a big-tier merge never blocks
-writers), and both are counted in :meth:`LsmShard.stats` (``stalls``, ``stall_seconds_max``).
+so tier-0 debt always drains, the other merges the bigger tiers.  From ``slowdown_tier0_runs``
+tier-0 runs each write sleeps a few milliseconds (handing the compactors CPU and the GIL); writers
+stall outright only when ``max_immutable`` frozen memtables wait for the flusher or
+``max_tier0_runs`` runs wait in tier 0.  A stall lasts about one memtable flush or one tier-0
+merge of ``fanout`` runs (merges are bounded to ``fanout`` runs; a big-tier merge never blocks
+writers); both are counted in :meth:`LsmShard.stats` (``stalls``, ``stall_seconds_max``,
+``slowdown_seconds_total``).
 
 Read path: memtable, frozen memtables, then runs newest first (each skipped by key range and key
 filter).  A read pins the runs it needs (reference counts), so a compaction that replaces them
@@ -50,6 +53,10 @@ DEFAULT_BLOCK_ENTRIES = 64
 """Entries packed per SQLite row of a run (a point lookup decodes one block)."""
 DEFAULT_TIER_FANOUT = 4
 """Runs of one tier merged together into one run of the next."""
+DEFAULT_SLOWDOWN_TIER0_RUNS = 2 * DEFAULT_TIER_FANOUT
+"""From this many tier-0 runs each write sleeps a little (``SLOWDOWN_STEP_S`` per extra run), which
+hands the compactors CPU (and the GIL) before the hard stall below is needed."""
+SLOWDOWN_STEP_S = 0.01
 DEFAULT_MAX_TIER0_RUNS = 3 * DEFAULT_TIER_FANOUT
 """Writers stall while tier 0 holds this many runs: compaction debt may not grow without bound."""
 DEFAULT_FSYNC = FsyncPolicy.ALWAYS
@@ -70,6 +77,7 @@ class LsmShard(ShardMaintenance, ShardEngine):
         max_immutable: int = DEFAULT_MAX_IMMUTABLE,
         block_entries: int = DEFAULT_BLOCK_ENTRIES,
         tier_fanout: int = DEFAULT_TIER_FANOUT,
+        slowdown_tier0_runs: int = DEFAULT_SLOWDOWN_TIER0_RUNS,
         max_tier0_runs: int = DEFAULT_MAX_TIER0_RUNS,
         fsync: FsyncPolicy = DEFAULT_FSYNC,
         fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
@@ -85,6 +93,8 @@ class LsmShard(ShardMaintenance, ShardEngine):
         self._block_entries = block_entries
         self._fanout = tier_fanout
         self._max_tier0_runs = max(max_tier0_runs, tier_fanout)
+        self._slowdown_tier0_runs = max(slowdown_tier0_runs, tier_fanout)
+        self._slowdown_total = 0.0
         self._fsync = fsync
         self._fsync_interval = fsync_interval_s
         self._flush_interval = flush_interval_s
@@ -155,6 +165,11 @@ class LsmShard(ShardMaintenance, ShardEngine):
 
     def _write(self, payload: bytes, keys: list[bytes], values: Sequence[Value]) -> None:
         self._require_writer()
+        excess = self._tier0_runs() - self._slowdown_tier0_runs + 1
+        if excess > 0 and self._threads:
+            delay = min(excess * SLOWDOWN_STEP_S, 0.1)
+            time.sleep(delay)
+            self._slowdown_total += delay
         with self._lock:
             self._check_usable()
             if self._mem.approx_bytes >= self._memtable_limit:
@@ -202,7 +217,10 @@ class LsmShard(ShardMaintenance, ShardEngine):
         """Too many frozen memtables wait for the flusher, or too many tier-0 runs for compaction."""
         if len(self._immutables) >= self._max_immutable:
             return True
-        return sum(1 for meta, _ in self._runs if meta.level == 0) >= self._max_tier0_runs
+        return self._tier0_runs() >= self._max_tier0_runs
+
+    def _tier0_runs(self) -> int:
+        return sum(1 for meta, _ in self._runs if meta.level == 0)
 
     def flush(self) -> None:
         """Freeze the memtable and wait until every frozen memtable is a run (readers then see it)."""
@@ -340,6 +358,7 @@ class LsmShard(ShardMaintenance, ShardEngine):
                 stalls=self._stalls,
                 stall_seconds_total=self._stall_total,
                 stall_seconds_max=self._stall_max,
+                slowdown_seconds_total=self._slowdown_total,
                 last_recovery=self.last_recovery,
             )
 

@@ -46,6 +46,7 @@ class LsmStats:
     stalls: int = 0
     stall_seconds_total: float = 0.0
     stall_seconds_max: float = 0.0
+    slowdown_seconds_total: float = 0.0
     last_recovery: dict[str, int | str] = field(default_factory=dict)
 
 
@@ -62,6 +63,7 @@ def build_stats(
     stalls: int = 0,
     stall_seconds_total: float = 0.0,
     stall_seconds_max: float = 0.0,
+    slowdown_seconds_total: float = 0.0,
     last_recovery: dict[str, int | str] | None = None,
 ) -> LsmStats:
     counters = manifest.counters
@@ -86,6 +88,7 @@ def build_stats(
         stalls=stalls,
         stall_seconds_total=stall_seconds_total,
         stall_seconds_max=stall_seconds_max,
+        slowdown_seconds_total=slowdown_seconds_total,
         last_recovery=dict(last_recovery or {}),
     )
 
