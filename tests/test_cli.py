@@ -138,3 +138,11 @@ def test_migrate_command_on_postgresql(pg_url: str, tmp_path: Path) -> None:
     # and the pipeline's commands work on it.
     verify = run(["-m", "datamesh", "provenance", "verify"], tmp_path, DATAMESH_CP_URL=pg_url)
     assert verify.returncode == 0 and "0 chains verified, 0 broken" in verify.stdout, verify.stdout + verify.stderr
+
+
+def test_demo_on_the_lsm_engine_and_ap_stats(tmp_path: Path) -> None:
+    out = run(["-m", "datamesh", "demo", "--conversations", "8"], tmp_path, DATAMESH_AP_ENGINE="lsm")
+    assert out.returncode == 0 and "content verified: True" in out.stdout, out.stdout + out.stderr
+    assert list((tmp_path / "datamesh-data" / "ap" / "eu-west").glob("shard-*.lsm"))
+    stats = run(["-m", "datamesh", "ap", "stats"], tmp_path, DATAMESH_AP_ENGINE="lsm")
+    assert stats.returncode == 0 and "shard-" in stats.stdout, stats.stdout + stats.stderr

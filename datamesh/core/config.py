@@ -19,6 +19,8 @@ from datamesh.storage.objects.config import ObjectsSettings
 
 DEFAULT_DATA_DIR = "./datamesh-data"
 DEFAULT_AP_SHARDS = 4
+DEFAULT_AP_ENGINE = "sqlite"
+AP_ENGINES = ("sqlite", "lsm")
 DEFAULT_INLINE_MAX_BYTES = 64 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 DEFAULT_INGEST_RATE = 10_000.0
@@ -70,6 +72,8 @@ class DataMeshConfig:
     cp_url: str = ""
     ap_dir: Path | None = None
     ap_shards: int = DEFAULT_AP_SHARDS
+    #: AP shard engine: ``sqlite`` (one keyed table a shard) or ``lsm`` (log + memtable + sorted runs)
+    ap_engine: str = DEFAULT_AP_ENGINE
     objects_url: str = ""
     inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
@@ -140,6 +144,7 @@ class DataMeshConfig:
                 cp_url=_get(env, "DATAMESH_CP_URL", _url, ""),
                 ap_dir=_get(env, "DATAMESH_AP_DIR", _optional_path, None),
                 ap_shards=_get(env, "DATAMESH_AP_SHARDS", _int_between(1, 4096), DEFAULT_AP_SHARDS),
+                ap_engine=_get(env, "DATAMESH_AP_ENGINE", _choice(AP_ENGINES), DEFAULT_AP_ENGINE),
                 objects_url=_get(env, "DATAMESH_OBJECTS_URL", _url, ""),
                 inline_max_bytes=_get(
                     env,

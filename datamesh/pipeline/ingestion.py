@@ -38,7 +38,7 @@ from datamesh.pipeline.request import IngestionRequest, IngestionResponse, Valid
 from datamesh.pipeline.saga import FaultHook, LocalSagaExecutor, ReapOutcome, reap
 from datamesh.pipeline.steps import Committed, Existing
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.store import EngineFactory, default_engine
+from datamesh.storage.ap.store import EngineFactory
 from datamesh.storage.cp import provenance
 
 __all__ = ["IngestionPipeline", "IngestionRequest", "IngestionResponse"]
@@ -74,7 +74,7 @@ class IngestionPipeline:
         config: DataMeshConfig,
         *,
         faults: FaultHook | None = None,
-        engine_factory: EngineFactory = default_engine,
+        engine_factory: EngineFactory | None = None,
     ) -> Result[IngestionPipeline, Error]:
         """Open the tiers (migrating a local SQLite CP database) and recover expired sagas."""
         tiers = await asyncio.to_thread(Tiers.open, config, engine_factory=engine_factory)

@@ -25,7 +25,7 @@ class Tiers:
 
     @classmethod
     def open(
-        cls, config: DataMeshConfig, *, engine_factory: EngineFactory = default_engine, auto_migrate: bool | None = None
+        cls, config: DataMeshConfig, *, engine_factory: EngineFactory | None = None, auto_migrate: bool | None = None
     ) -> Result[Tiers, ConfigError | StorageError]:
         """Open every tier; SQLite CP databases are migrated to the latest schema on open.
 
@@ -60,7 +60,8 @@ class Tiers:
             cp.dispose()
             return objects
         try:
-            ap = ContentStore(config.resolved_ap_dir, config.ap_shards, engine_factory=engine_factory)
+            factory = engine_factory if engine_factory is not None else engine_for(config.ap_engine)
+            ap = ContentStore(config.resolved_ap_dir, config.ap_shards, engine_factory=factory)
         except OSError as exc:
             cp.dispose()
             return Err(ConfigError("DATAMESH_AP_DIR", f"cannot use {config.resolved_ap_dir}: {exc}"))
@@ -86,3 +87,12 @@ def check_schema(cp: CpDatabase) -> Result[None, StorageError]:
             )
         )
     return Ok(None)
+
+
+def engine_for(name: str) -> EngineFactory:
+    """The AP shard engine named by ``DATAMESH_AP_ENGINE``."""
+    if name == "lsm":
+        from datamesh.storage.ap.lsm import lsm_engine
+
+        return lsm_engine
+    return default_engine

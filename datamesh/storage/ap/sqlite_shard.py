@@ -30,7 +30,7 @@ class SqliteShard(ShardEngine):
         self._lock_fd: int | None = None
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = _take_writer_lock(self.path)
+            self._lock_fd = take_writer_lock(self.path)
         try:
             if readonly:
                 uri = f"file:{self.path}?mode=ro"
@@ -80,7 +80,7 @@ class SqliteShard(ShardEngine):
         return deleted
 
     def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
-        upper = _prefix_upper_bound(prefix)
+        upper = prefix_upper_bound(prefix)
         sql = "SELECT key, value FROM kv WHERE key >= ?" + (" AND key < ?" if upper else "") + " ORDER BY key"
         params: list[object] = [prefix]
         if upper:
@@ -111,7 +111,7 @@ class SqliteShard(ShardEngine):
             self._lock_fd = None
 
 
-def _take_writer_lock(path: Path) -> int:
+def take_writer_lock(path: Path) -> int:
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -121,7 +121,7 @@ def _take_writer_lock(path: Path) -> int:
     return fd
 
 
-def _prefix_upper_bound(prefix: bytes) -> bytes | None:
+def prefix_upper_bound(prefix: bytes) -> bytes | None:
     """The smallest key greater than every key starting with ``prefix`` (None: no bound)."""
     trimmed = prefix.rstrip(b"\xff")
     if not trimmed:

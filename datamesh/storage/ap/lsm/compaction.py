@@ -1,0 +1,113 @@
+"""Size-tiered compaction, and the streaming k-way merge it (and full scans) are built on.
+
+Why size-tiered: with random keys every run overlaps every other, so leveled compaction would
+rewrite a whole level to push each small run down (write amplification ~ fanout per level);
+size-tiered merges ``fanout`` runs of similar size into one run of the next tier, so each entry is
+rewritten about once per tier: write amplification ~ 1 (log) + 1 (flush) + log_fanout(N / memtable).
+The price is space (up to ``fanout`` runs per tier and a transient copy while merging) and more
+runs to probe on a point lookup, which the key filters make cheap.  Both amplifications are
+measured by ``bench/bench_lsm.py`` and reported by ``stats()``.
+
+Tiers keep age order: every run in tier L is newer than every run in tier L+1 (a merge takes *all*
+runs of its tier), so "newest first" is "by ``max_seq``, descending" and a merge output keeps its
+place.  Tombstones are dropped only when the output lands below every other run: then nothing older
+remains for them to shadow.
+
+The merge is chunked so that the per-entry work runs in C: take the smallest "last buffered key"
+over all sources as a fence, ``dict.update`` every source's entries up to the fence from oldest to
+newest (newest wins), then ``sorted`` the dict.  No Python-level heap operation per entry.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import defaultdict
+from collections.abc import Iterator, Sequence, Set
+
+from datamesh.storage.ap.lsm.format import Value
+from datamesh.storage.ap.lsm.manifest import RunMeta
+from datamesh.storage.ap.lsm.run import Block
+
+_MERGE_BUFFER = 4096  # entries buffered per source between fences
+
+
+def pick_compaction(
+    runs: Sequence[RunMeta],
+    fanout: int,
+    *,
+    min_level: int = 0,
+    max_level: int | None = None,
+    busy: Set[int] = frozenset(),
+) -> tuple[int, list[RunMeta]] | None:
+    """The lowest tier in ``[min_level, max_level]`` holding ``fanout`` runs or more and not being
+    merged already (``busy``), with its ``fanout`` *oldest* runs, newest first.
+
+    Taking the oldest runs keeps the age order (the runs left in the tier are newer than the
+    output, which is newer than the next tier) and bounds every merge to ``fanout`` runs, so a tier
+    that fell behind is caught up by several bounded merges rather than one long one (which would
+    stretch a writer stall).  Merges of different tiers may run at once for the same reason.
+    """
+    tiers: dict[int, list[RunMeta]] = defaultdict(list)
+    for run in runs:
+        tiers[run.level].append(run)
+    for level in sorted(tiers):
+        if level < min_level or (max_level is not None and level > max_level) or level in busy:
+            continue
+        if len(tiers[level]) >= fanout:
+            oldest = sorted(tiers[level], key=lambda run: run.max_seq)[:fanout]
+            return level, oldest[::-1]
+    return None
+
+
+def pending_compactions(runs: Sequence[RunMeta], fanout: int) -> int:
+    """How many tier merges are due now (a tier with ``k * fanout`` runs counts ``k``)."""
+    tiers: dict[int, int] = defaultdict(int)
+    for run in runs:
+        tiers[run.level] += 1
+    return sum(count // fanout for count in tiers.values())
+
+
+class _Source:
+    __slots__ = ("blocks", "keys", "pos", "values")
+
+    def __init__(self, blocks: Iterator[Block]) -> None:
+        self.blocks = blocks
+        self.keys: list[bytes] = []
+        self.values: list[Value] = []
+        self.pos = 0
+        self.refill()
+
+    def refill(self) -> None:
+        keys: list[bytes] = []
+        values: list[Value] = []
+        for block_keys, block_values in self.blocks:
+            keys.extend(block_keys)
+            values.extend(block_values)
+            if len(keys) >= _MERGE_BUFFER:
+                break
+        self.keys, self.values, self.pos = keys, values, 0
+
+
+def merge_blocks(newest_first: Sequence[Iterator[Block]], *, drop_tombstones: bool) -> Iterator[Block]:
+    """Merge sorted block streams into sorted chunks; on equal keys the earliest stream wins."""
+    sources = [_Source(blocks) for blocks in newest_first]
+    while True:
+        active = [source for source in sources if source.pos < len(source.keys)]
+        if not active:
+            return
+        fence = min(source.keys[-1] for source in active)
+        merged: dict[bytes, Value] = {}
+        for source in reversed(active):  # oldest first: newer entries overwrite older ones
+            cut = bisect_right(source.keys, fence, source.pos)
+            merged.update(zip(source.keys[source.pos : cut], source.values[source.pos : cut], strict=True))
+            source.pos = cut
+            if cut == len(source.keys):
+                source.refill()
+        keys = sorted(merged)
+        values = list(map(merged.__getitem__, keys))
+        if drop_tombstones and None in values:
+            kept = [(key, value) for key, value in zip(keys, values, strict=True) if value is not None]
+            keys = [key for key, _ in kept]
+            values = [value for _, value in kept]
+        if keys:
+            yield keys, values

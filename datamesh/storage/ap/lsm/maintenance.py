@@ -1,0 +1,156 @@
+"""Background work of an LSM shard: the flusher thread and the compactor threads.
+
+A mixin of :class:`~datamesh.storage.ap.lsm.shard.LsmShard`, kept apart because it is the part
+that runs beside the writers: it takes the shard lock only to pick work and to install its result
+(new runs in the manifest, retired runs released), never while it sorts, merges or writes files.
+Failures are kept and re-raised to writers as ``ShardError``; a stalled writer is woken for it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from datamesh.storage.ap.lsm.compaction import merge_blocks, pick_compaction
+from datamesh.storage.ap.lsm.manifest import Manifest, RunMeta, run_meta, save_manifest
+from datamesh.storage.ap.lsm.memtable import Memtable
+from datamesh.storage.ap.lsm.recovery import remove_obsolete_logs
+from datamesh.storage.ap.lsm.run import Run, iter_blocks, write_run
+
+
+class ShardMaintenance:
+    """Flush and compaction loops over the state an ``LsmShard`` owns (declared here for typing)."""
+
+    path: Path
+    _lock: threading.Lock
+    _cond: threading.Condition
+    _closing: bool
+    _mem: Memtable
+    _immutables: list[Memtable]
+    _runs: list[tuple[RunMeta, Run]]
+    _manifest: Manifest
+    _busy_levels: set[int]
+    _background_error: BaseException | None
+    _flush_interval: float
+    _block_entries: int
+    _fanout: int
+
+    def _freeze_locked(self, *, stall: bool) -> None:
+        raise NotImplementedError
+
+    def _alloc_file(self) -> int:
+        raise NotImplementedError
+
+    def _run_path(self, number: int) -> Path:
+        raise NotImplementedError
+
+    # -- background work ------------------------------------------------------------------------
+
+    def _flush_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._immutables and not self._closing:
+                        aged = time.monotonic() - self._mem.created >= self._flush_interval
+                        if len(self._mem) and aged:
+                            self._freeze_locked(stall=False)
+                            break
+                        self._cond.wait(self._flush_interval / 4)
+                    if self._closing and not self._immutables:
+                        return
+                self._flush_oldest()
+        except BaseException as exc:  # noqa: BLE001 - kept and re-raised to writers as ShardError
+            self._fail(exc)
+
+    def _flush_oldest(self) -> None:
+        with self._lock:
+            if not self._immutables:
+                return
+            memtable = self._immutables[-1]
+            number = self._alloc_file()
+        path = self._run_path(number)
+        summary = write_run(path, memtable.sorted_chunks(), block_entries=self._block_entries)
+        added = [] if summary is None else [(run_meta(path.name, 0, memtable.max_seq, summary), Run(path))]
+        with self._lock:
+            self._immutables.remove(memtable)
+            self._install_locked(added=added, removed=[])
+            counters = self._manifest.counters
+            counters.flush_bytes += summary.file_bytes if summary else 0
+            counters.flushes += 1
+            oldest = self._immutables[-1] if self._immutables else self._mem
+            self._manifest.min_log = oldest.log_number
+            self._manifest.last_seq = max(self._manifest.last_seq, memtable.max_seq)
+            save_manifest(self.path, self._manifest)
+            self._cond.notify_all()
+        remove_obsolete_logs(self.path, self._manifest.min_log)
+
+    def _compact_loop(self, min_level: int, max_level: int | None) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._closing and self._pick(min_level, max_level) is None:
+                        self._cond.wait(1.0)
+                    if self._closing:
+                        return
+                self._compact_once(min_level, max_level)
+        except BaseException as exc:  # noqa: BLE001 - kept and re-raised to writers as ShardError
+            self._fail(exc)
+
+    def _pick(self, min_level: int = 0, max_level: int | None = None) -> tuple[int, list[RunMeta]] | None:
+        return pick_compaction(
+            self._manifest.runs, self._fanout, min_level=min_level, max_level=max_level, busy=self._busy_levels
+        )
+
+    def _compact_once(self, min_level: int = 0, max_level: int | None = None) -> bool:
+        """Merge one due tier into a run of the next; False if nothing was due (or closing)."""
+        with self._lock:
+            picked = self._pick(min_level, max_level)
+            if picked is None or self._closing:
+                return False
+            level, inputs = picked
+            names = {meta.name for meta in inputs}
+            pairs = [pair for pair in self._runs if pair[0].name in names]
+            drop_tombstones = all(meta.level <= level for meta in self._manifest.runs)
+            number = self._alloc_file()
+            self._busy_levels.add(level)
+        try:
+            return self._merge(level, pairs, number, drop_tombstones=drop_tombstones)
+        finally:
+            with self._lock:
+                self._busy_levels.discard(level)
+                self._cond.notify_all()
+
+    def _merge(self, level: int, pairs: list[tuple[RunMeta, Run]], number: int, *, drop_tombstones: bool) -> bool:
+        path = self._run_path(number)
+        streams = [iter_blocks(run.path) for _, run in pairs]
+        merged = merge_blocks(streams, drop_tombstones=drop_tombstones)
+        summary = write_run(path, merged, block_entries=self._block_entries, cancelled=lambda: self._closing)
+        if summary is None and self._closing:
+            return False
+        added: list[tuple[RunMeta, Run]] = []
+        if summary is not None:
+            max_seq = max(meta.max_seq for meta, _ in pairs)
+            added.append((run_meta(path.name, level + 1, max_seq, summary), Run(path)))
+        with self._lock:
+            self._install_locked(added=added, removed=pairs)
+            self._cond.notify_all()  # writers stalled on tier-0 debt
+            counters = self._manifest.counters
+            counters.compaction_bytes_read += sum(meta.file_bytes for meta, _ in pairs)
+            counters.compaction_bytes_written += summary.file_bytes if summary else 0
+            counters.compactions += 1
+            save_manifest(self.path, self._manifest)
+        for _, run in pairs:
+            run.retire(delete=True)
+        return True
+
+    def _install_locked(self, *, added: list[tuple[RunMeta, Run]], removed: list[tuple[RunMeta, Run]]) -> None:
+        gone = {meta.name for meta, _ in removed}
+        runs = [pair for pair in self._runs if pair[0].name not in gone] + added
+        self._runs = sorted(runs, key=lambda pair: pair[0].max_seq, reverse=True)  # one atomic swap
+        self._manifest.runs = [meta for meta, _ in self._runs]
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._background_error = exc
+            self._cond.notify_all()

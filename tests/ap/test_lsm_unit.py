@@ -1,0 +1,223 @@
+"""Unit tests of the LSM's parts: batch format, log, key filter, merge, runs, snapshots, readers, stats."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from datamesh.storage.ap.base import ShardError
+from datamesh.storage.ap.lsm import FsyncPolicy, LsmShard, format_stats
+from datamesh.storage.ap.lsm.compaction import merge_blocks, pending_compactions, pick_compaction
+from datamesh.storage.ap.lsm.filter import FilterBuilder, KeyFilter
+from datamesh.storage.ap.lsm.format import FormatError, decode_entries, encode_entries
+from datamesh.storage.ap.lsm.log import LogWriter, record_bytes, replay
+from datamesh.storage.ap.lsm.manifest import RunMeta, load_manifest
+from datamesh.storage.ap.lsm.run import Run, RunWriter, verify_run
+
+
+def _keys(n: int) -> list[bytes]:
+    return sorted(os.urandom(16) for _ in range(n))
+
+
+def test_format_round_trips_values_and_tombstones() -> None:
+    keys = [b"a", b"bb", b"", b"d" * 300]
+    values = [b"1", None, b"", b"x" * 70000]
+    assert decode_entries(encode_entries(keys, values)) == (keys, values)
+    with pytest.raises(FormatError):
+        decode_entries(encode_entries(keys, values)[:-1])
+
+
+@pytest.mark.parametrize("cut", ["short header", "short payload", "checksum mismatch"])
+def test_replay_cuts_a_torn_tail_and_keeps_whole_records(tmp_path: Path, cut: str) -> None:
+    # Given a log with two whole records and a damaged third
+    path = tmp_path / "1.log"
+    writer = LogWriter(path, policy=FsyncPolicy.ALWAYS, fsync_interval_s=0)
+    writer.append(1, b"first")
+    writer.append(2, b"second")
+    writer.sync(2)
+    writer.close()
+    whole = path.stat().st_size
+    third = record_bytes(3, b"third record")
+    damaged = {"short header": third[:5], "short payload": third[:-2], "checksum mismatch": third[:-1] + b"?"}[cut]
+    with open(path, "ab") as handle:
+        handle.write(damaged)
+    # When the log is replayed
+    result = replay(path)
+    # Then the whole records come back, the tail is reported and cut from the file
+    assert result.records == [(1, b"first"), (2, b"second")]
+    assert result.reason == cut and result.truncated_bytes == len(damaged)
+    assert path.stat().st_size == whole
+    assert replay(path).truncated_bytes == 0
+
+
+def test_group_commit_covers_concurrent_writers(tmp_path: Path) -> None:
+    writer = LogWriter(tmp_path / "1.log", policy=FsyncPolicy.ALWAYS, fsync_interval_s=0)
+    lock = threading.Lock()
+    counter = iter(range(1, 10**6))
+
+    def work() -> None:
+        for _ in range(50):
+            with lock:
+                sequence = next(counter)
+                writer.append(sequence, b"x" * 100)
+            writer.sync(sequence)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.close()
+    assert [seq for seq, _ in replay(tmp_path / "1.log").records] == list(range(1, 201))
+
+
+def test_key_filter_has_no_false_negatives_and_few_false_positives() -> None:
+    # Given the filter of a run's keys (in key order), partitioned by 1024 keys
+    keys = _keys(20000)
+    builder = FilterBuilder(1024)
+    builder.add(keys[:5000])
+    builder.add(keys[5000:])
+    key_filter = KeyFilter.from_bytes(builder.finish().to_bytes(), 1024)
+    # Then every key is found in its partition and random keys almost never are
+    assert all(key_filter.may_contain(key, ordinal) for ordinal, key in enumerate(keys))
+    assert sum(key_filter.may_contain(os.urandom(16), n % 20000) for n in range(20000)) < 3
+
+
+def test_merge_keeps_the_newest_value_and_drops_tombstones_only_when_asked() -> None:
+    newer = iter([([b"a", b"c"], [b"new-a", None])])
+    older = iter([([b"a", b"b"], [b"old-a", b"old-b"]), ([b"c", b"d"], [b"old-c", b"old-d"])])
+    merged = [
+        pair
+        for keys, values in merge_blocks([newer, older], drop_tombstones=False)
+        for pair in zip(keys, values, strict=True)
+    ]
+    assert merged == [(b"a", b"new-a"), (b"b", b"old-b"), (b"c", None), (b"d", b"old-d")]
+    newer = iter([([b"a", b"c"], [b"new-a", None])])
+    older = iter([([b"c"], [b"old-c"])])
+    assert [k for keys, _ in merge_blocks([newer, older], drop_tombstones=True) for k in keys] == [b"a"]
+
+
+def test_size_tiered_pick_takes_the_lowest_full_tier() -> None:
+    def meta(name: str, level: int, seq: int) -> RunMeta:
+        return RunMeta(name, level, seq, 1, 0, 1, 1)
+
+    runs = [meta("a", 1, 1), meta("b", 0, 5), meta("c", 0, 6), meta("d", 1, 2), meta("e", 0, 7)]
+    assert pick_compaction(runs, 3) == (0, [runs[4], runs[2], runs[1]])
+    assert pick_compaction(runs, 2) == (0, [runs[2], runs[1]])  # the oldest two, newest first
+    assert pick_compaction(runs, 2, busy={0}) == (1, [runs[3], runs[0]])
+    assert pick_compaction(runs, 4) is None
+    assert pending_compactions(runs, 2) == 2
+
+
+def test_a_run_answers_point_and_range_reads_and_passes_verification(tmp_path: Path) -> None:
+    keys = _keys(1000)
+    values: list[bytes | None] = [k * 2 for k in keys]
+    values[10] = None
+    writer = RunWriter(tmp_path / "1.sqlite3", block_entries=64)
+    writer.add(keys[:500], values[:500])
+    writer.add(keys[500:], values[500:])
+    summary = writer.finish()
+    assert (summary.entries, summary.tombstones) == (1000, 1)
+    run = Run(tmp_path / "1.sqlite3")
+    assert run.get(keys[3]) == keys[3] * 2
+    assert run.get(keys[10]) is None
+    assert run.get(b"\x00" * 16) is not None and run.get(b"\x00" * 16) is not keys[0]  # MISSING sentinel
+    assert [k for k, _ in run.range_items(keys[100], keys[200])] == keys[100:200]
+    assert verify_run(tmp_path / "1.sqlite3") == []
+    run.release()
+
+
+def test_verify_run_reports_a_corrupted_block(tmp_path: Path) -> None:
+    import sqlite3
+
+    keys = _keys(100)
+    writer = RunWriter(tmp_path / "1.sqlite3", block_entries=10)
+    writer.add(keys, list(keys))
+    writer.finish()
+    db = sqlite3.connect(tmp_path / "1.sqlite3")
+    db.execute("UPDATE blocks SET crc = crc + 1 WHERE first_key = ?", (keys[0],))
+    db.commit()
+    db.close()
+    assert any("checksum" in problem for problem in verify_run(tmp_path / "1.sqlite3"))
+
+
+def test_compaction_drops_shadowed_values_and_keeps_deletes_effective(tmp_path: Path) -> None:
+    # Given many flushed runs with overwrites and deletes, compacted down
+    shard = LsmShard(tmp_path / "s", memtable_bytes=2000, tier_fanout=2, block_entries=4, background=False)
+    keys = [b"k%04d" % i for i in range(200)]
+    for round_ in range(3):
+        shard.put_many([(k, b"v%d" % round_) for k in keys])
+    shard.delete_many(keys[:50])
+    shard.flush()
+    shard.wait_for_compactions()
+    stats = shard.stats()
+    # Then reads see the newest values, deletes hold, and amplification is reported
+    assert shard.get_many(keys) == {k: b"v2" for k in keys[50:]}
+    assert shard.count() == 150
+    assert stats.compactions > 0 and stats.pending_compactions == 0
+    assert stats.write_amplification > 1.0
+    shard.close()
+
+
+def test_a_scan_sees_one_snapshot_while_compaction_replaces_runs(tmp_path: Path) -> None:
+    shard = LsmShard(tmp_path / "s", memtable_bytes=3000, tier_fanout=100, block_entries=4, background=False)
+    for i in range(20):
+        shard.put_many([(b"p%03d-%02d" % (j, i), b"v") for j in range(10)])
+    shard.flush()
+    # Given a scan that pinned its runs (the generator runs up to its first chunk)
+    chunks = shard.iter_all()
+    first = next(chunks)
+    names_before = {p.name for p in (tmp_path / "s").glob("*.sqlite3")}
+    # When a compaction replaces every run meanwhile
+    shard._fanout = 2  # force the pending merges now
+    shard.wait_for_compactions()
+    # Then the scan finishes on its snapshot, and replaced files go only once it is done
+    rest = [k for keys, _ in chunks for k in keys]
+    assert len(first[0]) + len(rest) == 200
+    assert {p.name for p in (tmp_path / "s").glob("*.sqlite3")}.isdisjoint(names_before)
+    shard.close()
+
+
+def test_a_reader_in_another_handle_sees_flushed_writes_within_the_flush_interval(tmp_path: Path) -> None:
+    writer = LsmShard(tmp_path / "s", flush_interval_s=0.2)
+    reader = LsmShard(tmp_path / "s", readonly=True)
+    writer.put_many([(b"key", b"value")])
+    assert writer.get_many([b"key"]) == {b"key": b"value"}  # read-your-writes at once
+    deadline = time.monotonic() + 5
+    while reader.get_many([b"key"]) == {} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reader.get_many([b"key"]) == {b"key": b"value"}
+    writer.close()
+    reader.close()
+
+
+def test_recovery_removes_orphan_runs_and_replays_the_log(tmp_path: Path) -> None:
+    shard = LsmShard(tmp_path / "s", background=False)
+    shard.put_many([(b"a", b"1")])
+    shard._log.close()  # stand for a crash: leave without close()
+    shard._release_writer_lock()
+    (tmp_path / "s" / "00009999.sqlite3").write_bytes(b"half-written run")
+    reopened = LsmShard(tmp_path / "s", background=False)
+    assert reopened.get_many([b"a"]) == {b"a": b"1"}
+    assert reopened.last_recovery["orphans_removed"] == 1
+    assert not (tmp_path / "s" / "00009999.sqlite3").exists()
+    reopened.close()
+
+
+def test_stats_and_format_stats_describe_each_shard(tmp_path: Path) -> None:
+    shard = LsmShard(tmp_path / "eu" / "shard-000.lsm", memtable_bytes=1000, background=False)
+    shard.put_many([(os.urandom(16), os.urandom(100)) for _ in range(50)])
+    assert shard.stats().memtable_entries == 50
+    shard.flush()
+    stats = shard.stats()
+    assert stats.runs_per_level.get(0, 0) >= 1 and stats.run_bytes > 0
+    text = format_stats(tmp_path)
+    assert "eu/shard-000.lsm" in text and "L0:" in text
+    shard.close()
+    assert load_manifest(tmp_path / "eu" / "shard-000.lsm") is not None
+    with pytest.raises(ShardError):
+        shard.put_many([(b"k", b"v")])
