@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from datamesh.models.tables import Saga, SagaStep
-from datamesh.storage.cp.sql import as_utc, bulk_insert, upsert
+from datamesh.storage.cp.sql import as_utc, bulk_insert
 
 SAGAS = cast(Table, Saga.__table__)
 STEPS = cast(Table, SagaStep.__table__)
@@ -82,19 +83,36 @@ def record_step(
     lease_s: float,
     error: str | None = None,
 ) -> None:
-    """Record a step's state and extend the saga's lease (the saga is alive)."""
-    upsert(
-        conn,
-        STEPS,
-        [{"saga_id": saga_id, "step": step, "state": state.value, "attempts": 1, "error": error, "updated_at": now}],
-        ["saga_id", "step"],
-        ["state", "error", "updated_at"],
-    )
+    """Record a step's state and extend the saga's lease (the saga is alive).
+
+    Runs on every step of every saga: the statements are built once per dialect and reused, so
+    SQLAlchemy's compiled cache serves them.
+    """
     conn.execute(
-        update(SAGAS)
-        .where(SAGAS.c.id == saga_id)
-        .values(lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
+        _step_upsert(conn.dialect.name),
+        {"saga_id": saga_id, "step": step, "state": state.value, "attempts": 1, "error": error, "updated_at": now},
     )
+    conn.execute(_EXTEND_LEASE, {"sid": saga_id, "lease": now + timedelta(seconds=lease_s), "now": now})
+
+
+_EXTEND_LEASE = (
+    update(SAGAS)
+    .where(SAGAS.c.id == bindparam("sid"))
+    .values(lease_expires_at=bindparam("lease"), updated_at=bindparam("now"))
+)
+_STEP_UPSERTS: dict[str, Any] = {}
+
+
+def _step_upsert(dialect_name: str) -> Any:
+    stmt = _STEP_UPSERTS.get(dialect_name)
+    if stmt is None:
+        insert = (postgresql if dialect_name == "postgresql" else sqlite).insert(STEPS)
+        stmt = insert.on_conflict_do_update(
+            index_elements=["saga_id", "step"],
+            set_={c: insert.excluded[c] for c in ("state", "error", "updated_at")},
+        )
+        _STEP_UPSERTS[dialect_name] = stmt
+    return stmt
 
 
 def transition(
