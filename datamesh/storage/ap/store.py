@@ -55,6 +55,9 @@ class ContentStore:
     def shard_path(self, region: GeoRegion, shard: int) -> Path:
         return self.root / region.value / f"shard-{shard:03d}"
 
+    def shard_path_for(self, region: str, shard: int) -> Path:
+        return self.root / region / f"shard-{shard:03d}"
+
     def shard_of(self, entity: EntityId) -> int:
         return shard_for(entity.value.bytes, self.shard_count)
 
