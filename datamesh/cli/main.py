@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 from datamesh.cli import demo, maintenance
 from datamesh.core.config import DataMeshConfig
+from datamesh.workers import cli as workers_cli
 
-COMMANDS = (demo, maintenance)
+COMMANDS = (demo, maintenance, workers_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

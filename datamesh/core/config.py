@@ -36,6 +36,7 @@ DEFAULT_COMPENSATION_ATTEMPTS = 6
 DEFAULT_SHARD_LEASE_S = 30.0
 DEFAULT_REAP_INTERVAL_S = 30.0
 DEFAULT_SAGA_WAIT_S = 300.0
+DEFAULT_STEP_TIME_LIMIT_S = 120.0
 DEFAULT_WORKER_ROLE = "all"
 
 BACKPRESSURE_MODES = ("wait", "reject")
@@ -72,6 +73,7 @@ class DataMeshConfig:
     shard_lease_s: float = DEFAULT_SHARD_LEASE_S
     reap_interval_s: float = DEFAULT_REAP_INTERVAL_S
     saga_wait_s: float = DEFAULT_SAGA_WAIT_S
+    step_time_limit_s: float = DEFAULT_STEP_TIME_LIMIT_S
     worker_role: str = DEFAULT_WORKER_ROLE
     worker_regions: tuple[str, ...] = ()
     worker_shards: tuple[int, ...] = ()
@@ -158,6 +160,7 @@ class DataMeshConfig:
                 shard_lease_s=_get(env, "DATAMESH_SHARD_LEASE_S", _positive_float, DEFAULT_SHARD_LEASE_S),
                 reap_interval_s=_get(env, "DATAMESH_REAP_INTERVAL_S", _positive_float, DEFAULT_REAP_INTERVAL_S),
                 saga_wait_s=_get(env, "DATAMESH_SAGA_WAIT_S", _positive_float, DEFAULT_SAGA_WAIT_S),
+                step_time_limit_s=_get(env, "DATAMESH_STEP_TIME_LIMIT_S", _positive_float, DEFAULT_STEP_TIME_LIMIT_S),
                 worker_role=_get(env, "DATAMESH_WORKER_ROLE", _choice(WORKER_ROLES), DEFAULT_WORKER_ROLE),
                 worker_regions=_get(env, "DATAMESH_WORKER_REGIONS", _regions, ()),
                 worker_shards=_get(env, "DATAMESH_WORKER_SHARDS", parse_shards, ()),

@@ -26,9 +26,9 @@ TASK_MODULES = ("datamesh.tasks.steps", "datamesh.tasks.compensation", "datamesh
 
 def reliability_settings(config: DataMeshConfig) -> dict[str, Any]:
     """The settings that decide whether work is lost or duplicated; one place, one reason each."""
-    # The longest a step can take with its retries: a batch step runs in seconds, but its retries wait
-    # up to the backoff cap each and a shard whose owner died waits for the lease to expire.
-    longest_step_s = 120 + config.step_max_deliveries * 2.0 + config.shard_lease_s
+    # The longest a step can take with its retries: the hard time limit, plus a backoff of up to 2 s
+    # before each retry, plus a shard whose owner died waiting for the lease to expire.
+    longest_step_s = config.step_time_limit_s + config.step_max_deliveries * 2.0 + config.shard_lease_s
     if config.visibility_timeout_s <= longest_step_s:
         raise ValueError(
             f"DATAMESH_VISIBILITY_TIMEOUT_S={config.visibility_timeout_s} must exceed the longest step "
@@ -54,6 +54,9 @@ def reliability_settings(config: DataMeshConfig) -> dict[str, Any]:
         # A task running when the broker connection drops cannot acknowledge its message any more; it
         # will be redelivered, so cancel it rather than finish it twice.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A step that hangs is killed after this long and fails (its errback compensates the saga):
+        # this bounds "the longest step" that the visibility timeout must exceed.
+        "task_time_limit": config.step_time_limit_s,
         # Celery results expire and are never the record: the saga log in the CP tier is.
         "task_ignore_result": True,
         # JSON only (payload bytes travel base64): no pickle from the broker.

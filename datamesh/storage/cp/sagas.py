@@ -129,6 +129,24 @@ def begin_step(
     return status, attempts
 
 
+def redrive(conn: Connection, saga_id: str, *, now: datetime, lease_s: float) -> bool:
+    """Put a dead (or stuck) saga back to ``compensating`` with a fresh attempt count."""
+    result = conn.execute(
+        update(SAGAS)
+        .where(
+            SAGAS.c.id == saga_id,
+            SAGAS.c.status.in_([SagaStatus.DEAD.value, SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]),
+        )
+        .values(
+            status=SagaStatus.COMPENSATING.value,
+            attempts=0,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            updated_at=now,
+        )
+    )
+    return result.rowcount == 1
+
+
 def mark_all_compensated(conn: Connection, saga_id: str, *, now: datetime) -> None:
     """Every step row of the saga (including per-shard parts) ends ``compensated``."""
     conn.execute(
