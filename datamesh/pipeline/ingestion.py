@@ -80,7 +80,8 @@ class IngestionPipeline:
         """Open the tiers (migrating a local SQLite CP database) and recover expired sagas.
 
         With ``DATAMESH_EXECUTOR=celery`` the sagas run on the Celery workers: this process only reads
-        the AP shards (their writers are the workers) and ``faults`` is not used.
+        the AP shards (their writers are the workers) and ``faults`` applies to ``reserve`` only (the one
+        step run here).
         """
         distributed = config.executor == "celery"
         if distributed and engine_factory is default_engine:
@@ -93,6 +94,8 @@ class IngestionPipeline:
             from datamesh.workers.executor import CeleryExecutor
 
             executor = CeleryExecutor(tiers.value, config)
+            if faults is not None:
+                executor.faults = faults
         else:
             executor = LocalSagaExecutor(tiers.value, config.ap_shards)
             if faults is not None:

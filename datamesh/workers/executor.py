@@ -20,8 +20,8 @@ from datamesh.core.errors import SagaFailed, StorageError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.pipeline.plan import SagaPlan
 from datamesh.pipeline.prepare import Prepared
-from datamesh.pipeline.saga import Content, ReapOutcome, _committed_by_other
-from datamesh.pipeline.steps import Committed, ReserveOutcome, reserve
+from datamesh.pipeline.saga import Content, FaultHook, ReapOutcome, _committed_by_other, _no_faults
+from datamesh.pipeline.steps import Committed, ReserveOutcome, Step, reserve
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus
@@ -35,16 +35,38 @@ FINAL = (SagaStatus.COMMITTED, SagaStatus.COMPENSATED, SagaStatus.DEAD)
 class CeleryExecutor:
     """Publishes sagas to the Celery workers and waits for their outcome in the saga log."""
 
-    def __init__(self, tiers: Tiers, config: DataMeshConfig, app: Celery | None = None) -> None:
+    def __init__(
+        self, tiers: Tiers, config: DataMeshConfig, app: Celery | None = None, *, faults: FaultHook = _no_faults
+    ) -> None:
         from datamesh.workers.app import create_app
 
+        self.faults = faults  # reserve runs here; the other steps' faults are injected in the workers
         self.tiers = tiers
         self.config = config
         self.app = app if app is not None else create_app(config, load_celeryconfig=False)
         self._redis = redis.Redis.from_url(config.broker_url, socket_timeout=_POLL_S + 5)
 
-    def reserve(self, tenant: str, prepared: Sequence[Prepared]) -> Result[ReserveOutcome, StorageError]:
-        return reserve(self.tiers, tenant, prepared, shard_count=self.config.ap_shards)
+    def reserve(
+        self, tenant: str, prepared: Sequence[Prepared]
+    ) -> Result[ReserveOutcome, StorageError | SagaFailed]:
+        try:
+            self.faults(Step.RESERVE, "before")
+        except Exception as exc:  # noqa: BLE001 - nothing written yet
+            return Err(SagaFailed("-", Step.RESERVE, f"{type(exc).__name__}: {exc}"))
+        outcome = reserve(self.tiers, tenant, prepared, shard_count=self.config.ap_shards)
+        if isinstance(outcome, Err) or not outcome.value.plan.items:
+            return outcome
+        try:
+            self.faults(Step.RESERVE, "after")
+        except Exception as exc:  # noqa: BLE001 - a failure after reserve is compensated like any step's
+            from datamesh.tasks.compensation import enqueue_compensation
+
+            plan = outcome.value.plan
+            error = f"{type(exc).__name__}: {exc}"
+            enqueue_compensation(self.app, self.tiers, plan.saga_id, failed_step=Step.RESERVE, error=error)
+            waited = self.wait(plan)
+            return Err(waited.error if isinstance(waited, Err) else SagaFailed(plan.saga_id, Step.RESERVE, error))
+        return outcome
 
     def submit(self, plan: SagaPlan, content: Content, blobs: Mapping[tuple[str, str], bytes]) -> Result[None, StorageError]:
         """Publish the saga's chain; an unpublished saga is left to the reaper (its lease expires)."""
