@@ -110,6 +110,15 @@ class Workers:
         self.procs.append(proc)
         return proc
 
+    def start_beat(self) -> subprocess.Popen[bytes]:
+        full = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(self.config)}
+        full["PYTHONPATH"] = str(ROOT)
+        log = open(self.log_dir / f"worker-beat-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "datamesh", "beat", "--loglevel", "INFO"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
     def wait_ready(self, count: int = 1, timeout: float = 60.0) -> list[str]:
         from datamesh.workers.app import create_app
 
