@@ -8,7 +8,7 @@ reasons in ``datamesh.workers.app.reliability_settings`` and a deployment cannot
 
 from __future__ import annotations
 
-from kombu import Queue
+from kombu.entity import Queue
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.workers import queues

@@ -52,7 +52,9 @@ def test_the_services_the_architecture_asks_for(compose: dict[str, Any]) -> None
     redis = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis and "--maxmemory-policy noeviction" in redis
     primary = services["postgres-primary"]["environment"]
-    assert primary["POSTGRESQL_SYNCHRONOUS_COMMIT_MODE"] == "on" and primary["POSTGRESQL_NUM_SYNCHRONOUS_REPLICAS"] == "1"
+    assert (
+        primary["POSTGRESQL_SYNCHRONOUS_COMMIT_MODE"] == "on" and primary["POSTGRESQL_NUM_SYNCHRONOUS_REPLICAS"] == "1"
+    )
     assert services["postgres-standby"]["environment"]["POSTGRESQL_MASTER_HOST"] == "postgres-primary"
     assert "minio" in services and "flower" in services and "beat" in services
     workers = [s["command"] for n, s in services.items() if n.startswith("worker-ap-")]

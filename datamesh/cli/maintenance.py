@@ -11,10 +11,10 @@ from datamesh.core.result import Err
 from datamesh.pipeline import compensation
 from datamesh.pipeline.saga import reap
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.cp import migrate, provenance, sagas
-from datamesh.storage.cp.database import CpDatabase
 from datamesh.storage.ap.fenced import readonly_engine
 from datamesh.storage.ap.store import default_engine
+from datamesh.storage.cp import migrate, provenance, sagas
+from datamesh.storage.cp.database import CpDatabase
 from datamesh.storage.cp.sagas import SagaStatus
 from datamesh.storage.cp.sql import utcnow
 

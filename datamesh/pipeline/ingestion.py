@@ -36,9 +36,9 @@ from datamesh.pipeline.request import IngestionRequest, IngestionResponse, Valid
 from datamesh.pipeline.saga import FaultHook, LocalSagaExecutor, ReapOutcome, reap
 from datamesh.pipeline.steps import Committed, Existing
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.cp import sagas
 from datamesh.storage.ap.fenced import readonly_engine
 from datamesh.storage.ap.store import EngineFactory, default_engine
+from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus
 
 if TYPE_CHECKING:
@@ -228,7 +228,9 @@ class IngestionPipeline:
         if not wait and not isinstance(self._executor, LocalSagaExecutor):
             submitted = self._executor.submit(plan, content, blobs)
             for item in plan.items:
-                out[item.index] = Err(submitted.error) if isinstance(submitted, Err) else Ok(_pending(item, plan, started))
+                out[item.index] = (
+                    Err(submitted.error) if isinstance(submitted, Err) else Ok(_pending(item, plan, started))
+                )
             return
         result = self._executor.execute(plan, content, blobs)
         if isinstance(result, Err):

@@ -64,7 +64,9 @@ def saga_chain(app: Celery, plan: SagaPlan, content: Content, blobs: Mapping[tup
     sigs: list[Signature] = []
     blob_regions = sorted({b.region for b in plan.blobs})
     for region in blob_regions:
-        region_blobs = [[b.content_hash, b.size, b64(blobs[(b.region, b.content_hash)])] for b in plan.blobs if b.region == region]
+        region_blobs = [
+            [b.content_hash, b.size, b64(blobs[(b.region, b.content_hash)])] for b in plan.blobs if b.region == region
+        ]
         sigs.append(
             app.signature(
                 queues.STORE_BLOBS,

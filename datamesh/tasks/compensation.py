@@ -87,7 +87,9 @@ def compensate_task(self: Task, *, saga_id: str) -> str:
     tiers = RUNTIME.tiers()
     record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.compensate.load", write=False)
     if isinstance(record, Err):
-        raise self.retry(countdown=full_jitter_delay(self.request.retries + 1, base_s=_BASE_S, cap_s=_CAP_S), max_retries=None)
+        raise self.retry(
+            countdown=full_jitter_delay(self.request.retries + 1, base_s=_BASE_S, cap_s=_CAP_S), max_retries=None
+        )
     if record.value is None or record.value.status not in (SagaStatus.COMPENSATING, SagaStatus.DEAD):
         return "skipped"
     compensation_chain(self.app, SagaPlan.from_json(record.value.plan_json)).apply_async()

@@ -40,7 +40,10 @@ def begin(task: Task, saga_id: str, step: str) -> bool:
         lambda c: sagas.begin_step(c, saga_id, step, now=utcnow(), lease_s=tiers.lease_s), operation="task.begin"
     )
     if isinstance(begun, Err):
-        raise task.retry(countdown=full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S), max_retries=RUNTIME.config.step_max_deliveries)
+        raise task.retry(
+            countdown=full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
+            max_retries=RUNTIME.config.step_max_deliveries,
+        )
     status, attempts = begun.value
     if status != SagaStatus.RUNNING:
         return False
@@ -90,7 +93,11 @@ def store_blobs_task(self: Task, *, saga_id: str, tenant: str, region: str, blob
     plan = SagaPlan(saga_id, tenant, [], [BlobPlan(region, h, int(size)) for h, size, _ in blobs])
     data = {(region, h): unb64(b) for h, _, b in blobs}
     return run_step(
-        self, saga_id, f"{Step.STORE_BLOBS}.{region}", Step.STORE_BLOBS, lambda: store_blobs(RUNTIME.tiers(), plan, data)
+        self,
+        saga_id,
+        f"{Step.STORE_BLOBS}.{region}",
+        Step.STORE_BLOBS,
+        lambda: store_blobs(RUNTIME.tiers(), plan, data),
     )
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
 from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown
+from kombu.entity import Queue
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.workers import queues

@@ -52,7 +52,9 @@ def register(sub: Any) -> None:
 def worker_commands(args: argparse.Namespace, config: DataMeshConfig) -> list[tuple[list[str], dict[str, str]]]:
     """The Celery worker command lines (and their extra environment) for the requested pool."""
     regions = args.region or list(config.worker_regions) or [r.value for r in GeoRegion]
-    shards = list(parse_shards(args.shards)) if args.shards else list(config.worker_shards) or list(range(config.ap_shards))
+    shards = (
+        list(parse_shards(args.shards)) if args.shards else list(config.worker_shards) or list(range(config.ap_shards))
+    )
     processes = max(1, args.processes)
     prefix = args.name or f"{args.role}.{os.getpid()}"
     sharded = args.role in ("all", "ap") and processes > 1

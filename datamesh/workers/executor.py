@@ -46,9 +46,7 @@ class CeleryExecutor:
         self.app = app if app is not None else create_app(config, load_celeryconfig=False)
         self._redis = redis.Redis.from_url(config.broker_url, socket_timeout=_POLL_S + 5)
 
-    def reserve(
-        self, tenant: str, prepared: Sequence[Prepared]
-    ) -> Result[ReserveOutcome, StorageError | SagaFailed]:
+    def reserve(self, tenant: str, prepared: Sequence[Prepared]) -> Result[ReserveOutcome, StorageError | SagaFailed]:
         try:
             self.faults(Step.RESERVE, "before")
         except Exception as exc:  # noqa: BLE001 - nothing written yet
@@ -68,14 +66,20 @@ class CeleryExecutor:
             return Err(waited.error if isinstance(waited, Err) else SagaFailed(plan.saga_id, Step.RESERVE, error))
         return outcome
 
-    def submit(self, plan: SagaPlan, content: Content, blobs: Mapping[tuple[str, str], bytes]) -> Result[None, StorageError]:
+    def submit(
+        self, plan: SagaPlan, content: Content, blobs: Mapping[tuple[str, str], bytes]
+    ) -> Result[None, StorageError]:
         """Publish the saga's chain; an unpublished saga is left to the reaper (its lease expires)."""
         from datamesh.tasks.codec import saga_chain
 
         try:
             saga_chain(self.app, plan, content, blobs).apply_async(link_error=self.app.signature(queues.STEP_FAILED))
         except Exception as exc:  # noqa: BLE001 - kombu/redis failures after publish retries: one boundary
-            return Err(StorageError("broker", "submit", f"could not enqueue saga {plan.saga_id}: {exc}", retryable=True, cause=repr(exc)))
+            return Err(
+                StorageError(
+                    "broker", "submit", f"could not enqueue saga {plan.saga_id}: {exc}", retryable=True, cause=repr(exc)
+                )
+            )
         return Ok(None)
 
     def execute(
@@ -106,7 +110,12 @@ class CeleryExecutor:
             left = deadline - time.monotonic()
             if left <= 0:
                 return Err(
-                    StorageError("pipeline", "ingest", f"saga {plan.saga_id} still in flight after {self.config.saga_wait_s}s", retryable=True)
+                    StorageError(
+                        "pipeline",
+                        "ingest",
+                        f"saga {plan.saga_id} still in flight after {self.config.saga_wait_s}s",
+                        retryable=True,
+                    )
                 )
             try:
                 self._redis.blpop([key], timeout=max(0.01, min(_POLL_S, left)))

@@ -57,9 +57,7 @@ class _Held:
 class ShardLeases:
     """The leases one worker holds; ``owner`` names the worker node (stable across child restarts)."""
 
-    def __init__(
-        self, client: redis.Redis, owner: str, *, ttl_s: float, fence_of: Callable[[str, int], int]
-    ) -> None:
+    def __init__(self, client: redis.Redis, owner: str, *, ttl_s: float, fence_of: Callable[[str, int], int]) -> None:
         self._client = client
         self.owner = owner
         self.ttl_ms = max(1, int(ttl_s * 1000))

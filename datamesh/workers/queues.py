@@ -39,7 +39,9 @@ def ap_queue(region: str, shard: int) -> str:
     return f"ap.{region}.{shard}"
 
 
-def route(name: str, args: Sequence[Any], kwargs: Mapping[str, Any], options: Mapping[str, Any], **_: Any) -> dict[str, str]:
+def route(
+    name: str, args: Sequence[Any], kwargs: Mapping[str, Any], options: Mapping[str, Any], **_: Any
+) -> dict[str, str]:
     """Celery router (``task_routes``): region and shard come from the task's keyword arguments."""
     if name in (STORE_BLOBS, UNDO_STORE_BLOBS):
         return {"queue": blobs_queue(kwargs["region"])}

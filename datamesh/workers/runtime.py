@@ -6,6 +6,7 @@ database sockets (``after_fork`` disposes the CP engine's pool for that reason) 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass, field
@@ -82,10 +83,8 @@ class Runtime:
 
     def close(self) -> None:
         if self._leases is not None:
-            try:
+            with contextlib.suppress(redis.RedisError):
                 self._leases.release_all()
-            except redis.RedisError:
-                pass
         if self._tiers is not None:
             self._tiers.close()
         self._tiers = None

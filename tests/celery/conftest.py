@@ -105,7 +105,17 @@ class Workers:
             full["DATAMESH_TEST_HOOKS_REDIS"] = hooks_redis
         full.update(env)
         log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "datamesh", "worker", "--loglevel", "INFO", "--include", "tests.celery_hooks", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "datamesh",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--include",
+            "tests.celery_hooks",
+            *args,
+        ]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc

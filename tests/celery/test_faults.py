@@ -32,7 +32,11 @@ async def test_failure_at_each_step_is_compensated_by_the_workers(
             # when a batch with inline and object-store payloads in two regions is ingested,
             results = (await p.ingest_many(requests)).unwrap()
             # then every item reports the failed saga at that step,
-            assert all(isinstance(r, Err) and isinstance(r.error, SagaFailed) for r in results), (step, phase, results[0])
+            assert all(isinstance(r, Err) and isinstance(r.error, SagaFailed) for r in results), (
+                step,
+                phase,
+                results[0],
+            )
             failure = results[0].error
             assert isinstance(failure, SagaFailed) and failure.step == step and not failure.dead_lettered, failure
             # every tier is empty but for the compensated saga records,

@@ -19,11 +19,13 @@ from tests.helpers import real_requests
 
 
 def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - a local test server
+    with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
 
 
-async def test_flower_shows_pools_and_saga_tasks(workers: Workers, celery_config: DataMeshConfig, tmp_path: Path) -> None:
+async def test_flower_shows_pools_and_saga_tasks(
+    workers: Workers, celery_config: DataMeshConfig, tmp_path: Path
+) -> None:
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(celery_config)}
     env["PYTHONPATH"] = str(ROOT)
@@ -65,7 +67,9 @@ async def test_flower_shows_pools_and_saga_tasks(workers: Workers, celery_config
             assert time.monotonic() < deadline, (pools.keys(), names)
             time.sleep(0.5)
         assert any(n.startswith("ap-eu.") for n in pools) and any(n.startswith("cp-pool.") for n in pools)
-        ap_queues = {q["name"] for n, info in pools.items() if n.startswith("ap-eu.") for q in info.get("active_queues", [])}
+        ap_queues = {
+            q["name"] for n, info in pools.items() if n.startswith("ap-eu.") for q in info.get("active_queues", [])
+        }
         assert ap_queues == {"ap.eu-west.0", "ap.eu-west.1", "ap.eu-west.2", "ap.eu-west.3"}
         assert all(t["state"] == "SUCCESS" for t in tasks.values() if t.get("name") == "datamesh.commit_cp")
     finally:

@@ -36,7 +36,9 @@ async def test_batches_wait_and_no_wait(workers: Workers, celery_config: DataMes
         # Given a batch with inline and object-store payloads in two regions,
         requests = real_requests(40)
         big = b"B" * (celery_config.inline_max_bytes + 7)
-        requests.append(IngestionRequest(entity_id=EntityId.generate(), prompt=b"p", response=big, geo_region=GeoRegion.US_EAST))
+        requests.append(
+            IngestionRequest(entity_id=EntityId.generate(), prompt=b"p", response=big, geo_region=GeoRegion.US_EAST)
+        )
         # when it is ingested and waited for,
         results = (await p.ingest_many(requests)).unwrap()
         # then every turn committed and reads back verified,
@@ -48,7 +50,9 @@ async def test_batches_wait_and_no_wait(workers: Workers, celery_config: DataMes
         again = (await p.ingest_many(requests[:5])).unwrap()
         assert all(r.unwrap().deduplicated for r in again)
         # and wait=False returns a pending saga id whose status the pipeline reports.
-        later = IngestionRequest(entity_id=EntityId.generate(), prompt=b"later", response=b"soon", geo_region=GeoRegion.EU_WEST)
+        later = IngestionRequest(
+            entity_id=EntityId.generate(), prompt=b"later", response=b"soon", geo_region=GeoRegion.EU_WEST
+        )
         pending = (await p.ingest(later, wait=False)).unwrap()
         assert pending.pending
         for _ in range(200):

@@ -39,6 +39,7 @@ async def settle(tiers: Tiers, timeout: float = 90.0) -> dict[str, int]:
 
 def assert_consistent(tiers: Tiers) -> None:
     """No orphan content, no orphan blob, no duplicate conversation."""
+
     def q(conn: object) -> dict[str, int]:
         c = conn  # type: ignore[assignment]
         return {
@@ -75,7 +76,9 @@ async def test_workers_killed_mid_step(workers: Workers, celery_config: DataMesh
     batches = [pool[i * BATCH : (i + 1) * BATCH] for i in range(BATCHES)]
     for n, batch in enumerate(batches[::3]):  # a third of the batches store a blob too
         big = b"%d" % n + b"L" * (celery_config.inline_max_bytes + 1)
-        batch.append(IngestionRequest(entity_id=EntityId.generate(), prompt=b"big", response=big, geo_region=GeoRegion.EU_WEST))
+        batch.append(
+            IngestionRequest(entity_id=EntityId.generate(), prompt=b"big", response=big, geo_region=GeoRegion.EU_WEST)
+        )
     async with (await IngestionPipeline.create(celery_config)).unwrap() as p:
         queue: asyncio.Queue[list[IngestionRequest]] = asyncio.Queue()
         for batch in batches:

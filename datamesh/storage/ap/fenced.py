@@ -57,7 +57,9 @@ class FencedShard(ShardEngine):
             raise ShardError(f"no lease on {self.fence_path.with_suffix('')}: not this process's shard", retryable=True)
         seen = read_fence(self.fence_path)
         if token < seen:
-            raise ShardError(f"fenced off: token {token} is older than {seen}, another writer owns the shard", retryable=True)
+            raise ShardError(
+                f"fenced off: token {token} is older than {seen}, another writer owns the shard", retryable=True
+            )
         if token > seen:
             advance_fence(self.fence_path, token)
 
