@@ -1,7 +1,7 @@
 """Fault injection inside Celery workers, for tests only (``worker --include tests.celery_hooks``).
 
 Reads ``DATAMESH_TEST_HOOKS_REDIS`` (a Redis URL; nothing in datamesh reads it).  Before and after each
-step the hook looks at two keys: ``dm:test:fault`` = ``step:phase`` raises there; ``dm:test:delay`` =
+step the hook looks at two keys: ``dm:test:fault`` = ``step:phase[,step:phase]`` raises there; ``dm:test:delay`` =
 seconds, sleeps a random time up to it (so a kill lands mid-step).
 """
 
@@ -26,7 +26,7 @@ def hook(step: str, phase: str) -> None:
     fault, delay = _client.mget("dm:test:fault", "dm:test:delay")
     if delay:
         time.sleep(random.uniform(0, float(delay)))
-    if fault and fault.decode() == f"{step}:{phase}":
+    if fault and f"{step}:{phase}" in fault.decode().split(","):
         raise InjectedFault(f"injected at {phase} {step}")
 
 

@@ -105,7 +105,12 @@ def _undo(task: Task, saga_id: str, undo: Any) -> str:
         if record.value.status in (SagaStatus.COMMITTED, SagaStatus.COMPENSATED):
             task.request.chain = None  # nothing left to undo: stop the chain here
             return "skipped"
-        done: Result[None, StorageError] = undo(tiers, SagaPlan.from_json(record.value.plan_json))
+        done: Result[None, StorageError]
+        try:
+            RUNTIME.faults(str(task.name).removeprefix("datamesh."), "before")
+            done = undo(tiers, SagaPlan.from_json(record.value.plan_json))
+        except Exception as exc:  # noqa: BLE001 - a failing undo is retried and counted, whatever the cause
+            done = Err(StorageError("saga", str(task.name), f"{type(exc).__name__}: {exc}", retryable=True))
     else:
         assert isinstance(record, Err)
         done = record

@@ -94,8 +94,11 @@ class CeleryExecutor:
         deadline = time.monotonic() + self.config.saga_wait_s
         key = DONE_KEY.format(plan.saga_id)
         while True:
-            record = self.tiers.cp.run(lambda c: sagas.load(c, plan.saga_id), operation="saga.wait", write=False)
-            if isinstance(record, Ok) and record.value is not None and record.value.status in FINAL:
+            status = self.tiers.cp.run(lambda c: sagas.status_of(c, plan.saga_id), operation="saga.wait", write=False)
+            if isinstance(status, Ok) and status.value in FINAL:
+                record = self.tiers.cp.run(lambda c: sagas.load(c, plan.saga_id), operation="saga.wait", write=False)
+                if isinstance(record, Err) or record.value is None:
+                    continue
                 saga = record.value
                 if saga.status == SagaStatus.COMMITTED:
                     return Ok(_committed_by_other(self.tiers, plan))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import redis
 
 from datamesh.core.config import DataMeshConfig
@@ -86,3 +88,48 @@ async def test_the_same_messages_delivered_twice_make_one_conversation(
         counts = tier_counts(p.tiers)
         assert counts.rows["conversations"] == 5 and counts.rows["turns"] == 5 and counts.ap_rows == 5
         assert p.tiers.cp.run(sagas.count_by_status, operation="t").unwrap() == {SagaStatus.COMMITTED.value: 1}
+
+
+async def test_compensation_that_keeps_failing_is_dead_lettered_then_redriven(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.celery.conftest import ROOT, env_of
+
+    control = redis.Redis.from_url(redis_url)
+    # Given a step that fails and an undo of it that keeps failing, with two compensation attempts allowed,
+    control.set("dm:test:fault", "write_ap:before,undo_write_ap:before")
+    workers.start("--role", "all", hooks_redis=redis_url, DATAMESH_COMPENSATION_ATTEMPTS="2")
+    workers.wait_ready()
+    async with (await IngestionPipeline.create(celery_config)).unwrap() as p:
+        results = (await p.ingest_many(real_requests(4))).unwrap()
+        # then the saga is dead-lettered and reported so,
+        failure = results[0].error
+        assert isinstance(failure, SagaFailed) and failure.dead_lettered, failure
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(celery_config)}
+        env["PYTHONPATH"] = str(ROOT)
+
+        def cli(*args: str) -> str:
+            out = subprocess.run(
+                [sys.executable, "-m", "datamesh", *args], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert out.returncode == 0, out.stdout + out.stderr
+            return out.stdout
+
+        # `sagas --dead` lists it;
+        assert failure.saga_id in cli("sagas", "--dead")
+        # once the cause is fixed, `sagas retry ID` re-drives it to compensated and every tier is clean.
+        control.delete("dm:test:fault")
+        assert "compensation enqueued" in cli("sagas", "retry", failure.saga_id)
+        for _ in range(100):
+            status = (await p.saga_status(failure.saga_id)).unwrap()
+            if status == SagaStatus.COMPENSATED:
+                break
+            await asyncio.sleep(0.1)
+        assert status == SagaStatus.COMPENSATED
+        counts = tier_counts(p.tiers)
+        assert counts.stored() == 0 and counts.rows["idempotency_keys"] == 0
+    control.close()
