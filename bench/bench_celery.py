@@ -101,7 +101,8 @@ def raw_baseline(root: Path, pg_url: str, rows: list[tuple[bytes, bytes]], size:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "CREATE TABLE IF NOT EXISTS raw_turns (id uuid PRIMARY KEY, entity uuid, prompt_sha text, response_sha text)"
+                "CREATE TABLE IF NOT EXISTS raw_turns"
+                " (id uuid PRIMARY KEY, entity uuid, prompt_sha text, response_sha text)"
             )
         )
     db = sqlite3.connect(root / "raw.sqlite3", isolation_level=None)
@@ -156,7 +157,8 @@ async def main() -> None:
     counts = [int(s) for s in args.processes.split(",")]
     rows = load_rows()
     print(
-        f"data: {len(rows)} AlpacaEval turns; machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
+        f"data: {len(rows)} AlpacaEval turns; machine: {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at start"
     )
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
