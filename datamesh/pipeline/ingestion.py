@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Self
 from uuid import UUID
 
 from datamesh.core.config import DataMeshConfig
-from datamesh.core.errors import AccessDenied, Error, NotFound, SagaFailed, StorageError, ValidationError
+from datamesh.core.errors import AccessDenied, ConfigError, Error, NotFound, SagaFailed, StorageError, ValidationError
 from datamesh.core.principal import Action, Principal
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import ConversationId, TurnId
@@ -93,7 +93,11 @@ class IngestionPipeline:
         if distributed:
             from datamesh.workers.executor import CeleryExecutor
 
-            executor = CeleryExecutor(tiers.value, config)
+            try:
+                executor = CeleryExecutor(tiers.value, config)
+            except ValueError as exc:  # reliability_settings refuses an unsafe visibility timeout
+                tiers.value.close()
+                return Err(ConfigError("DATAMESH_VISIBILITY_TIMEOUT_S", str(exc)))
             if faults is not None:
                 executor.faults = faults
         else:

@@ -152,7 +152,7 @@ def undo_write_ap_task(self: Task, *, saga_id: str, region: str, shard: int) -> 
 @shared_task(bind=True, name=queues.UNDO_STORE_BLOBS)
 def undo_store_blobs_task(self: Task, *, saga_id: str, region: str) -> str:
     if not RUNTIME.serves(region):
-        raise self.retry(countdown=1.0, max_retries=None)
+        raise self.retry(countdown=1.0, max_retries=1000)
     return _undo(self, saga_id, lambda tiers, plan: compensation.undo_store_blobs(tiers, plan, region=region))
 
 

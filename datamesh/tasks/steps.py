@@ -27,6 +27,7 @@ from datamesh.workers.runtime import RUNTIME
 
 _RETRY_BASE_S = 0.05
 _RETRY_CAP_S = 2.0
+_MAX_BOUNCES = 1000  # re-queues of a message whose shard another worker holds, or that reached a wrong region
 
 
 class StepFailed(Exception):
@@ -78,18 +79,19 @@ def run_step(task: Task, saga_id: str, step: str, fault_step: str, body: Callabl
 def hold_shard(task: Task, region: str, shard: int) -> None:
     """Residency and single writer: this worker serves the region and holds the shard's lease."""
     if not RUNTIME.serves(region):
-        raise task.retry(countdown=1.0, max_retries=None, queue=queues.ap_queue(region, shard))
+        raise task.retry(countdown=1.0, max_retries=_MAX_BOUNCES, queue=queues.ap_queue(region, shard))
     token, wait_s = RUNTIME.leases().acquire(region, shard)
     if token is None:
         # Another live worker owns the shard: put the message back; the owner (or whoever takes the
-        # shard when the lease expires) will run it.
-        raise task.retry(countdown=min(wait_s, 5.0), max_retries=None)
+        # shard when the lease expires) will run it.  Bounded, so a message nobody can take fails
+        # (and its saga is compensated) instead of circulating for ever.
+        raise task.retry(countdown=min(wait_s, 5.0), max_retries=_MAX_BOUNCES)
 
 
 @shared_task(bind=True, name=queues.STORE_BLOBS)
 def store_blobs_task(self: Task, *, saga_id: str, tenant: str, region: str, blobs: list[list[Any]]) -> str:
     if not RUNTIME.serves(region):
-        raise self.retry(countdown=1.0, max_retries=None)
+        raise self.retry(countdown=1.0, max_retries=_MAX_BOUNCES)
     plan = SagaPlan(saga_id, tenant, [], [BlobPlan(region, h, int(size)) for h, size, _ in blobs])
     data = {(region, h): unb64(b) for h, _, b in blobs}
     return run_step(
