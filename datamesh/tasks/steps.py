@@ -16,6 +16,7 @@ from celery import Task, shared_task
 from datamesh.core.errors import DataMeshError, StorageError, describe
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.retry import full_jitter_delay
+from datamesh.core.types import GeoRegion
 from datamesh.pipeline.plan import BlobPlan, SagaPlan
 from datamesh.pipeline.steps import Step, _NotRunning, commit_cp, store_blobs, write_ap_part
 from datamesh.storage.cp import sagas
@@ -82,10 +83,18 @@ def hold_shard(task: Task, region: str, shard: int) -> None:
         raise task.retry(countdown=1.0, max_retries=_MAX_BOUNCES, queue=queues.ap_queue(region, shard))
     token, wait_s = RUNTIME.leases().acquire(region, shard)
     if token is None:
-        # Another live worker owns the shard: put the message back; the owner (or whoever takes the
-        # shard when the lease expires) will run it.  Bounded, so a message nobody can take fails
-        # (and its saga is compensated) instead of circulating for ever.
+        # Another live worker owns the shard: release our own hold on its file (the shard's writer
+        # lock) and put the message back; the owner (or whoever takes the shard when the lease
+        # expires) will run it.  Bounded, so a message nobody can take fails (and its saga is
+        # compensated) instead of circulating for ever.
+        RUNTIME.tiers().ap.close_shard(GeoRegion(region), shard)
         raise task.retry(countdown=min(wait_s, 5.0), max_retries=_MAX_BOUNCES)
+    opened = RUNTIME.tiers().ap.open_shard(GeoRegion(region), shard)
+    if isinstance(opened, Err):
+        # We hold the lease but a previous owner on this host still has the file open (it has not
+        # noticed it lost the lease): wait for it to let go, without counting a delivery.
+        RUNTIME.leases().forget(region, shard)
+        raise task.retry(countdown=0.5, max_retries=_MAX_BOUNCES)
 
 
 @shared_task(bind=True, name=queues.STORE_BLOBS)

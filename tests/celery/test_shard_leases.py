@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -86,7 +87,9 @@ async def test_a_second_worker_takes_the_shards_when_the_owner_dies(
         assert all(r.is_ok() for r in (await p.ingest_many(real_requests(8))).unwrap())
         workers.start("--role", "all", "--name", "b")
         workers.wait_ready(2)
-        # both consuming still gives one writer per shard: B's deliveries wait for A's lease,
+        # A's leases run out while it idles with its shard files open;
+        await asyncio.sleep(celery_config.shard_lease_s + 0.5)
+        # both consuming still gives one writer per shard (B waits for A to let go of the files),
         assert all(r.is_ok() for r in (await p.ingest_many(real_requests(16)[8:])).unwrap())
         fences = {f: read_fence(f) for f in (celery_config.data_dir / "ap").rglob("*.fence")}
         # when A dies (main process and pool),

@@ -107,6 +107,21 @@ class ContentStore:
         except (ShardError, sqlite3.Error, OSError) as exc:
             return Err(_translate(exc, "count"))
 
+    def open_shard(self, region: GeoRegion, shard: int) -> Result[None, StorageError]:
+        """Open a shard now (for a writer: take its lock), so a lock held elsewhere shows up here."""
+        try:
+            self._engine(region, shard)
+        except (ShardError, sqlite3.Error, OSError) as exc:
+            return Err(_translate(exc, "open_shard"))
+        return Ok(None)
+
+    def close_shard(self, region: GeoRegion, shard: int) -> None:
+        """Close one shard (a writer releases its lock, e.g. when it lost the shard's lease)."""
+        with self._open_lock:
+            engine = self._shards.pop((region, shard), None)
+        if engine is not None:
+            engine.close()
+
     def close(self) -> None:
         with self._open_lock:
             shards, self._shards = self._shards, {}
