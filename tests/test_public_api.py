@@ -24,5 +24,5 @@ def test_request_fields() -> None:
 
 
 def test_pipeline_methods() -> None:
-    for name in ("create", "ingest", "ingest_many", "get", "reap", "close", "__aenter__", "__aexit__"):
+    for name in ("create", "ingest", "ingest_many", "get", "reap", "saga_status", "close", "__aenter__", "__aexit__"):
         assert callable(getattr(ingestion.IngestionPipeline, name))

@@ -11,9 +11,12 @@ from datamesh.core.result import Err
 from datamesh.pipeline import compensation
 from datamesh.pipeline.saga import reap
 from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.ap.fenced import readonly_engine
+from datamesh.storage.ap.store import default_engine
 from datamesh.storage.cp import migrate, provenance, sagas
 from datamesh.storage.cp.database import CpDatabase
 from datamesh.storage.cp.sagas import SagaStatus
+from datamesh.storage.cp.sql import utcnow
 
 
 def register(sub: Any) -> None:
@@ -60,7 +63,9 @@ def _migrate(args: argparse.Namespace, config: DataMeshConfig) -> int:
 
 
 def _with_tiers(config: DataMeshConfig) -> Tiers | None:
-    tiers = Tiers.open(config)
+    # Under the Celery executor the workers own the AP shards: this process only reads them.
+    factory = readonly_engine if config.executor == "celery" else default_engine
+    tiers = Tiers.open(config, engine_factory=factory)
     if isinstance(tiers, Err):
         print(f"error: {tiers.error}")
         return None
@@ -76,6 +81,8 @@ def _sagas(args: argparse.Namespace, config: DataMeshConfig) -> int:
             if not args.saga_id:
                 print("error: sagas retry needs a SAGA_ID")
                 return 2
+            if config.executor == "celery":
+                return _redrive_on_celery(tiers, config, args.saga_id)
             outcome = compensation.compensate_with_retries(tiers, args.saga_id, failed_step="retry", error="re-driven")
             print(f"{args.saga_id}: {outcome.value if not isinstance(outcome, Err) else outcome.error}")
             return 0 if not isinstance(outcome, Err) else 1
@@ -95,12 +102,35 @@ def _sagas(args: argparse.Namespace, config: DataMeshConfig) -> int:
         tiers.close()
 
 
+def _redrive_on_celery(tiers: Tiers, config: DataMeshConfig, saga_id: str) -> int:
+    """Back to ``compensating`` with a fresh attempt count, then the workers compensate it again."""
+    from datamesh.workers import queues
+    from datamesh.workers.app import create_app
+
+    moved = tiers.cp.run(
+        lambda c: sagas.redrive(c, saga_id, now=utcnow(), lease_s=tiers.lease_s), operation="cli.sagas.retry"
+    )
+    if isinstance(moved, Err) or not moved.value:
+        print(f"{saga_id}: {moved.error if isinstance(moved, Err) else 'not dead or in flight: nothing to re-drive'}")
+        return 1
+    app = create_app(config, load_celeryconfig=False)
+    app.signature(queues.COMPENSATE, kwargs={"saga_id": saga_id}).apply_async()
+    print(f"{saga_id}: compensation enqueued")
+    return 0
+
+
 def _reap(args: argparse.Namespace, config: DataMeshConfig) -> int:
     tiers = _with_tiers(config)
     if tiers is None:
         return 2
     try:
-        outcomes = reap(tiers)
+        if config.executor == "celery":
+            from datamesh.tasks.reaper import reap_distributed
+            from datamesh.workers.app import create_app
+
+            outcomes = reap_distributed(create_app(config, load_celeryconfig=False), tiers)
+        else:
+            outcomes = reap(tiers)
         for outcome in outcomes:
             print(f"{outcome.saga_id} {outcome.action}")
         print(f"{len(outcomes)} expired sagas handled")

@@ -46,7 +46,8 @@ DEFAULT_CP_REQUIRE_SYNC_REPLICATION = False
 DEFAULT_CP_COMMIT_TIMEOUT_S = 30.0
 
 BACKPRESSURE_MODES = ("wait", "reject")
-EXECUTORS = ("local",)
+EXECUTORS = ("local", "celery")
+WORKER_ROLES = ("all", "cp", "blobs", "ap")
 RATE_LIMIT_FAILURE_MODES = ("closed", "open")
 RATE_LIMIT_OFF = "off"
 DEFAULT_METRICS = "on"
@@ -60,6 +61,18 @@ DEFAULT_SERVICE_NAME = "datamesh"
 SWITCH = ("on", "off")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_RESULT_BACKEND = ""
+DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
+DEFAULT_STEP_MAX_DELIVERIES = 5
+DEFAULT_COMPENSATION_ATTEMPTS = 6
+DEFAULT_SHARD_LEASE_S = 30.0
+DEFAULT_REAP_INTERVAL_S = 30.0
+DEFAULT_SAGA_WAIT_S = 300.0
+DEFAULT_STEP_TIME_LIMIT_S = 120.0
+DEFAULT_WORKER_ROLE = "all"
+
 
 T = TypeVar("T")
 
@@ -111,6 +124,18 @@ class DataMeshConfig:
     service_name: str = DEFAULT_SERVICE_NAME
     cp_require_sync_replication: bool = DEFAULT_CP_REQUIRE_SYNC_REPLICATION
     cp_commit_timeout_s: float = DEFAULT_CP_COMMIT_TIMEOUT_S
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: str = DEFAULT_RESULT_BACKEND
+    visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
+    step_max_deliveries: int = DEFAULT_STEP_MAX_DELIVERIES
+    compensation_attempts: int = DEFAULT_COMPENSATION_ATTEMPTS
+    shard_lease_s: float = DEFAULT_SHARD_LEASE_S
+    reap_interval_s: float = DEFAULT_REAP_INTERVAL_S
+    saga_wait_s: float = DEFAULT_SAGA_WAIT_S
+    step_time_limit_s: float = DEFAULT_STEP_TIME_LIMIT_S
+    worker_role: str = DEFAULT_WORKER_ROLE
+    worker_regions: tuple[str, ...] = ()
+    worker_shards: tuple[int, ...] = ()
 
     @property
     def tracing(self) -> bool:
@@ -241,6 +266,24 @@ class DataMeshConfig:
                     _positive_float,
                     DEFAULT_CP_COMMIT_TIMEOUT_S,
                 ),
+                broker_url=_get(env, "DATAMESH_BROKER_URL", _url, DEFAULT_BROKER_URL),
+                result_backend=_get(env, "DATAMESH_RESULT_BACKEND", _url, DEFAULT_RESULT_BACKEND),
+                visibility_timeout_s=_get(
+                    env, "DATAMESH_VISIBILITY_TIMEOUT_S", _positive_float, DEFAULT_VISIBILITY_TIMEOUT_S
+                ),
+                step_max_deliveries=_get(
+                    env, "DATAMESH_STEP_MAX_DELIVERIES", _int_between(1, 1000), DEFAULT_STEP_MAX_DELIVERIES
+                ),
+                compensation_attempts=_get(
+                    env, "DATAMESH_COMPENSATION_ATTEMPTS", _int_between(1, 1000), DEFAULT_COMPENSATION_ATTEMPTS
+                ),
+                shard_lease_s=_get(env, "DATAMESH_SHARD_LEASE_S", _positive_float, DEFAULT_SHARD_LEASE_S),
+                reap_interval_s=_get(env, "DATAMESH_REAP_INTERVAL_S", _positive_float, DEFAULT_REAP_INTERVAL_S),
+                saga_wait_s=_get(env, "DATAMESH_SAGA_WAIT_S", _positive_float, DEFAULT_SAGA_WAIT_S),
+                step_time_limit_s=_get(env, "DATAMESH_STEP_TIME_LIMIT_S", _positive_float, DEFAULT_STEP_TIME_LIMIT_S),
+                worker_role=_get(env, "DATAMESH_WORKER_ROLE", _choice(WORKER_ROLES), DEFAULT_WORKER_ROLE),
+                worker_regions=_get(env, "DATAMESH_WORKER_REGIONS", _regions, ()),
+                worker_shards=_get(env, "DATAMESH_WORKER_SHARDS", parse_shards, ()),
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))
@@ -351,6 +394,35 @@ def _url(raw: str) -> str:
 
 def _optional_path(raw: str) -> Path | None:
     return Path(raw)
+
+
+def _regions(raw: str) -> tuple[str, ...]:
+    from datamesh.core.types import GeoRegion
+
+    names = tuple(part.strip() for part in raw.split(",") if part.strip())
+    known = {r.value for r in GeoRegion}
+    for name in names:
+        if name not in known:
+            raise ValueError(f"expected regions among {', '.join(sorted(known))}")
+    return names
+
+
+def parse_shards(raw: str) -> tuple[int, ...]:
+    """``0-3,7`` → ``(0, 1, 2, 3, 7)``: the AP shards a worker owns."""
+    shards: set[int] = set()
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ValueError("expected shard numbers or ranges such as 0-3,7") from None
+        if first < 0 or last < first or last > 4095:
+            raise ValueError("expected shard ranges from 0 to 4095")
+        shards.update(range(first, last + 1))
+    return tuple(sorted(shards))
 
 
 def _name(raw: str) -> str:

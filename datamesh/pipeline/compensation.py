@@ -127,8 +127,12 @@ def undo_write_ap(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
 
 
 @saga_step("store_blobs", compensation=True)
-def undo_store_blobs(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
-    """Drop the saga's references and collect the planned blobs that nothing references any more."""
+def undo_store_blobs(tiers: Tiers, plan: SagaPlan, *, region: str | None = None) -> Result[None, StorageError]:
+    """Drop the saga's references and collect the planned blobs that nothing references any more.
+
+    With ``region``, only that region's references and blobs (the distributed executor undoes each
+    region on that region's workers).
+    """
 
     def delete_blob(region: str, content_hash: str) -> None:
         store = tiers.objects.for_region(GeoRegion(region))
@@ -139,8 +143,9 @@ def undo_store_blobs(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]
             raise _BlobDeleteFailed(str(deleted.error))
 
     def tx(conn: Connection) -> None:
-        object_refs.drop_refs(conn, plan.saga_id, delete_blob)
-        object_refs.collect(conn, [(b.region, b.content_hash) for b in plan.blobs], delete_blob)
+        object_refs.drop_refs(conn, plan.saga_id, delete_blob, region=region)
+        candidates = [(b.region, b.content_hash) for b in plan.blobs if region is None or b.region == region]
+        object_refs.collect(conn, candidates, delete_blob)
         sagas.record_step(
             conn, plan.saga_id, Step.STORE_BLOBS, StepState.COMPENSATED, now=utcnow(), lease_s=tiers.lease_s
         )
@@ -159,6 +164,7 @@ def undo_reserve(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
         now = utcnow()
         idempotency.release(conn, plan.saga_id)
         sagas.record_step(conn, plan.saga_id, Step.RESERVE, StepState.COMPENSATED, now=now, lease_s=tiers.lease_s)
+        sagas.mark_all_compensated(conn, plan.saga_id, now=now)
         for source in (SagaStatus.COMPENSATING, SagaStatus.DEAD):
             if sagas.transition(conn, plan.saga_id, from_status=(source,), to_status=SagaStatus.COMPENSATED, now=now):
                 return source

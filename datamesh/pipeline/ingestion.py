@@ -20,26 +20,39 @@ import contextlib
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from uuid import UUID
 
 from datamesh.core.config import DataMeshConfig
-from datamesh.core.errors import AccessDenied, Error, NotFound, SagaFailed, StorageError, ValidationError
+from datamesh.core.errors import (
+    AccessDenied,
+    ConfigError,
+    Error,
+    NotFound,
+    SagaFailed,
+    StorageError,
+    ValidationError,
+)
 from datamesh.core.principal import Action, Principal
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import ConversationId, GeoRegion, TurnId
 from datamesh.observability import ledger, logs, metrics, tracing
 from datamesh.pipeline.backpressure import Admission
 from datamesh.pipeline.lineage import ProvenanceEntry, record_event
-from datamesh.pipeline.plan import SagaPlan
+from datamesh.pipeline.plan import ItemPlan, SagaPlan
 from datamesh.pipeline.prepare import Prepared, prepare
 from datamesh.pipeline.reads import StoredConversation, get_conversation
 from datamesh.pipeline.request import IngestionRequest, IngestionResponse, ValidRequest, validate
 from datamesh.pipeline.saga import FaultHook, LocalSagaExecutor, ReapOutcome, reap
 from datamesh.pipeline.steps import Committed, Existing
 from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.ap.fenced import readonly_engine
 from datamesh.storage.ap.store import EngineFactory
-from datamesh.storage.cp import provenance
+from datamesh.storage.cp import provenance, sagas
+from datamesh.storage.cp.sagas import SagaStatus
+
+if TYPE_CHECKING:
+    from datamesh.workers.executor import CeleryExecutor
 
 __all__ = ["IngestionPipeline", "IngestionRequest", "IngestionResponse"]
 
@@ -55,7 +68,7 @@ log = logs.logger(__name__)
 class IngestionPipeline:
     """Ingests conversations into every tier through a saga; create with :meth:`create`."""
 
-    def __init__(self, config: DataMeshConfig, tiers: Tiers, executor: LocalSagaExecutor) -> None:
+    def __init__(self, config: DataMeshConfig, tiers: Tiers, executor: LocalSagaExecutor | CeleryExecutor) -> None:
         self.config = config
         self.tiers = tiers
         self._executor = executor
@@ -76,13 +89,37 @@ class IngestionPipeline:
         faults: FaultHook | None = None,
         engine_factory: EngineFactory | None = None,
     ) -> Result[IngestionPipeline, Error]:
-        """Open the tiers (migrating a local SQLite CP database) and recover expired sagas."""
+        """Open the tiers (migrating a local SQLite CP database) and recover expired sagas.
+
+        With ``DATAMESH_EXECUTOR=celery`` the sagas run on the Celery workers: this process only reads
+        the AP shards (their writers are the workers) and ``faults`` applies to ``reserve`` only (the one
+        step run here).
+        """
+        distributed = config.executor == "celery"
+        if distributed and config.ap_engine != "sqlite":
+            return Err(
+                ConfigError("DATAMESH_AP_ENGINE", "the Celery workers write SQLite shards: use the lsm engine locally")
+            )
+        if distributed and engine_factory is None:
+            engine_factory = readonly_engine
         tiers = await asyncio.to_thread(Tiers.open, config, engine_factory=engine_factory)
         if isinstance(tiers, Err):
             return tiers
-        executor = LocalSagaExecutor(tiers.value, config.ap_shards)
-        if faults is not None:
-            executor.faults = faults
+        executor: LocalSagaExecutor | CeleryExecutor
+        if distributed:
+            from datamesh.workers.executor import CeleryExecutor
+
+            try:
+                executor = CeleryExecutor(tiers.value, config)
+            except ValueError as exc:  # reliability_settings refuses an unsafe visibility timeout
+                tiers.value.close()
+                return Err(ConfigError("DATAMESH_VISIBILITY_TIMEOUT_S", str(exc)))
+            if faults is not None:
+                executor.faults = faults
+        else:
+            executor = LocalSagaExecutor(tiers.value, config.ap_shards)
+            if faults is not None:
+                executor.faults = faults
         pipeline = cls(config, tiers.value, executor)
         await pipeline.reap()
         pipeline._reaper = asyncio.get_running_loop().create_task(pipeline._reap_periodically())
@@ -104,23 +141,32 @@ class IngestionPipeline:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        if not isinstance(self._executor, LocalSagaExecutor):
+            self._executor.close()
         await asyncio.to_thread(self.tiers.close)
 
     # ---- writes -------------------------------------------------------------------------------
 
     async def ingest(
-        self, request: IngestionRequest, *, principal: Principal | None = None
+        self, request: IngestionRequest, *, principal: Principal | None = None, wait: bool = True
     ) -> Result[IngestionResponse, Error]:
-        """Store one turn; the response carries its conversation id and the latency."""
-        batch = await self.ingest_many([request], principal=principal)
+        """Store one turn; the response carries its conversation id and the latency.
+
+        With ``wait=False`` (Celery executor) it returns once the saga is enqueued: the response is
+        ``pending`` and :meth:`saga_status` reports the saga's progress.
+        """
+        batch = await self.ingest_many([request], principal=principal, wait=wait)
         if isinstance(batch, Err):
             return batch
         return batch.value[0]
 
     async def ingest_many(
-        self, requests: Sequence[IngestionRequest], *, principal: Principal | None = None
+        self, requests: Sequence[IngestionRequest], *, principal: Principal | None = None, wait: bool = True
     ) -> Result[list[ItemResult], Error]:
         """Store many turns as one saga; returns one result per request, in order.
+
+        With ``wait=False`` (Celery executor) new turns come back ``pending`` with their saga id
+        as soon as the saga is enqueued; replays of finished requests come back as usual.
 
         A bad item gets its own ``Err`` and does not fail the others.  The outer ``Err`` is for the
         batch as a whole (backpressure, a batch that is not a list or is too large).
@@ -128,12 +174,12 @@ class IngestionPipeline:
         started = time.perf_counter_ns()
         size = len(requests) if isinstance(requests, Sequence) else 0
         with tracing.span("pipeline.ingest_many", **{"datamesh.items": size}) as current:
-            outcome = await self._ingest_many(requests, principal, started)
+            outcome = await self._ingest_many(requests, principal, started, wait)
             _observe_ingest(outcome, requests, started, current)
         return outcome
 
     async def _ingest_many(
-        self, requests: Sequence[IngestionRequest], principal: Principal | None, started: int
+        self, requests: Sequence[IngestionRequest], principal: Principal | None, started: int, wait: bool
     ) -> Result[list[ItemResult], Error]:
         if isinstance(requests, str | bytes) or not isinstance(requests, Sequence):
             return Err(ValidationError("requests", "expected a list of IngestionRequest"))
@@ -160,12 +206,14 @@ class IngestionPipeline:
             async with self._admission.admit(len(valid)) as admitted:
                 if isinstance(admitted, Err):
                     return admitted
-                done = await asyncio.to_thread(self._run_batch, caller.tenant, valid, started)
+                done = await asyncio.to_thread(self._run_batch, caller.tenant, valid, started, wait)
             for index, outcome in done.items():
                 results[index] = outcome
         return Ok([r if r is not None else Err(StorageError("pipeline", "ingest", "no outcome")) for r in results])
 
-    def _run_batch(self, tenant: str, valid: list[tuple[int, ValidRequest]], started: int) -> dict[int, ItemResult]:
+    def _run_batch(
+        self, tenant: str, valid: list[tuple[int, ValidRequest]], started: int, wait: bool = True
+    ) -> dict[int, ItemResult]:
         prepared = {index: prepare(index, request) for index, request in valid}
         out: dict[int, ItemResult] = {}
         pending = list(prepared.values())
@@ -182,7 +230,7 @@ class IngestionPipeline:
             for index, existing in decided.existing.items():
                 out[index] = Ok(_response(existing, started, deduplicated=True))
             if decided.plan.items:
-                self._execute(decided.plan, prepared, out, started)
+                self._execute(decided.plan, prepared, out, started, wait)
             pending = [prepared[i] for i in decided.waiting]
             if pending and time.monotonic() > deadline:
                 for p in pending:
@@ -194,7 +242,9 @@ class IngestionPipeline:
                 time.sleep(_WAIT_POLL_S)
         return out
 
-    def _execute(self, plan: SagaPlan, prepared: dict[int, Prepared], out: dict[int, ItemResult], started: int) -> None:
+    def _execute(
+        self, plan: SagaPlan, prepared: dict[int, Prepared], out: dict[int, ItemResult], started: int, wait: bool
+    ) -> None:
         content = {}
         blobs: dict[tuple[str, str], bytes] = {}
         for item in plan.items:
@@ -204,6 +254,13 @@ class IngestionPipeline:
                 blobs[(item.region, item.prompt_sha256)] = r.prompt
             if item.response_location == "objects":
                 blobs[(item.region, item.response_sha256)] = r.response
+        if not wait and not isinstance(self._executor, LocalSagaExecutor):
+            submitted = self._executor.submit(plan, content, blobs)
+            for item in plan.items:
+                out[item.index] = (
+                    Err(submitted.error) if isinstance(submitted, Err) else Ok(_pending(item, plan, started))
+                )
+            return
         result = self._executor.execute(plan, content, blobs)
         if isinstance(result, Err):
             failure: SagaFailed | StorageError = result.error
@@ -307,12 +364,25 @@ class IngestionPipeline:
         recorded = await asyncio.to_thread(record_event, self.tiers, caller, conversation_id, event)
         return recorded
 
+    async def saga_status(self, saga_id: str) -> Result[SagaStatus, Error]:
+        """Where a saga is: ``running``, ``committed``, ``compensating``, ``compensated`` or ``dead``."""
+        found = await asyncio.to_thread(
+            lambda: self.tiers.cp.run(lambda c: sagas.status_of(c, saga_id), operation="saga.status", write=False)
+        )
+        if isinstance(found, Err):
+            return found
+        if found.value is None:
+            return Err(NotFound("saga", saga_id))
+        return Ok(found.value)
+
     def _caller(self, principal: Principal | None) -> Principal:
         return principal if principal is not None else Principal.local_default(self.config.tenant)
 
     async def reap(self) -> list[ReapOutcome]:
         """Finish or compensate sagas whose lease expired (e.g. after a crash)."""
         with tracing.span("pipeline.reap"):
+            if not isinstance(self._executor, LocalSagaExecutor):
+                return await asyncio.to_thread(self._executor.reap)
             return await asyncio.to_thread(reap, self.tiers)
 
     async def _reap_periodically(self) -> None:
@@ -375,6 +445,17 @@ def _count_refusals(outcome: Result[list[ItemResult], Error], requests: Sequence
 def _region_label(request: object) -> str:
     parsed = GeoRegion.parse(getattr(request, "geo_region", None))
     return parsed.value.value if isinstance(parsed, Ok) else "unknown"  # a closed set: never the raw value
+
+
+def _pending(item: ItemPlan, plan: SagaPlan, started: int) -> IngestionResponse:
+    return IngestionResponse(
+        conversation_id=ConversationId(UUID(item.conversation_id)),
+        turn_id=TurnId(UUID(item.turn_id)),
+        turn_seq=0 if item.new_conversation else -1,
+        saga_id=plan.saga_id,
+        latency_ms=(time.perf_counter_ns() - started) / 1e6,
+        pending=True,
+    )
 
 
 def _response(

@@ -50,6 +50,8 @@ class IngestionResponse:
     saga_id: str
     latency_ms: float
     deduplicated: bool = False
+    #: True when returned with ``wait=False`` before the saga finished (``turn_seq`` is -1 when unknown).
+    pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,12 +154,20 @@ class ReapOutcome:
     action: str  # "committed" (driven forward), "compensated", "dead", "skipped", "error: ..."
 
 
-def reap(tiers: Tiers, *, limit: int = 100) -> list[ReapOutcome]:
+#: ``compensate(tiers, saga_id, failed_step, error)``: undo a saga (in place, or by enqueueing tasks).
+Compensator = Callable[[Tiers, str, str, str], Result[SagaStatus, StorageError]]
+
+
+def _compensate_here(tiers: Tiers, saga_id: str, failed_step: str, error: str) -> Result[SagaStatus, StorageError]:
+    return compensation.compensate_with_retries(tiers, saga_id, failed_step=failed_step, error=error)
+
+
+def reap(tiers: Tiers, *, limit: int = 100, compensate: Compensator = _compensate_here) -> list[ReapOutcome]:
     """Finish or undo every saga whose lease expired; safe to run concurrently."""
     expired = tiers.cp.run(lambda c: sagas.expired(c, now=utcnow(), limit=limit), operation="reaper.scan", write=False)
     if isinstance(expired, Err):
         return [ReapOutcome("-", f"error: {expired.error}")]
-    outcomes = [reap_one(tiers, saga_id) for saga_id in expired.value]
+    outcomes = [reap_one(tiers, saga_id, compensate=compensate) for saga_id in expired.value]
     observe_saga_log(tiers.cp)
     return outcomes
 
@@ -177,9 +185,9 @@ def observe_saga_log(cp: CpDatabase) -> None:
     metrics.SAGA_OLDEST_OPEN_AGE.set(oldest_age_s)
 
 
-def reap_one(tiers: Tiers, saga_id: str) -> ReapOutcome:
+def reap_one(tiers: Tiers, saga_id: str, *, compensate: Compensator = _compensate_here) -> ReapOutcome:
     with logs.bind(saga_id=saga_id), tracing.span("saga.reap", **{"datamesh.saga_id": saga_id}):
-        outcome = _reap_one(tiers, saga_id)
+        outcome = _reap_one(tiers, saga_id, compensate)
         if outcome.action.startswith("error") or outcome.action == "dead":
             tracing.set_error(outcome.action)
             log.error("reaper: saga %s: %s", saga_id, outcome.action)
@@ -188,7 +196,7 @@ def reap_one(tiers: Tiers, saga_id: str) -> ReapOutcome:
         return outcome
 
 
-def _reap_one(tiers: Tiers, saga_id: str) -> ReapOutcome:
+def _reap_one(tiers: Tiers, saga_id: str, compensate: Compensator) -> ReapOutcome:
     record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="reaper.load", write=False)
     if isinstance(record, Err) or record.value is None:
         return ReapOutcome(saga_id, "skipped")
@@ -199,9 +207,7 @@ def _reap_one(tiers: Tiers, saga_id: str) -> ReapOutcome:
         committed = commit_cp(tiers, SagaPlan.from_json(saga.plan_json))
         if isinstance(committed, Ok):
             return ReapOutcome(saga_id, "committed")
-    outcome = compensation.compensate_with_retries(
-        tiers, saga_id, failed_step=saga.failed_step or "lease", error=saga.error or "lease expired"
-    )
+    outcome = compensate(tiers, saga_id, saga.failed_step or "lease", saga.error or "lease expired")
     if isinstance(outcome, Err):
         return ReapOutcome(saga_id, f"error: {outcome.error}")
     return ReapOutcome(saga_id, outcome.value.value)

@@ -222,6 +222,41 @@ def write_ap(
     return _record(tiers, plan.saga_id, Step.WRITE_AP, StepState.DONE).map(lambda _: written)
 
 
+def write_ap_part(
+    tiers: Tiers,
+    plan: SagaPlan,
+    content: Mapping[int, tuple[bytes, bytes, tuple[float, ...] | None]],
+    *,
+    part: str,
+    marks: Sequence[Step] = (),
+) -> Result[int, StorageError]:
+    """Write the content of one part of a plan (one region's shard) and record ``part`` done.
+
+    The distributed executor splits ``write_ap`` by shard, one task on each shard's queue.  Only the
+    last part also records ``write_ap`` itself (``marks``): the reaper drives a saga forward only when
+    ``write_ap`` is done, which must mean every shard holds its content.
+    """
+    written = 0
+    for region, items in ap_records(plan, content).items():
+        put = tiers.ap.put_many(GeoRegion(region), items)
+        if isinstance(put, Err):
+            return put
+        written += put.value
+
+    def tx(conn: Connection) -> None:
+        now = utcnow()
+        sagas.record_step(conn, plan.saga_id, part, StepState.DONE, now=now, lease_s=tiers.lease_s)
+        for step in marks:
+            sagas.record_step(conn, plan.saga_id, step, StepState.DONE, now=now, lease_s=tiers.lease_s)
+
+    return tiers.cp.run(tx, operation="saga.write_ap_part.record").map(lambda _: written)
+
+
+def mark_done(tiers: Tiers, saga_id: str, step: Step) -> Result[None, StorageError]:
+    """Record a step done that had nothing to do (``store_blobs`` of a plan without blobs)."""
+    return _record(tiers, saga_id, step, StepState.DONE)
+
+
 def _payload(data: bytes, location: str, sha256: str) -> Payload:
     return Payload(inline=data) if location == LOCATION_AP else Payload(ref=ContentHash(sha256))
 

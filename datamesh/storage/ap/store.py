@@ -56,6 +56,9 @@ class ContentStore:
     def shard_path(self, region: GeoRegion, shard: int) -> Path:
         return self.root / region.value / f"shard-{shard:03d}"
 
+    def shard_path_for(self, region: str, shard: int) -> Path:
+        return self.root / region / f"shard-{shard:03d}"
+
     def shard_of(self, entity: EntityId) -> int:
         return shard_for(entity.value.bytes, self.shard_count)
 
@@ -106,6 +109,21 @@ class ContentStore:
                 return Ok(sum(self._engine(region, n).count() for n in range(self.shard_count)))
             except (ShardError, sqlite3.Error, OSError) as exc:
                 return call.check(Err(_translate(exc, "count")))
+
+    def open_shard(self, region: GeoRegion, shard: int) -> Result[None, StorageError]:
+        """Open a shard now (for a writer: take its lock), so a lock held elsewhere shows up here."""
+        try:
+            self._engine(region, shard)
+        except (ShardError, sqlite3.Error, OSError) as exc:
+            return Err(_translate(exc, "open_shard"))
+        return Ok(None)
+
+    def close_shard(self, region: GeoRegion, shard: int) -> None:
+        """Close one shard (a writer releases its lock, e.g. when it lost the shard's lease)."""
+        with self._open_lock:
+            engine = self._shards.pop((region, shard), None)
+        if engine is not None:
+            engine.close()
 
     def close(self) -> None:
         with self._open_lock:

@@ -42,17 +42,20 @@ def add_refs(conn: Connection, saga_id: str, blobs: Sequence[tuple[str, str, int
     )
 
 
-def drop_refs(conn: Connection, saga_id: str, delete_blob: Callable[[str, str], None]) -> list[tuple[str, str]]:
-    """Drop every reference of ``saga_id``; delete blobs left with none.  Returns those deleted.
+def drop_refs(
+    conn: Connection, saga_id: str, delete_blob: Callable[[str, str], None], *, region: str | None = None
+) -> list[tuple[str, str]]:
+    """Drop every reference of ``saga_id`` (in ``region`` only, if given); delete blobs left with none.
 
     ``delete_blob(region, content_hash)`` runs inside the transaction, while the row is locked; it
     must be idempotent (the transaction may be re-run).
     """
-    refs = [(r.region, r.content_hash) for r in conn.execute(select(REFS).where(REFS.c.saga_id == saga_id))]
+    where = [REFS.c.saga_id == saga_id] + ([REFS.c.region == region] if region is not None else [])
+    refs = [(r.region, r.content_hash) for r in conn.execute(select(REFS).where(*where))]
     if not refs:
         return []
     _lock(conn, refs)
-    conn.execute(delete(REFS).where(REFS.c.saga_id == saga_id))
+    conn.execute(delete(REFS).where(*where))
     return collect(conn, refs, delete_blob)
 
 

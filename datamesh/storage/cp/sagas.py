@@ -32,6 +32,7 @@ class SagaStatus(StrEnum):
 
 
 class StepState(StrEnum):
+    RUNNING = "running"  # a delivery of the step started (distributed executor); attempts counts them
     DONE = "done"
     FAILED = "failed"
     COMPENSATED = "compensated"
@@ -113,6 +114,66 @@ def _step_upsert(dialect_name: str) -> Any:
         )
         _STEP_UPSERTS[dialect_name] = stmt
     return stmt
+
+
+def begin_step(
+    conn: Connection, saga_id: str, step: str, *, now: datetime, lease_s: float
+) -> tuple[SagaStatus | None, int]:
+    """Count one more delivery of ``step`` and extend the lease; returns the saga's status and the count.
+
+    The count is the redelivery cap's input: a message that keeps killing its worker is redelivered
+    (``task_reject_on_worker_lost``) and would otherwise loop for ever.  A step already ``done`` keeps
+    its state; the count still grows.
+    """
+    status = status_of(conn, saga_id)
+    if status is None:
+        return None, 0
+    row = conn.execute(select(STEPS.c.attempts).where(STEPS.c.saga_id == saga_id, STEPS.c.step == step)).first()
+    if row is None:
+        conn.execute(
+            STEPS.insert(),
+            {"saga_id": saga_id, "step": step, "state": StepState.RUNNING.value, "attempts": 1, "updated_at": now},
+        )
+        attempts = 1
+    else:
+        attempts = int(row.attempts or 0) + 1
+        conn.execute(
+            update(STEPS)
+            .where(STEPS.c.saga_id == saga_id, STEPS.c.step == step)
+            .values(attempts=attempts, updated_at=now)
+        )
+    if status == SagaStatus.RUNNING:
+        conn.execute(
+            update(SAGAS)
+            .where(SAGAS.c.id == saga_id)
+            .values(lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
+        )
+    return status, attempts
+
+
+def redrive(conn: Connection, saga_id: str, *, now: datetime, lease_s: float) -> bool:
+    """Put a dead (or stuck) saga back to ``compensating`` with a fresh attempt count."""
+    result = conn.execute(
+        update(SAGAS)
+        .where(
+            SAGAS.c.id == saga_id,
+            SAGAS.c.status.in_([SagaStatus.DEAD.value, SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]),
+        )
+        .values(
+            status=SagaStatus.COMPENSATING.value,
+            attempts=0,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            updated_at=now,
+        )
+    )
+    return result.rowcount == 1
+
+
+def mark_all_compensated(conn: Connection, saga_id: str, *, now: datetime) -> None:
+    """Every step row of the saga (including per-shard parts) ends ``compensated``."""
+    conn.execute(
+        update(STEPS).where(STEPS.c.saga_id == saga_id).values(state=StepState.COMPENSATED.value, updated_at=now)
+    )
 
 
 def transition(

@@ -1,0 +1,233 @@
+"""End-to-end ingest through Celery with 1, 2 and 4 worker processes, next to the local executor and a
+raw baseline, in the same run.
+
+    python bench/bench_celery.py [--processes 1,2,4] [--batch-sizes 100,1000,5000] [--turns 10000]
+
+Needs Redis (``--broker``, default database 6 of the local server, flushed) and PostgreSQL
+(``--pg``, default the test database; a fresh schema is created and dropped).  Data: the AlpacaEval
+outputs in ../shared/data, fresh entity ids per batch so nothing is deduplicated, all in one region.
+
+* celery: ``python -m datamesh worker --role all --processes N`` (N Celery workers of one process,
+  the AP shards dealt between them); ``clients`` concurrent ``ingest_many`` calls keep sagas in flight.
+  Rate = turns committed / wall time; latency = one ``ingest_many`` call, enqueue to commit.
+* local: the in-process executor on the same CP database, same batches, same concurrency.
+* raw: the same rows with no saga: one PostgreSQL ``executemany`` of the metadata and one SQLite
+  ``executemany`` of the content per batch, sequential — the floor of the work a batch does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import redis
+from sqlalchemy import create_engine, text
+
+from bench.bench_ingest import load_rows, pct, requests_for
+from datamesh.core.config import DataMeshConfig
+from datamesh.pipeline.ingestion import IngestionPipeline
+from datamesh.storage.cp import migrate
+from datamesh.storage.cp.database import CpDatabase
+from datamesh.workers.app import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+Row = tuple[str, float, float, float]
+
+
+async def run_batches(
+    p: IngestionPipeline, rows: list[tuple[bytes, bytes]], size: int, turns: int, clients: int
+) -> Row:
+    batches = max(clients, turns // size)
+    todo = list(range(batches))
+    lat: list[float] = []
+    failed: list[object] = []
+
+    async def client() -> None:
+        while todo:
+            todo.pop()
+            reqs = requests_for(rows, size)
+            started = time.perf_counter()
+            done = (await p.ingest_many(reqs)).unwrap()
+            lat.append((time.perf_counter() - started) * 1000)
+            bad = [d for d in done if d.is_err()]
+            failed.extend(bad)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    note = f", {len(failed)} failed" if failed else ""
+    if failed:
+        print(f"  first failure: {str(failed[0])[:300]}")
+    committed = size * batches - len(failed)
+    return (f"batch {size:5d} x{batches:3d}, {clients} clients{note}", committed / wall, pct(lat, 0.5), pct(lat, 0.99))
+
+
+def start_workers(config_env: dict[str, str], processes: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")},
+        **config_env,
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "datamesh",
+        "worker",
+        "--role",
+        "all",
+        "--processes",
+        str(processes),
+        "--loglevel",
+        "WARNING",
+    ]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def wait_ready(config: DataMeshConfig, count: int) -> None:
+    app = create_app(config, load_celeryconfig=False)
+    deadline = time.monotonic() + 60
+    while len(app.control.ping(timeout=0.5)) < count:
+        if time.monotonic() > deadline:
+            raise SystemExit("workers did not start")
+
+
+def raw_baseline(root: Path, pg_url: str, rows: list[tuple[bytes, bytes]], size: int, turns: int) -> Row:
+    engine = create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS raw_turns"
+                " (id uuid PRIMARY KEY, entity uuid, prompt_sha text, response_sha text)"
+            )
+        )
+    db = sqlite3.connect(root / "raw.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB) WITHOUT ROWID")
+    import hashlib
+
+    batches = max(1, turns // size)
+    lat = []
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        started = time.perf_counter()
+        picked = [rows[i % len(rows)] for i in range(size)]
+        ids = [uuid.uuid4() for _ in picked]
+        meta = [
+            {
+                "id": str(i),
+                "entity": str(uuid.uuid4()),
+                "p": hashlib.sha256(p).hexdigest(),
+                "r": hashlib.sha256(r).hexdigest(),
+            }
+            for i, (p, r) in zip(ids, picked, strict=True)
+        ]
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO kv VALUES (?, ?)", [(i.bytes, p + r) for i, (p, r) in zip(ids, picked, strict=True)]
+        )
+        db.execute("COMMIT")
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO raw_turns VALUES (CAST(:id AS uuid), CAST(:entity AS uuid), :p, :r)"), meta)
+        lat.append((time.perf_counter() - started) * 1000)
+    wall = time.perf_counter() - t0
+    db.close()
+    engine.dispose()
+    return (f"batch {size:5d} x{batches:3d}, sequential", size * batches / wall, pct(lat, 0.5), pct(lat, 0.99))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", default="1,2,4")
+    parser.add_argument("--batch-sizes", default="100,1000,5000")
+    parser.add_argument(
+        "--turns", type=int, default=10000, help="turns per measurement (at least one batch per client)"
+    )
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379/6")
+    parser.add_argument(
+        "--pg", default=os.environ.get("DATAMESH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    )
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    counts = [int(s) for s in args.processes.split(",")]
+    rows = load_rows()
+    print(
+        f"data: {len(rows)} AlpacaEval turns; machine: {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at start"
+    )
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    pg_url = f"{args.pg}?options=-csearch_path%3D{schema}"
+    results: list[tuple[str, Row]] = []
+
+    def report(who: str, row: Row) -> None:
+        results.append((who, row))
+        print(f"{who:16} {row[0]:44} {row[1]:9.0f} {row[2]:9.1f} {row[3]:9.1f}", flush=True)
+
+    print(f"{'executor':16} {'measurement':44} {'conv/s':>9} {'p50 ms':>9} {'p99 ms':>9}", flush=True)
+    try:
+        db = CpDatabase.open(pg_url).unwrap()
+        migrate.upgrade(db).unwrap()
+        db.dispose()
+        with tempfile.TemporaryDirectory(prefix="datamesh-bench-celery-") as tmp:
+            root = Path(tmp)
+            for processes in counts:
+                redis.Redis.from_url(args.broker).flushdb()
+                config = DataMeshConfig(
+                    data_dir=root / f"celery-{processes}",
+                    cp_url=pg_url,
+                    executor="celery",
+                    broker_url=args.broker,
+                    ingest_rate=1e9,
+                    ingest_burst=10**9,
+                    max_in_flight=10**6,
+                )
+                env = {
+                    "DATAMESH_EXECUTOR": "celery",
+                    "DATAMESH_DATA_DIR": str(config.data_dir),
+                    "DATAMESH_CP_URL": pg_url,
+                    "DATAMESH_BROKER_URL": args.broker,
+                }
+                workers = start_workers(env, processes, root / f"workers-{processes}.log")
+                try:
+                    wait_ready(config, processes)
+                    async with (await IngestionPipeline.create(config)).unwrap() as p:
+                        await run_batches(p, rows, 100, 200, 2)  # warm-up
+                        for size in sizes:
+                            clients = max(2, 2 * processes)
+                            row = await run_batches(p, rows, size, max(args.turns, size * clients), clients)
+                            report(f"celery {processes} proc", row)
+                finally:
+                    workers.terminate()
+                    workers.wait(timeout=30)
+            local = DataMeshConfig(
+                data_dir=root / "local", cp_url=pg_url, ingest_rate=1e9, ingest_burst=10**9, max_in_flight=10**6
+            )
+            async with (await IngestionPipeline.create(local)).unwrap() as p:
+                await run_batches(p, rows, 100, 200, 1)
+                for size in sizes:
+                    report("local executor", await run_batches(p, rows, size, max(args.turns, size * 2), 2))
+            for size in sizes:
+                report("raw baseline", raw_baseline(root, pg_url, rows, size, max(args.turns, size)))
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+        redis.Redis.from_url(args.broker).flushdb()
+    print(f"load average at end: {os.getloadavg()[0]:.1f} (the machine is shared: numbers move with other users' load)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

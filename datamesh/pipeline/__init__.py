@@ -1,0 +1,1 @@
+"""The ingestion pipeline: the public API, the saga steps and compensations, backpressure, dedup, reads."""

@@ -1,0 +1,137 @@
+"""Fencing tokens for shard writers, and a read-only view of shards for processes that never write.
+
+A shard has one writer, chosen by a lease (see :mod:`datamesh.workers.leases`).  A lease can expire
+while its holder is paused (a long GC, a stopped VM, a partition) and a second writer takes over; when
+the first wakes it must not write.  So every lease comes with a token that only grows, and the shard
+remembers the highest token it has seen (``shard-NNN.fence``, written atomically): a write carrying a
+lower token is refused.  The check runs while the writer holds the shard's exclusive ``flock``, so no
+other writer can advance the fence between the check and the write.
+
+:class:`ReadOnlyShard` serves readers (the API process, tests, the CLI) without taking the writer lock
+and tolerates shards that do not exist yet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from datamesh.storage.ap.base import ShardEngine, ShardError
+from datamesh.storage.ap.sqlite_shard import SqliteShard
+
+#: ``token(region, shard)``: the fencing token this process holds for a shard, or None without a lease.
+TokenSource = Callable[[str, int], int | None]
+
+
+def read_fence(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        return 0
+
+
+def advance_fence(path: Path, token: int) -> None:
+    """Record ``token`` as the highest seen: write a temporary file, fsync, rename over the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, str(token).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class FencedShard(ShardEngine):
+    """A writer engine whose every write first checks the process's token against the shard's fence."""
+
+    def __init__(self, inner: ShardEngine, fence_path: Path, token: Callable[[], int | None]) -> None:
+        self._inner = inner
+        self.fence_path = fence_path
+        self._token = token
+
+    def _check(self) -> None:
+        token = self._token()
+        if token is None:
+            raise ShardError(f"no lease on {self.fence_path.with_suffix('')}: not this process's shard", retryable=True)
+        seen = read_fence(self.fence_path)
+        if token < seen:
+            raise ShardError(
+                f"fenced off: token {token} is older than {seen}, another writer owns the shard", retryable=True
+            )
+        if token > seen:
+            advance_fence(self.fence_path, token)
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        self._check()
+        self._inner.put_many(items)
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        self._check()
+        return self._inner.delete_many(keys)
+
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
+        return self._inner.get_many(keys)
+
+    def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        return self._inner.scan_prefix(prefix, limit)
+
+    def count(self) -> int:
+        return self._inner.count()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def fenced_engine(tokens: TokenSource, inner: Callable[[Path], ShardEngine]) -> Callable[[Path], ShardEngine]:
+    """An engine factory for ``ContentStore`` whose shards check ``tokens`` before every write.
+
+    ``path`` is ``<ap_dir>/<region>/shard-NNN``, so region and shard come from the path.
+    """
+
+    def factory(path: Path) -> ShardEngine:
+        region, shard = path.parent.name, int(path.name.rsplit("-", 1)[1])
+        return FencedShard(inner(path), path.with_suffix(".fence"), lambda: tokens(region, shard))
+
+    return factory
+
+
+class ReadOnlyShard(ShardEngine):
+    """Reads a SQLite shard without its writer lock; a shard not created yet reads as empty."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: SqliteShard | None = None
+
+    def _open(self) -> SqliteShard | None:
+        if self._db is None and self.path.exists():
+            self._db = SqliteShard(self.path, readonly=True)
+        return self._db
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        raise ShardError(f"shard {self.path} is open read-only")
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        raise ShardError(f"shard {self.path} is open read-only")
+
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
+        db = self._open()
+        return db.get_many(keys) if db else {}
+
+    def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        db = self._open()
+        return db.scan_prefix(prefix, limit) if db else iter(())
+
+    def count(self) -> int:
+        db = self._open()
+        return db.count() if db else 0
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def readonly_engine(path: Path) -> ShardEngine:
+    return ReadOnlyShard(path.with_suffix(".sqlite3"))

@@ -1,0 +1,166 @@
+"""The errback and the compensation tasks.
+
+``step_failed`` is the chain's ``link_error``.  Celery calls it inline, in the worker whose step
+failed, and only for that step; it records the failure in the saga log (``running`` →
+``compensating``) and enqueues ``compensate``.  It compensates nothing itself.
+
+``compensate`` reads the plan from the saga log and enqueues the undo chain, in reverse order of the
+steps: ``undo_write_ap`` on each shard's queue (only the shard's owner deletes its content),
+``undo_store_blobs`` on each region's blob queue, ``undo_reserve`` on ``cp``.  Each undo is idempotent
+and safe when its step never ran; a failing undo retries with full-jitter backoff, counting the saga's
+``attempts``, and after DATAMESH_COMPENSATION_ATTEMPTS the saga is dead-lettered (``sagas --dead``
+lists it, ``sagas retry ID`` enqueues ``compensate`` again).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task, current_app, shared_task
+
+from datamesh.core.errors import StorageError, describe
+from datamesh.core.result import Err, Ok, Result
+from datamesh.core.retry import full_jitter_delay
+from datamesh.pipeline import compensation
+from datamesh.pipeline.plan import SagaPlan
+from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.cp import sagas
+from datamesh.storage.cp.sagas import SagaStatus
+from datamesh.storage.cp.sql import utcnow
+from datamesh.tasks.codec import compensation_chain
+from datamesh.tasks.steps import hold_shard
+from datamesh.workers import queues
+from datamesh.workers.runtime import RUNTIME
+
+_BASE_S = 0.05
+_CAP_S = 2.0
+
+
+@shared_task(name=queues.STEP_FAILED)
+def step_failed(request: Any, exc: BaseException, traceback: Any) -> None:
+    """``link_error`` of every step: record the failure, enqueue the compensation, nothing more."""
+    saga_id = (request.kwargs or {}).get("saga_id")
+    if not saga_id:
+        return
+    step = str(request.task).removeprefix("datamesh.")
+    enqueue_compensation(current_app, RUNTIME.tiers(), saga_id, failed_step=step, error=f"{type(exc).__name__}: {exc}")
+
+
+def enqueue_compensation(
+    app: Celery, tiers: Tiers, saga_id: str, *, failed_step: str, error: str
+) -> Result[SagaStatus, StorageError]:
+    """Claim a running saga for compensation and enqueue ``compensate``; a committed saga stays.
+
+    If this fails (CP or broker down) the saga keeps its expiring lease and the reaper tries again.
+    """
+    claimed = compensation.claim(tiers, saga_id, failed_step=failed_step, error=error)
+    if isinstance(claimed, Err):
+        return claimed
+    status = claimed.value
+    if status is None:
+        return Ok(SagaStatus.COMPENSATED)
+    if status not in (SagaStatus.COMPENSATING,):
+        return Ok(status)
+    extended = tiers.cp.run(
+        lambda c: sagas.transition(
+            c,
+            saga_id,
+            from_status=(SagaStatus.COMPENSATING,),
+            to_status=SagaStatus.COMPENSATING,
+            now=utcnow(),
+            lease_s=tiers.lease_s,
+        ),
+        operation="saga.compensation_lease",
+    )
+    if isinstance(extended, Err):
+        return extended
+    try:
+        app.signature(queues.COMPENSATE, kwargs={"saga_id": saga_id}).apply_async()
+    except Exception as exc:  # noqa: BLE001 - the broker's failures: the reaper will enqueue again
+        return Err(StorageError("broker", "enqueue_compensation", str(exc), retryable=True, cause=repr(exc)))
+    return Ok(SagaStatus.COMPENSATING)
+
+
+@shared_task(bind=True, name=queues.COMPENSATE)
+def compensate_task(self: Task, *, saga_id: str) -> str:
+    """Enqueue the undo chain of a compensating (or dead, when re-driven) saga."""
+    tiers = RUNTIME.tiers()
+    record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.compensate.load", write=False)
+    if isinstance(record, Err):
+        raise self.retry(
+            countdown=full_jitter_delay(self.request.retries + 1, base_s=_BASE_S, cap_s=_CAP_S), max_retries=None
+        )
+    if record.value is None or record.value.status not in (SagaStatus.COMPENSATING, SagaStatus.DEAD):
+        return "skipped"
+    compensation_chain(self.app, SagaPlan.from_json(record.value.plan_json)).apply_async()
+    return "enqueued"
+
+
+def _undo(task: Task, saga_id: str, undo: Any) -> str:
+    tiers = RUNTIME.tiers()
+    record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.undo.load", write=False)
+    if isinstance(record, Ok) and record.value is None:
+        return "skipped"
+    if isinstance(record, Ok) and record.value is not None:
+        if record.value.status in (SagaStatus.COMMITTED, SagaStatus.COMPENSATED):
+            task.request.chain = None  # nothing left to undo: stop the chain here
+            return "skipped"
+        done: Result[None, StorageError]
+        try:
+            RUNTIME.faults(str(task.name).removeprefix("datamesh."), "before")
+            done = undo(tiers, SagaPlan.from_json(record.value.plan_json))
+        except Exception as exc:  # noqa: BLE001 - a failing undo is retried and counted, whatever the cause
+            done = Err(StorageError("saga", str(task.name), f"{type(exc).__name__}: {exc}", retryable=True))
+    else:
+        assert isinstance(record, Err)
+        done = record
+    if isinstance(done, Ok):
+        return "done"
+    # Count the failed attempt; past the limit the saga is dead-lettered and the chain stops.
+    compensation._count_attempt(tiers, saga_id)
+    attempts = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.undo.attempts", write=False)
+    count = attempts.value.attempts if isinstance(attempts, Ok) and attempts.value is not None else 0
+    if count >= RUNTIME.config.compensation_attempts:
+        tiers.cp.run(
+            lambda c: sagas.transition(
+                c,
+                saga_id,
+                from_status=(SagaStatus.RUNNING, SagaStatus.COMPENSATING),
+                to_status=SagaStatus.DEAD,
+                now=utcnow(),
+                error=f"compensation kept failing: {describe(done.error)}",
+            ),
+            operation="saga.dead_letter",
+        )
+        RUNTIME.notify(saga_id, SagaStatus.DEAD.value)
+        task.request.chain = None
+        return "dead"
+    raise task.retry(countdown=full_jitter_delay(count + 1, base_s=_BASE_S, cap_s=_CAP_S), max_retries=None)
+
+
+@shared_task(bind=True, name=queues.UNDO_WRITE_AP)
+def undo_write_ap_task(self: Task, *, saga_id: str, region: str, shard: int) -> str:
+    hold_shard(self, region, shard)
+
+    def undo(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
+        plan.items = [i for i in plan.items if i.region == region and i.shard == shard]
+        return compensation.undo_write_ap(tiers, plan)
+
+    return _undo(self, saga_id, undo)
+
+
+@shared_task(bind=True, name=queues.UNDO_STORE_BLOBS)
+def undo_store_blobs_task(self: Task, *, saga_id: str, region: str) -> str:
+    if not RUNTIME.serves(region):
+        raise self.retry(countdown=1.0, max_retries=1000)
+    return _undo(self, saga_id, lambda tiers, plan: compensation.undo_store_blobs(tiers, plan, region=region))
+
+
+@shared_task(bind=True, name=queues.UNDO_RESERVE)
+def undo_reserve_task(self: Task, *, saga_id: str) -> str:
+    outcome = _undo(self, saga_id, compensation.undo_reserve)
+    tiers = RUNTIME.tiers()
+    status = tiers.cp.run(lambda c: sagas.status_of(c, saga_id), operation="task.undo_reserve.status", write=False)
+    if isinstance(status, Ok) and status.value is not None:
+        RUNTIME.notify(saga_id, status.value.value)
+    return outcome

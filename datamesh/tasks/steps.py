@@ -1,0 +1,151 @@
+"""The saga's step tasks: ``store_blobs`` (per region), ``write_ap`` (per shard), ``commit_cp`` (the pivot).
+
+Each task: counts the delivery in ``saga_steps.attempts`` (the redelivery cap) and skips a saga that is
+no longer running; runs the shared step function; turns a retryable ``Err`` into a retry with
+full-jitter backoff and anything else into a failure, which fires the chain's errback
+(:func:`datamesh.tasks.compensation.step_failed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task, shared_task
+
+from datamesh.core.errors import DataMeshError, StorageError, describe
+from datamesh.core.result import Err, Ok, Result
+from datamesh.core.retry import full_jitter_delay
+from datamesh.core.types import GeoRegion
+from datamesh.pipeline.plan import BlobPlan, SagaPlan
+from datamesh.pipeline.steps import Step, _NotRunning, commit_cp, store_blobs, write_ap_part
+from datamesh.storage.cp import sagas
+from datamesh.storage.cp.sagas import SagaStatus
+from datamesh.storage.cp.sql import utcnow
+from datamesh.tasks.codec import decode_content, part_name, unb64
+from datamesh.workers import queues
+from datamesh.workers.runtime import RUNTIME
+
+_RETRY_BASE_S = 0.05
+_RETRY_CAP_S = 2.0
+_MAX_BOUNCES = 1000  # re-queues of a message whose shard another worker holds, or that reached a wrong region
+
+
+class StepFailed(Exception):
+    """A saga step failed for good: the errback records it and enqueues the compensation."""
+
+
+def begin(task: Task, saga_id: str, step: str) -> bool:
+    """Count this delivery; False when the saga is not running (a late duplicate: skip it)."""
+    tiers = RUNTIME.tiers()
+    begun = tiers.cp.run(
+        lambda c: sagas.begin_step(c, saga_id, step, now=utcnow(), lease_s=tiers.lease_s), operation="task.begin"
+    )
+    if isinstance(begun, Err):
+        raise task.retry(
+            countdown=full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
+            max_retries=RUNTIME.config.step_max_deliveries,
+        )
+    status, attempts = begun.value
+    if status != SagaStatus.RUNNING:
+        return False
+    if attempts > RUNTIME.config.step_max_deliveries:
+        raise StepFailed(f"{step} delivered {attempts} times (cap {RUNTIME.config.step_max_deliveries})")
+    return True
+
+
+def finish(task: Task, step: str, result: Result[Any, Any]) -> None:
+    """Retry a retryable failure with full jitter (bounded); fail anything else."""
+    if isinstance(result, Ok):
+        RUNTIME.faults(step, "after")
+        return
+    error = result.error
+    retryable = isinstance(error, StorageError) and error.retryable
+    if retryable and task.request.retries < RUNTIME.config.step_max_deliveries:
+        raise task.retry(
+            countdown=full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
+            max_retries=RUNTIME.config.step_max_deliveries,
+        )
+    raise StepFailed(describe(error) if isinstance(error, DataMeshError) else str(error))  # type: ignore[arg-type]
+
+
+def run_step(task: Task, saga_id: str, step: str, fault_step: str, body: Callable[[], Result[Any, Any]]) -> str:
+    if not begin(task, saga_id, step):
+        return "skipped"
+    RUNTIME.faults(fault_step, "before")
+    finish(task, fault_step, body())
+    return "done"
+
+
+def hold_shard(task: Task, region: str, shard: int) -> None:
+    """Residency and single writer: this worker serves the region and holds the shard's lease."""
+    if not RUNTIME.serves(region):
+        raise task.retry(countdown=1.0, max_retries=_MAX_BOUNCES, queue=queues.ap_queue(region, shard))
+    token, wait_s = RUNTIME.leases().acquire(region, shard)
+    if token is None:
+        # Another live worker owns the shard: release our own hold on its file (the shard's writer
+        # lock) and put the message back; the owner (or whoever takes the shard when the lease
+        # expires) will run it.  Bounded, so a message nobody can take fails (and its saga is
+        # compensated) instead of circulating for ever.
+        RUNTIME.tiers().ap.close_shard(GeoRegion(region), shard)
+        raise task.retry(countdown=min(wait_s, 5.0), max_retries=_MAX_BOUNCES)
+    opened = RUNTIME.tiers().ap.open_shard(GeoRegion(region), shard)
+    if isinstance(opened, Err):
+        # We hold the lease but a previous owner on this host still has the file open (it has not
+        # noticed it lost the lease): wait for it to let go, without counting a delivery.
+        RUNTIME.leases().forget(region, shard)
+        raise task.retry(countdown=0.5, max_retries=_MAX_BOUNCES)
+
+
+@shared_task(bind=True, name=queues.STORE_BLOBS)
+def store_blobs_task(self: Task, *, saga_id: str, tenant: str, region: str, blobs: list[list[Any]]) -> str:
+    if not RUNTIME.serves(region):
+        raise self.retry(countdown=1.0, max_retries=_MAX_BOUNCES)
+    plan = SagaPlan(saga_id, tenant, [], [BlobPlan(region, h, int(size)) for h, size, _ in blobs])
+    data = {(region, h): unb64(b) for h, _, b in blobs}
+    return run_step(
+        self,
+        saga_id,
+        f"{Step.STORE_BLOBS}.{region}",
+        Step.STORE_BLOBS,
+        lambda: store_blobs(RUNTIME.tiers(), plan, data),
+    )
+
+
+@shared_task(bind=True, name=queues.WRITE_AP)
+def write_ap_task(
+    self: Task, *, saga_id: str, region: str, shard: int, plan: str, content: dict[str, list[Any]], marks: list[str]
+) -> str:
+    hold_shard(self, region, shard)
+    sub = SagaPlan.from_json(plan)
+    decoded = decode_content(content)
+    part = part_name(region, shard)
+    return run_step(
+        self,
+        saga_id,
+        part,
+        Step.WRITE_AP,
+        lambda: write_ap_part(RUNTIME.tiers(), sub, decoded, part=part, marks=[Step(m) for m in marks]),
+    )
+
+
+@shared_task(bind=True, name=queues.COMMIT_CP)
+def commit_cp_task(self: Task, *, saga_id: str) -> str:
+    tiers = RUNTIME.tiers()
+
+    def pivot() -> Result[Any, Any]:
+        record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.commit_cp.load", write=False)
+        if isinstance(record, Err):
+            return record
+        if record.value is None:
+            return Err(StorageError("cp", "commit_cp", f"saga {saga_id} is not in the saga log"))
+        committed = commit_cp(tiers, SagaPlan.from_json(record.value.plan_json))
+        if isinstance(committed, Err) and isinstance(committed.error, _NotRunning):
+            return Ok([])  # committed by a reaper, or compensating: either way not ours to change
+        return committed
+
+    outcome = run_step(self, saga_id, Step.COMMIT_CP, Step.COMMIT_CP, pivot)
+    status = tiers.cp.run(lambda c: sagas.status_of(c, saga_id), operation="task.commit_cp.status", write=False)
+    if isinstance(status, Ok) and status.value is not None:
+        RUNTIME.notify(saga_id, status.value.value)
+    return outcome

@@ -1,0 +1,1 @@
+"""Celery wiring: the app, queues and routing, leases, the executor and worker entry points."""

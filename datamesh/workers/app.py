@@ -1,0 +1,139 @@
+"""The Celery application: ``celery -A datamesh.workers.app worker ...``.
+
+:func:`create_app` builds the app from a :class:`DataMeshConfig`.  The reliability settings are in
+:func:`reliability_settings`, each with its reason; deployment settings (broker, result backend,
+queues, routes, beat) come from :mod:`celeryconfig` at the top of the repository when it is importable
+and are computed the same way from the configuration otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown
+from kombu.entity import Queue
+
+from datamesh.core.config import DataMeshConfig
+from datamesh.workers import queues
+from datamesh.workers.runtime import RUNTIME
+
+#: Every task module: every worker imports all of them, whatever queues it consumes, so an errback
+#: or a compensation published by any worker is known to every other (a worker that does not know
+#: a task name rejects the message).
+TASK_MODULES = ("datamesh.tasks.steps", "datamesh.tasks.compensation", "datamesh.tasks.reaper")
+
+
+def reliability_settings(config: DataMeshConfig) -> dict[str, Any]:
+    """The settings that decide whether work is lost or duplicated; one place, one reason each."""
+    # The longest a step can take with its retries: the hard time limit, plus a backoff of up to 2 s
+    # before each retry, plus a shard whose owner died waiting for the lease to expire.
+    longest_step_s = config.step_time_limit_s + config.step_max_deliveries * 2.0 + config.shard_lease_s
+    if config.visibility_timeout_s <= longest_step_s:
+        raise ValueError(
+            f"DATAMESH_VISIBILITY_TIMEOUT_S={config.visibility_timeout_s} must exceed the longest step "
+            f"with its retries ({longest_step_s:.0f}s), or Redis redelivers steps that are still running"
+        )
+    return {
+        # Acknowledge a message only after its task ran: a worker dying mid-step leaves the message to
+        # be delivered again, which is harmless because every step is idempotent per (saga, step).
+        "task_acks_late": True,
+        # A child killed by a signal or the OOM killer requeues its message instead of failing it
+        # (a kill fires no errback).  Our own cap, DATAMESH_STEP_MAX_DELIVERIES counted per saga step
+        # in saga_steps.attempts, stops a message that kills every worker from looping for ever.
+        "task_reject_on_worker_lost": True,
+        # A step that raised has been handled: its errback recorded the failure and enqueued the
+        # compensation, so the message is acknowledged rather than redelivered.
+        "task_acks_on_failure_or_timeout": True,
+        # Writers reserve one message at a time: a prefetched batch waits behind a slow step, and a
+        # shard's messages held by a worker that dies wait for the visibility timeout.
+        "worker_prefetch_multiplier": 1,
+        # Redis redelivers an unacknowledged message after this long: it must exceed the longest step
+        # with its retries (checked above), or a step still running is run a second time in parallel.
+        "broker_transport_options": {"visibility_timeout": config.visibility_timeout_s},
+        # A task running when the broker connection drops cannot acknowledge its message any more; it
+        # will be redelivered, so cancel it rather than finish it twice.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A step that hangs is killed after this long and fails (its errback compensates the saga):
+        # this bounds "the longest step" that the visibility timeout must exceed.
+        "task_time_limit": config.step_time_limit_s,
+        # Celery results expire and are never the record: the saga log in the CP tier is.
+        "task_ignore_result": True,
+        # JSON only (payload bytes travel base64): no pickle from the broker.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Retry publishing through a broker blip; a publish that still fails is an error to the caller.
+        "task_publish_retry": True,
+        "broker_connection_retry_on_startup": True,
+        # Events let Flower show the pools and the saga tasks.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_create_missing_queues": True,
+    }
+
+
+def deployment_settings(config: DataMeshConfig) -> dict[str, Any]:
+    """Broker, result backend, queues, routes and the reaper's schedule, from the configuration."""
+    return {
+        "broker_url": config.broker_url,
+        "result_backend": config.result_backend or None,
+        "task_default_queue": queues.CP_QUEUE,
+        "task_queues": [Queue(name) for name in queues.all_queues(config.ap_shards)],
+        "task_routes": (queues.route,),
+        "beat_schedule": {
+            "reap-expired-sagas": {
+                "task": queues.REAP,
+                "schedule": config.reap_interval_s,
+                "options": {"queue": queues.CP_QUEUE, "expires": config.reap_interval_s},
+            }
+        },
+    }
+
+
+def create_app(config: DataMeshConfig, *, load_celeryconfig: bool = True) -> Celery:
+    app = Celery("datamesh", include=list(TASK_MODULES))
+    app.conf.update(deployment_settings(config))
+    if load_celeryconfig:
+        app.config_from_object("celeryconfig", silent=True)
+    app.conf.update(reliability_settings(config))  # never overridden by a deployment file
+    app.conf.imports = list(TASK_MODULES)
+    RUNTIME.configure(config)
+    return app
+
+
+@celeryd_init.connect
+def _name_node(sender: str | None = None, **_: Any) -> None:
+    # The lease owner is the worker node: a child restarted after a kill keeps the node's shards.
+    if sender:
+        RUNTIME.node = sender
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    # engine.dispose() after fork: the child must not share the parent's pooled DB connections.
+    RUNTIME.after_fork()
+
+
+@worker_process_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    RUNTIME.close()
+
+
+def _default_app() -> Celery:
+    config = DataMeshConfig.from_env()
+    if config.is_err():
+        raise SystemExit(f"error: {config.error}")
+    return create_app(config.unwrap())
+
+
+def __getattr__(name: str) -> Celery:
+    """``app`` (what ``celery -A datamesh.workers.app`` loads) is built from the environment on first use.
+
+    Importing this module does not read the environment: the pipeline builds its own app from the
+    configuration it was given.
+    """
+    if name in ("app", "celery"):
+        built = _default_app()
+        globals()["app"] = globals()["celery"] = built
+        return built
+    raise AttributeError(name)

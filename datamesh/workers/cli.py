@@ -1,0 +1,122 @@
+"""``python -m datamesh worker | beat | flower``: start Celery pools, the beat scheduler, Flower.
+
+``worker --role ap --region eu-west --shards 0-3`` consumes ``ap.eu-west.0`` … ``ap.eu-west.3``;
+``--role cp`` the ``cp`` queue; ``--role blobs`` the regions' ``blobs.<region>`` queues; ``--role all``
+everything of its regions (one box).  With ``--processes N`` an AP (or all) pool is N Celery workers of
+one process each, the shards dealt round-robin between them, so each shard queue has one consumer; a
+``cp`` or ``blobs`` pool is one Celery worker with N processes.  Each run is ``celery -A
+datamesh.workers.app worker`` with the queues and ``DATAMESH_WORKER_*`` set for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+from typing import Any
+
+from datamesh.core.config import DataMeshConfig, parse_shards
+from datamesh.core.types import GeoRegion
+from datamesh.workers import queues
+
+CELERY = [sys.executable, "-m", "celery", "-A", "datamesh.workers.app"]
+
+
+def register(sub: Any) -> None:
+    w = sub.add_parser("worker", help="start a Celery worker pool for a role, region and shards")
+    w.add_argument("--role", choices=queues.ROLES, default="all")
+    w.add_argument("--region", action="append", choices=[r.value for r in GeoRegion], help="repeatable; default all")
+    w.add_argument("--shards", help="AP shards owned, e.g. 0-3 or 0,2 (default: every shard)")
+    w.add_argument("--processes", type=int, default=1, help="worker processes in the pool")
+    w.add_argument("--beat", action="store_true", help="also run the beat scheduler (single process only)")
+    w.add_argument("--name", help="node name prefix (default: role.pid)")
+    w.add_argument("--loglevel", default="INFO")
+    w.add_argument("--include", action="append", default=[], help="extra module each worker imports")
+    w.set_defaults(handler=run_worker)
+
+    b = sub.add_parser("beat", help="start Celery beat (schedules the saga reaper)")
+    b.add_argument("--loglevel", default="INFO")
+    b.set_defaults(handler=run_beat)
+
+    f = sub.add_parser("flower", help="start Flower, the Celery monitor, on the datamesh broker")
+    f.add_argument("--port", type=int, default=5555)
+    f.add_argument("--address", default="127.0.0.1")
+    f.add_argument("--basic-auth", help="user:password (or FLOWER_BASIC_AUTH)")
+    f.add_argument("--unauthenticated-api", action="store_true", help="serve the HTTP API without auth")
+    f.set_defaults(handler=run_flower)
+
+
+def worker_commands(args: argparse.Namespace, config: DataMeshConfig) -> list[tuple[list[str], dict[str, str]]]:
+    """The Celery worker command lines (and their extra environment) for the requested pool."""
+    regions = args.region or list(config.worker_regions) or [r.value for r in GeoRegion]
+    shards = (
+        list(parse_shards(args.shards)) if args.shards else list(config.worker_shards) or list(range(config.ap_shards))
+    )
+    processes = max(1, args.processes)
+    prefix = args.name or f"{args.role}.{os.getpid()}"
+    sharded = args.role in ("all", "ap") and processes > 1
+    groups = [shards[i::processes] for i in range(processes)] if sharded else [shards]
+    commands = []
+    for n, owned in enumerate(groups):
+        names = queues.queues_for(args.role, regions, owned)
+        argv = [
+            *CELERY,
+            "worker",
+            "-Q",
+            ",".join(names),
+            "-c",
+            "1" if sharded else str(processes),
+            "-n",
+            f"{prefix}.{n}@%h",
+            "--loglevel",
+            args.loglevel,
+            "-E",
+        ]
+        for module in args.include:
+            argv += ["--include", module]
+        if args.beat and n == 0:
+            argv += ["-B", "-s", str(config.data_dir / f"celerybeat-schedule-{os.getpid()}")]
+        env = {
+            "DATAMESH_WORKER_ROLE": args.role,
+            "DATAMESH_WORKER_REGIONS": ",".join(regions),
+            "DATAMESH_WORKER_SHARDS": ",".join(map(str, owned)),
+        }
+        commands.append((argv, env))
+    return commands
+
+
+def run_worker(args: argparse.Namespace, config: DataMeshConfig) -> int:
+    commands = worker_commands(args, config)
+    if len(commands) == 1:
+        argv, extra = commands[0]
+        os.execvpe(argv[0], argv, {**os.environ, **extra})
+    children = [subprocess.Popen(argv, env={**os.environ, **extra}) for argv, extra in commands]
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+
+
+def run_beat(args: argparse.Namespace, config: DataMeshConfig) -> int:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [*CELERY, "beat", "--loglevel", args.loglevel, "-s", str(config.data_dir / "celerybeat-schedule")]
+    os.execvp(argv[0], argv)
+
+
+def run_flower(args: argparse.Namespace, config: DataMeshConfig) -> int:
+    argv = [*CELERY, "flower", f"--port={args.port}", f"--address={args.address}"]
+    if args.basic_auth:
+        argv.append(f"--basic-auth={args.basic_auth}")
+    env = dict(os.environ)
+    if args.unauthenticated_api:
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"
+    os.execvpe(argv[0], argv, env)

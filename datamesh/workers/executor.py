@@ -1,0 +1,137 @@
+"""The Celery executor: the pipeline's side of a distributed saga.
+
+``reserve`` runs in the caller, as under the local executor: it is one CP transaction whose outcome
+(new work, a replay, a key in flight, a conflict) is the caller's answer, and it writes the saga row
+before any message exists, so every message refers to a saga in the log.  ``submit`` publishes the
+chain of step tasks with ``link_error``; ``wait`` blocks until the saga log says committed, compensated
+or dead.  A Redis list per saga wakes the waiter early; the saga log in the CP tier is what it reads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import redis
+from celery import Celery
+
+from datamesh.core.config import DataMeshConfig
+from datamesh.core.errors import SagaFailed, StorageError
+from datamesh.core.result import Err, Ok, Result
+from datamesh.pipeline.plan import SagaPlan
+from datamesh.pipeline.prepare import Prepared
+from datamesh.pipeline.saga import Content, FaultHook, ReapOutcome, _committed_by_other, _no_faults
+from datamesh.pipeline.steps import Committed, ReserveOutcome, Step, reserve
+from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.cp import sagas
+from datamesh.storage.cp.sagas import SagaStatus
+from datamesh.workers import queues
+from datamesh.workers.runtime import DONE_KEY
+
+_POLL_S = 1.0
+FINAL = (SagaStatus.COMMITTED, SagaStatus.COMPENSATED, SagaStatus.DEAD)
+
+
+class CeleryExecutor:
+    """Publishes sagas to the Celery workers and waits for their outcome in the saga log."""
+
+    def __init__(
+        self, tiers: Tiers, config: DataMeshConfig, app: Celery | None = None, *, faults: FaultHook = _no_faults
+    ) -> None:
+        from datamesh.workers.app import create_app
+
+        self.faults = faults  # reserve runs here; the other steps' faults are injected in the workers
+        self.tiers = tiers
+        self.config = config
+        self.app = app if app is not None else create_app(config, load_celeryconfig=False)
+        self._redis = redis.Redis.from_url(config.broker_url, socket_timeout=_POLL_S + 5)
+
+    def reserve(self, tenant: str, prepared: Sequence[Prepared]) -> Result[ReserveOutcome, StorageError | SagaFailed]:
+        try:
+            self.faults(Step.RESERVE, "before")
+        except Exception as exc:  # noqa: BLE001 - nothing written yet
+            return Err(SagaFailed("-", Step.RESERVE, f"{type(exc).__name__}: {exc}"))
+        outcome = reserve(self.tiers, tenant, prepared, shard_count=self.config.ap_shards)
+        if isinstance(outcome, Err) or not outcome.value.plan.items:
+            return outcome
+        try:
+            self.faults(Step.RESERVE, "after")
+        except Exception as exc:  # noqa: BLE001 - a failure after reserve is compensated like any step's
+            from datamesh.tasks.compensation import enqueue_compensation
+
+            plan = outcome.value.plan
+            error = f"{type(exc).__name__}: {exc}"
+            enqueue_compensation(self.app, self.tiers, plan.saga_id, failed_step=Step.RESERVE, error=error)
+            waited = self.wait(plan)
+            return Err(waited.error if isinstance(waited, Err) else SagaFailed(plan.saga_id, Step.RESERVE, error))
+        return outcome
+
+    def submit(
+        self, plan: SagaPlan, content: Content, blobs: Mapping[tuple[str, str], bytes]
+    ) -> Result[None, StorageError]:
+        """Publish the saga's chain; an unpublished saga is left to the reaper (its lease expires)."""
+        from datamesh.tasks.codec import saga_chain
+
+        try:
+            saga_chain(self.app, plan, content, blobs).apply_async(link_error=self.app.signature(queues.STEP_FAILED))
+        except Exception as exc:  # noqa: BLE001 - kombu/redis failures after publish retries: one boundary
+            return Err(
+                StorageError(
+                    "broker", "submit", f"could not enqueue saga {plan.saga_id}: {exc}", retryable=True, cause=repr(exc)
+                )
+            )
+        return Ok(None)
+
+    def execute(
+        self, plan: SagaPlan, content: Content, blobs: Mapping[tuple[str, str], bytes]
+    ) -> Result[list[Committed], SagaFailed | StorageError]:
+        submitted = self.submit(plan, content, blobs)
+        if isinstance(submitted, Err):
+            return submitted
+        return self.wait(plan)
+
+    def wait(self, plan: SagaPlan) -> Result[list[Committed], SagaFailed | StorageError]:
+        deadline = time.monotonic() + self.config.saga_wait_s
+        key = DONE_KEY.format(plan.saga_id)
+        while True:
+            status = self.tiers.cp.run(lambda c: sagas.status_of(c, plan.saga_id), operation="saga.wait", write=False)
+            if isinstance(status, Ok) and status.value in FINAL:
+                record = self.tiers.cp.run(lambda c: sagas.load(c, plan.saga_id), operation="saga.wait", write=False)
+                if isinstance(record, Err) or record.value is None:
+                    continue
+                saga = record.value
+                if saga.status == SagaStatus.COMMITTED:
+                    return Ok(_committed_by_other(self.tiers, plan))
+                return Err(
+                    SagaFailed(
+                        plan.saga_id,
+                        saga.failed_step or "-",
+                        saga.error or "compensated",
+                        dead_lettered=saga.status == SagaStatus.DEAD,
+                    )
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return Err(
+                    StorageError(
+                        "pipeline",
+                        "ingest",
+                        f"saga {plan.saga_id} still in flight after {self.config.saga_wait_s}s",
+                        retryable=True,
+                    )
+                )
+            try:
+                self._redis.blpop([key], timeout=max(0.01, min(_POLL_S, left)))
+            except redis.RedisError:
+                time.sleep(min(_POLL_S, max(left, 0)))  # broker away: poll the saga log
+
+    def status(self, saga_id: str) -> Result[SagaStatus | None, StorageError]:
+        return self.tiers.cp.run(lambda c: sagas.status_of(c, saga_id), operation="saga.status", write=False)
+
+    def reap(self) -> list[ReapOutcome]:
+        from datamesh.tasks.reaper import reap_distributed
+
+        return reap_distributed(self.app, self.tiers)
+
+    def close(self) -> None:
+        self._redis.close()

@@ -1,0 +1,67 @@
+"""Queue names and routing: one place decides where every task goes.
+
+    cp                    CP commits, compensation claims, undo_reserve, the reaper (global tier)
+    blobs.<region>        object-store writes and their undo, by the region's blob workers
+    ap.<region>.<shard>   one queue per AP shard and region (``ap.eu-west.3``): a shard has one writer
+
+A region's content is only published to that region's queues, so only workers started for the
+region (``python -m datamesh worker --region eu-west``) ever write it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from datamesh.core.types import GeoRegion
+
+CP_QUEUE = "cp"
+
+# Task names (stable: they are in messages on the broker).
+STORE_BLOBS = "datamesh.store_blobs"
+WRITE_AP = "datamesh.write_ap"
+COMMIT_CP = "datamesh.commit_cp"
+STEP_FAILED = "datamesh.step_failed"
+COMPENSATE = "datamesh.compensate"
+UNDO_WRITE_AP = "datamesh.undo_write_ap"
+UNDO_STORE_BLOBS = "datamesh.undo_store_blobs"
+UNDO_RESERVE = "datamesh.undo_reserve"
+REAP = "datamesh.reap"
+
+ROLES = ("all", "cp", "blobs", "ap")
+
+
+def blobs_queue(region: str) -> str:
+    return f"blobs.{region}"
+
+
+def ap_queue(region: str, shard: int) -> str:
+    return f"ap.{region}.{shard}"
+
+
+def route(
+    name: str, args: Sequence[Any], kwargs: Mapping[str, Any], options: Mapping[str, Any], **_: Any
+) -> dict[str, str]:
+    """Celery router (``task_routes``): region and shard come from the task's keyword arguments."""
+    if name in (STORE_BLOBS, UNDO_STORE_BLOBS):
+        return {"queue": blobs_queue(kwargs["region"])}
+    if name in (WRITE_AP, UNDO_WRITE_AP):
+        return {"queue": ap_queue(kwargs["region"], int(kwargs["shard"]))}
+    return {"queue": CP_QUEUE}
+
+
+def queues_for(role: str, regions: Iterable[str], shards: Iterable[int]) -> list[str]:
+    """The queues a worker of ``role`` consumes for ``regions`` and (AP) ``shards``."""
+    regions, shards = list(regions), list(shards)
+    names: list[str] = []
+    if role in ("all", "cp"):
+        names.append(CP_QUEUE)
+    if role in ("all", "blobs"):
+        names += [blobs_queue(r) for r in regions]
+    if role in ("all", "ap"):
+        names += [ap_queue(r, s) for r in regions for s in shards]
+    return names
+
+
+def all_queues(shard_count: int) -> list[str]:
+    return queues_for("all", [r.value for r in GeoRegion], range(shard_count))

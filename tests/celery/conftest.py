@@ -1,0 +1,174 @@
+"""Real Redis and real ``celery worker`` subprocesses (never eager mode) for the Celery executor's tests.
+
+Redis is the shared server on 127.0.0.1:6379, database 5 (flushed around each test), unless a test
+starts its own.  The CP tier is a fresh PostgreSQL schema.  A missing service skips locally and fails
+under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from datamesh.core.config import DataMeshConfig
+from datamesh.core.result import Err
+from datamesh.storage.cp import migrate
+from datamesh.storage.cp.database import CpDatabase
+from tests.conftest import service_missing
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_REDIS_URL = os.environ.get("DATAMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/5")
+
+
+def flush(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    try:
+        flush(TEST_REDIS_URL)
+    except redis.RedisError as exc:
+        service_missing(f"Redis at {TEST_REDIS_URL}", exc)
+    yield TEST_REDIS_URL
+    flush(TEST_REDIS_URL)
+
+
+@pytest.fixture
+def migrated_pg(pg_url: str) -> str:
+    db = CpDatabase.open(pg_url).unwrap()
+    done = migrate.upgrade(db)
+    db.dispose()
+    if isinstance(done, Err):
+        pytest.fail(f"migration failed: {done.error}")
+    return pg_url
+
+
+def env_of(config: DataMeshConfig) -> dict[str, str]:
+    """The DATAMESH_* environment that makes a worker see ``config``."""
+    return {
+        "DATAMESH_EXECUTOR": "celery",
+        "DATAMESH_DATA_DIR": str(config.data_dir),
+        "DATAMESH_CP_URL": config.cp_url,
+        "DATAMESH_AP_SHARDS": str(config.ap_shards),
+        "DATAMESH_INLINE_MAX_BYTES": str(config.inline_max_bytes),
+        "DATAMESH_BROKER_URL": config.broker_url,
+        "DATAMESH_SAGA_LEASE_S": str(config.saga_lease_s),
+        "DATAMESH_SHARD_LEASE_S": str(config.shard_lease_s),
+        "DATAMESH_REAP_INTERVAL_S": str(config.reap_interval_s),
+        "DATAMESH_STEP_TIME_LIMIT_S": str(config.step_time_limit_s),
+        "DATAMESH_VISIBILITY_TIMEOUT_S": str(config.visibility_timeout_s),
+        "DATAMESH_STEP_MAX_DELIVERIES": str(config.step_max_deliveries),
+        "DATAMESH_COMPENSATION_ATTEMPTS": str(config.compensation_attempts),
+    }
+
+
+@pytest.fixture
+def celery_config(tmp_path: Path, migrated_pg: str, redis_url: str) -> DataMeshConfig:
+    return DataMeshConfig(
+        data_dir=tmp_path / "data",
+        cp_url=migrated_pg,
+        executor="celery",
+        broker_url=redis_url,
+        saga_lease_s=3.0,
+        shard_lease_s=2.0,
+        reap_interval_s=1.0,
+        step_time_limit_s=20.0,
+        visibility_timeout_s=60.0,
+        saga_wait_s=60.0,
+    )
+
+
+@dataclass
+class Workers:
+    """``python -m datamesh worker`` subprocesses started by a test; stopped at teardown."""
+
+    config: DataMeshConfig
+    log_dir: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, *args: str, hooks_redis: str | None = None, **env: str) -> subprocess.Popen[bytes]:
+        full = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(self.config)}
+        full["PYTHONPATH"] = str(ROOT)
+        if hooks_redis:
+            full["DATAMESH_TEST_HOOKS_REDIS"] = hooks_redis
+        full.update(env)
+        log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        cmd = [
+            sys.executable,
+            "-m",
+            "datamesh",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--include",
+            "tests.celery_hooks",
+            *args,
+        ]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def start_beat(self) -> subprocess.Popen[bytes]:
+        full = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(self.config)}
+        full["PYTHONPATH"] = str(ROOT)
+        log = open(self.log_dir / f"worker-beat-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "datamesh", "beat", "--loglevel", "INFO"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def wait_ready(self, count: int = 1, timeout: float = 60.0) -> list[str]:
+        from datamesh.workers.app import create_app
+
+        app = create_app(self.config, load_celeryconfig=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            replies = app.control.ping(timeout=0.5)
+            if len(replies) >= count:
+                return [name for reply in replies for name in reply]
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise AssertionError(f"worker exited with {proc.returncode}: {self.logs()[-3000:]}")
+        raise AssertionError(f"workers not ready after {timeout}s: {self.logs()[-3000:]}")
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("worker-*.log")))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def pool_children(pid: int) -> list[int]:
+    """The prefork children of a Celery worker's main process."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+@pytest.fixture
+def workers(celery_config: DataMeshConfig, tmp_path: Path) -> Iterator[Workers]:
+    running = Workers(celery_config, tmp_path)
+    yield running
+    running.stop()

@@ -1,0 +1,135 @@
+"""Failures on the Celery executor: a step failing on purpose, killed workers, a duplicated message."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from datamesh.core.config import DataMeshConfig
+from datamesh.core.errors import SagaFailed
+from datamesh.core.result import Err
+from datamesh.pipeline.ingestion import IngestionPipeline
+from datamesh.pipeline.steps import Step
+from datamesh.storage.cp import sagas
+from datamesh.storage.cp.sagas import SagaStatus, StepState
+from tests.celery.conftest import Workers
+from tests.helpers import real_requests, tier_counts
+from tests.test_saga_faults import FAULT_POINTS, FailAt, batch_with_blobs
+
+
+async def test_failure_at_each_step_is_compensated_by_the_workers(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    control = redis.Redis.from_url(redis_url)
+    workers.start("--role", "all", hooks_redis=redis_url)
+    workers.wait_ready()
+    reserve_fault = FailAt(Step.RESERVE, "after", armed=False)  # reserve runs in the caller
+    async with (await IngestionPipeline.create(celery_config, faults=reserve_fault)).unwrap() as p:
+        for step, phase in FAULT_POINTS:
+            # Given a fault armed at one step (in the caller for reserve, in the workers otherwise),
+            reserve_fault.armed = step == Step.RESERVE
+            control.set("dm:test:fault", f"{step}:{phase}")
+            requests = batch_with_blobs(celery_config)
+            # when a batch with inline and object-store payloads in two regions is ingested,
+            results = (await p.ingest_many(requests)).unwrap()
+            # then every item reports the failed saga at that step,
+            assert all(isinstance(r, Err) and isinstance(r.error, SagaFailed) for r in results), (
+                step,
+                phase,
+                results[0],
+            )
+            failure = results[0].error
+            assert isinstance(failure, SagaFailed) and failure.step == step and not failure.dead_lettered, failure
+            # every tier is empty but for the compensated saga records,
+            counts = tier_counts(p.tiers)
+            assert counts.stored() == 0 and counts.ap_rows == 0 and counts.blobs == 0, (step, phase, counts)
+            assert counts.rows["object_refs"] == 0 and counts.rows["blobs"] == 0
+            assert counts.rows["idempotency_keys"] == 0 and counts.rows["provenance_records"] == 0
+            record = p.tiers.cp.run(lambda c, s=failure.saga_id: sagas.load(c, s), operation="t").unwrap()
+            assert record is not None and record.status == SagaStatus.COMPENSATED and record.failed_step == step
+            assert set(record.steps.values()) == {StepState.COMPENSATED}
+        # and with the fault cleared the same requests succeed.
+        control.delete("dm:test:fault")
+        reserve_fault.armed = False
+        retried = (await p.ingest_many(requests)).unwrap()
+        assert all(r.is_ok() and not r.unwrap().deduplicated for r in retried)
+        statuses = p.tiers.cp.run(sagas.count_by_status, operation="t").unwrap()
+        assert statuses == {SagaStatus.COMPENSATED.value: len(FAULT_POINTS), SagaStatus.COMMITTED.value: 1}
+    control.close()
+
+
+async def test_the_same_messages_delivered_twice_make_one_conversation(
+    workers: Workers, celery_config: DataMeshConfig
+) -> None:
+    workers.start("--role", "all")
+    workers.wait_ready()
+    async with (await IngestionPipeline.create(celery_config)).unwrap() as p:
+        executor = p._executor
+        from datamesh.pipeline.prepare import prepare
+        from datamesh.pipeline.request import validate
+        from datamesh.workers.executor import CeleryExecutor
+
+        assert isinstance(executor, CeleryExecutor)
+        requests = real_requests(5)
+        prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(requests)]
+        plan = executor.reserve("default", prepared).unwrap().plan
+        content = {i: (r.prompt, r.response, None) for i, r in enumerate(requests)}
+        # Given a saga whose whole chain is published twice (a redelivery of every message),
+        executor.submit(plan, content, {}).unwrap()
+        executor.submit(plan, content, {}).unwrap()
+        # when both have run,
+        committed = executor.wait(plan).unwrap()
+        import asyncio
+
+        await asyncio.sleep(1.0)  # let the duplicate chain finish too
+        # then there is one conversation per request and nothing twice.
+        assert len(committed) == 5
+        counts = tier_counts(p.tiers)
+        assert counts.rows["conversations"] == 5 and counts.rows["turns"] == 5 and counts.ap_rows == 5
+        assert p.tiers.cp.run(sagas.count_by_status, operation="t").unwrap() == {SagaStatus.COMMITTED.value: 1}
+
+
+async def test_compensation_that_keeps_failing_is_dead_lettered_then_redriven(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.celery.conftest import ROOT, env_of
+
+    control = redis.Redis.from_url(redis_url)
+    # Given a step that fails and an undo of it that keeps failing, with two compensation attempts allowed,
+    control.set("dm:test:fault", "write_ap:before,undo_write_ap:before")
+    workers.start("--role", "all", hooks_redis=redis_url, DATAMESH_COMPENSATION_ATTEMPTS="2")
+    workers.wait_ready()
+    async with (await IngestionPipeline.create(celery_config)).unwrap() as p:
+        results = (await p.ingest_many(real_requests(4))).unwrap()
+        # then the saga is dead-lettered and reported so,
+        failure = results[0].error
+        assert isinstance(failure, SagaFailed) and failure.dead_lettered, failure
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(celery_config)}
+        env["PYTHONPATH"] = str(ROOT)
+
+        def cli(*args: str) -> str:
+            out = subprocess.run(
+                [sys.executable, "-m", "datamesh", *args], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert out.returncode == 0, out.stdout + out.stderr
+            return out.stdout
+
+        # `sagas --dead` lists it;
+        assert failure.saga_id in cli("sagas", "--dead")
+        # once the cause is fixed, `sagas retry ID` re-drives it to compensated and every tier is clean.
+        control.delete("dm:test:fault")
+        assert "compensation enqueued" in cli("sagas", "retry", failure.saga_id)
+        for _ in range(100):
+            status = (await p.saga_status(failure.saga_id)).unwrap()
+            if status == SagaStatus.COMPENSATED:
+                break
+            await asyncio.sleep(0.1)
+        assert status == SagaStatus.COMPENSATED
+        counts = tier_counts(p.tiers)
+        assert counts.stored() == 0 and counts.rows["idempotency_keys"] == 0
+    control.close()
