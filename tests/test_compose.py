@@ -59,3 +59,19 @@ def test_the_services_the_architecture_asks_for(compose: dict[str, Any]) -> None
     assert "minio" in services and "flower" in services and "beat" in services
     workers = [s["command"] for n, s in services.items() if n.startswith("worker-ap-")]
     assert all("--region" in c for c in workers)  # AP pools are per region
+
+
+def test_two_gateways_behind_a_balancer_and_prometheus(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    gateways = [n for n, s in services.items() if s.get("command", [])[3:4] == ["serve"]]
+    assert len(gateways) >= 2 and all("healthcheck" in services[n] for n in gateways)
+    nginx = (ROOT / "deploy" / "nginx" / "datamesh-gateway.conf").read_text()
+    for name in gateways:  # the balancer's upstream lists every instance the compose file runs
+        assert f"server {name}:8080" in nginx
+    lb = services["gateway-lb"]
+    assert lb["image"].startswith("nginx") and "./deploy/nginx/datamesh-gateway.conf" in lb["volumes"][0]
+    prometheus = services["prometheus"]
+    assert any(v.startswith("./deploy/prometheus:") for v in prometheus["volumes"])
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert {f"{name}:8080" for name in gateways} <= targets
