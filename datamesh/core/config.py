@@ -42,6 +42,11 @@ DEFAULT_RATE_LIMIT_TENANT_BURST = 2_000
 DEFAULT_RATE_LIMIT_FAILURE = "closed"
 DEFAULT_CP_REQUIRE_SYNC_REPLICATION = False
 DEFAULT_CP_COMMIT_TIMEOUT_S = 30.0
+DEFAULT_EMBEDDER = "none"
+DEFAULT_INDEXER = "on"
+DEFAULT_INDEX_INTERVAL_S = 1.0
+DEFAULT_INDEX_BATCH = 200
+EMBEDDERS = ("none", "minilm")
 
 BACKPRESSURE_MODES = ("wait", "reject")
 EXECUTORS = ("local",)
@@ -107,6 +112,14 @@ class DataMeshConfig:
     service_name: str = DEFAULT_SERVICE_NAME
     cp_require_sync_replication: bool = DEFAULT_CP_REQUIRE_SYNC_REPLICATION
     cp_commit_timeout_s: float = DEFAULT_CP_COMMIT_TIMEOUT_S
+    #: The index tier (see ``datamesh.pipeline.indexer``): where regional indexes live, whether
+    #: this process runs the background indexer, how often it polls the outbox, and how many outbox
+    #: rows it takes at once; ``embedder`` computes missing embeddings (``none``: only given ones).
+    index_dir: Path | None = None
+    indexer: bool = True
+    index_interval_s: float = DEFAULT_INDEX_INTERVAL_S
+    index_batch: int = DEFAULT_INDEX_BATCH
+    embedder: str = DEFAULT_EMBEDDER
 
     @property
     def tracing(self) -> bool:
@@ -121,6 +134,10 @@ class DataMeshConfig:
     @property
     def resolved_ap_dir(self) -> Path:
         return self.ap_dir or self.data_dir / "ap"
+
+    @property
+    def resolved_index_dir(self) -> Path:
+        return self.index_dir or self.data_dir / "index"
 
     @property
     def resolved_objects_url(self) -> str:
@@ -236,6 +253,11 @@ class DataMeshConfig:
                     _positive_float,
                     DEFAULT_CP_COMMIT_TIMEOUT_S,
                 ),
+                index_dir=_get(env, "DATAMESH_INDEX_DIR", _optional_path, None),
+                indexer=_get(env, "DATAMESH_INDEXER", _choice(SWITCH), DEFAULT_INDEXER) == "on",
+                index_interval_s=_get(env, "DATAMESH_INDEX_INTERVAL_S", _positive_float, DEFAULT_INDEX_INTERVAL_S),
+                index_batch=_get(env, "DATAMESH_INDEX_BATCH", _int_between(1, 100_000), DEFAULT_INDEX_BATCH),
+                embedder=_get(env, "DATAMESH_EMBEDDER", _choice(EMBEDDERS), DEFAULT_EMBEDDER),
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))
