@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from datamesh import observability
-from datamesh.cli import demo, keys, maintenance, metrics, objects, serve
+from datamesh.cli import demo, index, keys, maintenance, metrics, objects, serve
 from datamesh.core.config import DataMeshConfig
 
-COMMANDS = (demo, maintenance, objects, metrics, keys, serve)
+COMMANDS = (demo, maintenance, objects, index, metrics, keys, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
