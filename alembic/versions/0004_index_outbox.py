@@ -2,7 +2,8 @@
 
 The saga's pivot (``commit_cp``) inserts one ``add`` row per region; erasure inserts
 ``erase_conversation`` / ``erase_entity`` rows.  The indexer (``datamesh/pipeline/indexer.py``)
-claims rows by ``next_attempt_at`` and deletes them once done.
+claims rows by ``next_attempt_at`` and deletes them once done; ``index status`` and the lag
+gauge read the depth and oldest row per region (``region, enqueued_at``).
 
 Revision ID: 0004
 Revises: 0003
@@ -36,8 +37,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_index_outbox")),
     )
     op.create_index("ix_index_outbox_next_attempt_at", "index_outbox", ["next_attempt_at"], unique=False)
+    op.create_index("ix_index_outbox_region_enqueued_at", "index_outbox", ["region", "enqueued_at"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_index_outbox_region_enqueued_at", table_name="index_outbox")
     op.drop_index("ix_index_outbox_next_attempt_at", table_name="index_outbox")
     op.drop_table("index_outbox")

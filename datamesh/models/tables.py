@@ -196,4 +196,7 @@ class IndexOutbox(Base):
     enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_index_outbox_next_attempt_at", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_index_outbox_next_attempt_at", "next_attempt_at"),
+        Index("ix_index_outbox_region_enqueued_at", "region", "enqueued_at"),
+    )

@@ -134,8 +134,6 @@ def depth(conn: Connection) -> dict[str, RegionDepth]:
 
 
 def last_errors(conn: Connection, limit: int = 5) -> list[tuple[str, str, int, str]]:
-    """The most retried rows: ``(op, key, attempts, last_error)``."""
-    rows = conn.execute(
-        select(OUTBOX).where(OUTBOX.c.attempts > 0).order_by(OUTBOX.c.attempts.desc(), OUTBOX.c.id).limit(limit)
-    )
+    """The oldest rows that failed at least once: ``(op, key, attempts, last_error)``."""
+    rows = conn.execute(select(OUTBOX).where(OUTBOX.c.attempts > 0).order_by(OUTBOX.c.id).limit(limit))
     return [(r.op, r.key, r.attempts, r.last_error or "") for r in rows]
