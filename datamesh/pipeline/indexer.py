@@ -90,6 +90,13 @@ def drain_once(
     """
     now = utcnow()
     wanted = None if regions is None else [r.value for r in regions]
+    if due_only:
+        due = tiers.cp.run(lambda conn: index_outbox.any_due(conn, now, wanted), operation="index.poll", write=False)
+        if isinstance(due, Err):
+            return due
+        if not due.value:
+            _observe_depth(tiers)
+            return Ok(DrainReport())
     claimed = tiers.cp.run(
         lambda conn: index_outbox.claim(
             conn, now, limit=settings.batch, lease_s=settings.lease_s, regions=wanted, due_only=due_only

@@ -71,6 +71,14 @@ def enqueue(conn: Connection, rows: Sequence[tuple[str, str, str, str]], now: da
     )
 
 
+def any_due(conn: Connection, now: datetime, regions: Sequence[str] | None = None) -> bool:
+    """Whether some row is due (a read, so an idle indexer takes no write lock)."""
+    query = select(OUTBOX.c.id).where(OUTBOX.c.next_attempt_at <= now)
+    if regions is not None:
+        query = query.where(OUTBOX.c.region.in_(list(regions)))
+    return conn.execute(query.limit(1)).first() is not None
+
+
 def claim(
     conn: Connection,
     now: datetime,
