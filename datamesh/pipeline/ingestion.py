@@ -386,8 +386,12 @@ class IngestionPipeline:
     async def _index_periodically(self) -> None:
         """The local indexer: drain the outbox when woken by a commit, or every interval."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._index_wakeup.wait(), self.config.index_interval_s)
+            # a timer sets the event rather than wait_for(), whose cancellation 3.11 can swallow
+            timer = asyncio.get_running_loop().call_later(self.config.index_interval_s, self._index_wakeup.set)
+            try:
+                await self._index_wakeup.wait()
+            finally:
+                timer.cancel()
             self._index_wakeup.clear()
             try:
                 while True:
