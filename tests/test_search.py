@@ -210,3 +210,21 @@ async def test_failed_index_work_is_retried_until_done(
     assert (await pipeline.flush_index()).unwrap() == 1
     assert outbox_rows(pipeline) == 0
     assert (await pipeline.search(alpaca()[0]["instruction"])).unwrap()
+
+
+async def test_one_bad_outbox_row_holds_back_no_other(pipeline: IngestionPipeline) -> None:
+    from datamesh.pipeline import indexer
+    from datamesh.storage.ap.record import turn_key
+
+    bad, good = real_requests(2)
+    lost = (await pipeline.ingest(bad)).unwrap()
+    kept = (await pipeline.ingest(good)).unwrap()
+    # Given the AP record of one committed turn is gone (a damaged shard)
+    key = turn_key(bad.entity_id, lost.conversation_id, lost.turn_id)
+    assert pipeline.tiers.ap.delete_many(GeoRegion.EU_WEST, [key]).unwrap() == 1
+    # when the indexer runs, the bad row fails and stays, the good one is indexed
+    report = indexer.drain_once(pipeline.tiers, pipeline.indexes).unwrap()
+    assert (report.claimed, report.done, report.failed) == (2, 1, 1)
+    assert "missing" in str(report.errors[0]) and outbox_rows(pipeline) == 1
+    hits = (await pipeline.search(alpaca()[1]["instruction"])).unwrap()
+    assert [h.conversation_id for h in hits] == [kept.conversation_id]

@@ -111,12 +111,24 @@ def drain_once(
         if row.op == index_outbox.ADD:
             pending_adds.append(row)
             continue
-        _settle(tiers, settings, _add(tiers, indexes, settings, pending_adds, report), pending_adds, report)
+        _add_group(tiers, indexes, settings, pending_adds, report)
         pending_adds = []
         _settle(tiers, settings, _erase(tiers, indexes, row, report), [row], report)
-    _settle(tiers, settings, _add(tiers, indexes, settings, pending_adds, report), pending_adds, report)
+    _add_group(tiers, indexes, settings, pending_adds, report)
     _observe_depth(tiers)
     return Ok(report)
+
+
+def _add_group(
+    tiers: Tiers, indexes: RegionalIndexes, settings: IndexerSettings, rows: list[OutboxRow], report: DrainReport
+) -> None:
+    """Index consecutive ``add`` rows together; if that fails, row by row, so one bad row holds back no other."""
+    outcome = _add(tiers, indexes, settings, rows, report)
+    if isinstance(outcome, Ok) or len(rows) < 2:
+        _settle(tiers, settings, outcome, rows, report)
+        return
+    for row in rows:
+        _settle(tiers, settings, _add(tiers, indexes, settings, [row], report), [row], report)
 
 
 def _settle(
