@@ -12,22 +12,26 @@ from tests.helpers import alpaca, real_requests
 from tests.test_cli import run
 
 
-def test_status_rebuild_and_drain(tmp_path: Path) -> None:
-    # Given a demo run whose index outbox was never drained
-    demo = run(["-m", "datamesh", "demo", "--conversations", "6"], tmp_path, DATAMESH_INDEXER="off")
-    assert demo.returncode == 0, demo.stderr
-    status = run(["-m", "datamesh", "index", "status"], tmp_path)
+async def test_status_rebuild_and_drain(tmp_path: Path) -> None:
+    # Given committed turns in two regions whose index outbox was never drained
+    config = DataMeshConfig(data_dir=tmp_path / "data", indexer=False)
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        (await p.ingest_many(real_requests(5))).unwrap()
+        (await p.ingest_many(real_requests(3, region=GeoRegion.US_EAST))).unwrap()
+    env = {"DATAMESH_DATA_DIR": str(config.data_dir)}
+    status = run(["-m", "datamesh", "index", "status"], tmp_path, **env)
     owed = {line.split()[0]: int(line.split()[1]) for line in status.stdout.splitlines()[1:6]}
-    assert status.returncode == 0 and owed["eu-west"] > 0
+    assert status.returncode == 0 and owed["eu-west"] == 1 and owed["us-east"] == 1, status.stdout
     # when a region is rebuilt, its turns are indexed (the outbox is left to the indexer)
-    rebuilt = run(["-m", "datamesh", "index", "rebuild", "--region", "eu-west"], tmp_path)
-    assert rebuilt.returncode == 0 and "eu-west:" in rebuilt.stdout and "0 in the index" not in rebuilt.stdout
+    rebuilt = run(["-m", "datamesh", "index", "rebuild", "--region", "eu-west"], tmp_path, **env)
+    assert rebuilt.returncode == 0 and "eu-west: 5 turns indexed, 5 in the index" in rebuilt.stdout
     # and drain does the outbox's work
-    drained = run(["-m", "datamesh", "index", "drain"], tmp_path)
-    assert drained.returncode == 0 and f"{sum(owed.values())} outbox rows done, 0 failed" in drained.stdout
-    after = run(["-m", "datamesh", "index", "status"], tmp_path)
+    drained = run(["-m", "datamesh", "index", "drain"], tmp_path, **env)
+    assert drained.returncode == 0 and "2 outbox rows done, 0 failed" in drained.stdout
+    after = run(["-m", "datamesh", "index", "status"], tmp_path, **env)
     assert all(int(line.split()[1]) == 0 for line in after.stdout.splitlines()[1:6])
-    bad = run(["-m", "datamesh", "index", "rebuild", "--region", "mars"], tmp_path)
+    assert "us-east" in after.stdout and " 3\n" in after.stdout
+    bad = run(["-m", "datamesh", "index", "rebuild", "--region", "mars"], tmp_path, **env)
     assert bad.returncode != 0
 
 
