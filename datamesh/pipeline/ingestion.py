@@ -80,6 +80,7 @@ class IngestionPipeline:
         self._index_lock = asyncio.Lock()
         self._index_wakeup = asyncio.Event()
         self._indexer: asyncio.Task[None] | None = None
+        self._draining: asyncio.Future[Result[indexer.DrainReport, StorageError]] | None = None
         self._executor = executor
         self._admission = Admission(
             rate=config.ingest_rate,
@@ -137,6 +138,8 @@ class IngestionPipeline:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._draining is not None:  # a pass runs on in its thread even when its awaiter is cancelled
+            await asyncio.wait([self._draining])
         async with self._index_lock:
             await asyncio.to_thread(self.indexes.close)
         await asyncio.to_thread(self.tiers.close)
@@ -340,6 +343,8 @@ class IngestionPipeline:
         parsed = ConversationId.parse(conversation_id, "conversation_id")
         if isinstance(parsed, Err):
             return parsed
+        if self._closed:
+            return Err(StorageError("pipeline", "erase", "the pipeline is closed"))
         caller = self._caller(principal)
         with tracing.span("pipeline.erase_conversation"):
             erased = await asyncio.to_thread(erasure.erase_conversation, self.tiers, caller, parsed.value)
@@ -354,6 +359,8 @@ class IngestionPipeline:
         parsed = EntityId.parse(entity_id, "entity_id")
         if isinstance(parsed, Err):
             return parsed
+        if self._closed:
+            return Err(StorageError("pipeline", "erase", "the pipeline is closed"))
         caller = self._caller(principal)
         with tracing.span("pipeline.erase_entity"):
             erased = await asyncio.to_thread(erasure.erase_entity, self.tiers, caller, parsed.value)
@@ -369,10 +376,7 @@ class IngestionPipeline:
         done = 0
         failed_passes = 0
         while True:
-            async with self._index_lock:
-                report = await asyncio.to_thread(
-                    indexer.drain_once, self.tiers, self.indexes, self._index_settings, due_only=False
-                )
+            report = await self._drain(due_only=False)
             if isinstance(report, Err):
                 return report
             done += report.value.done
@@ -382,6 +386,17 @@ class IngestionPipeline:
                     return Err(report.value.errors[-1])
             elif report.value.claimed == 0:
                 return Ok(done)
+
+    async def _drain(self, *, due_only: bool) -> Result[indexer.DrainReport, StorageError]:
+        """One indexer pass in a thread, one at a time; ``close`` waits for a pass in flight."""
+        async with self._index_lock:
+            if self._closed:
+                return Err(StorageError("pipeline", "index", "the pipeline is closed"))
+            work = asyncio.ensure_future(
+                asyncio.to_thread(indexer.drain_once, self.tiers, self.indexes, self._index_settings, due_only=due_only)
+            )
+            self._draining = work
+            return await asyncio.shield(work)
 
     async def _index_periodically(self) -> None:
         """The local indexer: drain the outbox when woken by a commit, or every interval."""
@@ -395,10 +410,7 @@ class IngestionPipeline:
             self._index_wakeup.clear()
             try:
                 while True:
-                    async with self._index_lock:
-                        report = await asyncio.to_thread(
-                            indexer.drain_once, self.tiers, self.indexes, self._index_settings
-                        )
+                    report = await self._drain(due_only=True)
                     if isinstance(report, Err):
                         log.warning("index outbox unavailable: %s", report.error)
                         break
