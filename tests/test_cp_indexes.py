@@ -1,9 +1,9 @@
 """Every query the CP tier makes is served by an index: EXPLAIN on PostgreSQL proves it.
 
 Given a workload that exercises every CP code path (ingest, append, read, derived provenance, a
-failing saga and its compensation, the reaper, saga listings, provenance verification), each
-statement it sent is EXPLAINed with sequential scans disabled: a plan that still scans a table
-sequentially has no index to use.
+failing saga and its compensation, the reaper, saga listings, provenance verification, index
+feeding, search and erasure), each statement it sent is EXPLAINed with sequential scans disabled:
+a plan that still scans a table sequentially has no index to use.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from sqlalchemy import event
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.types import EntityId, GeoRegion
+from datamesh.pipeline import indexer
 from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
 from datamesh.pipeline.saga import InjectedFault, reap
 from datamesh.pipeline.steps import Step
@@ -33,6 +34,8 @@ EXPECTED_INDEXES = {
     "ix_object_refs_saga_id",  # a saga's blob references
     "pk_object_refs",  # references of a blob (region, hash)
     "uq_provenance_records_conversation_id_seq",  # provenance head and chain
+    "ix_index_outbox_next_attempt_at",  # due index outbox rows
+    "ix_conversations_tenant_entity",  # an entity's conversations (erasure)
 }
 
 
@@ -83,6 +86,13 @@ async def test_every_cp_query_uses_an_index(pg_cp_url: str, tmp_path: Path) -> N
         cid = str(first.conversation_id)
         p.tiers.cp.run(lambda c: sagas.list_by_status(c, SagaStatus.COMPENSATED), operation="t", write=False).unwrap()
         p.tiers.cp.run(lambda c: provenance.verify(c, cid), operation="t", write=False).unwrap()
+        # the index tier's CP paths: outbox drain, search, status, rebuild, erasure
+        (await p.flush_index()).unwrap()
+        (await p.search("the", limit=5)).unwrap()
+        indexer.outbox_status(p.tiers).unwrap()
+        indexer.rebuild_region(p.tiers, p.indexes, GeoRegion.EU_WEST).unwrap()
+        (await p.erase_conversation(batch[1].unwrap().conversation_id)).unwrap()
+        (await p.erase_entity(entity)).unwrap()
         event.remove(p.tiers.cp.engine, "before_cursor_execute", capture)
 
         # When each statement is EXPLAINed with sequential scans off

@@ -26,3 +26,12 @@ def test_request_fields() -> None:
 def test_pipeline_methods() -> None:
     for name in ("create", "ingest", "ingest_many", "get", "reap", "saga_status", "close", "__aenter__", "__aexit__"):
         assert callable(getattr(ingestion.IngestionPipeline, name))
+
+
+def test_search_and_erasure_methods() -> None:
+    import inspect
+
+    for name in ("search", "erase_conversation", "erase_entity", "flush_index"):
+        assert callable(getattr(ingestion.IngestionPipeline, name))
+    params = list(inspect.signature(ingestion.IngestionPipeline.search).parameters)
+    assert params == ["self", "text", "vector", "entity_id", "region", "since", "until", "limit", "principal"]

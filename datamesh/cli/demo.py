@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from datamesh.core.config import DataMeshConfig
+from datamesh.core.result import Ok
 from datamesh.core.types import EntityId, GeoRegion
 from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
 
@@ -109,6 +110,12 @@ async def run(config: DataMeshConfig, count: int) -> int:
             f"  latency of ingest(): p50 {_percentile(latencies, 0.5):.2f} ms, "
             f"p99 {_percentile(latencies, 0.99):.2f} ms over {len(latencies)} calls"
         )
+        flushed = await p.flush_index()
+        words = " ".join(requests[0].prompt.decode().split()[:5])
+        hits = await p.search(words, limit=3)
+        if isinstance(flushed, Ok) and isinstance(hits, Ok):
+            best = hits.value[0].conversation_id if hits.value else None
+            print(f"  search({words!r}): {len(hits.value)} hits, best is the first conversation: {best == ids[0]}")
     print("  where the data lives:")
     print(f"    CP tier (metadata, provenance, saga log): {config.resolved_cp_url}")
     print(f"    AP tier (turn content, SQLite WAL shards): {Path(config.resolved_ap_dir).resolve()}/<region>/")

@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from datamesh import observability
-from datamesh.cli import ap, demo, keys, maintenance, metrics, objects, serve
+from datamesh.cli import ap, demo, index, keys, maintenance, metrics, objects, serve
 from datamesh.core.config import DataMeshConfig
 from datamesh.workers import cli as workers_cli
 
-COMMANDS = (demo, maintenance, objects, ap, metrics, keys, serve, workers_cli)
+COMMANDS = (demo, maintenance, objects, ap, index, metrics, keys, serve, workers_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

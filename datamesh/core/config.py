@@ -44,6 +44,11 @@ DEFAULT_RATE_LIMIT_TENANT_BURST = 2_000
 DEFAULT_RATE_LIMIT_FAILURE = "closed"
 DEFAULT_CP_REQUIRE_SYNC_REPLICATION = False
 DEFAULT_CP_COMMIT_TIMEOUT_S = 30.0
+DEFAULT_EMBEDDER = "none"
+DEFAULT_INDEXER = "on"
+DEFAULT_INDEX_INTERVAL_S = 1.0
+DEFAULT_INDEX_BATCH = 200
+EMBEDDERS = ("none", "minilm")
 
 BACKPRESSURE_MODES = ("wait", "reject")
 EXECUTORS = ("local", "celery")
@@ -136,6 +141,14 @@ class DataMeshConfig:
     worker_role: str = DEFAULT_WORKER_ROLE
     worker_regions: tuple[str, ...] = ()
     worker_shards: tuple[int, ...] = ()
+    #: The index tier (see ``datamesh.pipeline.indexer``): where regional indexes live, whether
+    #: this process runs the background indexer, how often it polls the outbox, and how many outbox
+    #: rows it takes at once; ``embedder`` computes missing embeddings (``none``: only given ones).
+    index_dir: Path | None = None
+    indexer: bool = True
+    index_interval_s: float = DEFAULT_INDEX_INTERVAL_S
+    index_batch: int = DEFAULT_INDEX_BATCH
+    embedder: str = DEFAULT_EMBEDDER
 
     @property
     def tracing(self) -> bool:
@@ -150,6 +163,10 @@ class DataMeshConfig:
     @property
     def resolved_ap_dir(self) -> Path:
         return self.ap_dir or self.data_dir / "ap"
+
+    @property
+    def resolved_index_dir(self) -> Path:
+        return self.index_dir or self.data_dir / "index"
 
     @property
     def resolved_objects_url(self) -> str:
@@ -284,6 +301,11 @@ class DataMeshConfig:
                 worker_role=_get(env, "DATAMESH_WORKER_ROLE", _choice(WORKER_ROLES), DEFAULT_WORKER_ROLE),
                 worker_regions=_get(env, "DATAMESH_WORKER_REGIONS", _regions, ()),
                 worker_shards=_get(env, "DATAMESH_WORKER_SHARDS", parse_shards, ()),
+                index_dir=_get(env, "DATAMESH_INDEX_DIR", _optional_path, None),
+                indexer=_get(env, "DATAMESH_INDEXER", _choice(SWITCH), DEFAULT_INDEXER) == "on",
+                index_interval_s=_get(env, "DATAMESH_INDEX_INTERVAL_S", _positive_float, DEFAULT_INDEX_INTERVAL_S),
+                index_batch=_get(env, "DATAMESH_INDEX_BATCH", _int_between(1, 100_000), DEFAULT_INDEX_BATCH),
+                embedder=_get(env, "DATAMESH_EMBEDDER", _choice(EMBEDDERS), DEFAULT_EMBEDDER),
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))

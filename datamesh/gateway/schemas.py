@@ -104,3 +104,39 @@ class ConversationOut(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class SearchIn(BaseModel):
+    """A search by words, by vector, or both (``POST /v1/search``); the same filters as ``GET``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: StrictStr | None = Field(default=None, min_length=1, max_length=4096, description="words to find")
+    vector: list[Component] | None = Field(
+        default=None, min_length=1, max_length=MAX_EMBEDDING_DIM, description="a query embedding"
+    )
+    entity_id: uuid.UUID | None = None
+    region: GeoRegion | None = Field(default=None, description="one region (default: every indexed region)")
+    since: str | None = Field(default=None, description="ISO 8601 with a time zone, inclusive")
+    until: str | None = Field(default=None, description="ISO 8601 with a time zone, exclusive")
+    limit: StrictInt = Field(default=10, ge=1, le=1000)
+
+
+class SearchHitOut(BaseModel):
+    conversation_id: str
+    turn_id: str
+    turn_seq: int
+    entity_id: str
+    geo_region: str
+    score: float = Field(description="higher is better: negated BM25 (text), cosine (vector), RRF (both)")
+    snippet: str
+
+
+class SearchOut(BaseModel):
+    hits: list[SearchHitOut]
+
+
+class ErasedOut(BaseModel):
+    conversations: list[str] = Field(description="conversations erased by this call (empty: nothing left)")
+    turns: int
+    blobs_deleted: int

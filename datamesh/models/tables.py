@@ -174,3 +174,29 @@ class ObjectRef(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_object_refs_saga_id", "saga_id"),)
+
+
+class IndexOutbox(Base):
+    """Index work owed after a CP commit (transactional outbox), drained by the indexer.
+
+    ``op``: ``add`` (index the turns of saga ``key``), ``erase_conversation`` or ``erase_entity``
+    (delete AP content and index entries of conversation / entity ``key``).  A row is claimed by
+    moving ``next_attempt_at`` past a lease, and deleted when its work is done.
+    """
+
+    __tablename__ = "index_outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    op: Mapped[str] = mapped_column(String(24))
+    key: Mapped[str] = mapped_column(ID)
+    region: Mapped[str] = mapped_column(String(32))
+    tenant: Mapped[str] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_index_outbox_next_attempt_at", "next_attempt_at"),
+        Index("ix_index_outbox_region_enqueued_at", "region", "enqueued_at"),
+    )

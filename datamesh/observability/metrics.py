@@ -38,7 +38,9 @@ __all__ = [
     "CONTENT_TYPE_LATEST",
     "COMPENSATIONS",
     "COMPENSATION_SECONDS",
+    "INDEX_FEED_SECONDS",
     "INDEX_LAG",
+    "INDEX_OUTBOX_DEPTH",
     "INGEST_ACCEPTED",
     "INGEST_CALLS",
     "INGEST_CALL_SECONDS",
@@ -175,8 +177,16 @@ LSM_COMPACTION_BACKLOG = Gauge(
     multiprocess_mode="livesum",
 )  # fmt: skip
 INDEX_LAG = Gauge(
-    "datamesh_index_lag_seconds", "Age of the newest AP write not yet in the index.", ["region"],
+    "datamesh_index_lag_seconds", "Age of the oldest committed write not yet in the index (index outbox).", ["region"],
     multiprocess_mode="livemax",
+)  # fmt: skip
+INDEX_FEED_SECONDS = Histogram(
+    "datamesh_index_feed_seconds", "Commit-to-searchable lag of index outbox work, by region and op.",
+    ["region", "op"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+INDEX_OUTBOX_DEPTH = Gauge(
+    "datamesh_index_outbox_depth", "Index outbox rows not yet done, by region.", ["region"],
+    multiprocess_mode="mostrecent",
 )  # fmt: skip
 REPLICATION_LAG = Gauge(
     "datamesh_replication_lag_seconds", "Replication lag of a tier (e.g. a PostgreSQL standby).", ["region", "tier"],

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 from uuid import UUID
@@ -35,21 +36,26 @@ from datamesh.core.errors import (
 )
 from datamesh.core.principal import Action, Principal
 from datamesh.core.result import Err, Ok, Result
-from datamesh.core.types import ConversationId, GeoRegion, TurnId
+from datamesh.core.types import ConversationId, EntityId, GeoRegion, TurnId
 from datamesh.observability import ledger, logs, metrics, tracing
+from datamesh.pipeline import erasure, indexer
+from datamesh.pipeline import search as search_path
 from datamesh.pipeline.backpressure import Admission
+from datamesh.pipeline.erasure import ErasureReport
 from datamesh.pipeline.lineage import ProvenanceEntry, record_event
 from datamesh.pipeline.plan import ItemPlan, SagaPlan
 from datamesh.pipeline.prepare import Prepared, prepare
 from datamesh.pipeline.reads import StoredConversation, get_conversation
 from datamesh.pipeline.request import IngestionRequest, IngestionResponse, ValidRequest, validate
 from datamesh.pipeline.saga import FaultHook, LocalSagaExecutor, ReapOutcome, reap
+from datamesh.pipeline.search import SearchResult
 from datamesh.pipeline.steps import Committed, Existing
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.ap.fenced import readonly_engine
 from datamesh.storage.ap.store import EngineFactory
 from datamesh.storage.cp import provenance, sagas
 from datamesh.storage.cp.sagas import SagaStatus
+from datamesh.storage.index import Embedder, MiniLMEmbedder, RegionalIndexes
 
 if TYPE_CHECKING:
     from datamesh.workers.executor import CeleryExecutor
@@ -60,6 +66,7 @@ MAX_BATCH_ITEMS = 100_000
 _MAX_LABEL_CHARS = 200
 _WAIT_POLL_S = 0.005
 _REAP_INTERVAL_FRACTION = 0.5
+_FLUSH_MAX_FAILED_PASSES = 3
 
 ItemResult = Result[IngestionResponse, Error]
 log = logs.logger(__name__)
@@ -68,9 +75,22 @@ log = logs.logger(__name__)
 class IngestionPipeline:
     """Ingests conversations into every tier through a saga; create with :meth:`create`."""
 
-    def __init__(self, config: DataMeshConfig, tiers: Tiers, executor: LocalSagaExecutor | CeleryExecutor) -> None:
+    def __init__(
+        self,
+        config: DataMeshConfig,
+        tiers: Tiers,
+        executor: LocalSagaExecutor | CeleryExecutor,
+        *,
+        embedder: Embedder | None = None,
+    ) -> None:
         self.config = config
         self.tiers = tiers
+        self.indexes = RegionalIndexes(config.resolved_index_dir)
+        self._index_settings = indexer.IndexerSettings(batch=config.index_batch, embedder=embedder)
+        self._index_lock = asyncio.Lock()
+        self._index_wakeup = asyncio.Event()
+        self._indexer: asyncio.Task[None] | None = None
+        self._draining: asyncio.Future[Result[indexer.DrainReport, StorageError]] | None = None
         self._executor = executor
         self._admission = Admission(
             rate=config.ingest_rate,
@@ -105,6 +125,13 @@ class IngestionPipeline:
         tiers = await asyncio.to_thread(Tiers.open, config, engine_factory=engine_factory)
         if isinstance(tiers, Err):
             return tiers
+        embedder: Embedder | None = None
+        if config.embedder == "minilm":
+            loaded = await asyncio.to_thread(MiniLMEmbedder.load)
+            if isinstance(loaded, Err):
+                tiers.value.close()
+                return Err(ConfigError("DATAMESH_EMBEDDER", loaded.error.message))
+            embedder = loaded.value
         executor: LocalSagaExecutor | CeleryExecutor
         if distributed:
             from datamesh.workers.executor import CeleryExecutor
@@ -120,9 +147,12 @@ class IngestionPipeline:
             executor = LocalSagaExecutor(tiers.value, config.ap_shards)
             if faults is not None:
                 executor.faults = faults
-        pipeline = cls(config, tiers.value, executor)
+        pipeline = cls(config, tiers.value, executor, embedder=embedder)
         await pipeline.reap()
-        pipeline._reaper = asyncio.get_running_loop().create_task(pipeline._reap_periodically())
+        loop = asyncio.get_running_loop()
+        pipeline._reaper = loop.create_task(pipeline._reap_periodically())
+        if config.indexer:
+            pipeline._indexer = loop.create_task(pipeline._index_periodically())
         return Ok(pipeline)
 
     async def __aenter__(self) -> Self:
@@ -137,10 +167,15 @@ class IngestionPipeline:
         if self._closed:
             return
         self._closed = True
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._indexer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._draining is not None:  # a pass runs on in its thread even when its awaiter is cancelled
+            await asyncio.wait([self._draining])
+        async with self._index_lock:
+            await asyncio.to_thread(self.indexes.close)
         if not isinstance(self._executor, LocalSagaExecutor):
             self._executor.close()
         await asyncio.to_thread(self.tiers.close)
@@ -209,6 +244,8 @@ class IngestionPipeline:
                 done = await asyncio.to_thread(self._run_batch, caller.tenant, valid, started, wait)
             for index, outcome in done.items():
                 results[index] = outcome
+            if any(isinstance(r, Ok) and not r.value.deduplicated for r in done.values()):
+                self._index_wakeup.set()  # index outbox rows were committed: feed them soon
         return Ok([r if r is not None else Err(StorageError("pipeline", "ingest", "no outcome")) for r in results])
 
     def _run_batch(
@@ -298,6 +335,143 @@ class IngestionPipeline:
         if isinstance(found, Ok) and not caller.sees_entity(str(found.value.entity_id)):
             return Err(NotFound("conversation", str(parsed.value)))
         return found
+
+    # ---- search and erasure ---------------------------------------------------------------------
+
+    async def search(
+        self,
+        text: str | None = None,
+        vector: Sequence[float] | None = None,
+        *,
+        entity_id: EntityId | str | None = None,
+        region: GeoRegion | str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 10,
+        principal: Principal | None = None,
+    ) -> Result[list[SearchResult], Error]:
+        """The best ``limit`` turns the principal may see, by words, by vector, or both.
+
+        Needs the reader role.  The principal's tenant and entity grants are applied inside each
+        index query.  ``region=None`` searches every indexed region and merges hits by score.
+        ``since`` is inclusive, ``until`` exclusive (timezone-aware).  The index is fed after the
+        CP commit, so a turn is searchable a moment after ``ingest`` returns (``flush_index``).
+        """
+        with tracing.span("pipeline.search") as current:
+            found = await self._search(text, vector, entity_id, region, since, until, limit, principal)
+            if isinstance(found, Err) and not isinstance(found.error, AccessDenied | ValidationError):
+                tracing.set_error(type(found.error).__name__, current)
+            return found
+
+    async def _search(
+        self,
+        text: object,
+        vector: object,
+        entity_id: object,
+        region: object,
+        since: object,
+        until: object,
+        limit: object,
+        principal: Principal | None,
+    ) -> Result[list[SearchResult], Error]:
+        if self._closed:
+            return Err(StorageError("pipeline", "search", "the pipeline is closed"))
+        caller = self._caller(principal)
+        if not caller.can(Action.READ):
+            return Err(AccessDenied("read", f"principal {caller.name!r} may not read"))
+        query = search_path.validate_query(
+            text=text, vector=vector, entity_id=entity_id, region=region, since=since, until=until, limit=limit
+        )
+        if isinstance(query, Err):
+            return query
+        return await asyncio.to_thread(search_path.search, self.tiers, self.indexes, caller, query.value)
+
+    async def erase_conversation(
+        self, conversation_id: ConversationId | str, *, principal: Principal | None = None
+    ) -> Result[ErasureReport, Error]:
+        """Erase a conversation from every tier (admins, or writers granted its entity).
+
+        Once this returns ``Ok``, ``get`` answers ``NotFound`` and search no longer finds it; its AP
+        content and index entries are deleted before returning when possible, else by the indexer.
+        """
+        parsed = ConversationId.parse(conversation_id, "conversation_id")
+        if isinstance(parsed, Err):
+            return parsed
+        if self._closed:
+            return Err(StorageError("pipeline", "erase", "the pipeline is closed"))
+        caller = self._caller(principal)
+        with tracing.span("pipeline.erase_conversation"):
+            erased = await asyncio.to_thread(erasure.erase_conversation, self.tiers, caller, parsed.value)
+            if isinstance(erased, Ok) and erased.value.conversations:
+                await self.flush_index()
+            return erased
+
+    async def erase_entity(
+        self, entity_id: EntityId | str, *, principal: Principal | None = None
+    ) -> Result[ErasureReport, Error]:
+        """Erase every conversation of an entity from every tier (admins, or writers granted it)."""
+        parsed = EntityId.parse(entity_id, "entity_id")
+        if isinstance(parsed, Err):
+            return parsed
+        if self._closed:
+            return Err(StorageError("pipeline", "erase", "the pipeline is closed"))
+        caller = self._caller(principal)
+        with tracing.span("pipeline.erase_entity"):
+            erased = await asyncio.to_thread(erasure.erase_entity, self.tiers, caller, parsed.value)
+            if isinstance(erased, Ok) and erased.value.conversations:
+                await self.flush_index()
+            return erased
+
+    async def flush_index(self) -> Result[int, Error]:
+        """Do all index outbox work now, backoffs ignored; returns rows done (tests, demo, CLI).
+
+        ``Err`` with the last failure when rows are still owed after a few failing passes.
+        """
+        done = 0
+        failed_passes = 0
+        while True:
+            report = await self._drain(due_only=False)
+            if isinstance(report, Err):
+                return report
+            done += report.value.done
+            if report.value.failed:
+                failed_passes += 1
+                if failed_passes >= _FLUSH_MAX_FAILED_PASSES:
+                    return Err(report.value.errors[-1])
+            elif report.value.claimed == 0:
+                return Ok(done)
+
+    async def _drain(self, *, due_only: bool) -> Result[indexer.DrainReport, StorageError]:
+        """One indexer pass in a thread, one at a time; ``close`` waits for a pass in flight."""
+        async with self._index_lock:
+            if self._closed:
+                return Err(StorageError("pipeline", "index", "the pipeline is closed"))
+            work = asyncio.ensure_future(
+                asyncio.to_thread(indexer.drain_once, self.tiers, self.indexes, self._index_settings, due_only=due_only)
+            )
+            self._draining = work
+            return await asyncio.shield(work)
+
+    async def _index_periodically(self) -> None:
+        """The local indexer: drain the outbox when woken by a commit, or every interval."""
+        while True:
+            # a timer sets the event rather than wait_for(), whose cancellation 3.11 can swallow
+            timer = asyncio.get_running_loop().call_later(self.config.index_interval_s, self._index_wakeup.set)
+            try:
+                await self._index_wakeup.wait()
+            finally:
+                timer.cancel()
+            self._index_wakeup.clear()
+            try:
+                while True:
+                    report = await self._drain(due_only=True)
+                    if isinstance(report, Err):
+                        log.warning("index outbox unavailable: %s", report.error)
+                        break
+                    if report.value.claimed < self._index_settings.batch:
+                        break
+            except Exception:
+                log.exception("index pass failed")
 
     # ---- provenance after ingest ----------------------------------------------------------------
 

@@ -75,10 +75,10 @@ def get_conversation(
             record = TurnContent.decode(raw)
         except RecordFormatError as exc:
             return Err(IntegrityError(f"turn {t.turn_id} record", "a valid record", str(exc)))
-        prompt = _resolve(tiers, region, record.prompt, t.prompt_sha256, f"turn {t.turn_id} prompt")
+        prompt = resolve_payload(tiers, region, record.prompt, t.prompt_sha256, f"turn {t.turn_id} prompt")
         if isinstance(prompt, Err):
             return prompt
-        response = _resolve(tiers, region, record.response, t.response_sha256, f"turn {t.turn_id} response")
+        response = resolve_payload(tiers, region, record.response, t.response_sha256, f"turn {t.turn_id} response")
         if isinstance(response, Err):
             return response
         turns.append(
@@ -99,7 +99,10 @@ def get_conversation(
     return Ok(StoredConversation(conversation_id, entity, region, row.tenant, row.created_at, turns))
 
 
-def _resolve(tiers: Tiers, region: GeoRegion, payload: Payload, expected: str, what: str) -> Result[bytes, ReadError]:
+def resolve_payload(
+    tiers: Tiers, region: GeoRegion, payload: Payload, expected: str, what: str
+) -> Result[bytes, ReadError]:
+    """The bytes of one payload (inline or in the object store), verified against ``expected``."""
     if payload.inline is not None:
         actual = ContentHash.of(payload.inline).hex
         if actual != expected:

@@ -6,7 +6,7 @@ idempotent: keyed by the saga id, it may be re-run after a crash or a redelivere
     reserve      → idempotency keys, the saga row, blob references      (undo: release keys)
     store_blobs  → large payloads into the region's object store        (undo: drop references, collect)
     write_ap     → turn content into the region's AP shards             (undo: delete the saga's keys)
-    commit_cp    → conversations, turns, provenance: the pivot; visibility starts here
+    commit_cp    → conversations, turns, provenance, index outbox rows: the pivot; visibility starts here
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from datamesh.pipeline.plan import LOCATION_AP, ItemPlan, SagaPlan
 from datamesh.pipeline.prepare import Prepared, blobs_of
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.ap.record import Payload, TurnContent
-from datamesh.storage.cp import conversations, idempotency, object_refs, provenance, sagas
+from datamesh.storage.cp import conversations, idempotency, index_outbox, object_refs, provenance, sagas
 from datamesh.storage.cp.provenance import ProvenanceKind
 from datamesh.storage.cp.sagas import SagaStatus, StepState
 from datamesh.storage.cp.sql import utcnow
@@ -314,6 +314,8 @@ def commit_cp(tiers: Tiers, plan: SagaPlan) -> Result[list[Committed], StorageEr
             ],
             now,
         )
+        regions = sorted({i.region for i in plan.items})  # index work is owed from this commit on
+        index_outbox.enqueue(conn, [(index_outbox.ADD, plan.saga_id, r, plan.tenant) for r in regions], now)
         sagas.record_step(conn, plan.saga_id, Step.COMMIT_CP, StepState.DONE, now=now, lease_s=tiers.lease_s)
         return done
 

@@ -6,6 +6,6 @@ Add a module with a ``router`` (e.g. ``search.py`` for ``GET /v1/search``, ``ent
 
 from fastapi import APIRouter
 
-from datamesh.gateway.routes import conversations, ops
+from datamesh.gateway.routes import conversations, erasure, ops, search
 
-ROUTERS: tuple[APIRouter, ...] = (ops.router, conversations.router)
+ROUTERS: tuple[APIRouter, ...] = (ops.router, conversations.router, search.router, erasure.router)

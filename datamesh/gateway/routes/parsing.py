@@ -66,6 +66,11 @@ def _b64(text: str, field: str) -> bytes | ErrorBody:
         return ErrorBody(type="validation", message="expected standard base64", field=field)
 
 
+def pydantic_error(exc: PydanticError, prefix: str) -> ApiError:
+    """ApiError 422 naming the first invalid field of a pydantic validation error."""
+    return _first(exc, prefix)
+
+
 def _first(exc: PydanticError, prefix: str) -> ApiError:
     errors = exc.errors(include_input=False, include_url=False)
     first = errors[0] if errors else {"loc": (), "msg": "invalid"}

@@ -17,6 +17,7 @@ from datamesh.storage.cp.sql import as_utc, bulk_insert
 CONVERSATIONS = cast(Table, Conversation.__table__)
 TURNS = cast(Table, Turn.__table__)
 ACTIVE = "active"
+ERASED = "erased"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,77 @@ def turns_of(conn: Connection, conversation_id: str) -> list[TurnRow]:
 
 def turns_of_saga(conn: Connection, saga_id: str) -> list[TurnRow]:
     return [_turn(r) for r in conn.execute(select(TURNS).where(TURNS.c.saga_id == saga_id))]
+
+
+def turns_by_ids(conn: Connection, turn_ids: Sequence[str]) -> dict[str, tuple[TurnRow, ConversationRow]]:
+    """Turns by turn id, each with its conversation (the search path's CP lookup)."""
+    found: dict[str, tuple[TurnRow, ConversationRow]] = {}
+    unique = list(dict.fromkeys(turn_ids))
+    for start in range(0, len(unique), 400):
+        rows = conn.execute(
+            select(TURNS, *[c.label(f"c_{c.name}") for c in CONVERSATIONS.c])
+            .join(CONVERSATIONS, CONVERSATIONS.c.id == TURNS.c.conversation_id)
+            .where(TURNS.c.turn_id.in_(unique[start : start + 400]))
+        )
+        for r in rows:
+            conversation = ConversationRow(
+                r.c_id,
+                r.c_tenant,
+                r.c_entity_id,
+                r.c_region,
+                r.c_status,
+                r.c_turn_count,
+                as_utc(r.c_created_at),
+                as_utc(r.c_updated_at),
+            )
+            found[r.turn_id] = (_turn(r), conversation)
+    return found
+
+
+def page_in_region(
+    conn: Connection, region: str, *, after: str = "", limit: int = 500, status: str = ACTIVE
+) -> list[ConversationRow]:
+    """Conversations of ``region`` with ``status``, by id after ``after`` (keyset pagination)."""
+    rows = conn.execute(
+        select(CONVERSATIONS)
+        .where(CONVERSATIONS.c.region == region, CONVERSATIONS.c.status == status, CONVERSATIONS.c.id > after)
+        .order_by(CONVERSATIONS.c.id)
+        .limit(limit)
+    )
+    return [_conversation(r) for r in rows]
+
+
+def turns_of_many(conn: Connection, conversation_ids: Sequence[str]) -> list[TurnRow]:
+    """Every turn of these conversations, by conversation then sequence."""
+    out: list[TurnRow] = []
+    unique = list(dict.fromkeys(conversation_ids))
+    for start in range(0, len(unique), 400):
+        rows = conn.execute(
+            select(TURNS)
+            .where(TURNS.c.conversation_id.in_(unique[start : start + 400]))
+            .order_by(TURNS.c.conversation_id, TURNS.c.seq)
+        )
+        out.extend(_turn(r) for r in rows)
+    return out
+
+
+def of_entity(conn: Connection, tenant: str, entity_id: str, *, status: str | None = ACTIVE) -> list[ConversationRow]:
+    """Conversations of one entity of ``tenant`` (uses ``ix_conversations_tenant_entity``)."""
+    query = select(CONVERSATIONS).where(CONVERSATIONS.c.tenant == tenant, CONVERSATIONS.c.entity_id == entity_id)
+    if status is not None:
+        query = query.where(CONVERSATIONS.c.status == status)
+    return [_conversation(r) for r in conn.execute(query.order_by(CONVERSATIONS.c.id))]
+
+
+def mark(conn: Connection, conversation_ids: Sequence[str], status: str, now: datetime) -> None:
+    """Set the status of these conversations (e.g. to :data:`ERASED`)."""
+    unique = sorted(set(conversation_ids))
+    for start in range(0, len(unique), 400):
+        conn.execute(
+            update(CONVERSATIONS)
+            .where(CONVERSATIONS.c.id.in_(unique[start : start + 400]))
+            .values(status=status, updated_at=now)
+        )
 
 
 def count(conn: Connection) -> int:

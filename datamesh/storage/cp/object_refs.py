@@ -123,3 +123,21 @@ def _lock(conn: Connection, keys: Sequence[tuple[str, str]]) -> None:
             .where(BLOBS.c.region == region, BLOBS.c.content_hash == content_hash)
             .with_for_update()
         )
+
+
+def drop_turn_refs(
+    conn: Connection, refs: Sequence[tuple[str, str, str]], delete_blob: Callable[[str, str], None]
+) -> list[tuple[str, str]]:
+    """Drop the ``(region, content_hash, saga_id)`` references; delete blobs left with none.
+
+    Used by erasure: the caller passes only references no remaining turn of the saga needs.
+    """
+    if not refs:
+        return []
+    keys = sorted({(r, h) for r, h, _ in refs})
+    _lock(conn, keys)
+    for region, content_hash, saga_id in sorted(set(refs)):
+        conn.execute(
+            delete(REFS).where(REFS.c.region == region, REFS.c.content_hash == content_hash, REFS.c.saga_id == saga_id)
+        )
+    return collect(conn, keys, delete_blob)

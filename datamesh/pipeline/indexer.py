@@ -1,0 +1,482 @@
+"""Feeding the index tier from the index outbox: plain functions, run in-process or by a task.
+
+The saga's pivot (``commit_cp``) and erasure write outbox rows in their CP transactions, so index
+work is owed exactly when the data it concerns is committed, and is never part of a saga.
+:func:`drain_once` claims due rows (a lease: a crashed indexer's rows come due again), does each
+row's work and deletes the row, or records the error and pushes the row back with exponential
+backoff and jitter — retried until done.  Every piece of work is idempotent (``add_many`` replaces
+by turn id; removals and AP deletes of missing keys are no-ops), so redelivery is harmless.
+
+* ``add``: the turns saga ``key`` committed in ``region`` are read back from the AP tier / object
+  store, verified against the CP hashes, and indexed with tenant, entity, region and creation time
+  from the CP tier and the embedding from the AP record (or the configured embedder).  Turns of
+  conversations no longer active are skipped, and after indexing the CP status is checked again,
+  so an erasure that commits while a batch is being indexed cannot leave its turns searchable.
+* ``erase_conversation`` / ``erase_entity``: delete the AP content and remove the index entries.
+
+Rows are handled in outbox order; consecutive ``add`` rows are indexed with one ``add_many``.
+In local mode :class:`~datamesh.pipeline.ingestion.IngestionPipeline` runs :func:`drain_once`
+in a background task; a Celery task calls the same function (see the README).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.engine import Connection
+
+from datamesh.core.errors import Error, IntegrityError, StorageError, ValidationError
+from datamesh.core.result import Err, Ok, Result
+from datamesh.core.types import ConversationId, EntityId, GeoRegion, TurnId
+from datamesh.observability import logs, metrics
+from datamesh.pipeline.reads import resolve_payload
+from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.ap.record import RecordFormatError, TurnContent, turn_key
+from datamesh.storage.cp import conversations, index_outbox
+from datamesh.storage.cp.index_outbox import OutboxRow
+from datamesh.storage.cp.sql import utcnow
+from datamesh.storage.index import Embedder, IndexDocument, RegionalIndexes, with_embeddings
+
+DEFAULT_BATCH = 200
+DEFAULT_LEASE_S = 300.0
+DEFAULT_BACKOFF_BASE_S = 1.0
+DEFAULT_BACKOFF_CAP_S = 300.0
+#: Characters of a prompt or response that are indexed (the rest is stored, not searchable).
+MAX_INDEXED_CHARS = 1_000_000
+
+log = logs.logger(__name__)
+
+
+@dataclass(slots=True)
+class DrainReport:
+    """What one :func:`drain_once` pass did."""
+
+    claimed: int = 0
+    done: int = 0
+    failed: int = 0
+    indexed_turns: int = 0
+    removed_turns: int = 0
+    errors: list[Error] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IndexerSettings:
+    """How the indexer claims and retries: ``batch`` rows per pass, leased for ``lease_s``."""
+
+    batch: int = DEFAULT_BATCH
+    lease_s: float = DEFAULT_LEASE_S
+    backoff_base_s: float = DEFAULT_BACKOFF_BASE_S
+    backoff_cap_s: float = DEFAULT_BACKOFF_CAP_S
+    embedder: Embedder | None = None
+
+
+def drain_once(
+    tiers: Tiers,
+    indexes: RegionalIndexes,
+    settings: IndexerSettings = IndexerSettings(),
+    *,
+    regions: Sequence[GeoRegion] | None = None,
+    due_only: bool = True,
+) -> Result[DrainReport, StorageError]:
+    """Claim up to ``settings.batch`` outbox rows, do their work, and settle each row.
+
+    ``regions`` restricts the pass to the regions this process indexes.  ``due_only=False`` also
+    takes rows waiting out a backoff or leased elsewhere (``flush``: tests, demo, CLI).  ``Err``
+    only when the outbox itself cannot be read; a row's failure is recorded on the row and in
+    the report.
+    """
+    now = utcnow()
+    wanted = None if regions is None else [r.value for r in regions]
+    if due_only:
+        due = tiers.cp.run(lambda conn: index_outbox.any_due(conn, now, wanted), operation="index.poll", write=False)
+        if isinstance(due, Err):
+            return due
+        if not due.value:
+            _observe_depth(tiers)
+            return Ok(DrainReport())
+    claimed = tiers.cp.run(
+        lambda conn: index_outbox.claim(
+            conn, now, limit=settings.batch, lease_s=settings.lease_s, regions=wanted, due_only=due_only
+        ),
+        operation="index.claim",
+    )
+    if isinstance(claimed, Err):
+        return claimed
+    report = DrainReport(claimed=len(claimed.value))
+    pending_adds: list[OutboxRow] = []
+    for row in claimed.value:
+        if row.op == index_outbox.ADD:
+            pending_adds.append(row)
+            continue
+        _add_group(tiers, indexes, settings, pending_adds, report)
+        pending_adds = []
+        _settle(tiers, settings, _erase(tiers, indexes, row, report), [row], report)
+    _add_group(tiers, indexes, settings, pending_adds, report)
+    _observe_depth(tiers)
+    return Ok(report)
+
+
+def _add_group(
+    tiers: Tiers, indexes: RegionalIndexes, settings: IndexerSettings, rows: list[OutboxRow], report: DrainReport
+) -> None:
+    """Index consecutive ``add`` rows together; if that fails, row by row, so one bad row holds back no other."""
+    outcome = _add(tiers, indexes, settings, rows, report)
+    if isinstance(outcome, Ok) or len(rows) < 2:
+        _settle(tiers, settings, outcome, rows, report)
+        return
+    for row in rows:
+        _settle(tiers, settings, _add(tiers, indexes, settings, [row], report), [row], report)
+
+
+def _settle(
+    tiers: Tiers,
+    settings: IndexerSettings,
+    outcome: Result[None, Error],
+    rows: Sequence[OutboxRow],
+    report: DrainReport,
+) -> None:
+    """Delete finished rows (observing their lag) or push failed ones back with backoff."""
+    if not rows:
+        return
+    ids = [r.id for r in rows]
+    now = utcnow()
+    if isinstance(outcome, Ok):
+        settled = tiers.cp.run(lambda conn: index_outbox.complete(conn, ids), operation="index.complete")
+        if isinstance(settled, Ok):
+            report.done += len(rows)
+            if metrics.enabled():
+                for r in rows:
+                    metrics.INDEX_FEED_SECONDS.labels(r.region, r.op).observe((now - r.enqueued_at).total_seconds())
+            return
+        error: Error = settled.error  # the work is done and idempotent: the row will be redone
+    else:
+        error = outcome.error
+    attempts = max(r.attempts for r in rows)
+    delay = min(settings.backoff_cap_s, settings.backoff_base_s * 2.0 ** min(attempts, 30))
+    retry_at = now + timedelta(seconds=random.uniform(delay / 2, delay))
+    report.failed += len(rows)
+    report.errors.append(error)
+    log.warning("index outbox rows %s failed (attempt %d): %s", ids, attempts + 1, error)
+    tiers.cp.run(lambda conn: index_outbox.fail(conn, ids, str(error), retry_at), operation="index.fail")
+
+
+# ---- add ---------------------------------------------------------------------------------------
+
+
+def _add(
+    tiers: Tiers, indexes: RegionalIndexes, settings: IndexerSettings, rows: Sequence[OutboxRow], report: DrainReport
+) -> Result[None, Error]:
+    if not rows:
+        return Ok(None)
+    docs: list[IndexDocument] = []
+    for row in rows:
+        built = documents_of_saga(tiers, row.key, GeoRegion(row.region))
+        if isinstance(built, Err):
+            return built
+        docs.extend(built.value)
+    indexed = index_documents(tiers, indexes, docs, settings.embedder)
+    if isinstance(indexed, Err):
+        return indexed
+    report.indexed_turns += indexed.value
+    return Ok(None)
+
+
+def index_documents(
+    tiers: Tiers, indexes: RegionalIndexes, docs: Sequence[IndexDocument], embedder: Embedder | None
+) -> Result[int, Error]:
+    """Embed (when configured), index, then un-index turns whose conversation stopped being active."""
+    if not docs:
+        return Ok(0)
+    dim = indexes.config.dim
+    docs = [d if d.embedding is None or len(d.embedding) == dim else _without_embedding(d) for d in docs]
+    if embedder is not None:
+        docs = with_embeddings(docs, embedder)
+    added = indexes.add_many(docs)
+    if isinstance(added, Err):
+        return added
+    ids = sorted({str(d.conversation_id) for d in docs})
+    rows = tiers.cp.run(lambda conn: conversations.get_many(conn, ids), operation="index.recheck", write=False)
+    if isinstance(rows, Err):
+        return rows
+    gone = [c for c in ids if c not in rows.value or rows.value[c].status != conversations.ACTIVE]
+    for region in sorted({d.region for d in docs if str(d.conversation_id) in gone}):
+        index = indexes.region(region)
+        if isinstance(index, Err):
+            return index
+        removed = index.value.remove_conversations(ConversationId.parse(c).unwrap() for c in gone)
+        if isinstance(removed, Err):
+            return removed
+    return Ok(added.value)
+
+
+def _without_embedding(doc: IndexDocument) -> IndexDocument:
+    log.warning("turn %s: embedding of %d dimensions ignored by the index", doc.turn_id, len(doc.embedding or ()))
+    return IndexDocument(
+        doc.conversation_id,
+        doc.turn_id,
+        doc.tenant,
+        doc.entity_id,
+        doc.region,
+        doc.created_at,
+        doc.prompt,
+        doc.response,
+        None,
+    )
+
+
+def documents_of_saga(tiers: Tiers, saga_id: str, region: GeoRegion) -> Result[list[IndexDocument], Error]:
+    """The index documents of the turns saga ``saga_id`` committed in ``region`` (active ones)."""
+
+    def tx(conn: Connection) -> tuple[list[conversations.TurnRow], dict[str, conversations.ConversationRow]]:
+        turns = conversations.turns_of_saga(conn, saga_id)
+        return turns, conversations.get_many(conn, [t.conversation_id for t in turns])
+
+    found = tiers.cp.run(tx, operation="index.saga_turns", write=False)
+    if isinstance(found, Err):
+        return found
+    turns, rows = found.value
+    return documents_of(tiers, region, turns, rows)
+
+
+def documents_of(
+    tiers: Tiers,
+    region: GeoRegion,
+    turns: Sequence[conversations.TurnRow],
+    rows: dict[str, conversations.ConversationRow],
+) -> Result[list[IndexDocument], Error]:
+    """Read these turns' content from the AP tier and object store, verified; build documents."""
+    live = [
+        t
+        for t in turns
+        if (c := rows.get(t.conversation_id)) is not None and c.status == conversations.ACTIVE and c.region == region
+    ]
+    if not live:
+        return Ok([])
+    keys = {t.turn_id: _key(rows[t.conversation_id].entity_id, t) for t in live}
+    content = tiers.ap.get_many(region, list(keys.values()))
+    if isinstance(content, Err):
+        return content
+    docs: list[IndexDocument] = []
+    for t in live:
+        conversation = rows[t.conversation_id]
+        raw = content.value.get(keys[t.turn_id])
+        if raw is None:
+            return Err(StorageError("ap", "index", f"content of turn {t.turn_id} is missing", retryable=True))
+        try:
+            record = TurnContent.decode(raw)
+        except RecordFormatError as exc:
+            return Err(IntegrityError(f"turn {t.turn_id} record", "a valid record", str(exc)))
+        prompt = resolve_payload(tiers, region, record.prompt, t.prompt_sha256, f"turn {t.turn_id} prompt")
+        if isinstance(prompt, Err):
+            return prompt
+        response = resolve_payload(tiers, region, record.response, t.response_sha256, f"turn {t.turn_id} response")
+        if isinstance(response, Err):
+            return response
+        docs.append(
+            IndexDocument(
+                ConversationId.parse(t.conversation_id).unwrap(),
+                TurnId.parse(t.turn_id).unwrap(),
+                conversation.tenant,
+                EntityId.parse(conversation.entity_id).unwrap(),
+                region,
+                t.created_at,
+                _text(prompt.value),
+                _text(response.value),
+                record.embedding,
+            )
+        )
+    return Ok(docs)
+
+
+def _key(entity_id: str, turn: conversations.TurnRow) -> bytes:
+    return turn_key(
+        EntityId.parse(entity_id).unwrap(),
+        ConversationId.parse(turn.conversation_id).unwrap(),
+        TurnId.parse(turn.turn_id).unwrap(),
+    )
+
+
+def _text(data: bytes) -> str:
+    return data[: MAX_INDEXED_CHARS * 4].decode("utf-8", errors="replace")[:MAX_INDEXED_CHARS]
+
+
+# ---- erase -------------------------------------------------------------------------------------
+
+
+def _erase(tiers: Tiers, indexes: RegionalIndexes, row: OutboxRow, report: DrainReport) -> Result[None, Error]:
+    region = GeoRegion(row.region)
+    if row.op == index_outbox.ERASE_CONVERSATION:
+        removed = erase_conversation_content(tiers, indexes, region, row.key)
+    elif row.op == index_outbox.ERASE_ENTITY:
+        removed = erase_entity_content(tiers, indexes, region, row.key)
+    else:
+        return Err(ValidationError("op", f"unknown index outbox op {row.op!r}"))
+    if isinstance(removed, Err):
+        return removed
+    report.removed_turns += removed.value
+    return Ok(None)
+
+
+def erase_conversation_content(
+    tiers: Tiers, indexes: RegionalIndexes, region: GeoRegion, conversation_id: str
+) -> Result[int, Error]:
+    """Delete one conversation's AP content and index entries; returns index entries removed."""
+
+    def tx(conn: Connection) -> tuple[conversations.ConversationRow | None, list[conversations.TurnRow]]:
+        row = conversations.get_many(conn, [conversation_id]).get(conversation_id)
+        return row, conversations.turns_of(conn, conversation_id)
+
+    found = tiers.cp.run(tx, operation="index.erase_lookup", write=False)
+    if isinstance(found, Err):
+        return found
+    row, turns = found.value
+    if row is not None and turns:
+        deleted = tiers.ap.delete_many(region, [_key(row.entity_id, t) for t in turns])
+        if isinstance(deleted, Err):
+            return deleted
+    index = indexes.region(region)
+    if isinstance(index, Err):
+        return index
+    removed = index.value.remove_conversations([ConversationId.parse(conversation_id).unwrap()])
+    return removed if isinstance(removed, Ok) else Err(removed.error)
+
+
+def erase_entity_content(
+    tiers: Tiers, indexes: RegionalIndexes, region: GeoRegion, entity_id: str
+) -> Result[int, Error]:
+    """Delete every AP record of one entity in ``region`` and its index entries."""
+    entity = EntityId.parse(entity_id).unwrap()
+    while True:  # a scan sees a snapshot; repeat until the entity's prefix is empty
+        scanned = tiers.ap.scan_entity(region, entity, limit=1000)
+        if isinstance(scanned, Err):
+            return scanned
+        if not scanned.value:
+            break
+        deleted = tiers.ap.delete_many(region, [k for k, _ in scanned.value])
+        if isinstance(deleted, Err):
+            return deleted
+    index = indexes.region(region)
+    if isinstance(index, Err):
+        return index
+    removed = index.value.remove_entity(entity)
+    return removed if isinstance(removed, Ok) else Err(removed.error)
+
+
+# ---- status and rebuild ------------------------------------------------------------------------
+
+
+def _observe_depth(tiers: Tiers) -> None:
+    """Set the outbox gauges: rows owed and the age of the oldest, per region."""
+    if not metrics.enabled():
+        return
+    depth = tiers.cp.run(index_outbox.depth, operation="index.depth", write=False)
+    if isinstance(depth, Err):
+        return
+    now = utcnow()
+    for region in GeoRegion:
+        d = depth.value.get(region.value)
+        metrics.INDEX_OUTBOX_DEPTH.labels(region.value).set(0 if d is None else d.rows)
+        age = 0.0 if d is None or d.oldest is None else max(0.0, (now - d.oldest).total_seconds())
+        metrics.INDEX_LAG.labels(region.value).set(age)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """Index work owed, per region: rows, the oldest row's age in seconds, rows that failed."""
+
+    regions: dict[str, index_outbox.RegionDepth]
+    worst: list[tuple[str, str, int, str]]
+    at: datetime
+
+    def lag_s(self, region: str) -> float:
+        d = self.regions.get(region)
+        return 0.0 if d is None or d.oldest is None else max(0.0, (self.at - d.oldest).total_seconds())
+
+
+def outbox_status(tiers: Tiers) -> Result[OutboxStatus, StorageError]:
+    """The outbox depth and lag per region, and the most retried rows with their last errors."""
+
+    def tx(conn: Connection) -> OutboxStatus:
+        return OutboxStatus(index_outbox.depth(conn), index_outbox.last_errors(conn), utcnow())
+
+    return tiers.cp.run(tx, operation="index.status", write=False)
+
+
+def rebuild_region(
+    tiers: Tiers, indexes: RegionalIndexes, region: GeoRegion, *, embedder: Embedder | None = None, page: int = 200
+) -> Result[int, Error]:
+    """Re-index every active conversation of ``region`` from the AP tier and CP; returns turns indexed.
+
+    Documents are replaced by turn id, so a rebuild over a live index is harmless; entries of
+    erased conversations still in the index are removed too.
+    """
+    removed = _remove_erased(tiers, indexes, region, page)
+    if isinstance(removed, Err):
+        return removed
+    after = ""
+    total = 0
+    while True:
+
+        def tx(conn: Connection, after: str = after) -> tuple[dict[str, Row], list[conversations.TurnRow]]:
+            rows = conversations.page_in_region(conn, region.value, after=after, limit=page)
+            return {r.id: r for r in rows}, conversations.turns_of_many(conn, [r.id for r in rows])
+
+        found = tiers.cp.run(tx, operation="index.rebuild_page", write=False)
+        if isinstance(found, Err):
+            return found
+        rows, turns = found.value
+        if not rows:
+            return Ok(total)
+        docs = documents_of(tiers, region, turns, rows)
+        if isinstance(docs, Err):
+            return docs
+        indexed = index_documents(tiers, indexes, docs.value, embedder)
+        if isinstance(indexed, Err):
+            return indexed
+        total += indexed.value
+        after = max(rows)
+
+
+Row = conversations.ConversationRow
+
+
+def _remove_erased(tiers: Tiers, indexes: RegionalIndexes, region: GeoRegion, page: int) -> Result[int, Error]:
+    index = indexes.region(region)
+    if isinstance(index, Err):
+        return index
+    after = ""
+    total = 0
+    while True:
+
+        def tx(conn: Connection, after: str = after) -> list[Row]:
+            return conversations.page_in_region(
+                conn, region.value, after=after, limit=page, status=conversations.ERASED
+            )
+
+        found = tiers.cp.run(tx, operation="index.rebuild_erased", write=False)
+        if isinstance(found, Err):
+            return found
+        if not found.value:
+            return Ok(total)
+        removed = index.value.remove_conversations(ConversationId.parse(r.id).unwrap() for r in found.value)
+        if isinstance(removed, Err):
+            return removed
+        total += removed.value
+        after = found.value[-1].id
+
+
+__all__ = [
+    "DrainReport",
+    "IndexerSettings",
+    "OutboxStatus",
+    "documents_of_saga",
+    "drain_once",
+    "erase_conversation_content",
+    "erase_entity_content",
+    "index_documents",
+    "outbox_status",
+    "rebuild_region",
+]
