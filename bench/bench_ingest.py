@@ -53,9 +53,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def bench_pipeline(
-    root: Path, rows: list[tuple[bytes, bytes]], single: int, sizes: list[int], cp_url: str
+    root: Path, rows: list[tuple[bytes, bytes]], single: int, sizes: list[int], cp_url: str, indexer: bool
 ) -> list[Row]:
-    config = DataMeshConfig(data_dir=root / "pipeline", cp_url=cp_url, ingest_rate=1e9, ingest_burst=10**9)
+    config = DataMeshConfig(
+        data_dir=root / "pipeline", cp_url=cp_url, ingest_rate=1e9, ingest_burst=10**9, indexer=indexer
+    )
     out = []
     async with (await IngestionPipeline.create(config)).unwrap() as p:
         warm = requests_for(rows, 20)
@@ -128,14 +130,21 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=400, help="ingest() calls to time")
     parser.add_argument("--batch-sizes", default="100,1000", help="ingest_many batch sizes")
     parser.add_argument("--cp-url", default="", help="CP database (default: SQLite in the temp folder)")
+    parser.add_argument(
+        "--indexer",
+        choices=["on", "off"],
+        default="off",
+        help="run the background indexer in the same process while ingesting (its own bench: bench_index.py)",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
     rows = load_rows()
     print(f"data: {len(rows)} AlpacaEval turns, mean response {statistics.mean(len(r) for _, r in rows):.0f} bytes")
     with tempfile.TemporaryDirectory(prefix="datamesh-bench-") as tmp:
         root = Path(tmp)
-        ours = asyncio.run(bench_pipeline(root, rows, args.single, sizes, args.cp_url))
+        ours = asyncio.run(bench_pipeline(root, rows, args.single, sizes, args.cp_url, args.indexer == "on"))
         base = bench_sqlite(root, rows, args.single, sizes)
+    print(f"background indexer in the ingesting process: {args.indexer}")
     print(f"{'measurement':44} {'turns/s':>10} {'p50 ms':>9} {'p99 ms':>9}")
     for name, rate, p50, p99 in [*ours, *base]:
         print(f"{name:44} {rate:10.0f} {p50:9.2f} {p99:9.2f}")
