@@ -23,12 +23,13 @@ Two regions may never share a location, nor may one's location contain another's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import TypeVar
 from urllib.parse import parse_qs, unquote, urlparse
 
+from datamesh.core.envparse import _BadValue, _float_between, _get, _int_between
 from datamesh.core.errors import ConfigError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.retry import RetryPolicy
@@ -149,13 +150,6 @@ class ObjectsSettings:
             return Err(ConfigError(bad.variable, bad.message))
 
 
-class _BadValue(Exception):
-    def __init__(self, variable: str, message: str) -> None:
-        super().__init__(variable, message)
-        self.variable = variable
-        self.message = message
-
-
 def region_variable(region: GeoRegion) -> str:
     """The per-region URL variable, e.g. ``DATAMESH_OBJECTS_URL_EU_WEST``."""
     return f"{URL_VARIABLE}_{region.name}"
@@ -255,42 +249,6 @@ def _unwrap(result: Result[Location, ConfigError]) -> Location:
     if isinstance(result, Err):
         raise _BadValue(result.error.variable, result.error.message)
     return result.value
-
-
-def _get(env: Mapping[str, str], name: str, parse: Callable[[str], T], default: T) -> T:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return parse(raw.strip())
-    except ValueError as exc:
-        raise _BadValue(name, f"{exc} (got {raw!r})") from None
-
-
-def _int_between(low: int, high: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError("expected an integer") from None
-        if not low <= value <= high:
-            raise ValueError(f"expected an integer from {low} to {high}")
-        return value
-
-    return parse
-
-
-def _float_between(low: float, high: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError("expected a number") from None
-        if not low <= value <= high:
-            raise ValueError(f"expected a number from {low} to {high}")
-        return value
-
-    return parse
 
 
 def _parts(path: str) -> list[str]:
