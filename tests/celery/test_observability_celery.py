@@ -224,3 +224,20 @@ async def test_no_loss_ledger_holds_after_workers_are_killed(
     assert compensated == cp_truth.get(SagaStatus.COMPENSATED.value, 0), (cp_truth, here, there)
     print(f"ledger: accepted {accepted}, persisted {persisted}, compensated {compensated}; saga log {cp_truth}")
     control.close()
+
+
+def test_queue_depth_gauge_reads_the_broker_lists(redis_url: str) -> None:
+    from datamesh.observability import metrics
+    from datamesh.tasks.reaper import observe_queue_depths
+
+    # Given messages waiting in the cp queue and in two shards' queues of one region,
+    client = redis.Redis.from_url(redis_url)
+    client.lpush("cp", "m1", "m2")
+    client.lpush("ap.eu-west.0", "m")
+    client.lpush("ap.eu-west.3", "m", "m", "m")
+    # when the reaper observes the queues,
+    depths = observe_queue_depths(client, shard_count=4)
+    client.close()
+    # then the gauge has them by region and queue kind, the shards summed.
+    assert depths[("global", "cp")] == 2 and depths[("eu-west", "ap")] == 4 and depths[("us-east", "blobs")] == 0
+    assert metrics.QUEUE_DEPTH.labels("eu-west", "ap")._value.get() == 4  # type: ignore[attr-defined]
