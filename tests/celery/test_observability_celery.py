@@ -109,6 +109,29 @@ async def test_one_ingest_is_one_trace_across_the_caller_and_the_workers(
     assert all(r["status"] != "ERROR" for r in records)
 
 
+async def test_a_failed_saga_and_its_compensation_are_in_the_callers_trace(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str, trace_file: Path
+) -> None:
+    # Given workers and this process exporting every trace, and a fault armed before commit_cp,
+    control = redis.Redis.from_url(redis_url)
+    start_traced_workers(workers, trace_file, "1", redis_url)
+    tracing.setup(service_name="caller", sample_rate=1.0, trace_file=trace_file)
+    control.set("dm:test:fault", "commit_cp:before")
+    async with (await IngestionPipeline.create(celery_config)).unwrap() as p:
+        # when an ingest fails there and is compensated,
+        with tracing.span("caller.request") as caller:
+            failed = await p.ingest(real_requests(1)[0])
+        assert isinstance(failed, Err) and isinstance(failed.error, SagaFailed), failed
+    control.close()
+    tracing.force_flush()
+    records = wait_for_spans(trace_file, hex_trace(caller), "task.undo_reserve")
+    # then the failed step and the compensation tasks its errback enqueued continue the caller's trace.
+    by_name = {r["name"]: r for r in records}
+    assert by_name["task.commit_cp"]["status"] == "ERROR"
+    assert {"task.compensate", "task.undo_write_ap", "task.undo_reserve"} <= set(by_name), sorted(by_name)
+    assert by_name["task.compensate"]["parent_span_id"] == by_name["task.commit_cp"]["span_id"]
+
+
 async def test_sampling_drops_successes_and_keeps_failures_on_both_sides(
     workers: Workers, celery_config: DataMeshConfig, redis_url: str, trace_file: Path
 ) -> None:
