@@ -47,6 +47,8 @@ __all__ = [
     "current_ids",
     "enabled",
     "extract",
+    "force_flush",
+    "forget",
     "inject",
     "keep_success",
     "set_error",
@@ -295,6 +297,12 @@ def sampler() -> TailSamplingProcessor | None:
 def force_flush() -> None:
     if _provider is not None:
         _provider.force_flush()
+
+
+def forget() -> None:
+    """Drop the tracer without flushing it: in a forked child, whose inherited spans are the parent's."""
+    global _tracer, _provider, _sampler
+    _provider, _tracer, _sampler = None, None, None
 
 
 def shutdown() -> None:

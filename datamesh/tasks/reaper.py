@@ -7,8 +7,13 @@ as tasks rather than run here, since only a shard's owner may delete its content
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
+
+import redis
 from celery import Celery, current_app, shared_task
 
+from datamesh.observability import metrics
 from datamesh.pipeline.saga import ReapOutcome, reap
 from datamesh.pipeline.tiers import Tiers
 from datamesh.tasks.compensation import enqueue_compensation
@@ -25,8 +30,30 @@ def reap_distributed(app: Celery, tiers: Tiers, *, limit: int = 100) -> list[Rea
     )
 
 
+def observe_queue_depths(client: redis.Redis, shard_count: int) -> dict[tuple[str, str], int]:
+    """Set ``datamesh_queue_depth{region,step}`` from the Redis broker: one pipelined ``LLEN`` per queue.
+
+    Messages waiting only (kombu keeps a Redis list per queue); reserved, unacknowledged ones are not
+    counted.  ``step`` is the queue's kind (``cp``, ``blobs``, ``ap``), AP shards summed per region.
+    """
+    names = queues.all_queues(shard_count)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(name)
+    totals: Counter[tuple[str, str]] = Counter()
+    for name, depth in zip(names, pipe.execute(), strict=True):
+        totals[queues.depth_labels(name)] += int(depth)
+    if metrics.enabled():
+        for (region, kind), depth in totals.items():
+            metrics.QUEUE_DEPTH.labels(region, kind).set(depth)
+    return dict(totals)
+
+
 @shared_task(name=queues.REAP)
 def reap_task() -> list[list[str]]:
+    if RUNTIME.config.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        with contextlib.suppress(redis.RedisError):  # a gauge, never a reason to skip the reaper
+            observe_queue_depths(RUNTIME.redis(), RUNTIME.config.ap_shards)
     outcomes = reap_distributed(current_app, RUNTIME.tiers())
     for outcome in outcomes:
         if outcome.action in ("committed", "compensated", "dead"):

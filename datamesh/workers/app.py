@@ -15,7 +15,7 @@ from celery.signals import celeryd_init, worker_process_init, worker_process_shu
 from kombu.entity import Queue
 
 from datamesh.core.config import DataMeshConfig
-from datamesh.workers import queues
+from datamesh.workers import queues, telemetry
 from datamesh.workers.runtime import RUNTIME
 
 #: Every task module: every worker imports all of them, whatever queues it consumes, so an errback
@@ -112,11 +112,15 @@ def _name_node(sender: str | None = None, **_: Any) -> None:
 def _after_fork(**_: Any) -> None:
     # engine.dispose() after fork: the child must not share the parent's pooled DB connections.
     RUNTIME.after_fork()
+    # Each pool process has its own tracer, exporter thread and log handler (service name "worker"):
+    # the task spans continue the trace context carried in the message headers (telemetry.py).
+    telemetry.after_fork(RUNTIME.config)
 
 
 @worker_process_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
     RUNTIME.close()
+    telemetry.on_process_shutdown()  # flush kept spans; multiprocess metrics: mark this pid dead
 
 
 def _default_app() -> Celery:

@@ -65,3 +65,10 @@ def queues_for(role: str, regions: Iterable[str], shards: Iterable[int]) -> list
 
 def all_queues(shard_count: int) -> list[str]:
     return queues_for("all", [r.value for r in GeoRegion], range(shard_count))
+
+
+def depth_labels(name: str) -> tuple[str, str]:
+    """``(region, kind)`` of a queue for ``datamesh_queue_depth``: shards summed, a closed label set."""
+    kind, _, rest = name.partition(".")
+    region = rest.split(".", 1)[0] if rest else "global"
+    return region, kind
