@@ -75,3 +75,14 @@ def test_two_gateways_behind_a_balancer_and_prometheus(compose: dict[str, Any]) 
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
     assert {f"{name}:8080" for name in gateways} <= targets
+
+
+def test_prometheus_scrapes_every_worker_pool(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    pools = [n for n, s in services.items() if s.get("command", [])[3:4] == ["worker"]]
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    for name in pools:
+        command = services[name]["command"]
+        port = command[command.index("--metrics-port") + 1]
+        assert f"{name}:{port}" in targets, name

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from types import FrameType
 from typing import Any
 
@@ -35,6 +36,11 @@ def register(sub: Any) -> None:
     w.add_argument("--name", help="node name prefix (default: role.pid)")
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("--include", action="append", default=[], help="extra module each worker imports")
+    w.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve the pool's Prometheus metrics on this port (every process merged, multiprocess mode)",
+    )
     w.set_defaults(handler=run_worker)
 
     b = sub.add_parser("beat", help="start Celery beat (schedules the saga reaper)")
@@ -90,7 +96,14 @@ def worker_commands(args: argparse.Namespace, config: DataMeshConfig) -> list[tu
 
 def run_worker(args: argparse.Namespace, config: DataMeshConfig) -> int:
     commands = worker_commands(args, config)
-    if len(commands) == 1:
+    if args.metrics_port is not None:
+        # The pool's processes write their metrics to one directory; this process serves them merged.
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="datamesh-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        from datamesh.observability import metrics
+
+        metrics.serve(args.metrics_port)
+    elif len(commands) == 1:
         argv, extra = commands[0]
         os.execvpe(argv[0], argv, {**os.environ, **extra})
     children = [subprocess.Popen(argv, env={**os.environ, **extra}) for argv, extra in commands]
