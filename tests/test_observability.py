@@ -271,7 +271,8 @@ async def test_logs_are_json_lines_with_ids_sampled_like_traces_and_free_of_payl
             sampler = tracing.sampler()
             assert sampler is not None
             sampler.rate = 1.0
-            assert (await p.ingest(real_requests(1, model="claude")[0])).is_ok()
+            kept = await p.ingest(real_requests(1, model="claude")[0])
+            assert kept.is_ok()
     finally:
         logging.getLogger("datamesh").removeHandler(handler)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
@@ -286,6 +287,7 @@ async def test_logs_are_json_lines_with_ids_sampled_like_traces_and_free_of_payl
     # the sampled-out successes left nothing, the kept one its INFO line,
     infos = [line for line in lines if line["level"] == "INFO"]
     assert len(infos) == 1 and infos[0]["trace_id"] and "ingest of 1 items" in infos[0]["message"]
+    assert infos[0]["conversation_id"] == str(kept.unwrap().conversation_id)  # a single turn names its conversation
     # and no prompt or response bytes appear anywhere.
     text = stream.getvalue()
     assert "SECRET" not in text

@@ -316,7 +316,7 @@ class IngestionPipeline:
 
         A conversation the principal may not see is ``NotFound``, as if it did not exist.
         """
-        with tracing.span("pipeline.get") as current:
+        with tracing.span("pipeline.get") as current, logs.bind(conversation_id=str(conversation_id)):
             found = await self._get(conversation_id, principal)
             if isinstance(found, Err) and not isinstance(found.error, NotFound | AccessDenied | ValidationError):
                 tracing.set_error(type(found.error).__name__, current)
@@ -585,10 +585,14 @@ def _observe_ingest(
         if metrics.enabled():
             metrics.INGEST_CALLS.labels("error" if failed else "ok").inc()
             metrics.INGEST_CALL_SECONDS.observe((time.perf_counter_ns() - started) / 1e9)
+        # a single turn's log line carries its conversation (a batch's has many: see the saga id)
+        single = outcome.value if isinstance(outcome, Ok) and len(outcome.value) == 1 else []
+        ids = {"conversation_id": str(single[0].value.conversation_id)} if single and isinstance(single[0], Ok) else {}
         if failed:
-            log.warning("ingest of %d items: %s", len(requests), failed)
+            log.warning("ingest of %d items: %s", len(requests), failed, extra=ids)
         else:
-            log.info("ingest of %d items done in %.2f ms", len(requests), (time.perf_counter_ns() - started) / 1e6)
+            elapsed_ms = (time.perf_counter_ns() - started) / 1e6
+            log.info("ingest of %d items done in %.2f ms", len(requests), elapsed_ms, extra=ids)
     except Exception:  # noqa: BLE001 - observability never raises into the data path
         return
 
