@@ -35,45 +35,51 @@ class StepFailed(Exception):
     """A saga step failed for good: the errback records it and enqueues the compensation."""
 
 
-def begin(task: Task, saga_id: str, step: str) -> bool:
-    """Count this delivery; False when the saga is not running (a late duplicate: skip it)."""
+def begin(task: Task, saga_id: str, step: str) -> int | None:
+    """Count this delivery of the saga step; ``None`` when the saga is not running (a late duplicate).
+
+    Returns the step's delivery count from the saga log: that count, not Celery's ``retries`` (which
+    also counts re-queues of a message whose shard another worker held), is the redelivery cap.
+    """
     tiers = RUNTIME.tiers()
     begun = tiers.cp.run(
         lambda c: sagas.begin_step(c, saga_id, step, now=utcnow(), lease_s=tiers.lease_s), operation="task.begin"
     )
     if isinstance(begun, Err):
+        # the CP tier is unreachable: nothing was counted, try again later (the reaper backs this up)
         raise task.retry(
             countdown=full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
-            max_retries=RUNTIME.config.step_max_deliveries,
+            max_retries=_MAX_BOUNCES,
         )
     status, attempts = begun.value
     if status != SagaStatus.RUNNING:
-        return False
+        return None
     if attempts > RUNTIME.config.step_max_deliveries:
         raise StepFailed(f"{step} delivered {attempts} times (cap {RUNTIME.config.step_max_deliveries})")
-    return True
+    return int(attempts)
 
 
-def finish(task: Task, step: str, result: Result[Any, Any]) -> None:
-    """Retry a retryable failure with full jitter (bounded); fail anything else."""
+def finish(task: Task, step: str, result: Result[Any, Any], attempts: int) -> None:
+    """Retry a retryable failure with full jitter while the step's deliveries are under the cap."""
     if isinstance(result, Ok):
         RUNTIME.faults(step, "after")
         return
     error = result.error
     retryable = isinstance(error, StorageError) and error.retryable
-    if retryable and task.request.retries < RUNTIME.config.step_max_deliveries:
+    if retryable and attempts < RUNTIME.config.step_max_deliveries:
         raise task.retry(
-            countdown=full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
-            max_retries=RUNTIME.config.step_max_deliveries,
+            countdown=full_jitter_delay(attempts, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
+            max_retries=_MAX_BOUNCES,  # the cap that matters is ``attempts``, counted in the saga log
         )
     raise StepFailed(describe(error) if isinstance(error, DataMeshError) else str(error))  # type: ignore[arg-type]
 
 
 def run_step(task: Task, saga_id: str, step: str, fault_step: str, body: Callable[[], Result[Any, Any]]) -> str:
-    if not begin(task, saga_id, step):
+    attempts = begin(task, saga_id, step)
+    if attempts is None:
         return "skipped"
     RUNTIME.faults(fault_step, "before")
-    finish(task, fault_step, body())
+    finish(task, fault_step, body(), attempts)
     return "done"
 
 
