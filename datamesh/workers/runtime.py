@@ -1,4 +1,4 @@
-"""Per-process state of a worker: the tiers, the shard leases, the Redis client, the fault hook.
+"""Per-process state of a worker: the tiers, the shard leases, the Redis client, the fault hook, the indexes.
 
 Everything is opened lazily in the process that uses it: a prefork child must not reuse the parent's
 database sockets (``after_fork`` disposes the CP engine's pool for that reason) nor its shard locks.
@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 import redis
 
 from datamesh.core.config import DataMeshConfig
+from datamesh.pipeline.indexer import IndexerSettings
 from datamesh.pipeline.saga import FaultHook, _no_faults
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.ap.fenced import fenced_engine, read_fence
 from datamesh.storage.ap.store import default_engine
+from datamesh.storage.index import MiniLMEmbedder, RegionalIndexes
 from datamesh.workers.leases import ShardLeases
 
 DONE_KEY = "dm:saga-done:{}"
@@ -32,6 +34,8 @@ class Runtime:
     _tiers: Tiers | None = None
     _redis: redis.Redis | None = None
     _leases: ShardLeases | None = None
+    _indexes: RegionalIndexes | None = None
+    _index_settings: IndexerSettings | None = None
 
     def configure(self, config: DataMeshConfig) -> None:
         self.close()
@@ -42,6 +46,18 @@ class Runtime:
             opened = Tiers.open(self.config, engine_factory=fenced_engine(self.token, default_engine))
             self._tiers = opened.unwrap()
         return self._tiers
+
+    def indexes(self) -> RegionalIndexes:
+        """This process's regional indexes, opened for writing on first use (held until shutdown)."""
+        if self._indexes is None:
+            self._indexes = RegionalIndexes(self.config.resolved_index_dir)
+        return self._indexes
+
+    def index_settings(self) -> IndexerSettings:
+        if self._index_settings is None:
+            embedder = MiniLMEmbedder.load().unwrap() if self.config.embedder == "minilm" else None
+            self._index_settings = IndexerSettings(batch=self.config.index_batch, embedder=embedder)
+        return self._index_settings
 
     def redis(self) -> redis.Redis:
         if self._redis is None:
@@ -80,13 +96,17 @@ class Runtime:
             self._tiers = None
         self._redis = None
         self._leases = None
+        self._indexes = None  # the parent's (if any) stay the parent's; this child opens its own
 
     def close(self) -> None:
         if self._leases is not None:
             with contextlib.suppress(redis.RedisError):
                 self._leases.release_all()
+        if self._indexes is not None:
+            self._indexes.close()
         if self._tiers is not None:
             self._tiers.close()
+        self._indexes = None
         self._tiers = None
         self._leases = None
         self._redis = None
