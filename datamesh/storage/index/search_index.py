@@ -171,9 +171,10 @@ class SearchIndex:
 
     def _refresh(self) -> None:
         """Read-only: follow the writer's commits (vectors reconciled in memory, never saved)."""
-        if self.readonly and self._store.changed():
-            with self._lock:
-                self._vectors.reconcile()
+        if self.readonly:
+            with self._lock:  # one thread reconciles; the others wait for it rather than search stale vectors
+                if self._store.changed():
+                    self._vectors.reconcile()
 
     # -- writes ------------------------------------------------------------------------------------
 
