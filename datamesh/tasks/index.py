@@ -62,7 +62,7 @@ def index_drain_task(self: Task, region: str | None = None) -> dict[str, int]:
     totals = {"claimed": 0, "done": 0, "failed": 0, "indexed_turns": 0, "removed_turns": 0}
     deadline = time.monotonic() + RUNTIME.config.step_time_limit_s / 2
     while True:
-        report = drain_once(RUNTIME.tiers(), RUNTIME.indexes(), settings, regions=[GeoRegion(region)])
+        report = drain_once(RUNTIME.index_tiers(), RUNTIME.indexes(), settings, regions=[GeoRegion(region)])
         if isinstance(report, Err):
             retry = _retry(self, str(report.error))
             if retry is not None:
