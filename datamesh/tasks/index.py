@@ -27,8 +27,12 @@ from datamesh.workers.runtime import RUNTIME
 
 _RETRY_BASE_S = 0.5
 _RETRY_CAP_S = 30.0
-#: Retries of one drain message; past them the rows are left to the next drain (beat enqueues one per interval).
+#: Retries of one drain message when the outbox cannot be read; past them the next drain takes over
+#: (beat enqueues one per region and interval).
 _MAX_RETRIES = 20
+#: Retries of one drain message whose rows failed: few, since the rows keep their own backoff and
+#: every periodic drain takes them again once due (a row failing for hours must not pile up messages).
+_MAX_ROW_RETRIES = 3
 _MAX_BOUNCES = 1000
 
 log = logs.logger(__name__)
@@ -40,13 +44,13 @@ def enqueue_index_drains(app: Celery, regions: Iterable[str]) -> None:
         app.send_task(queues.INDEX_DRAIN, kwargs={"region": region})
 
 
-def _retry(task: Task, reason: str) -> BaseException | None:
+def _retry(task: Task, reason: str, limit: int = _MAX_RETRIES) -> BaseException | None:
     """A retry to raise, or None when this message has retried enough (the next drain takes over)."""
-    if task.request.retries >= _MAX_RETRIES:
-        log.warning("index drain gives up after %d retries (%s); the next drain continues", _MAX_RETRIES, reason)
+    if task.request.retries >= limit:
+        log.warning("index drain gives up after %d retries (%s); the next drain continues", limit, reason)
         return None
     countdown = full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S)
-    retry: BaseException = task.retry(countdown=countdown, max_retries=_MAX_RETRIES)
+    retry: BaseException = task.retry(countdown=countdown, max_retries=limit)
     return retry
 
 
@@ -72,7 +76,7 @@ def index_drain_task(self: Task, region: str | None = None) -> dict[str, int]:
             totals[key] += getattr(report.value, key)
         if report.value.failed:
             # The failed rows are back in the outbox with their own backoff: come back for them.
-            retry = _retry(self, str(report.value.errors[-1]))
+            retry = _retry(self, str(report.value.errors[-1]), _MAX_ROW_RETRIES)
             if retry is not None:
                 raise retry
             return totals
