@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,18 @@ def test_readonly_open_of_a_missing_index_fails(tmp_path: Path) -> None:
     opened = SearchIndex.open(tmp_path, GeoRegion.US_EAST, config=CONFIG, readonly=True)
     assert isinstance(opened, Err) and isinstance(opened.error, StorageError)
     assert not (tmp_path / GeoRegion.US_EAST.value).exists()
+
+
+def test_an_index_file_without_its_schema_yet_is_not_searched(tmp_path: Path) -> None:
+    # Given a region whose writer has created text.sqlite but not yet its tables,
+    from datamesh.storage.index import RegionalIndexes
+
+    (tmp_path / "eu-west").mkdir()
+    sqlite3.connect(tmp_path / "eu-west" / "text.sqlite").close()
+    indexes = RegionalIndexes(tmp_path, config=CONFIG, readonly=True)
+    # then a reader does not count it as an index yet; once the writer has opened it, it does.
+    assert not indexes.exists(GeoRegion.EU_WEST)
+    SearchIndex.open(tmp_path, GeoRegion.EU_WEST, config=CONFIG).unwrap().close().unwrap()
+    assert indexes.exists(GeoRegion.EU_WEST)
+    assert indexes.region(GeoRegion.EU_WEST).unwrap().search("x", tenant="acme").unwrap() == []
+    indexes.close().unwrap()

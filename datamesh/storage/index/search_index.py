@@ -103,6 +103,19 @@ def _take_writer_lock(path: Path) -> int:
     return fd
 
 
+def _initialised(path: Path) -> bool:
+    """Whether the writer has created the schema of ``path`` (it creates the file a moment before)."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'tenants'").fetchone()
+            return bool(row[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+
+
 def _widen(result: Result[T, StorageError]) -> Result[T, ValidationError | StorageError]:
     return result if isinstance(result, Ok) else Err(result.error)
 
@@ -383,8 +396,14 @@ class RegionalIndexes:
             return opened
 
     def exists(self, region: GeoRegion) -> bool:
-        """Whether anything was ever indexed in ``region`` (its ``text.sqlite`` exists)."""
-        return (self.root / region.value / TEXT_FILE).exists()
+        """Whether ``region`` has an index (its ``text.sqlite`` exists, and read-only: is initialised)."""
+        with self._lock:
+            if region in self._open:
+                return True
+        path = self.root / region.value / TEXT_FILE
+        if not path.exists():
+            return False
+        return not self.readonly or _initialised(path)
 
     def add_many(self, docs: Sequence[IndexDocument]) -> Result[int, ValidationError | StorageError]:
         """Route each document to its own region's index; returns how many were indexed."""
