@@ -30,7 +30,12 @@ def test_reliability_settings_are_set_and_the_visibility_timeout_checked(tmp_pat
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
-    assert set(conf.imports) == {"datamesh.tasks.steps", "datamesh.tasks.compensation", "datamesh.tasks.reaper"}
+    assert set(conf.imports) == {
+        "datamesh.tasks.steps",
+        "datamesh.tasks.compensation",
+        "datamesh.tasks.reaper",
+        "datamesh.tasks.index",
+    }
 
 
 async def test_an_unsafe_visibility_timeout_is_a_config_error(tmp_path: Path) -> None:
@@ -44,6 +49,21 @@ def test_routing_by_role_region_and_shard() -> None:
     assert queues.route(queues.WRITE_AP, (), {"region": "eu-west", "shard": 3}, {}) == {"queue": "ap.eu-west.3"}
     assert queues.route(queues.UNDO_STORE_BLOBS, (), {"region": "us-east"}, {}) == {"queue": "blobs.us-east"}
     assert queues.route(queues.COMMIT_CP, (), {"saga_id": "x"}, {}) == {"queue": "cp"}
+    assert queues.route(queues.INDEX_DRAIN, (), {"region": "eu-west"}, {}) == {"queue": "index.eu-west"}
+    assert queues.route(queues.INDEX_DRAIN, (), {}, {}) == {"queue": "cp"}
+
+
+def test_index_queues_have_one_consumer_process() -> None:
+    # An index pool is one process whatever --processes says (a region's index has one writer),
+    args = build_parser().parse_args(["worker", "--role", "index", "--region", "eu-west", "--processes", "3"])
+    commands = worker_commands(args, DataMeshConfig())
+    assert [(argv[argv.index("-Q") + 1], argv[argv.index("-c") + 1]) for argv, _ in commands] == [
+        ("index.eu-west", "1")
+    ]
+    # and in a sharded all-roles pool only the first worker consumes the index queues.
+    args = build_parser().parse_args(["worker", "--role", "all", "--region", "eu-west", "--processes", "2"])
+    consumed = [argv[argv.index("-Q") + 1].split(",") for argv, _ in worker_commands(args, DataMeshConfig(ap_shards=2))]
+    assert "index.eu-west" in consumed[0] and not any(q.startswith("index.") for q in consumed[1])
 
 
 def test_an_ap_pool_deals_its_shards_to_one_consumer_each() -> None:

@@ -65,7 +65,7 @@ EMBEDDERS = ("none", "minilm")
 
 BACKPRESSURE_MODES = ("wait", "reject")
 EXECUTORS = ("local", "celery")
-WORKER_ROLES = ("all", "cp", "blobs", "ap")
+WORKER_ROLES = ("all", "cp", "blobs", "ap", "index")
 RATE_LIMIT_FAILURE_MODES = ("closed", "open")
 RATE_LIMIT_OFF = "off"
 DEFAULT_METRICS = "on"

@@ -323,7 +323,11 @@ def _erase(tiers: Tiers, indexes: RegionalIndexes, row: OutboxRow, report: Drain
 def erase_conversation_content(
     tiers: Tiers, indexes: RegionalIndexes, region: GeoRegion, conversation_id: str
 ) -> Result[int, Error]:
-    """Delete one conversation's AP content and index entries; returns index entries removed."""
+    """Delete one conversation's index entries, then its AP content; returns index entries removed.
+
+    Index entries go first: they are what a search could still show, and they need only the index
+    writer, while the AP deletes need the shards' writer (retried on the row if it fails).
+    """
 
     def tx(conn: Connection) -> tuple[conversations.ConversationRow | None, list[conversations.TurnRow]]:
         row = conversations.get_many(conn, [conversation_id]).get(conversation_id)
@@ -333,22 +337,30 @@ def erase_conversation_content(
     if isinstance(found, Err):
         return found
     row, turns = found.value
-    if row is not None and turns:
-        deleted = tiers.ap.delete_many(region, [_key(row.entity_id, t) for t in turns])
-        if isinstance(deleted, Err):
-            return deleted
     index = indexes.region(region)
     if isinstance(index, Err):
         return index
     removed = index.value.remove_conversations([ConversationId.parse(conversation_id).unwrap()])
-    return removed if isinstance(removed, Ok) else Err(removed.error)
+    if isinstance(removed, Err):
+        return Err(removed.error)
+    if row is not None and turns:
+        deleted = tiers.ap.delete_many(region, [_key(row.entity_id, t) for t in turns])
+        if isinstance(deleted, Err):
+            return deleted
+    return Ok(removed.value)
 
 
 def erase_entity_content(
     tiers: Tiers, indexes: RegionalIndexes, region: GeoRegion, entity_id: str
 ) -> Result[int, Error]:
-    """Delete every AP record of one entity in ``region`` and its index entries."""
+    """Delete one entity's index entries in ``region``, then every AP record of it (see above)."""
     entity = EntityId.parse(entity_id).unwrap()
+    index = indexes.region(region)
+    if isinstance(index, Err):
+        return index
+    removed = index.value.remove_entity(entity)
+    if isinstance(removed, Err):
+        return Err(removed.error)
     while True:  # a scan sees a snapshot; repeat until the entity's prefix is empty
         scanned = tiers.ap.scan_entity(region, entity, limit=1000)
         if isinstance(scanned, Err):
@@ -358,11 +370,7 @@ def erase_entity_content(
         deleted = tiers.ap.delete_many(region, [k for k, _ in scanned.value])
         if isinstance(deleted, Err):
             return deleted
-    index = indexes.region(region)
-    if isinstance(index, Err):
-        return index
-    removed = index.value.remove_entity(entity)
-    return removed if isinstance(removed, Ok) else Err(removed.error)
+    return Ok(removed.value)
 
 
 # ---- status and rebuild ------------------------------------------------------------------------

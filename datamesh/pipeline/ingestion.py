@@ -85,7 +85,8 @@ class IngestionPipeline:
     ) -> None:
         self.config = config
         self.tiers = tiers
-        self.indexes = RegionalIndexes(config.resolved_index_dir)
+        # Under Celery the index workers write the regional indexes; this process only searches them.
+        self.indexes = RegionalIndexes(config.resolved_index_dir, readonly=not isinstance(executor, LocalSagaExecutor))
         self._index_settings = indexer.IndexerSettings(batch=config.index_batch, embedder=embedder)
         self._index_lock = asyncio.Lock()
         self._index_wakeup = asyncio.Event()
@@ -113,7 +114,8 @@ class IngestionPipeline:
 
         With ``DATAMESH_EXECUTOR=celery`` the sagas run on the Celery workers: this process only reads
         the AP shards (their writers are the workers) and ``faults`` applies to ``reserve`` only (the one
-        step run here).
+        step run here).  The index workers (``worker --role index``) feed the indexes then: this
+        process runs no background indexer and opens the indexes read-only for searching.
         """
         distributed = config.executor == "celery"
         if distributed and config.ap_engine != "sqlite":
@@ -151,7 +153,7 @@ class IngestionPipeline:
         await pipeline.reap()
         loop = asyncio.get_running_loop()
         pipeline._reaper = loop.create_task(pipeline._reap_periodically())
-        if config.indexer:
+        if config.indexer and not distributed:
             pipeline._indexer = loop.create_task(pipeline._index_periodically())
         return Ok(pipeline)
 
@@ -403,7 +405,7 @@ class IngestionPipeline:
         with tracing.span("pipeline.erase_conversation"):
             erased = await asyncio.to_thread(erasure.erase_conversation, self.tiers, caller, parsed.value)
             if isinstance(erased, Ok) and erased.value.conversations:
-                await self.flush_index()
+                await self._index_erasure()
             return erased
 
     async def erase_entity(
@@ -419,14 +421,18 @@ class IngestionPipeline:
         with tracing.span("pipeline.erase_entity"):
             erased = await asyncio.to_thread(erasure.erase_entity, self.tiers, caller, parsed.value)
             if isinstance(erased, Ok) and erased.value.conversations:
-                await self.flush_index()
+                await self._index_erasure()
             return erased
 
     async def flush_index(self) -> Result[int, Error]:
         """Do all index outbox work now, backoffs ignored; returns rows done (tests, demo, CLI).
 
-        ``Err`` with the last failure when rows are still owed after a few failing passes.
+        ``Err`` with the last failure when rows are still owed after a few failing passes.  Under
+        Celery the index workers do the work: this publishes a drain per region and waits (up to
+        ``DATAMESH_SAGA_WAIT_S``) for the outbox to be empty; it returns 0 then.
         """
+        if not isinstance(self._executor, LocalSagaExecutor):
+            return await asyncio.to_thread(self._flush_distributed)
         done = 0
         failed_passes = 0
         while True:
@@ -440,6 +446,32 @@ class IngestionPipeline:
                     return Err(report.value.errors[-1])
             elif report.value.claimed == 0:
                 return Ok(done)
+
+    async def _index_erasure(self) -> None:
+        """Local: do the erasure's index work now.  Celery: hand it to the index workers (no wait)."""
+        if isinstance(self._executor, LocalSagaExecutor):
+            await self.flush_index()
+            return
+        published = await asyncio.to_thread(self._executor.enqueue_index_drains)
+        if isinstance(published, Err):
+            log.warning("erasure: index drains not published (beat's drains will do it): %s", published.error)
+
+    def _flush_distributed(self) -> Result[int, Error]:
+        assert not isinstance(self._executor, LocalSagaExecutor)
+        published = self._executor.enqueue_index_drains()
+        if isinstance(published, Err):
+            return published
+        deadline = time.monotonic() + self.config.saga_wait_s
+        while True:
+            status = indexer.outbox_status(self.tiers)
+            if isinstance(status, Err):
+                return status
+            if not status.value.regions:
+                return Ok(0)
+            if time.monotonic() > deadline:
+                owed = sum(d.rows for d in status.value.regions.values())
+                return Err(StorageError("pipeline", "index", f"{owed} index outbox rows still owed", retryable=True))
+            time.sleep(0.2)
 
     async def _drain(self, *, due_only: bool) -> Result[indexer.DrainReport, StorageError]:
         """One indexer pass in a thread, one at a time; ``close`` waits for a pass in flight."""

@@ -125,6 +125,8 @@ def search(
     hits: list[tuple[GeoRegion, SearchHit]] = []
     allowed = allowed_entities(principal)
     for region in regions:
+        if not indexes.exists(region):
+            continue  # nothing was ever indexed there (and a read-only index cannot create it)
         index = indexes.region(region)
         if isinstance(index, Err):
             return index
@@ -176,8 +178,8 @@ def search(
 
 
 def indexed_regions(indexes: RegionalIndexes) -> tuple[GeoRegion, ...]:
-    """Regions that have an index directory (nothing was ever indexed in the others)."""
-    return tuple(r for r in GeoRegion if (indexes.root / r.value).is_dir())
+    """Regions that have an index (nothing was ever indexed in the others)."""
+    return tuple(r for r in GeoRegion if indexes.exists(r))
 
 
 __all__ = ["SearchQuery", "SearchResult", "allowed_entities", "indexed_regions", "search", "validate_query"]

@@ -17,17 +17,21 @@ from datamesh.core.errors import DataMeshError, StorageError, describe
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.retry import full_jitter_delay
 from datamesh.core.types import GeoRegion
+from datamesh.observability import logs
 from datamesh.pipeline.plan import BlobPlan, SagaPlan
 from datamesh.pipeline.steps import Step, _NotRunning, commit_cp, store_blobs, write_ap_part
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus
 from datamesh.storage.cp.sql import utcnow
 from datamesh.tasks.codec import decode_content, part_name, unb64
+from datamesh.tasks.index import enqueue_index_drains
 from datamesh.workers import queues
 from datamesh.workers.runtime import RUNTIME
 
 _RETRY_BASE_S = 0.05
 _RETRY_CAP_S = 2.0
+log = logs.logger(__name__)
+
 _MAX_BOUNCES = 1000  # re-queues of a message whose shard another worker holds, or that reached a wrong region
 
 
@@ -138,6 +142,7 @@ def write_ap_task(
 @shared_task(bind=True, name=queues.COMMIT_CP)
 def commit_cp_task(self: Task, *, saga_id: str) -> str:
     tiers = RUNTIME.tiers()
+    regions: set[str] = set()
 
     def pivot() -> Result[Any, Any]:
         record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.commit_cp.load", write=False)
@@ -145,7 +150,9 @@ def commit_cp_task(self: Task, *, saga_id: str) -> str:
             return record
         if record.value is None:
             return Err(StorageError("cp", "commit_cp", f"saga {saga_id} is not in the saga log"))
-        committed = commit_cp(tiers, SagaPlan.from_json(record.value.plan_json))
+        plan = SagaPlan.from_json(record.value.plan_json)
+        regions.update(item.region for item in plan.items)
+        committed = commit_cp(tiers, plan)
         if isinstance(committed, Err) and isinstance(committed.error, _NotRunning):
             return Ok([])  # committed by a reaper, or compensating: either way not ours to change
         return committed
@@ -154,4 +161,10 @@ def commit_cp_task(self: Task, *, saga_id: str) -> str:
     status = tiers.cp.run(lambda c: sagas.status_of(c, saga_id), operation="task.commit_cp.status", write=False)
     if isinstance(status, Ok) and status.value is not None:
         RUNTIME.notify(saga_id, status.value.value)
+        if status.value == SagaStatus.COMMITTED and regions:
+            # The commit wrote index outbox rows: have them indexed now (beat's drains are the backstop).
+            try:
+                enqueue_index_drains(self.app, regions)
+            except Exception as exc:  # noqa: BLE001 - the saga is committed; a drain comes with the next beat
+                log.warning("saga %s: index drain not enqueued: %s", saga_id, exc)
     return outcome

@@ -15,13 +15,14 @@ from celery.signals import celeryd_init, worker_process_init, worker_process_shu
 from kombu.entity import Queue
 
 from datamesh.core.config import DataMeshConfig
+from datamesh.core.types import GeoRegion
 from datamesh.workers import queues, telemetry
 from datamesh.workers.runtime import RUNTIME
 
 #: Every task module: every worker imports all of them, whatever queues it consumes, so an errback
 #: or a compensation published by any worker is known to every other (a worker that does not know
 #: a task name rejects the message).
-TASK_MODULES = ("datamesh.tasks.steps", "datamesh.tasks.compensation", "datamesh.tasks.reaper")
+TASK_MODULES = ("datamesh.tasks.steps", "datamesh.tasks.compensation", "datamesh.tasks.reaper", "datamesh.tasks.index")
 
 
 def reliability_settings(config: DataMeshConfig) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def reliability_settings(config: DataMeshConfig) -> dict[str, Any]:
 
 
 def deployment_settings(config: DataMeshConfig) -> dict[str, Any]:
-    """Broker, result backend, queues, routes and the reaper's schedule, from the configuration."""
+    """Broker, result backend, queues, routes, the reaper's and the index drains' schedules, from the configuration."""
     return {
         "broker_url": config.broker_url,
         "result_backend": config.result_backend or None,
@@ -85,7 +86,17 @@ def deployment_settings(config: DataMeshConfig) -> dict[str, Any]:
                 "task": queues.REAP,
                 "schedule": config.reap_interval_s,
                 "options": {"queue": queues.CP_QUEUE, "expires": config.reap_interval_s},
-            }
+            },
+            # Index work never depends on one message: every region's outbox is drained periodically.
+            **{
+                f"drain-index-{region.value}": {
+                    "task": queues.INDEX_DRAIN,
+                    "schedule": config.index_interval_s,
+                    "kwargs": {"region": region.value},
+                    "options": {"queue": queues.index_queue(region.value), "expires": config.index_interval_s},
+                }
+                for region in GeoRegion
+            },
         },
     }
 

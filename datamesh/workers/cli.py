@@ -1,10 +1,12 @@
 """``python -m datamesh worker | beat | flower``: start Celery pools, the beat scheduler, Flower.
 
 ``worker --role ap --region eu-west --shards 0-3`` consumes ``ap.eu-west.0`` … ``ap.eu-west.3``;
-``--role cp`` the ``cp`` queue; ``--role blobs`` the regions' ``blobs.<region>`` queues; ``--role all``
-everything of its regions (one box).  With ``--processes N`` an AP (or all) pool is N Celery workers of
-one process each, the shards dealt round-robin between them, so each shard queue has one consumer; a
-``cp`` or ``blobs`` pool is one Celery worker with N processes.  Each run is ``celery -A
+``--role cp`` the ``cp`` queue; ``--role blobs`` the regions' ``blobs.<region>`` queues; ``--role index``
+the regions' ``index.<region>`` queues (index outbox drains: this process is the regions' index writer);
+``--role all`` everything of its regions (one box).  With ``--processes N`` an AP (or all) pool is N Celery
+workers of one process each, the shards dealt round-robin between them, so each shard queue has one
+consumer (the index queues go to the first of them); a ``cp`` or ``blobs`` pool is one Celery worker with N
+processes; an ``index`` pool is always one process (a region's index has one writer).  Each run is ``celery -A
 datamesh.workers.app worker`` with the queues and ``DATAMESH_WORKER_*`` set for it.
 """
 
@@ -67,14 +69,14 @@ def worker_commands(args: argparse.Namespace, config: DataMeshConfig) -> list[tu
     groups = [shards[i::processes] for i in range(processes)] if sharded else [shards]
     commands = []
     for n, owned in enumerate(groups):
-        names = queues.queues_for(args.role, regions, owned)
+        names = queues.queues_for(args.role, regions, owned, index=n == 0)
         argv = [
             *CELERY,
             "worker",
             "-Q",
             ",".join(names),
             "-c",
-            "1" if sharded else str(processes),
+            "1" if sharded or args.role == "index" else str(processes),
             "-n",
             f"{prefix}.{n}@%h",
             "--loglevel",

@@ -18,6 +18,7 @@ from celery import Celery
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import SagaFailed, StorageError
 from datamesh.core.result import Err, Ok, Result
+from datamesh.core.types import GeoRegion
 from datamesh.pipeline.plan import SagaPlan
 from datamesh.pipeline.prepare import Prepared
 from datamesh.pipeline.saga import Content, FaultHook, ReapOutcome, _committed_by_other, _no_faults
@@ -124,6 +125,16 @@ class CeleryExecutor:
                 self._redis.blpop([key], timeout=max(0.01, min(_POLL_S, left)))
             except redis.RedisError:
                 time.sleep(min(_POLL_S, max(left, 0)))  # broker away: poll the saga log
+
+    def enqueue_index_drains(self) -> Result[None, StorageError]:
+        """Publish an ``index_drain`` for every region (to the index workers)."""
+        from datamesh.tasks.index import enqueue_index_drains
+
+        try:
+            enqueue_index_drains(self.app, [r.value for r in GeoRegion])
+        except Exception as exc:  # noqa: BLE001 - kombu/redis failures after publish retries: one boundary
+            return Err(StorageError("broker", "index", f"could not enqueue index drains: {exc}", retryable=True))
+        return Ok(None)
 
     def status(self, saga_id: str) -> Result[SagaStatus | None, StorageError]:
         return self.tiers.cp.run(lambda c: sagas.status_of(c, saga_id), operation="saga.status", write=False)

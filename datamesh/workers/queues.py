@@ -3,6 +3,7 @@
     cp                    CP commits, compensation claims, undo_reserve, the reaper (global tier)
     blobs.<region>        object-store writes and their undo, by the region's blob workers
     ap.<region>.<shard>   one queue per AP shard and region (``ap.eu-west.3``): a shard has one writer
+    index.<region>        index outbox drains of the region, by its one index worker (the index's writer)
 
 A region's content is only published to that region's queues, so only workers started for the
 region (``python -m datamesh worker --region eu-west``) ever write it.
@@ -27,8 +28,9 @@ UNDO_WRITE_AP = "datamesh.undo_write_ap"
 UNDO_STORE_BLOBS = "datamesh.undo_store_blobs"
 UNDO_RESERVE = "datamesh.undo_reserve"
 REAP = "datamesh.reap"
+INDEX_DRAIN = "datamesh.index_drain"
 
-ROLES = ("all", "cp", "blobs", "ap")
+ROLES = ("all", "cp", "blobs", "ap", "index")
 
 
 def blobs_queue(region: str) -> str:
@@ -39,6 +41,10 @@ def ap_queue(region: str, shard: int) -> str:
     return f"ap.{region}.{shard}"
 
 
+def index_queue(region: str) -> str:
+    return f"index.{region}"
+
+
 def route(
     name: str, args: Sequence[Any], kwargs: Mapping[str, Any], options: Mapping[str, Any], **_: Any
 ) -> dict[str, str]:
@@ -47,11 +53,17 @@ def route(
         return {"queue": blobs_queue(kwargs["region"])}
     if name in (WRITE_AP, UNDO_WRITE_AP):
         return {"queue": ap_queue(kwargs["region"], int(kwargs["shard"]))}
+    if name == INDEX_DRAIN and kwargs.get("region"):  # without a region: fanned out from the cp queue
+        return {"queue": index_queue(kwargs["region"])}
     return {"queue": CP_QUEUE}
 
 
-def queues_for(role: str, regions: Iterable[str], shards: Iterable[int]) -> list[str]:
-    """The queues a worker of ``role`` consumes for ``regions`` and (AP) ``shards``."""
+def queues_for(role: str, regions: Iterable[str], shards: Iterable[int], *, index: bool = True) -> list[str]:
+    """The queues a worker of ``role`` consumes for ``regions`` and (AP) ``shards``.
+
+    ``index=False`` leaves the index queues out of an ``all`` worker (one of a pool's workers takes
+    them: a region's index has one writer process).
+    """
     regions, shards = list(regions), list(shards)
     names: list[str] = []
     if role in ("all", "cp"):
@@ -60,6 +72,8 @@ def queues_for(role: str, regions: Iterable[str], shards: Iterable[int]) -> list
         names += [blobs_queue(r) for r in regions]
     if role in ("all", "ap"):
         names += [ap_queue(r, s) for r in regions for s in shards]
+    if role == "index" or (role == "all" and index):
+        names += [index_queue(r) for r in regions]
     return names
 
 

@@ -1,4 +1,4 @@
-"""Per-process state of a worker: the tiers, the shard leases, the Redis client, the fault hook.
+"""Per-process state of a worker: the tiers, the shard leases, the Redis client, the fault hook, the indexes.
 
 Everything is opened lazily in the process that uses it: a prefork child must not reuse the parent's
 database sockets (``after_fork`` disposes the CP engine's pool for that reason) nor its shard locks.
@@ -7,17 +7,25 @@ database sockets (``after_fork`` disposes the CP engine's pool for that reason) 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 
 from datamesh.core.config import DataMeshConfig
+from datamesh.core.errors import StorageError
+from datamesh.core.result import Err, Result
+from datamesh.core.types import GeoRegion
+from datamesh.pipeline.indexer import IndexerSettings
 from datamesh.pipeline.saga import FaultHook, _no_faults
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.fenced import fenced_engine, read_fence
-from datamesh.storage.ap.store import default_engine
+from datamesh.storage.ap.fenced import fenced_engine, read_fence, readonly_engine
+from datamesh.storage.ap.store import ContentStore, default_engine
+from datamesh.storage.index import MiniLMEmbedder, RegionalIndexes
 from datamesh.workers.leases import ShardLeases
 
 DONE_KEY = "dm:saga-done:{}"
@@ -32,6 +40,9 @@ class Runtime:
     _tiers: Tiers | None = None
     _redis: redis.Redis | None = None
     _leases: ShardLeases | None = None
+    _indexes: RegionalIndexes | None = None
+    _index_tiers: Tiers | None = None
+    _index_settings: IndexerSettings | None = None
 
     def configure(self, config: DataMeshConfig) -> None:
         self.close()
@@ -42,6 +53,32 @@ class Runtime:
             opened = Tiers.open(self.config, engine_factory=fenced_engine(self.token, default_engine))
             self._tiers = opened.unwrap()
         return self._tiers
+
+    def indexes(self) -> RegionalIndexes:
+        """This process's regional indexes, opened for writing on first use (held until shutdown)."""
+        if self._indexes is None:
+            self._indexes = RegionalIndexes(self.config.resolved_index_dir)
+        return self._indexes
+
+    def index_tiers(self) -> Tiers:
+        """The tiers the index drains use: AP content read without the shards' writer locks.
+
+        An index worker reads turns of shards other processes write; only an erasure's AP deletes
+        are writes, and they go through this process's own fenced AP tier (see :class:`_IndexAp`).
+        """
+        if self._index_tiers is None:
+            tiers = self.tiers()
+            ap = _IndexAp(
+                self.config.resolved_ap_dir, self.config.ap_shards, writer=tiers.ap, role=self.config.worker_role
+            )
+            self._index_tiers = dataclasses.replace(tiers, ap=ap)
+        return self._index_tiers
+
+    def index_settings(self) -> IndexerSettings:
+        if self._index_settings is None:
+            embedder = MiniLMEmbedder.load().unwrap() if self.config.embedder == "minilm" else None
+            self._index_settings = IndexerSettings(batch=self.config.index_batch, embedder=embedder)
+        return self._index_settings
 
     def redis(self) -> redis.Redis:
         if self._redis is None:
@@ -80,19 +117,47 @@ class Runtime:
             self._tiers = None
         self._redis = None
         self._leases = None
+        self._indexes = None  # the parent's (if any) stay the parent's; this child opens its own
+        self._index_tiers = None
 
     def close(self) -> None:
         if self._leases is not None:
             with contextlib.suppress(redis.RedisError):
                 self._leases.release_all()
+        if self._indexes is not None:
+            self._indexes.close()
+        if self._index_tiers is not None:
+            self._index_tiers.ap.close()
+        self._index_tiers = None
         if self._tiers is not None:
             self._tiers.close()
+        self._indexes = None
         self._tiers = None
         self._leases = None
         self._redis = None
 
     def _fence_of(self, region: str, shard: int) -> int:
         return read_fence(self.tiers().ap.shard_path_for(region, shard).with_suffix(".fence"))
+
+
+class _IndexAp(ContentStore):
+    """AP reads without writer locks (read-only shards); deletes through the worker's writer tier.
+
+    The deletes are an erasure's: they succeed where this process may write the shard (it holds
+    its lease, as an ``all`` worker does) and otherwise fail retryably, leaving the outbox row to
+    be retried.
+    """
+
+    def __init__(self, root: Path, shard_count: int, *, writer: ContentStore, role: str) -> None:
+        super().__init__(root, shard_count, engine_factory=readonly_engine)
+        self._writer = writer
+        self._role = role
+
+    def delete_many(self, region: GeoRegion, keys: Sequence[bytes]) -> Result[int, StorageError]:
+        if self._role != "all":  # never take a shard's writer lock from a worker that does not own shards
+            message = "an erasure's AP deletes need a worker that writes the AP shards (--role all)"
+            return Err(StorageError("ap", "delete_many", message, retryable=True))
+        return self._writer.delete_many(region, keys)
 
 
 #: The worker process's runtime (configured by the Celery app; tasks read it).

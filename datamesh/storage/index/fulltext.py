@@ -79,15 +79,45 @@ class VectorRow:
 class FullTextStore:
     """The per-region SQLite file: documents, their access fields, embeddings and the FTS5 index."""
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, synchronous: str = "FULL", readonly: bool = False) -> None:
+        """Open (or create) the file; ``readonly`` opens an existing file for reading only.
+
+        A read-only store reads beside the writer (WAL: readers see the last commit and never
+        block it); :meth:`changed` tells when the writer has committed since the last look.
+        """
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.execute("PRAGMA secure_delete=ON")
-        self._db.executescript(_SCHEMA)
-        self._tenants: dict[str, int] = {name: int(n) for n, name in self._db.execute("SELECT id, name FROM tenants")}
+        self.readonly = readonly
+        if readonly:
+            if not path.exists():
+                raise FileNotFoundError(f"no index file {path}")
+            self._db = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.execute("PRAGMA secure_delete=ON")
+            self._db.executescript(_SCHEMA)
+        self._data_version = self._version()
+        self._tenants: dict[str, int] = self._load_tenants()
+
+    def _version(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def _load_tenants(self) -> dict[str, int]:
+        return {name: int(n) for n, name in self._db.execute("SELECT id, name FROM tenants")}
+
+    def changed(self) -> bool:
+        """Whether another connection committed since the last call (then the tenants are re-read)."""
+        with self._lock:
+            version = self._version()
+            if version == self._data_version:
+                return False
+            self._data_version = version
+            self._tenants = self._load_tenants()
+            return True
 
     def _table(self, db: sqlite3.Connection, tenant: str) -> str:
         """The FTS5 table of ``tenant``, created inside the current transaction if new."""

@@ -1,7 +1,12 @@
 """The index tier's facade: one :class:`SearchIndex` per region, under ``<root>/<region>/``.
 
-One process opens a region's index at a time (an exclusive ``flock`` on ``writer.lock``; a second
-open fails with a retryable ``StorageError``): the vector index lives in that process's memory.
+One process opens a region's index for writing at a time (an exclusive ``flock`` on ``writer.lock``;
+a second open fails with a retryable ``StorageError``): the vector index lives in that process's
+memory.  Any number of other processes may open it ``readonly``: no lock, ``text.sqlite`` opened
+read-only (WAL: they read beside the writer), the vector snapshot loaded and reconciled in memory
+with the embeddings in ``text.sqlite``; before each search a read-only index checks SQLite's
+``data_version`` and, when the writer has committed since, reconciles its vectors again.  Writes to
+a read-only index fail with ``StorageError``.
 Methods block; call them from asyncio through ``asyncio.to_thread``.
 
 Files per region: ``text.sqlite`` (documents, access fields, embeddings, FTS5 index) and
@@ -98,6 +103,19 @@ def _take_writer_lock(path: Path) -> int:
     return fd
 
 
+def _initialised(path: Path) -> bool:
+    """Whether the writer has created the schema of ``path`` (it creates the file a moment before)."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'tenants'").fetchone()
+            return bool(row[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+
+
 def _widen(result: Result[T, StorageError]) -> Result[T, ValidationError | StorageError]:
     return result if isinstance(result, Ok) else Err(result.error)
 
@@ -110,12 +128,23 @@ def _normalise(vector: Sequence[float]) -> np.ndarray:
 class SearchIndex:
     """Full-text and vector search over one region's turns.  Thread-safe; one writer process."""
 
-    def __init__(self, directory: Path, region: GeoRegion, config: IndexConfig) -> None:
+    def __init__(self, directory: Path, region: GeoRegion, config: IndexConfig, *, readonly: bool = False) -> None:
         """Use :meth:`open`."""
         self.directory = directory
         self.region = region
         self.config = config
+        self.readonly = readonly
         self._lock = threading.RLock()
+        self._unsaved = 0
+        if readonly:
+            self._lock_fd = -1
+            self._store = FullTextStore(directory / TEXT_FILE, readonly=True)
+            try:
+                self._open_vectors()
+            except BaseException:
+                self._store.close()
+                raise
+            return
         directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _take_writer_lock(directory / LOCK_FILE)
         try:
@@ -124,7 +153,6 @@ class SearchIndex:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self._unsaved = 0
 
     def _open_vectors(self) -> None:
         config = self.config
@@ -140,10 +168,26 @@ class SearchIndex:
 
     @classmethod
     def open(
-        cls, root: Path, region: GeoRegion, *, config: IndexConfig | None = None
+        cls, root: Path, region: GeoRegion, *, config: IndexConfig | None = None, readonly: bool = False
     ) -> Result[SearchIndex, StorageError]:
-        """Open (or create) the index of ``region`` under ``root/<region>/``."""
-        return _guard("open", lambda: cls(Path(root) / region.value, region, config or IndexConfig()))
+        """Open (or create) the index of ``region`` under ``root/<region>/``.
+
+        ``readonly``: open an existing index for searching beside its writer (``Err`` if none yet).
+        """
+        directory = Path(root) / region.value
+        return _guard("open", lambda: cls(directory, region, config or IndexConfig(), readonly=readonly))
+
+    def _refuse(self, operation: str) -> Err[StorageError] | None:
+        if not self.readonly:
+            return None
+        return Err(StorageError("index", operation, f"index {self.directory} is open read-only"))
+
+    def _refresh(self) -> None:
+        """Read-only: follow the writer's commits (vectors reconciled in memory, never saved)."""
+        if self.readonly:
+            with self._lock:  # one thread reconciles; the others wait for it rather than search stale vectors
+                if self._store.changed():
+                    self._vectors.reconcile()
 
     # -- writes ------------------------------------------------------------------------------------
 
@@ -153,6 +197,8 @@ class SearchIndex:
         ``Err(ValidationError)`` if any document belongs to another region, has a naive timestamp or
         a malformed embedding; nothing is written then.  Returns how many documents were indexed.
         """
+        if (refused := self._refuse("add")) is not None:
+            return refused
         for doc in docs:
             checked = check_document(doc, self.region, self.config.dim)
             if isinstance(checked, Err):
@@ -180,11 +226,15 @@ class SearchIndex:
 
     def remove_conversations(self, ids: Iterable[ConversationId]) -> Result[int, StorageError]:
         """Remove every turn of these conversations from both indexes; returns turns removed."""
+        if (refused := self._refuse("remove_conversations")) is not None:
+            return refused
         keys = [str(i) for i in ids]
         return _guard("remove_conversations", lambda: self._remove("conversation_id", keys))
 
     def remove_entity(self, entity_id: EntityId) -> Result[int, StorageError]:
         """Remove every turn of ``entity_id`` from both indexes (erasure); returns turns removed."""
+        if (refused := self._refuse("remove_entity")) is not None:
+            return refused
         return _guard("remove_entity", lambda: self._remove("entity_id", [str(entity_id)]))
 
     def _remove(self, column: str, keys: Sequence[str]) -> int:
@@ -239,6 +289,7 @@ class SearchIndex:
 
     def _search(self, match: str | None, query: np.ndarray | None, access: AccessFilter, limit: int) -> list[SearchHit]:
         depth = limit if match is None or query is None else max(3 * limit, 30)
+        self._refresh()
         with self._lock:
             text_hits = [] if match is None else self._store.search(match, access, depth)
             vector_hits = [] if query is None else self._vectors.search(query, access, depth)
@@ -261,6 +312,8 @@ class SearchIndex:
 
     def flush(self) -> Result[None, StorageError]:
         """Write the vector snapshot now (text is durable on every ``add_many``)."""
+        if (refused := self._refuse("flush")) is not None:
+            return refused
         return _guard("flush", self._flush)
 
     def _flush(self) -> None:
@@ -270,6 +323,8 @@ class SearchIndex:
 
     def compact(self) -> Result[None, StorageError]:
         """Merge FTS5 segments (purging postings of removed turns) and retrain the vector index."""
+        if (refused := self._refuse("compact")) is not None:
+            return refused
         return _guard("compact", self._compact)
 
     def _compact(self) -> None:
@@ -285,6 +340,9 @@ class SearchIndex:
 
     def _close(self) -> None:
         with self._lock:
+            if self.readonly:
+                self._store.close()
+                return
             try:
                 self._vectors.save()
                 self._store.close()
@@ -318,11 +376,12 @@ def _fuse(
 
 
 class RegionalIndexes:
-    """Every region's :class:`SearchIndex` under one root, opened on first use."""
+    """Every region's :class:`SearchIndex` under one root, opened on first use (``readonly``: for searching)."""
 
-    def __init__(self, root: Path, *, config: IndexConfig | None = None) -> None:
+    def __init__(self, root: Path, *, config: IndexConfig | None = None, readonly: bool = False) -> None:
         self.root = Path(root)
         self.config = config or IndexConfig()
+        self.readonly = readonly
         self._open: dict[GeoRegion, SearchIndex] = {}
         self._lock = threading.Lock()
 
@@ -331,10 +390,20 @@ class RegionalIndexes:
         with self._lock:
             if region in self._open:
                 return Ok(self._open[region])
-            opened = SearchIndex.open(self.root, region, config=self.config)
+            opened = SearchIndex.open(self.root, region, config=self.config, readonly=self.readonly)
             if isinstance(opened, Ok):
                 self._open[region] = opened.value
             return opened
+
+    def exists(self, region: GeoRegion) -> bool:
+        """Whether ``region`` has an index (its ``text.sqlite`` exists, and read-only: is initialised)."""
+        with self._lock:
+            if region in self._open:
+                return True
+        path = self.root / region.value / TEXT_FILE
+        if not path.exists():
+            return False
+        return not self.readonly or _initialised(path)
 
     def add_many(self, docs: Sequence[IndexDocument]) -> Result[int, ValidationError | StorageError]:
         """Route each document to its own region's index; returns how many were indexed."""

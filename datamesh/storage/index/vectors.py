@@ -143,15 +143,25 @@ class VectorIndex:
             if index.d != self.dim:
                 raise RuntimeError(f"snapshot has {index.d} dimensions, index configured for {self.dim}")
             self._index = index
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Make the in-memory index hold exactly the vectors the SQLite file holds (nothing saved).
+
+        At open it repairs a stale snapshot; a read-only index calls it again whenever the writer
+        has committed, so it follows the writer's additions and removals.
+        """
         have = self._ids_in_index()
         want = np.asarray(sorted(self._store.vector_ids()), dtype=np.int64)
         stale = np.setdiff1d(have, want)
         missing = np.setdiff1d(want, have)
         if len(stale):
+            self.columns.drop([int(i) for i in stale])
             self._index.remove_ids(stale)
             self._dirty = True
         for start in range(0, len(missing), 20_000):
             rows = self._store.vector_rows_by_id([int(i) for i in missing[start : start + 20_000]])
+            self.columns.put(rows)
             self._add_to_index(rows)
         if self.is_trained_ivf or self.columns.count >= self.train_at:
             self._maybe_retrain()
