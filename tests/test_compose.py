@@ -86,3 +86,12 @@ def test_prometheus_scrapes_every_worker_pool(compose: dict[str, Any]) -> None:
         command = services[name]["command"]
         port = command[command.index("--metrics-port") + 1]
         assert f"{name}:{port}" in targets, name
+
+
+def test_one_index_writer_and_read_only_readers(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    writers = [n for n, s in services.items() if s.get("command", [])[3:6] == ["worker", "--role", "index"]]
+    assert writers == ["worker-index"]
+    assert "index:/var/lib/datamesh/index" in services["worker-index"]["volumes"]
+    for name in ("gateway-1", "gateway-2"):  # gateways search the indexes read-only
+        assert "index:/var/lib/datamesh/index:ro" in services[name]["volumes"]
