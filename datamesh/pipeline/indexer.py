@@ -28,13 +28,13 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.engine import Connection
 
-from datamesh.core.errors import Error, IntegrityError, StorageError, ValidationError
+from datamesh.core.errors import Error, StorageError, ValidationError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import ConversationId, EntityId, GeoRegion, TurnId
 from datamesh.observability import logs, metrics
-from datamesh.pipeline.reads import resolve_payload
+from datamesh.pipeline.reads import verified_content
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.record import RecordFormatError, TurnContent, turn_key
+from datamesh.storage.ap.record import turn_key
 from datamesh.storage.cp import conversations, index_outbox
 from datamesh.storage.cp.index_outbox import OutboxRow
 from datamesh.storage.cp.sql import utcnow
@@ -265,16 +265,10 @@ def documents_of(
         raw = content.value.get(keys[t.turn_id])
         if raw is None:
             return Err(StorageError("ap", "index", f"content of turn {t.turn_id} is missing", retryable=True))
-        try:
-            record = TurnContent.decode(raw)
-        except RecordFormatError as exc:
-            return Err(IntegrityError(f"turn {t.turn_id} record", "a valid record", str(exc)))
-        prompt = resolve_payload(tiers, region, record.prompt, t.prompt_sha256, f"turn {t.turn_id} prompt")
-        if isinstance(prompt, Err):
-            return prompt
-        response = resolve_payload(tiers, region, record.response, t.response_sha256, f"turn {t.turn_id} response")
-        if isinstance(response, Err):
-            return response
+        verified = verified_content(tiers, region, t, raw)
+        if isinstance(verified, Err):
+            return verified
+        prompt_bytes, response_bytes, embedding = verified.value
         docs.append(
             IndexDocument(
                 ConversationId.parse(t.conversation_id).unwrap(),
@@ -283,9 +277,9 @@ def documents_of(
                 EntityId.parse(conversation.entity_id).unwrap(),
                 region,
                 t.created_at,
-                _text(prompt.value),
-                _text(response.value),
-                record.embedding,
+                _text(prompt_bytes),
+                _text(response_bytes),
+                embedding,
             )
         )
     return Ok(docs)

@@ -71,23 +71,17 @@ def get_conversation(
         raw = content.value.get(keys[t.turn_id])
         if raw is None:
             return Err(StorageError("ap", "read", f"content of turn {t.turn_id} is missing from the AP tier"))
-        try:
-            record = TurnContent.decode(raw)
-        except RecordFormatError as exc:
-            return Err(IntegrityError(f"turn {t.turn_id} record", "a valid record", str(exc)))
-        prompt = resolve_payload(tiers, region, record.prompt, t.prompt_sha256, f"turn {t.turn_id} prompt")
-        if isinstance(prompt, Err):
-            return prompt
-        response = resolve_payload(tiers, region, record.response, t.response_sha256, f"turn {t.turn_id} response")
-        if isinstance(response, Err):
-            return response
+        verified = verified_content(tiers, region, t, raw)
+        if isinstance(verified, Err):
+            return verified
+        prompt, response, embedding = verified.value
         turns.append(
             StoredTurn(
                 t.seq,
                 TurnId.parse(t.turn_id).unwrap(),
-                prompt.value,
-                response.value,
-                record.embedding,
+                prompt,
+                response,
+                embedding,
                 t.metadata,
                 t.prompt_sha256,
                 t.response_sha256,
@@ -97,6 +91,23 @@ def get_conversation(
             )
         )
     return Ok(StoredConversation(conversation_id, entity, region, row.tenant, row.created_at, turns))
+
+
+def verified_content(
+    tiers: Tiers, region: GeoRegion, t: conversations.TurnRow, raw: bytes
+) -> Result[tuple[bytes, bytes, tuple[float, ...] | None], ReadError]:
+    """A turn's prompt, response and embedding from its AP record, checked against the CP hashes."""
+    try:
+        record = TurnContent.decode(raw)
+    except RecordFormatError as exc:
+        return Err(IntegrityError(f"turn {t.turn_id} record", "a valid record", str(exc)))
+    prompt = resolve_payload(tiers, region, record.prompt, t.prompt_sha256, f"turn {t.turn_id} prompt")
+    if isinstance(prompt, Err):
+        return prompt
+    response = resolve_payload(tiers, region, record.response, t.response_sha256, f"turn {t.turn_id} response")
+    if isinstance(response, Err):
+        return response
+    return Ok((prompt.value, response.value, record.embedding))
 
 
 def resolve_payload(
