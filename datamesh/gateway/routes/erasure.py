@@ -7,8 +7,9 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from datamesh.core.errors import Error
 from datamesh.core.principal import Action
-from datamesh.core.result import Err
+from datamesh.core.result import Err, Result
 from datamesh.gateway.errors import ERROR_RESPONSES, api_error
 from datamesh.gateway.schemas import ErasedOut
 from datamesh.gateway.state import authorize, gateway_of
@@ -28,10 +29,7 @@ _ERRORS = {k: v for k, v in ERROR_RESPONSES.items() if k not in (400, 409, 413)}
 async def erase_entity(request: Request, entity_id: uuid.UUID) -> JSONResponse:
     gw = gateway_of(request)
     caller = await authorize(request, Action.WRITE)
-    erased = await gw.pipeline.erase_entity(str(entity_id), principal=caller.principal)
-    if isinstance(erased, Err):
-        raise api_error(erased.error)
-    return JSONResponse(_out(erased.value).model_dump(), headers=caller.headers)
+    return _answer(await gw.pipeline.erase_entity(str(entity_id), principal=caller.principal), caller.headers)
 
 
 @router.delete(
@@ -44,9 +42,13 @@ async def erase_conversation(request: Request, conversation_id: uuid.UUID) -> JS
     gw = gateway_of(request)
     caller = await authorize(request, Action.WRITE)
     erased = await gw.pipeline.erase_conversation(str(conversation_id), principal=caller.principal)
+    return _answer(erased, caller.headers)
+
+
+def _answer(erased: Result[ErasureReport, Error], headers: dict[str, str]) -> JSONResponse:
     if isinstance(erased, Err):
         raise api_error(erased.error)
-    return JSONResponse(_out(erased.value).model_dump(), headers=caller.headers)
+    return JSONResponse(_out(erased.value).model_dump(), headers=headers)
 
 
 def _out(report: ErasureReport) -> ErasedOut:
