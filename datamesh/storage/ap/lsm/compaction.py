@@ -16,6 +16,9 @@ remains for them to shadow.
 The merge is chunked so that the per-entry work runs in C: take the smallest "last buffered key"
 over all sources as a fence, ``dict.update`` every source's entries up to the fence from oldest to
 newest (newest wins), then ``sorted`` the dict.  No Python-level heap operation per entry.
+When every input run has keys of one width, :func:`merge_columns` does the same with numpy
+columns (:mod:`.columns`): concatenate the fenced slices newest first, one stable ``argsort``,
+keep the first entry of each key; no Python object per entry at all.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterator, Sequence, Set
 
+import numpy as np
+
+from datamesh.storage.ap.lsm.columns import Columns, concat, sort_unique
 from datamesh.storage.ap.lsm.format import Value
 from datamesh.storage.ap.lsm.manifest import RunMeta
 from datamesh.storage.ap.lsm.run import Block
@@ -111,3 +117,48 @@ def merge_blocks(newest_first: Sequence[Iterator[Block]], *, drop_tombstones: bo
             values = [value for _, value in kept]
         if keys:
             yield keys, values
+
+
+class _ColumnSource:
+    __slots__ = ("chunk", "chunks", "last", "pos")
+
+    def __init__(self, chunks: Iterator[Columns]) -> None:
+        self.chunks = chunks
+        self.chunk: Columns | None = None
+        self.last = b""
+        self.pos = 0
+        self.refill()
+
+    def refill(self) -> None:
+        self.chunk, self.pos = None, 0
+        for chunk in self.chunks:
+            if len(chunk):
+                self.chunk, self.last = chunk, chunk.key_at(-1)
+                return
+
+
+def merge_columns(newest_first: Sequence[Iterator[Columns]], *, drop_tombstones: bool) -> Iterator[Columns]:
+    """:func:`merge_blocks` over streams of sorted columns of one key width (the vectorised path).
+
+    The fence is the smallest last key buffered by any source: every source's entries up to it
+    are in memory, so they can be merged and emitted; on equal keys the earliest stream wins.
+    """
+    sources = [_ColumnSource(chunks) for chunks in newest_first]
+    while True:
+        active = [source for source in sources if source.chunk is not None]
+        if not active:
+            return
+        fence = min(source.last for source in active)
+        parts: list[Columns] = []
+        for source in active:  # newest first: the stable sort then keeps the newest entry of a key
+            chunk = source.chunk
+            assert chunk is not None
+            cut = int(np.searchsorted(chunk.keys, np.frombuffer(fence, dtype=chunk.keys.dtype), side="right")[0])
+            if cut > source.pos:
+                parts.append(chunk.slice(source.pos, cut))
+            source.pos = cut
+            if cut == len(chunk):
+                source.refill()
+        merged = sort_unique(concat(parts), drop_tombstones=drop_tombstones)
+        if len(merged):
+            yield merged

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from datamesh.storage.ap.lsm.compaction import merge_blocks, pick_compaction
+from datamesh.storage.ap.lsm.columns import Columns
+from datamesh.storage.ap.lsm.compaction import merge_blocks, merge_columns, pick_compaction
 from datamesh.storage.ap.lsm.manifest import Manifest, RunMeta, run_meta, save_manifest
 from datamesh.storage.ap.lsm.memtable import Memtable
 from datamesh.storage.ap.lsm.recovery import remove_obsolete_logs
-from datamesh.storage.ap.lsm.run import Run, iter_blocks, write_run
+from datamesh.storage.ap.lsm.run import Block, Run, iter_blocks, iter_columns, write_run
 
 
 class ShardMaintenance:
@@ -70,7 +72,7 @@ class ShardMaintenance:
             memtable = self._immutables[-1]
             number = self._alloc_file()
         path = self._run_path(number)
-        summary = write_run(path, memtable.sorted_chunks(), block_entries=self._block_entries)
+        summary = write_run(path, memtable.flush_chunks(), block_entries=self._block_entries)
         added = [] if summary is None else [(run_meta(path.name, 0, memtable.max_seq, summary), Run(path))]
         with self._lock:
             self._immutables.remove(memtable)
@@ -123,8 +125,15 @@ class ShardMaintenance:
 
     def _merge(self, level: int, pairs: list[tuple[RunMeta, Run]], number: int, *, drop_tombstones: bool) -> bool:
         path = self._run_path(number)
-        streams = [iter_blocks(run.path) for _, run in pairs]
-        merged = merge_blocks(streams, drop_tombstones=drop_tombstones)
+        widths = {run.key_width for _, run in pairs}
+        merged: Iterator[Block] | Iterator[Columns]
+        if len(widths) == 1 and 0 not in widths:  # one key width: the vectorised merge
+            width = widths.pop()
+            columns = [iter_columns(run.path, width) for _, run in pairs]
+            merged = merge_columns(columns, drop_tombstones=drop_tombstones)
+        else:
+            streams = [iter_blocks(run.path) for _, run in pairs]
+            merged = merge_blocks(streams, drop_tombstones=drop_tombstones)
         summary = write_run(path, merged, block_entries=self._block_entries, cancelled=lambda: self._closing)
         if summary is None and self._closing:
             return False

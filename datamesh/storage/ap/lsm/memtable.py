@@ -3,7 +3,8 @@
 A dict is the fastest map CPython has (``dict.update(zip(keys, values))`` runs in C at millions of
 entries per second); a sorted structure would cost a Python-level insertion per key.  Order is paid
 for once per flush with one ``sorted`` (timsort in C), and for prefix scans with a sorted key list
-cached until the next insert of a new key.
+cached until the next insert of a new key.  When every key has one width, a flush sorts the keys
+as one numpy array instead (:meth:`Memtable.flush_chunks`, see :mod:`.columns`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
+import numpy as np
+
+from datamesh.storage.ap.lsm.columns import Columns, from_lists
 from datamesh.storage.ap.lsm.format import Value
 
 MISSING: object = object()
@@ -62,6 +66,16 @@ class Memtable:
         for start in range(0, len(keys), size):
             chunk = keys[start : start + size]
             yield chunk, list(map(self.entries.__getitem__, chunk))
+
+    def flush_chunks(self, size: int = 65536) -> Iterator[Columns | tuple[list[bytes], list[Value]]]:
+        """Every entry in key order, in chunks of ``size``: columns if the keys share one width."""
+        columns = from_lists(list(self.entries), list(self.entries.values()))
+        if columns is None:
+            yield from self.sorted_chunks(size)
+            return
+        ordered = columns.take(np.argsort(columns.keys, kind="stable"))
+        for start in range(0, len(ordered), size):
+            yield ordered.slice(start, min(start + size, len(ordered)))
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -1,0 +1,165 @@
+"""The vectorised path (numpy columns) against the reference list path, on random data."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datamesh.storage.ap.lsm.columns import Columns, decode_blocks, encode_blocks, from_lists
+from datamesh.storage.ap.lsm.compaction import merge_blocks, merge_columns
+from datamesh.storage.ap.lsm.filter import fingerprint, fingerprints, list_fingerprints
+from datamesh.storage.ap.lsm.format import FormatError, Value, decode_entries, encode_entries
+from datamesh.storage.ap.lsm.memtable import Memtable
+from datamesh.storage.ap.lsm.run import Run, RunWriter, iter_columns, verify_run
+
+Block = tuple[list[bytes], list[Value]]
+
+
+def _sorted_source(rng: random.Random, pool: list[bytes], size: int, *, uniform: bool) -> Block:
+    keys = sorted(rng.sample(pool, min(size, len(pool))))
+    values: list[Value] = []
+    for _ in keys:
+        roll = rng.random()
+        if roll < 0.2:
+            values.append(None)
+        elif uniform:
+            values.append(rng.randbytes(12))
+        else:
+            values.append(rng.randbytes(rng.choice([0, 1, 5, 40])))
+    return keys, values
+
+
+def _chunks(block: Block, rng: random.Random) -> list[Block]:
+    keys, values = block
+    out, start = [], 0
+    while start < len(keys):
+        stop = start + rng.randint(1, 300)
+        out.append((keys[start:stop], values[start:stop]))
+        start = stop
+    return out
+
+
+def _as_columns(chunks: list[Block]) -> Iterator[Columns]:
+    for keys, values in chunks:
+        columns = from_lists(keys, values)
+        assert columns is not None
+        yield columns
+
+
+def _flat(blocks: Iterator[Block]) -> list[tuple[bytes, Value]]:
+    return [pair for keys, values in blocks for pair in zip(keys, values, strict=True)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("drop_tombstones", [False, True])
+def test_the_vectorised_merge_equals_the_reference_merge(seed: int, drop_tombstones: bool) -> None:
+    # Given sources drawn from a small key pool (so keys repeat across them), with tombstones,
+    # values of one width or of many, cut into chunks of random sizes
+    rng = random.Random(seed)
+    width = rng.choice([1, 3, 8, 16, 21])
+    pool = sorted({rng.randbytes(width) for _ in range(3000)} | {b"\x00" * width, b"\xff" * width})
+    sources = [_sorted_source(rng, pool, rng.randint(1, 1500), uniform=seed % 2 == 0) for _ in range(rng.randint(1, 5))]
+    chunked = [_chunks(source, rng) for source in sources]
+    # When both merges run, newest source first
+    reference = _flat(merge_blocks([iter(chunks) for chunks in chunked], drop_tombstones=drop_tombstones))
+    vectorised = [
+        pair
+        for columns in merge_columns([_as_columns(chunks) for chunks in chunked], drop_tombstones=drop_tombstones)
+        for pair in zip(*columns.to_lists(), strict=True)
+    ]
+    # Then they agree entry for entry: newest value per key, tombstones kept or dropped alike
+    assert vectorised == reference
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_blocks_encode_byte_for_byte_like_the_list_codec_and_decode_back(uniform: bool) -> None:
+    rng = random.Random(7)
+    keys, values = _sorted_source(rng, [rng.randbytes(16) for _ in range(2000)], 1000, uniform=uniform)
+    columns = from_lists(keys, values)
+    assert columns is not None
+    rows = encode_blocks(columns, 64)
+    expected = [encode_entries(keys[i : i + 64], values[i : i + 64]) for i in range(0, 1000, 64)]
+    assert [row[4] for row in rows] == expected
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        (keys[i], keys[min(i + 64, 1000) - 1], min(64, 1000 - i)) for i in range(0, 1000, 64)
+    ]
+    assert decode_blocks([row[4] for row in rows], 16).to_lists() == (keys, values)
+    assert decode_entries(rows[3][4]) == (keys[192:256], values[192:256])
+
+
+def test_decoding_refuses_a_block_of_another_key_width_or_a_bad_size() -> None:
+    data = encode_entries([b"a" * 16, b"b" * 17], [b"1", b"2"])
+    with pytest.raises(FormatError):
+        decode_blocks([data], 16)
+    good = encode_entries([b"a" * 16, b"b" * 16], [b"1", b"2"])
+    with pytest.raises(FormatError):
+        decode_blocks([good + b"x"], 16)
+
+
+def test_keys_of_several_widths_take_the_list_path() -> None:
+    assert from_lists([b"a", b"bb"], [b"1", b"2"]) is None
+    memtable = Memtable(0)
+    memtable.apply([b"b", b"aa", b"c"], [b"1", None, b"3"], 1, 0)
+    assert [pair for keys, values in memtable.flush_chunks() for pair in zip(keys, values, strict=True)] == [  # type: ignore[arg-type]
+        (b"aa", None),
+        (b"b", b"1"),
+        (b"c", b"3"),
+    ]
+
+
+def test_a_memtable_flushes_sorted_columns_when_keys_share_a_width() -> None:
+    rng = random.Random(3)
+    memtable = Memtable(0)
+    keys = [rng.randbytes(16) for _ in range(5000)]
+    values: list[Value] = [None if i % 7 == 0 else rng.randbytes(30) for i in range(5000)]
+    memtable.apply(keys, values, 1, 0)
+    chunks = list(memtable.flush_chunks(size=1000))
+    assert all(isinstance(chunk, Columns) for chunk in chunks)
+    flat = [pair for chunk in chunks if isinstance(chunk, Columns) for pair in zip(*chunk.to_lists(), strict=True)]
+    assert flat == sorted(zip(keys, values, strict=True))
+
+
+def test_fingerprints_of_an_array_equal_the_one_key_fingerprint() -> None:
+    rng = random.Random(5)
+    for width in (1, 7, 8, 9, 16, 24, 33):
+        keys = [rng.randbytes(width) for _ in range(500)] + [b"\x00" * width]
+        found = fingerprints(np.frombuffer(b"".join(keys), dtype=f"S{width}"))
+        assert found.tolist() == [fingerprint(key) for key in keys]
+    mixed = [b"", b"a", b"abcdefghi"]
+    assert list(list_fingerprints(mixed)) == [fingerprint(key) for key in mixed]
+
+
+def test_a_run_written_from_columns_reads_back_and_verifies(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    keys, values = _sorted_source(rng, [rng.randbytes(16) for _ in range(9000)], 5000, uniform=True)
+    columns = from_lists(keys, values)
+    assert columns is not None
+    writer = RunWriter(tmp_path / "1.sqlite3", block_entries=64)
+    writer.add_columns(columns.slice(0, 1000))
+    writer.add_columns(columns.slice(1000, 5000))
+    writer.finish()
+    run = Run(tmp_path / "1.sqlite3")
+    assert run.key_width == 16
+    assert all(run.get(key) == value for key, value in zip(keys[::97], values[::97], strict=True))
+    assert [k for k, _ in run.range_items(keys[100], keys[900])] == keys[100:900]
+    back = [pair for chunk in iter_columns(tmp_path / "1.sqlite3", 16) for pair in zip(*chunk.to_lists(), strict=True)]
+    assert back == list(zip(keys, values, strict=True))
+    assert verify_run(tmp_path / "1.sqlite3") == []
+    run.release()
+
+
+def test_a_run_of_an_older_format_is_refused_with_both_versions_named(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path / "1.sqlite3", block_entries=4)
+    writer.add([b"a", b"b"], [b"1", b"2"])
+    writer.finish()
+    db = sqlite3.connect(tmp_path / "1.sqlite3")
+    db.execute("UPDATE meta SET value = 1 WHERE name = 'format'")
+    db.commit()
+    db.close()
+    with pytest.raises(FormatError, match="run format 1, this datamesh reads run format 2"):
+        Run(tmp_path / "1.sqlite3")
