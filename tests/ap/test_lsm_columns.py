@@ -14,7 +14,7 @@ from datamesh.storage.ap.lsm.columns import Columns, decode_blocks, encode_block
 from datamesh.storage.ap.lsm.compaction import merge_blocks, merge_columns
 from datamesh.storage.ap.lsm.filter import fingerprint, fingerprints, list_fingerprints
 from datamesh.storage.ap.lsm.format import FormatError, Value, decode_entries, encode_entries
-from datamesh.storage.ap.lsm.memtable import Memtable
+from datamesh.storage.ap.lsm.memtable import MISSING, Memtable
 from datamesh.storage.ap.lsm.run import Run, RunWriter, iter_columns, verify_run
 
 Block = tuple[list[bytes], list[Value]]
@@ -163,3 +163,28 @@ def test_a_run_of_an_older_format_is_refused_with_both_versions_named(tmp_path: 
     db.close()
     with pytest.raises(FormatError, match="run format 1, this datamesh reads run format 2"):
         Run(tmp_path / "1.sqlite3")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_columns_memtable_answers_like_a_dict_through_writes_reads_and_a_width_change(seed: int) -> None:
+    # Given a memtable and a dict fed the same batches (overwrites, tombstones), read between writes
+    rng = random.Random(seed)
+    memtable = Memtable(0)
+    reference: dict[bytes, Value] = {}
+    pool = [rng.randbytes(8) for _ in range(400)] + [b"\x00" * 8, b"\xff" * 8]
+    for round_ in range(30):
+        keys = list(dict.fromkeys(rng.sample(pool, rng.randint(1, 60))))
+        if seed % 2 and round_ == 20:  # a key of another width turns the memtable into a dict
+            keys = [b"short"]
+        values: list[Value] = [None if rng.random() < 0.2 else rng.randbytes(rng.randint(0, 9)) for _ in keys]
+        memtable.apply_payload(encode_entries(keys, values), keys, values, round_ + 1)
+        reference.update(zip(keys, values, strict=True))
+        # Then point reads, range reads (bounds of every width) and the flush order agree with the dict
+        asked = [*rng.sample(pool, 50), b"short", b"", b"x" * 20]
+        assert memtable.get_many(asked) == [reference.get(key, MISSING) for key in asked]
+        low, high = sorted([rng.randbytes(rng.randint(0, 12)), rng.randbytes(rng.randint(0, 12))])
+        expected = sorted((k, v) for k, v in reference.items() if low <= k < high)
+        assert memtable.range_items(low, high) == expected
+        assert memtable.range_items(low, None) == sorted((k, v) for k, v in reference.items() if low <= k)
+    flushed = [pair for keys, values in memtable.sorted_chunks(size=7) for pair in zip(keys, values, strict=True)]
+    assert flushed == sorted(reference.items())

@@ -19,6 +19,7 @@ import sys
 from array import array
 from collections.abc import Sequence
 from itertools import accumulate
+from operator import itemgetter
 
 Value = bytes | None
 """A stored value, or ``None`` for a tombstone (a delete that must shadow older runs)."""
@@ -61,7 +62,8 @@ def encode_puts(items: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, list[bytes
     """Encode a ``put_many`` batch; also return its keys and values, split once for the memtable."""
     if not items:
         return _COUNT.pack(0), [], []
-    keys, values = (list(column) for column in zip(*items, strict=True))
+    keys = list(map(itemgetter(0), items))
+    values = list(map(itemgetter(1), items))
     return encode_entries(keys, values), keys, values
 
 

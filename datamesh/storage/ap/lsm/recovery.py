@@ -72,7 +72,7 @@ def recover(directory: Path, *, block_entries: int) -> RecoveryState:
         result = replay(log)
         for sequence, payload in result.records:
             keys, values = decode_entries(payload)
-            memtable.apply(keys, values, sequence, len(payload))
+            memtable.apply_payload(payload, keys, values, sequence)
             manifest.counters.user_bytes += len(payload)
             report["batches_replayed"] = int(report["batches_replayed"]) + 1
         report["logs_replayed"] = int(report["logs_replayed"]) + 1

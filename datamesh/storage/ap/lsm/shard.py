@@ -178,7 +178,7 @@ class LsmShard(ShardMaintenance, ShardEngine):
             sequence = self._seq
             log = self._log
             log.append(sequence, payload)
-            self._mem.apply(keys, values, sequence, len(payload))
+            self._mem.apply_payload(payload, keys, values, sequence)
             counters = self._manifest.counters
             counters.user_bytes += len(payload)
             counters.log_bytes += len(payload) + HEADER.size
@@ -264,20 +264,20 @@ class LsmShard(ShardMaintenance, ShardEngine):
     def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
         self._refresh_readonly()
         found: dict[bytes, bytes] = {}
-        pending: list[bytes] = []
+        pending: list[bytes] = list(keys)
         with self._lock:
             self._check_open()
             memtables, runs = self._snapshot()
-            for key in keys:
-                value: Value | object = MISSING
-                for memtable in memtables:
-                    value = memtable.get(key)
-                    if value is not MISSING:
-                        break
-                if value is MISSING:
-                    pending.append(key)
-                elif isinstance(value, bytes):
-                    found[key] = value
+            for memtable in memtables:
+                if not pending:
+                    break
+                missing: list[bytes] = []
+                for key, value in zip(pending, memtable.get_many(pending), strict=True):
+                    if value is MISSING:
+                        missing.append(key)
+                    elif isinstance(value, bytes):
+                        found[key] = value
+                pending = missing
         try:
             for key in pending:
                 for run in runs:
