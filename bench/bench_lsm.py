@@ -85,12 +85,10 @@ def _dir_bytes(path: Path) -> int:
 
 
 class _Lsm:
-    fanout = 4
-
-    def __init__(self, path: Path, memtable_mb: int) -> None:
+    def __init__(self, path: Path, memtable_mb: int, fanout: int) -> None:
         from datamesh.storage.ap.lsm import LsmShard
 
-        self.shard = LsmShard(path, memtable_bytes=memtable_mb * 1024 * 1024, tier_fanout=self.fanout)
+        self.shard = LsmShard(path, memtable_bytes=memtable_mb * 1024 * 1024, tier_fanout=fanout)
 
     def write(self, items: list[tuple[bytes, bytes]]) -> None:
         self.shard.put_many(items)
@@ -122,7 +120,7 @@ class _Lsm:
 
 
 class _Sqlite:
-    def __init__(self, path: Path, memtable_mb: int) -> None:
+    def __init__(self, path: Path, memtable_mb: int, fanout: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path / "kv.sqlite3", isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -155,7 +153,7 @@ class _Sqlite:
 
 
 class _Rocks:
-    def __init__(self, path: Path, memtable_mb: int) -> None:
+    def __init__(self, path: Path, memtable_mb: int, fanout: int) -> None:
         from rocksdict import Options, Rdict, WriteOptions
 
         options = Options(raw_mode=True)
@@ -199,11 +197,11 @@ ENGINES = {"lsm": _Lsm, "sqlite": _Sqlite, "rocksdb": _Rocks}
 
 
 def run_shard(
-    engine: str, path: str, rows: int, batch: int, budget_s: float, memtable_mb: int, seed: int
+    engine: str, path: str, rows: int, batch: int, budget_s: float, memtable_mb: int, fanout: int, seed: int
 ) -> ShardResult:
     """One writer process: write until ``rows`` or the budget, drain, then measure reads."""
     result = ShardResult()
-    store = ENGINES[engine](Path(path), memtable_mb)
+    store = ENGINES[engine](Path(path), memtable_mb, fanout)
     batches = _Batches(batch, seed)
     step = max(batch, (rows // CHECKPOINTS) // batch * batch)
     started = time.perf_counter()
@@ -296,7 +294,15 @@ def bench(engine: str, root: Path, args: argparse.Namespace, budget_s: float) ->
     with ProcessPoolExecutor(max_workers=args.shards, mp_context=get_context("spawn")) as pool:
         futures = [
             pool.submit(
-                run_shard, engine, str(base / f"shard-{n:03d}"), per_shard, args.batch, budget_s, args.memtable_mb, n
+                run_shard,
+                engine,
+                str(base / f"shard-{n:03d}"),
+                per_shard,
+                args.batch,
+                budget_s,
+                args.memtable_mb,
+                args.fanout,
+                n,
             )
             for n in range(args.shards)
         ]
@@ -374,14 +380,16 @@ def measure_run_formats(root: Path, rows: int = 300_000) -> None:
 
 
 def main() -> None:
+    from datamesh.storage.ap.lsm import DEFAULT_MEMTABLE_BYTES, DEFAULT_TIER_FANOUT
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=50_000_000, help="total rows per engine, across shards")
     parser.add_argument("--shards", type=int, default=2, help="writer processes (one shard each)")
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--budget", type=float, default=1800, help="seconds the LSM may write")
     parser.add_argument("--baseline-budget", type=float, default=180, help="seconds each baseline may write")
-    parser.add_argument("--memtable-mb", type=int, default=64)
-    parser.add_argument("--fanout", type=int, default=4, help="LSM size-tiered fanout")
+    parser.add_argument("--memtable-mb", type=int, default=DEFAULT_MEMTABLE_BYTES >> 20, help="LSM memtable size")
+    parser.add_argument("--fanout", type=int, default=DEFAULT_TIER_FANOUT, help="LSM size-tiered fanout")
     parser.add_argument("--engines", default="lsm,sqlite,rocksdb")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/datamesh-bench"))
     parser.add_argument("--keep", action="store_true", help="keep the data directories")

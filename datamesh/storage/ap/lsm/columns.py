@@ -192,13 +192,14 @@ def decode_blocks(datas: Sequence[bytes], width: int) -> Columns:
 
     Raises :class:`FormatError` if a block is malformed or holds a key of another width.
     """
-    flags: list[bytes] = []
-    key_parts: list[bytes] = []
-    lens_parts: list[bytes] = []
-    value_parts: list[bytes] = []
+    flags: list[memoryview] = []
+    key_parts: list[memoryview] = []
+    lens_parts: list[memoryview] = []
+    value_parts: list[memoryview] = []
     region_lens: list[int] = []
     counts: list[int] = []
-    for data in datas:
+    for block in datas:
+        data = memoryview(block)  # slices below copy nothing; one join per column copies once
         (n,) = _COUNT.unpack_from(data, 0)
         lens_end = 4 + 9 * n
         keys_end = lens_end + width * n
@@ -210,7 +211,7 @@ def decode_blocks(datas: Sequence[bytes], width: int) -> Columns:
         value_parts.append(data[keys_end:])
         region_lens.append(len(data) - keys_end)
         counts.append(n)
-    value_lens = np.frombuffer(b"".join(lens_parts), dtype=_U32).astype(np.int64)
+    value_lens = np.frombuffer(_joined(lens_parts), dtype=_U32).astype(np.int64)
     if counts:
         starts = np.zeros(len(counts), dtype=np.int64)
         np.cumsum(counts[:-1], out=starts[1:])
@@ -221,11 +222,16 @@ def decode_blocks(datas: Sequence[bytes], width: int) -> Columns:
         if not np.array_equal(sums, np.asarray(region_lens, dtype=np.int64)):
             raise FormatError("a block's value lengths disagree with its size")
     return Columns(
-        np.frombuffer(b"".join(key_parts), dtype=f"S{width}"),
-        np.frombuffer(b"".join(flags), dtype=np.uint8).astype(np.bool_),
+        np.frombuffer(_joined(key_parts), dtype=f"S{width}"),
+        np.frombuffer(_joined(flags), dtype=np.uint8).astype(np.bool_),
         value_lens,
-        np.frombuffer(b"".join(value_parts), dtype=np.uint8),
+        np.frombuffer(_joined(value_parts), dtype=np.uint8),
     )
+
+
+def _joined(parts: list[memoryview]) -> bytes | memoryview:
+    """One buffer of the parts; a single part is used in place (it keeps its block alive)."""
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 EncodedBlock = tuple[bytes, bytes, int, int, bytes]

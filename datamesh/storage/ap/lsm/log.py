@@ -38,10 +38,14 @@ class FsyncPolicy(StrEnum):
     NEVER = "never"  # leave it to the OS: survives a killed process, not a power cut
 
 
+def record_header(sequence: int, payload: bytes) -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(_SEQ.pack(sequence)))
+    return HEADER.pack(len(payload), crc, sequence)
+
+
 def record_bytes(sequence: int, payload: bytes) -> bytes:
     """One framed record (exposed so tests can write torn tails of real records)."""
-    crc = zlib.crc32(payload, zlib.crc32(_SEQ.pack(sequence)))
-    return HEADER.pack(len(payload), crc, sequence) + payload
+    return record_header(sequence, payload) + payload
 
 
 class LogWriter:
@@ -60,10 +64,12 @@ class LogWriter:
 
     def append(self, sequence: int, payload: bytes) -> None:
         """Write one record; the caller serialises appends (the shard lock) so order is log order."""
-        view = memoryview(record_bytes(sequence, payload))
-        while view:
-            done = os.write(self._fd, view)
-            view = view[done:]
+        header = record_header(sequence, payload)
+        done = os.writev(self._fd, (header, payload))  # no copy of the payload into one buffer
+        if done < len(header) + len(payload):  # a short write: finish it from where it stopped
+            view = memoryview(header + payload)[done:]
+            while view:
+                view = view[os.write(self._fd, view) :]
         self.bytes_written += HEADER.size + len(payload)
         self._written = sequence
 
