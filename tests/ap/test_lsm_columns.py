@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamesh.storage.ap.lsm.columns import Columns, decode_blocks, encode_blocks, from_lists
+from datamesh.storage.ap.lsm.columns import Columns, decode_blocks, encode_blocks, from_lists, stable_key_order
 from datamesh.storage.ap.lsm.compaction import merge_blocks, merge_columns
 from datamesh.storage.ap.lsm.filter import fingerprint, fingerprints, list_fingerprints
 from datamesh.storage.ap.lsm.format import FormatError, Value, decode_entries, encode_entries
@@ -188,3 +188,16 @@ def test_the_columns_memtable_answers_like_a_dict_through_writes_reads_and_a_wid
         assert memtable.range_items(low, None) == sorted((k, v) for k, v in reference.items() if low <= k)
     flushed = [pair for keys, values in memtable.sorted_chunks(size=7) for pair in zip(keys, values, strict=True)]
     assert flushed == sorted(reference.items())
+
+
+@pytest.mark.parametrize("width", [1, 4, 8, 9, 16, 20])
+def test_the_prefix_sort_orders_like_a_stable_sort_of_whole_keys(width: int) -> None:
+    # Given keys with repeats, extreme keys and (for wide keys) long shared 8-byte prefixes
+    rng = random.Random(width)
+    keys = [rng.randbytes(width) for _ in range(3000)]
+    keys += keys[:1500] + [b"\x00" * width] * 5 + [b"\xff" * width] * 3
+    if width > 8:
+        keys += [b"abcdefgh" + rng.randbytes(width - 8) for _ in range(50)]
+    array = np.frombuffer(b"".join(keys), dtype=f"S{width}")
+    # Then the order is the stable one: by key, equal keys in their given order
+    assert stable_key_order(array).tolist() == np.argsort(array, kind="stable").tolist()

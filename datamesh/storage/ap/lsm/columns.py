@@ -151,12 +151,44 @@ def concat(parts: Sequence[Columns]) -> Columns:
     )
 
 
+def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
+    """The permutation that sorts ``keys`` (``S{width}``), equal keys kept in their given order.
+
+    numpy's stable sort of byte strings is a timsort comparing strings (~0.26 s per million random
+    16-byte keys, measured); the keys' first 8 bytes as big-endian integers sort in the same order
+    with an integer quicksort (~0.04 s per million).  Only entries whose first 8 bytes tie with
+    another's (the same key in two sources, or a long shared prefix) are then sorted again by the
+    whole key, stably, and put back into the slots their group occupies.
+    """
+    n = len(keys)
+    width = keys.dtype.itemsize
+    if n < 2:
+        return np.arange(n, dtype=np.intp)
+    matrix = keys.view(np.uint8).reshape(n, width)
+    head = np.zeros((n, 8), dtype=np.uint8)
+    head[:, : min(width, 8)] = matrix[:, :8]
+    prefix = head.view(">u8").reshape(n).astype(np.uint64)
+    order = np.argsort(prefix)
+    ordered = prefix[order]
+    tie = ordered[1:] == ordered[:-1]
+    if not bool(tie.any()):
+        return order
+    member = np.zeros(n, dtype=np.bool_)
+    member[1:] |= tie
+    member[:-1] |= tie
+    slots = np.flatnonzero(member)
+    tied = np.sort(order[slots])  # given order (newest first) within each tie
+    by_key = prefix[tied] if width <= 8 else keys[tied]
+    order[slots] = tied[np.argsort(by_key, kind="stable")]
+    return order
+
+
 def sort_unique(columns: Columns, *, drop_tombstones: bool) -> Columns:
     """Entries in key order, one per key: the *first* in ``columns`` order wins (a stable sort).
 
     Callers put newer entries first, so a key's newest value survives; tombstones go too if asked.
     """
-    order = np.argsort(columns.keys, kind="stable")
+    order = stable_key_order(columns.keys)
     ordered = columns.keys[order]
     first = np.ones(len(order), dtype=np.bool_)
     first[1:] = ordered[1:] != ordered[:-1]

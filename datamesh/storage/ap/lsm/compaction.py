@@ -8,6 +8,23 @@ The price is space (up to ``fanout`` runs per tier and a transient copy while me
 runs to probe on a point lookup, which the key filters make cheap.  Both amplifications are
 measured by ``bench/bench_lsm.py`` and reported by ``stats()``.
 
+Why fanout 8 and 128 MiB memtables (the defaults): measured with ``bench/bench_lsm.py --rows
+20000000 --engines lsm`` (2 shards of 10M rows, 16+200-byte entries, a loaded 2-core machine):
+
+=======  ========  =====  =====  ===========  ======================
+fanout   memtable  W-amp  S-amp  sustained/s  runs at the end/shard
+=======  ========  =====  =====  ===========  ======================
+4        64 MiB    4.38   1.20   261k         4 (tiers 0 and 2)
+8        64 MiB    3.12   1.22   321k         11 (tiers 0 and 1)
+8        128 MiB   3.26   1.20   359k         3 (tiers 0 and 1)
+=======  ========  =====  =====  ===========  ======================
+
+W-amp counts log + flush + compaction bytes (the 128 MiB run includes a final tier-0 merge).
+Every compaction pass costs ~1 us of CPU per entry even vectorised, so one tier fewer is worth
+more than anything else here; the price is up to ``fanout - 1`` runs per tier for lookups and
+scans to visit (lookups stay cheap behind the key filters; prefix scans slow down about in
+proportion), and a memtable's worth of memory (128 MiB of columns, twice while it is sorted).
+
 Tiers keep age order: every run in tier L is newer than every run in tier L+1 (a merge takes *all*
 runs of its tier), so "newest first" is "by ``max_seq``, descending" and a merge output keeps its
 place.  Tombstones are dropped only when the output lands below every other run: then nothing older

@@ -45,20 +45,25 @@ from datamesh.storage.ap.lsm.run import Block, Run, iter_blocks
 from datamesh.storage.ap.lsm.stats import LOG_SUFFIX, RUN_SUFFIX, LsmStats, build_stats
 from datamesh.storage.ap.sqlite_shard import prefix_upper_bound, take_writer_lock
 
-DEFAULT_MEMTABLE_BYTES = 64 * 1024 * 1024
-"""Key+value bytes buffered before a flush: bigger means fewer, larger runs and less compaction."""
+DEFAULT_MEMTABLE_BYTES = 128 * 1024 * 1024
+"""Key+value bytes buffered before a flush: bigger means fewer, larger runs and less compaction
+(see :mod:`.compaction` for the measurements behind 128 MiB and the fanout)."""
 DEFAULT_MAX_IMMUTABLE = 2
 """Frozen memtables allowed to wait for the flusher before writers stall."""
 DEFAULT_BLOCK_ENTRIES = 64
 """Entries packed per SQLite row of a run (a point lookup decodes one block)."""
-DEFAULT_TIER_FANOUT = 4
-"""Runs of one tier merged together into one run of the next."""
-DEFAULT_SLOWDOWN_TIER0_RUNS = 2 * DEFAULT_TIER_FANOUT
-"""From this many tier-0 runs each write sleeps a little (``SLOWDOWN_STEP_S`` per extra run), which
-hands the compactors CPU (and the GIL) before the hard stall below is needed."""
+DEFAULT_TIER_FANOUT = 8
+"""Runs of one tier merged together into one run of the next (see :mod:`.compaction` for the choice)."""
+SLOWDOWN_TIER0_FACTOR = 2
+DEFAULT_SLOWDOWN_TIER0_RUNS = SLOWDOWN_TIER0_FACTOR * DEFAULT_TIER_FANOUT
+"""From this many tier-0 runs (``SLOWDOWN_TIER0_FACTOR`` x the fanout, whatever fanout a shard is
+given) each write sleeps a little (``SLOWDOWN_STEP_S`` per extra run), which hands the compactors
+CPU (and the GIL) before the hard stall below is needed."""
 SLOWDOWN_STEP_S = 0.01
-DEFAULT_MAX_TIER0_RUNS = 3 * DEFAULT_TIER_FANOUT
-"""Writers stall while tier 0 holds this many runs: compaction debt may not grow without bound."""
+MAX_TIER0_FACTOR = 3
+DEFAULT_MAX_TIER0_RUNS = MAX_TIER0_FACTOR * DEFAULT_TIER_FANOUT
+"""Writers stall while tier 0 holds this many runs (``MAX_TIER0_FACTOR`` x the fanout): compaction
+debt may not grow without bound."""
 DEFAULT_FSYNC = FsyncPolicy.ALWAYS
 DEFAULT_FSYNC_INTERVAL_S = 0.05
 DEFAULT_FLUSH_INTERVAL_S = 2.0
@@ -77,8 +82,8 @@ class LsmShard(ShardMaintenance, ShardEngine):
         max_immutable: int = DEFAULT_MAX_IMMUTABLE,
         block_entries: int = DEFAULT_BLOCK_ENTRIES,
         tier_fanout: int = DEFAULT_TIER_FANOUT,
-        slowdown_tier0_runs: int = DEFAULT_SLOWDOWN_TIER0_RUNS,
-        max_tier0_runs: int = DEFAULT_MAX_TIER0_RUNS,
+        slowdown_tier0_runs: int | None = None,
+        max_tier0_runs: int | None = None,
         fsync: FsyncPolicy = DEFAULT_FSYNC,
         fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
@@ -92,6 +97,10 @@ class LsmShard(ShardMaintenance, ShardEngine):
         self._max_immutable = max_immutable
         self._block_entries = block_entries
         self._fanout = tier_fanout
+        if max_tier0_runs is None:
+            max_tier0_runs = MAX_TIER0_FACTOR * tier_fanout
+        if slowdown_tier0_runs is None:
+            slowdown_tier0_runs = SLOWDOWN_TIER0_FACTOR * tier_fanout
         self._max_tier0_runs = max(max_tier0_runs, tier_fanout)
         self._slowdown_tier0_runs = max(slowdown_tier0_runs, tier_fanout)
         self._slowdown_total = 0.0
