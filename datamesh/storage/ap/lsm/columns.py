@@ -183,16 +183,22 @@ def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
     return order
 
 
-def sort_unique(columns: Columns, *, drop_tombstones: bool) -> Columns:
-    """Entries in key order, one per key: the *first* in ``columns`` order wins (a stable sort).
+def sort_unique(columns: Columns, *, drop_tombstones: bool, newest_last: bool = False) -> Columns:
+    """Entries in key order, one per key: of equal keys the *first* in ``columns`` order wins, or
+    the *last* with ``newest_last`` (a stable sort keeps equal keys in their given order).
 
-    Callers put newer entries first, so a key's newest value survives; tombstones go too if asked.
+    Merges put newer runs first; a memtable lays its batches oldest first (a key written twice in
+    one batch must end with its later value, as a dict would), hence ``newest_last``.  Tombstones
+    go too if asked.
     """
     order = stable_key_order(columns.keys)
     ordered = columns.keys[order]
-    first = np.ones(len(order), dtype=np.bool_)
-    first[1:] = ordered[1:] != ordered[:-1]
-    keep = order[first]
+    chosen = np.ones(len(order), dtype=np.bool_)
+    if newest_last:
+        chosen[:-1] = ordered[1:] != ordered[:-1]
+    else:
+        chosen[1:] = ordered[1:] != ordered[:-1]
+    keep = order[chosen]
     if drop_tombstones:
         keep = keep[~columns.tombstones[keep]]
     return columns.take(keep)
