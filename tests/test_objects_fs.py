@@ -50,3 +50,28 @@ def test_each_region_has_its_own_folder(tmp_path: Path) -> None:
     assert (tmp_path / "objects" / "eu-west").is_dir()
     bad = open_object_stores("ftp://example/x")
     assert isinstance(bad, Err) and bad.error.variable == "DATAMESH_OBJECTS_URL"
+
+
+def test_writers_sharing_a_root_never_clash_on_staging_names(tmp_path: Path) -> None:
+    # Given two stores on one root (two processes) whose staging counters start at the same number
+    first, second = FilesystemObjectStore(tmp_path), FilesystemObjectStore(tmp_path)
+    second._staging_prefix = first._staging_prefix  # the clash a fork could cause
+    # When both write
+    keys = [
+        store.put(f"blob {i} of {n}".encode()).unwrap().content_hash
+        for i in range(5)
+        for n, store in enumerate((first, second))
+    ]
+    # Then every object is stored and nothing is left in staging
+    assert sorted(keys) == sorted(first.list().unwrap()) and len(set(keys)) == 10
+    assert first.stale_staging() == []
+
+
+def test_put_creates_fan_out_folders_and_a_second_put_writes_nothing(tmp_path: Path) -> None:
+    store = FilesystemObjectStore(tmp_path)
+    stored = store.put(b"x" * 5000).unwrap()
+    path = store.path_of(stored.content_hash.hex)
+    assert path.is_file() and path.read_bytes() == b"x" * 5000
+    mtime = path.stat().st_mtime_ns
+    assert store.put(b"x" * 5000).unwrap().written is False
+    assert path.stat().st_mtime_ns == mtime and store.stale_staging() == []

@@ -83,8 +83,6 @@ class ObjectStore(ABC, Generic[Token]):
     backend: str = "objects"
     #: Staging is cheap (a local file): large puts stage while a second thread hashes.
     stage_while_hashing: bool = False
-    #: ``get`` reads the whole object in one call (:meth:`_read_all`) and hashes it once.
-    reads_whole: bool = False
 
     # ---- the public behaviour -------------------------------------------------------------
 
@@ -137,23 +135,22 @@ class ObjectStore(ABC, Generic[Token]):
             return Ok(StoredObject(content_hash, hashing.size, written=True))
 
     def get(self, content_hash: ContentHash) -> Result[bytes, StorageError | NotFound | IntegrityError]:
-        """The bytes stored under ``content_hash``, verified; never returns bad bytes."""
-        if self.reads_whole:
+        """The bytes stored under ``content_hash``, verified; never returns bad bytes.
+
+        The object is read whole, in one allocation, then hashed once: on a busy machine a second
+        thread does not make hashing faster, and chunks would cost a copy to join.
+        """
+        with tier_call("objects", "get") as call:
             try:
                 data = self._read_all(content_hash.hex)
             except ObjectMissing:
-                return Err(NotFound("object", content_hash.hex))
+                return call.check(Err(NotFound("object", content_hash.hex)))
             except Exception as exc:  # noqa: BLE001
-                return Err(self._translate(exc, "get"))
+                return call.check(Err(self._translate(exc, "get")))
             actual = hashlib.sha256(data).hexdigest()
             if actual != content_hash.hex:
-                return Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual))
+                return call.check(Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual)))
             return Ok(data)
-        parts: list[bytes] = []
-        verified = self.read_into(content_hash, parts.append)
-        if isinstance(verified, Err):
-            return verified
-        return Ok(b"".join(parts))
 
     def read_into(
         self, content_hash: ContentHash, sink: Callable[[bytes], object]
@@ -264,7 +261,7 @@ class ObjectStore(ABC, Generic[Token]):
         return True
 
     def _read_all(self, key: str) -> bytes:
-        """The whole object (backends with ``reads_whole``); raise :class:`ObjectMissing` when absent."""
+        """The whole object; raise :class:`ObjectMissing` when absent.  Backends read it in one go."""
         return b"".join(self._open(key))
 
     @abstractmethod
