@@ -111,7 +111,11 @@ def fs_round(blobs: list[bytes], root: Path) -> dict[str, Rate]:
 
     out = {"raw put": timed(blobs, raw_put), "dm put": timed(blobs, dm_put)}
     out["raw-durable put"] = timed(blobs, raw_durable_put)
-    out |= {"raw get": timed(blobs, raw_get), "dm get": timed(blobs, dm_get)}
+
+    def dm_verify(i: int, blob: bytes) -> None:
+        assert store.verify(keys[i]).unwrap() == len(blob)
+
+    out |= {"raw get": timed(blobs, raw_get), "dm get": timed(blobs, dm_get), "dm verify": timed(blobs, dm_verify)}
     shutil.rmtree(raw_dir)
     shutil.rmtree(store_dir)
     return out
@@ -225,7 +229,7 @@ def main() -> None:
                     dm = best([r[f"dm {op}"] for r in rounds])
                     raw = best([r[f"raw {op}"] for r in rounds])
                     durable, managed = (best_of(rounds, f"{kind} {op}") for kind in ("raw-durable", "raw-managed"))
-                    rows.append((backend, label, op, dm, raw, durable, managed))
+                    rows.append((backend, label, op, dm, raw, durable, managed, best_of(rounds, "dm verify")))
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if proc is not None:
@@ -247,7 +251,7 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for backend, label, op, dm, raw, durable, managed in rows:
+    for backend, label, op, dm, raw, durable, managed, verify in rows:
         ratio = dm.ops / raw.ops
         verdict = "met" if ratio >= target[backend] else "MISSED"
         print(
@@ -267,6 +271,9 @@ def main() -> None:
             )
         if op == "get" and label == "64 MiB":
             print(f"{'':<20} verified get runs at {dm.mbs / sha_rate:.0%} of the SHA-256 rate ({sha_rate:.0f} MB/s)")
+            if verify is not None:
+                share = verify.mbs / sha_rate
+                print(f"{'':<20} verify (scrub, nothing kept): {verify.mbs:.1f} MB/s, {share:.0%} of the SHA-256 rate")
 
 
 if __name__ == "__main__":

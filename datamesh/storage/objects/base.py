@@ -177,8 +177,17 @@ class ObjectStore(ABC, Generic[Token]):
             return Ok(size)
 
     def verify(self, content_hash: ContentHash) -> Result[int, StorageError | NotFound | IntegrityError]:
-        """Re-hash one stored object; ``Ok(size)`` when intact."""
-        return self.read_into(content_hash, lambda _chunk: None)
+        """Re-hash one stored object; ``Ok(size)`` when intact (nothing is kept, memory is one chunk)."""
+        with tier_call("objects", "verify") as call:
+            try:
+                actual, size = self._digest(content_hash.hex)
+            except ObjectMissing:
+                return call.check(Err(NotFound("object", content_hash.hex)))
+            except Exception as exc:  # noqa: BLE001
+                return call.check(Err(self._translate(exc, "verify")))
+            if actual != content_hash.hex:
+                return call.check(Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual)))
+            return Ok(size)
 
     def exists(self, content_hash: ContentHash) -> Result[bool, StorageError]:
         with tier_call("objects", "exists") as call:
@@ -259,6 +268,18 @@ class ObjectStore(ABC, Generic[Token]):
             return False
         self._promote(self._stage([data]), key)
         return True
+
+    def _digest(self, key: str) -> tuple[str, int]:
+        """SHA-256 hex digest and size of the stored bytes; raise :class:`ObjectMissing` when absent.
+
+        Backends may read into one reused buffer, since no chunk outlives its hashing.
+        """
+        sha = hashlib.sha256()
+        size = 0
+        for chunk in self._open(key):
+            sha.update(chunk)
+            size += len(chunk)
+        return sha.hexdigest(), size
 
     def _read_all(self, key: str) -> bytes:
         """The whole object; raise :class:`ObjectMissing` when absent.  Backends read it in one go."""
