@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
+
+import pytest
 
 from datamesh.core.errors import IntegrityError, NotFound
 from datamesh.core.result import Err
@@ -75,3 +78,24 @@ def test_put_creates_fan_out_folders_and_a_second_put_writes_nothing(tmp_path: P
     mtime = path.stat().st_mtime_ns
     assert store.put(b"x" * 5000).unwrap().written is False
     assert path.stat().st_mtime_ns == mtime and store.stale_staging() == []
+
+
+def test_a_dedup_put_flushes_nothing_and_a_new_put_syncs_before_publishing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a stored 2 MiB blob (large enough to be staged while it is hashed)
+    store = FilesystemObjectStore(tmp_path)
+    data = os.urandom(2 * 1024 * 1024)
+    first = store.put(data).unwrap()
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    # When the same bytes are put again, as bytes and as a stream
+    again = store.put(data).unwrap()
+    streamed = store.put_stream(io.BytesIO(data)).unwrap()
+    # Then nothing is written under the key, nothing is flushed, and staging is empty
+    assert first.written and not again.written and not streamed.written
+    assert synced == [] and store.stale_staging() == []
+    # And a new blob is synced (file, then folder) before the put returns
+    assert store.put(os.urandom(2 * 1024 * 1024)).unwrap().written
+    assert len(synced) >= 2

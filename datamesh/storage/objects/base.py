@@ -99,7 +99,11 @@ class ObjectStore(ABC, Generic[Token]):
             return Ok(StoredObject(content_hash, len(data), written=written))
 
     def _put_overlapped(self, data: bytes) -> Result[StoredObject, StorageError]:
-        """Hash on a second thread while staging the bytes (hashlib and file writes release the GIL)."""
+        """Hash on a second thread while staging the bytes (hashlib and file writes release the GIL).
+
+        Staging is not synced (``_promote`` syncs), so a dedup hit costs a write to the page cache
+        and an unlink, never a disk flush, and leaves the stored object untouched.
+        """
         hashing = _HASHERS.submit(lambda: hashlib.sha256(data).hexdigest())
         token: Token | None = None
         try:
@@ -250,11 +254,15 @@ class ObjectStore(ABC, Generic[Token]):
 
     @abstractmethod
     def _stage(self, chunks: Iterable[bytes]) -> Token:
-        """Write ``chunks`` under a temporary name, durably; return a token for promote/discard."""
+        """Write ``chunks`` under a temporary name; return a token for promote/discard.
+
+        The staged bytes need not be durable yet (a dedup hit discards them): ``_promote`` makes
+        them durable before publishing.
+        """
 
     @abstractmethod
     def _promote(self, token: Token, key: str) -> None:
-        """Publish staged bytes under ``key`` atomically (a concurrent identical promote is fine)."""
+        """Publish staged bytes under ``key`` durably and atomically (a concurrent identical promote is fine)."""
 
     @abstractmethod
     def _discard(self, token: Token) -> None: ...

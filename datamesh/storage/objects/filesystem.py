@@ -74,15 +74,20 @@ class FilesystemObjectStore(ObjectStore[str]):
     def _write(self, key: str, data: bytes) -> bool:
         if self._exists(key):
             return False
-        self._promote(self._stage((data,)), key)
+        self._publish(self._stage((data,), durable=True), key)
         return True
 
-    def _stage(self, chunks: Iterable[bytes]) -> str:
+    def _stage(self, chunks: Iterable[bytes], *, durable: bool = False) -> str:
+        """Write ``chunks`` to a new staging file; fsynced only with ``durable``.
+
+        A staged write whose hash turns out to be stored already is discarded unsynced, so a
+        dedup put costs no disk flush; :meth:`_promote` syncs it before it is published.
+        """
         fd, name = self._create_staging_file()
         try:
             for chunk in chunks:
                 _write_all(fd, chunk)
-            if self.fsync:
+            if durable and self.fsync:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -101,6 +106,16 @@ class FilesystemObjectStore(ObjectStore[str]):
                 continue
 
     def _promote(self, token: str, key: str) -> None:
+        if self.fsync:
+            fd = os.open(token, _READ_FLAGS)
+            try:
+                os.fsync(fd)  # the staged bytes reach the disk before their name does
+            finally:
+                os.close(fd)
+        self._publish(token, key)
+
+    def _publish(self, token: str, key: str) -> None:
+        """Rename the synced staging file ``token`` to ``key`` and sync the folder."""
         target = self._path(key)
         try:
             os.replace(token, target)  # atomic; identical bytes if another writer won the race
