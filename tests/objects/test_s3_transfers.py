@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ResponseStreamingError
 
 from datamesh.core.errors import IntegrityError, StorageError
 from datamesh.core.result import Err, Ok
@@ -105,3 +105,55 @@ def test_whole_body_get_of_a_corrupt_multipart_object_is_an_integrity_error(
     assert isinstance(store.verify(key), Err)
     corrupt(store, key.hex)
     assert isinstance(store.get(key), Err)
+
+
+class CutBody:
+    """A response body that breaks after handing out nothing (as a reset connection does)."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+
+    def read(self, *args: Any) -> bytes:
+        raise ResponseStreamingError(error="connection reset mid-body")
+
+    def iter_chunks(self, size: int) -> Iterator[bytes]:
+        first = self._body.read(size)
+        yield first
+        raise ResponseStreamingError(error="connection reset mid-body")
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class CutOnce:
+    """A client whose first ``get_object`` body breaks mid-way; later ones are whole."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.gets: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def get_object(self, **kwargs: Any) -> Any:
+        self.gets.append(kwargs)
+        response = self._client.get_object(**kwargs)
+        if len(self.gets) == 1:
+            response["Body"] = CutBody(response["Body"])
+        return response
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_body_cut_mid_way_resumes_pinned_to_the_etag(s3_client: Any, bucket: str, whole: bool) -> None:
+    # Given a stored object and a client whose first read breaks mid-body
+    data = os.urandom(3 * MiB)
+    key = store_with(s3_client, bucket).put(data).unwrap().content_hash
+    client = CutOnce(s3_client)
+    store = store_with(client, bucket, chunk_bytes=MiB)
+    # When it is read whole (get) or in chunks (read_into)
+    parts: list[bytes] = []
+    result = store.get(key) if whole else store.read_into(key, parts.append).map(lambda _size: b"".join(parts))
+    # Then the bytes are whole and verified, and the second request resumed with a pinned range
+    assert result == Ok(data)
+    assert len(client.gets) == 2 and "IfMatch" in client.gets[1]
+    assert client.gets[1]["Range"] == ("bytes=0-" if whole else f"bytes={MiB}-")
