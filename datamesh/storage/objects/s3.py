@@ -117,7 +117,8 @@ class Staged:
 
 
 def make_client(settings: S3Settings, *, region_name: str | None = None) -> S3Client:
-    """A boto3 S3 client for ``settings`` with botocore's retries off (the store retries itself)."""
+    """A boto3 S3 client for ``settings`` with botocore's retries off (the store retries itself)
+    and its response checksum validation off (the store verifies every read itself)."""
     import boto3
     from botocore.config import Config
 
@@ -129,6 +130,9 @@ def make_client(settings: S3Settings, *, region_name: str | None = None) -> S3Cl
     )
     config = Config(
         retries={"total_max_attempts": 1, "mode": "standard"},
+        # Every read is verified against its SHA-256 key by the store; botocore checking S3's
+        # stored checksum as well would hash each object twice.  Uploads keep their checksums.
+        response_checksum_validation="when_required",
         max_pool_connections=settings.max_pool_connections,
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
