@@ -7,7 +7,8 @@ Without ``--endpoint`` it starts ``moto_server`` on a loopback port.  For each b
 it times datamesh ``put`` and ``get`` (hash-verified) against the raw path (``open/write/fsync`` and
 ``open/read`` for the filesystem, ``put_object`` / ``get_object().read()`` on a default boto3 client
 for S3) and prints objects/s, MB/s and the ratio; the best of ``--rounds`` runs counts.  Every round
-writes fresh stores, so datamesh puts are real writes, never dedup hits.
+writes fresh stores, so datamesh puts are real writes, never dedup hits.  The raw and datamesh
+operations are interleaved blob by blob, so load from other work on the machine weighs on both alike.
 
 Two more baselines are printed under the rows they belong to, since the plain one is not always the
 fairest: for filesystem puts a raw write with the same durability as datamesh's (file fsync and
@@ -60,11 +61,21 @@ class Rate:
         return self.nbytes / self.seconds / 1e6
 
 
-def timed(blobs: list[bytes], fn: Callable[[int, bytes], object]) -> Rate:
-    start = time.perf_counter()
+def timed(blobs: list[bytes], fns: dict[str, Callable[[int, bytes], object]]) -> dict[str, Rate]:
+    """Time each of ``fns`` over every blob, interleaved blob by blob.
+
+    Interleaving puts the raw path and datamesh's through the same moments, so load from other work
+    on the machine (it may share its cores and disk) weighs on both alike instead of on whichever
+    happened to run while it lasted.
+    """
+    seconds = dict.fromkeys(fns, 0.0)
     for i, blob in enumerate(blobs):
-        fn(i, blob)
-    return Rate(len(blobs), sum(map(len, blobs)), time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(i, blob)
+            seconds[name] += time.perf_counter() - start
+    nbytes = sum(map(len, blobs))
+    return {name: Rate(len(blobs), nbytes, spent) for name, spent in seconds.items()}
 
 
 def best(rates: list[Rate]) -> Rate:
@@ -109,13 +120,12 @@ def fs_round(blobs: list[bytes], root: Path) -> dict[str, Rate]:
     def dm_get(i: int, blob: bytes) -> None:
         assert len(store.get(keys[i]).unwrap()) == len(blob)
 
-    out = {"raw put": timed(blobs, raw_put), "dm put": timed(blobs, dm_put)}
-    out["raw-durable put"] = timed(blobs, raw_durable_put)
+    out = timed(blobs, {"raw put": raw_put, "dm put": dm_put, "raw-durable put": raw_durable_put})
 
     def dm_verify(i: int, blob: bytes) -> None:
         assert store.verify(keys[i]).unwrap() == len(blob)
 
-    out |= {"raw get": timed(blobs, raw_get), "dm get": timed(blobs, dm_get), "dm verify": timed(blobs, dm_verify)}
+    out |= timed(blobs, {"raw get": raw_get, "dm get": dm_get, "dm verify": dm_verify})
     shutil.rmtree(raw_dir)
     shutil.rmtree(store_dir)
     return out
@@ -159,10 +169,10 @@ def s3_round(blobs: list[bytes], endpoint: str, part_bytes: int) -> dict[str, Ra
         raw.download_fileobj(raw_bucket, f"managed-{i}", sink, Config=TransferConfig())
         assert len(sink.getvalue()) == len(blob)
 
-    out = {"raw put": timed(blobs, raw_put), "dm put": timed(blobs, dm_put)}
-    out |= {"raw get": timed(blobs, raw_get), "dm get": timed(blobs, dm_get)}
-    if len(blobs[0]) > part_bytes:  # managed transfers only differ from the plain calls above one part
-        out |= {"raw-managed put": timed(blobs, raw_managed_put), "raw-managed get": timed(blobs, raw_managed_get)}
+    managed = len(blobs[0]) > part_bytes  # managed transfers only differ from the plain calls above one part
+    puts = {"raw put": raw_put, "dm put": dm_put} | ({"raw-managed put": raw_managed_put} if managed else {})
+    gets = {"raw get": raw_get, "dm get": dm_get} | ({"raw-managed get": raw_managed_get} if managed else {})
+    out = timed(blobs, puts) | timed(blobs, gets)
     for bucket in (raw_bucket, dm_bucket):  # free the server's memory between rounds
         for item in raw.list_objects_v2(Bucket=bucket).get("Contents", []):
             raw.delete_object(Bucket=bucket, Key=item["Key"])
