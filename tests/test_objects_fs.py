@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,18 @@ def test_a_dedup_put_flushes_nothing_and_a_new_put_syncs_before_publishing(
     # And a new blob is synced (file, then folder) before the put returns
     assert store.put(os.urandom(2 * 1024 * 1024)).unwrap().written
     assert len(synced) >= 2
+
+
+def test_a_forked_child_can_put_after_the_parent_used_the_hashing_threads(tmp_path: Path) -> None:
+    # Given a parent whose large put started the hashing threads
+    store = FilesystemObjectStore(tmp_path)
+    assert store.put(os.urandom(2 * 1024 * 1024)).unwrap().written
+    # When a forked child (a prefork worker) puts a large blob
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the put completes (the alarm ends a hang)
+        signal.alarm(20)
+        ok = store.put(os.urandom(2 * 1024 * 1024)).unwrap().written
+        os._exit(0 if ok else 1)
+    # Then it completes
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

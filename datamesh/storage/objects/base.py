@@ -21,6 +21,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
+import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,39 @@ from datamesh.observability.instrument import tier_call
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 #: Puts at least this large overlap hashing with staging where the backend allows it.
 OVERLAP_MIN_BYTES = 1024 * 1024
-_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="datamesh-sha256")
+
+
+class ThreadPool:
+    """A thread pool made on first use, and made again in a forked child.
+
+    A child inherits the parent's executor without its threads (a Celery prefork worker, say), so
+    work submitted there would wait forever.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self.workers = workers
+        self.name = name
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def get(self) -> ThreadPoolExecutor:
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()  # the parent's may have been held at the fork
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
+                self._pid = os.getpid()
+            return self._pool
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+_HASHERS = ThreadPool(2, "datamesh-sha256")
 
 Token = TypeVar("Token")
 
@@ -104,7 +138,7 @@ class ObjectStore(ABC, Generic[Token]):
         Staging is not synced (``_promote`` syncs), so a dedup hit costs a write to the page cache
         and an unlink, never a disk flush, and leaves the stored object untouched.
         """
-        hashing = _HASHERS.submit(lambda: hashlib.sha256(data).hexdigest())
+        hashing = _HASHERS.get().submit(lambda: hashlib.sha256(data).hexdigest())
         token: Token | None = None
         try:
             token = self._stage([data])

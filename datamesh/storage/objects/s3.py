@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -51,7 +50,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from datamesh.core.errors import StorageError
 from datamesh.core.retry import RetryPolicy, call_with_retry, full_jitter_delay
-from datamesh.storage.objects.base import DEFAULT_CHUNK_BYTES, ObjectMissing, ObjectStore
+from datamesh.storage.objects.base import DEFAULT_CHUNK_BYTES, ObjectMissing, ObjectStore, ThreadPool
 from datamesh.storage.objects.config import (
     DEFAULT_S3_MAX_COPY_BYTES,
     DEFAULT_S3_PART_BYTES,
@@ -170,8 +169,7 @@ class S3ObjectStore(ObjectStore[Staged]):
         self.retry = retry or RetryPolicy()
         self._owns_client = owns_client
         self._staging_prefix = f"{self.prefix}{STAGING_DIR}/"
-        self._uploader: ThreadPoolExecutor | None = None  # made on the first multipart upload
-        self._uploader_lock = threading.Lock()
+        self._uploader = ThreadPool(upload_concurrency, "datamesh-s3-part")  # threads start on first use
 
     @classmethod
     def from_settings(
@@ -199,9 +197,7 @@ class S3ObjectStore(ObjectStore[Staged]):
         return f"{self.prefix}{key[:2]}/{key}"
 
     def close(self) -> None:
-        if self._uploader is not None:
-            self._uploader.shutdown(wait=True)
-            self._uploader = None
+        self._uploader.shutdown()
         if self._owns_client:
             self.client.close()
 
@@ -377,7 +373,7 @@ class S3ObjectStore(ObjectStore[Staged]):
         """
         created = self._call(lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=s3_key))
         upload_id = created["UploadId"]
-        uploader = self._upload_pool()
+        uploader = self._uploader.get()
         in_flight: deque[Future[dict[str, Any]]] = deque()
         done: list[dict[str, Any]] = []
         size = 0
@@ -406,12 +402,6 @@ class S3ObjectStore(ObjectStore[Staged]):
             )
         )
         return {"PartNumber": number, "ETag": answer["ETag"]}
-
-    def _upload_pool(self) -> ThreadPoolExecutor:
-        with self._uploader_lock:
-            if self._uploader is None:
-                self._uploader = ThreadPoolExecutor(self.upload_concurrency, thread_name_prefix="datamesh-s3-part")
-            return self._uploader
 
     def _multipart_copy(self, source_key: str, s3_key: str, size: int) -> None:
         created = self._call(lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=s3_key))
