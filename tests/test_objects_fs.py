@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 from pathlib import Path
+
+import pytest
 
 from datamesh.core.errors import IntegrityError, NotFound
 from datamesh.core.result import Err
@@ -50,3 +54,64 @@ def test_each_region_has_its_own_folder(tmp_path: Path) -> None:
     assert (tmp_path / "objects" / "eu-west").is_dir()
     bad = open_object_stores("ftp://example/x")
     assert isinstance(bad, Err) and bad.error.variable == "DATAMESH_OBJECTS_URL"
+
+
+def test_writers_sharing_a_root_never_clash_on_staging_names(tmp_path: Path) -> None:
+    # Given two stores on one root (two processes) whose staging counters start at the same number
+    first, second = FilesystemObjectStore(tmp_path), FilesystemObjectStore(tmp_path)
+    second._staging_prefix = first._staging_prefix  # the clash a fork could cause
+    # When both write
+    keys = [
+        store.put(f"blob {i} of {n}".encode()).unwrap().content_hash
+        for i in range(5)
+        for n, store in enumerate((first, second))
+    ]
+    # Then every object is stored and nothing is left in staging
+    assert sorted(keys) == sorted(first.list().unwrap()) and len(set(keys)) == 10
+    assert first.stale_staging() == []
+
+
+def test_put_creates_fan_out_folders_and_a_second_put_writes_nothing(tmp_path: Path) -> None:
+    store = FilesystemObjectStore(tmp_path)
+    stored = store.put(b"x" * 5000).unwrap()
+    path = store.path_of(stored.content_hash.hex)
+    assert path.is_file() and path.read_bytes() == b"x" * 5000
+    mtime = path.stat().st_mtime_ns
+    assert store.put(b"x" * 5000).unwrap().written is False
+    assert path.stat().st_mtime_ns == mtime and store.stale_staging() == []
+
+
+def test_a_dedup_put_flushes_nothing_and_a_new_put_syncs_before_publishing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a stored 2 MiB blob (large enough to be staged while it is hashed)
+    store = FilesystemObjectStore(tmp_path)
+    data = os.urandom(2 * 1024 * 1024)
+    first = store.put(data).unwrap()
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    # When the same bytes are put again, as bytes and as a stream
+    again = store.put(data).unwrap()
+    streamed = store.put_stream(io.BytesIO(data)).unwrap()
+    # Then nothing is written under the key, nothing is flushed, and staging is empty
+    assert first.written and not again.written and not streamed.written
+    assert synced == [] and store.stale_staging() == []
+    # And a new blob is synced (file, then folder) before the put returns
+    assert store.put(os.urandom(2 * 1024 * 1024)).unwrap().written
+    assert len(synced) >= 2
+
+
+def test_a_forked_child_can_put_after_the_parent_used_the_hashing_threads(tmp_path: Path) -> None:
+    # Given a parent whose large put started the hashing threads
+    store = FilesystemObjectStore(tmp_path)
+    assert store.put(os.urandom(2 * 1024 * 1024)).unwrap().written
+    # When a forked child (a prefork worker) puts a large blob
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the put completes (the alarm ends a hang)
+        signal.alarm(20)
+        ok = store.put(os.urandom(2 * 1024 * 1024)).unwrap().written
+        os._exit(0 if ok else 1)
+    # Then it completes
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 from datamesh.core.result import Err, Result
@@ -42,28 +43,68 @@ class Call:
         return result
 
 
-@contextmanager
-def tier_call(tier: str, operation: str, region: str | None = None) -> Iterator[Call]:
+class _TierCall:
+    """The context manager behind :func:`tier_call`: a plain class, not a generator, because it
+    wraps every object get and put (a generator-based one cost about as much as a 4 KiB read)."""
+
+    __slots__ = ("call", "operation", "region", "span", "started", "tier")
+
+    def __init__(self, tier: str, operation: str, region: str | None) -> None:
+        self.tier = tier
+        self.operation = operation
+        self.region = region
+        self.span: AbstractContextManager[Any] | None = None
+        self.call = Call(None)
+        self.started = 0
+
+    def __enter__(self) -> Call:
+        self.started = time.perf_counter_ns()
+        if tracing.enabled():
+            attributes: dict[str, str] = {"datamesh.tier": self.tier, "datamesh.operation": self.operation}
+            if self.region is not None:
+                attributes["datamesh.region"] = self.region
+            self.span = tracing.span(f"{self.tier}.{self.operation}", **attributes)
+            self.call.span = self.span.__enter__()
+        return self.call
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.call.failed = True
+        try:
+            if self.span is not None:
+                self.span.__exit__(exc_type, exc, tb)
+        finally:
+            if metrics.enabled():
+                _record(self.tier, self.call.failed, (time.perf_counter_ns() - self.started) / 1e9)
+
+
+def tier_call(tier: str, operation: str, region: str | None = None) -> AbstractContextManager[Call]:
     """Count, time and trace one call through ``tier``'s boundary; an exception counts as an error."""
-    started = time.perf_counter_ns()
-    attributes: dict[str, str] = {"datamesh.tier": tier, "datamesh.operation": operation}
-    if region is not None:
-        attributes["datamesh.region"] = region
-    call = Call(None)
-    try:
-        with tracing.span(f"{tier}.{operation}", **attributes) as current:
-            call.span = current
-            yield call
-    except BaseException:
-        call.failed = True
-        raise
-    finally:
-        if metrics.enabled():
-            outcome = "error" if call.failed else "ok"
-            metrics.TIER_CALLS.labels(tier, outcome).inc()
-            if call.failed:
-                metrics.TIER_ERRORS.labels(tier).inc()
-            metrics.TIER_CALL_SECONDS.labels(tier).observe((time.perf_counter_ns() - started) / 1e9)
+    return _TierCall(tier, operation, region)
+
+
+#: The labelled metric children of each tier: ``labels()`` takes a lock and builds a key every call.
+_CHILDREN: dict[str, tuple[Any, Any, Any, Any]] = {}
+
+
+def _record(tier: str, failed: bool, seconds: float) -> None:
+    children = _CHILDREN.get(tier)
+    if children is None:
+        children = _CHILDREN[tier] = (
+            metrics.TIER_CALLS.labels(tier, "ok"),
+            metrics.TIER_CALLS.labels(tier, "error"),
+            metrics.TIER_ERRORS.labels(tier),
+            metrics.TIER_CALL_SECONDS.labels(tier),
+        )
+    ok, error, errors, latency = children
+    if failed:
+        error.inc()
+        errors.inc()
+    else:
+        ok.inc()
+    latency.observe(seconds)
 
 
 def _saga_id_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:

@@ -104,6 +104,8 @@ def s3_settings(endpoint: str, **changes: Any) -> S3Settings:
         "endpoint_url": endpoint,
         "region_name": REGION,
         "part_bytes": TEST_PART_BYTES,
+        # bytes above one part go multipart (concurrent parts), as larger payloads do by default
+        "single_put_max_bytes": TEST_PART_BYTES,
         "retry": FAST_RETRY,
         **CREDENTIALS,
     }

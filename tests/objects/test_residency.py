@@ -126,3 +126,14 @@ def test_settings_defaults_and_overrides() -> None:
     assert settings.locations[GeoRegion.US_EAST].url == "s3://base-bucket/p/us-east"
     assert settings.s3.endpoint_url == "http://aws-endpoint"
     assert settings.s3.part_bytes == 16 * 1024 * 1024
+
+
+def test_transfer_settings_have_defaults_and_bounds() -> None:
+    defaults = ObjectsSettings.from_env({}, default_url="s3://bucket/base").unwrap().s3
+    assert (defaults.single_put_max_bytes, defaults.upload_concurrency) == (100 * 1024 * 1024, 4)
+    changed = ObjectsSettings.from_env(
+        {"DATAMESH_S3_SINGLE_PUT_MAX_BYTES": "0", "DATAMESH_S3_UPLOAD_CONCURRENCY": "8"}, default_url="s3://b/p"
+    ).unwrap()
+    assert (changed.s3.single_put_max_bytes, changed.s3.upload_concurrency) == (0, 8)
+    bad = ObjectsSettings.from_env({"DATAMESH_S3_UPLOAD_CONCURRENCY": "0"}, default_url="s3://b/p")
+    assert isinstance(bad, Err) and bad.error.variable == "DATAMESH_S3_UPLOAD_CONCURRENCY"

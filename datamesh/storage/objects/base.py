@@ -21,6 +21,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
+import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,39 @@ from datamesh.observability.instrument import tier_call
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 #: Puts at least this large overlap hashing with staging where the backend allows it.
 OVERLAP_MIN_BYTES = 1024 * 1024
-_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="datamesh-sha256")
+
+
+class ThreadPool:
+    """A thread pool made on first use, and made again in a forked child.
+
+    A child inherits the parent's executor without its threads (a Celery prefork worker, say), so
+    work submitted there would wait forever.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self.workers = workers
+        self.name = name
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def get(self) -> ThreadPoolExecutor:
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()  # the parent's may have been held at the fork
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
+                self._pid = os.getpid()
+            return self._pool
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+_HASHERS = ThreadPool(2, "datamesh-sha256")
 
 Token = TypeVar("Token")
 
@@ -83,8 +117,6 @@ class ObjectStore(ABC, Generic[Token]):
     backend: str = "objects"
     #: Staging is cheap (a local file): large puts stage while a second thread hashes.
     stage_while_hashing: bool = False
-    #: ``get`` reads the whole object in one call (:meth:`_read_all`) and hashes it once.
-    reads_whole: bool = False
 
     # ---- the public behaviour -------------------------------------------------------------
 
@@ -101,8 +133,12 @@ class ObjectStore(ABC, Generic[Token]):
             return Ok(StoredObject(content_hash, len(data), written=written))
 
     def _put_overlapped(self, data: bytes) -> Result[StoredObject, StorageError]:
-        """Hash on a second thread while staging the bytes (hashlib and file writes release the GIL)."""
-        hashing = _HASHERS.submit(lambda: hashlib.sha256(data).hexdigest())
+        """Hash on a second thread while staging the bytes (hashlib and file writes release the GIL).
+
+        Staging is not synced (``_promote`` syncs), so a dedup hit costs a write to the page cache
+        and an unlink, never a disk flush, and leaves the stored object untouched.
+        """
+        hashing = _HASHERS.get().submit(lambda: hashlib.sha256(data).hexdigest())
         token: Token | None = None
         try:
             token = self._stage([data])
@@ -137,23 +173,22 @@ class ObjectStore(ABC, Generic[Token]):
             return Ok(StoredObject(content_hash, hashing.size, written=True))
 
     def get(self, content_hash: ContentHash) -> Result[bytes, StorageError | NotFound | IntegrityError]:
-        """The bytes stored under ``content_hash``, verified; never returns bad bytes."""
-        if self.reads_whole:
+        """The bytes stored under ``content_hash``, verified; never returns bad bytes.
+
+        The object is read whole, in one allocation, then hashed once: on a busy machine a second
+        thread does not make hashing faster, and chunks would cost a copy to join.
+        """
+        with tier_call("objects", "get") as call:
             try:
                 data = self._read_all(content_hash.hex)
             except ObjectMissing:
-                return Err(NotFound("object", content_hash.hex))
+                return call.check(Err(NotFound("object", content_hash.hex)))
             except Exception as exc:  # noqa: BLE001
-                return Err(self._translate(exc, "get"))
+                return call.check(Err(self._translate(exc, "get")))
             actual = hashlib.sha256(data).hexdigest()
             if actual != content_hash.hex:
-                return Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual))
+                return call.check(Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual)))
             return Ok(data)
-        parts: list[bytes] = []
-        verified = self.read_into(content_hash, parts.append)
-        if isinstance(verified, Err):
-            return verified
-        return Ok(b"".join(parts))
 
     def read_into(
         self, content_hash: ContentHash, sink: Callable[[bytes], object]
@@ -180,8 +215,17 @@ class ObjectStore(ABC, Generic[Token]):
             return Ok(size)
 
     def verify(self, content_hash: ContentHash) -> Result[int, StorageError | NotFound | IntegrityError]:
-        """Re-hash one stored object; ``Ok(size)`` when intact."""
-        return self.read_into(content_hash, lambda _chunk: None)
+        """Re-hash one stored object; ``Ok(size)`` when intact (nothing is kept, memory is one chunk)."""
+        with tier_call("objects", "verify") as call:
+            try:
+                actual, size = self._digest(content_hash.hex)
+            except ObjectMissing:
+                return call.check(Err(NotFound("object", content_hash.hex)))
+            except Exception as exc:  # noqa: BLE001
+                return call.check(Err(self._translate(exc, "verify")))
+            if actual != content_hash.hex:
+                return call.check(Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual)))
+            return Ok(size)
 
     def exists(self, content_hash: ContentHash) -> Result[bool, StorageError]:
         with tier_call("objects", "exists") as call:
@@ -244,11 +288,15 @@ class ObjectStore(ABC, Generic[Token]):
 
     @abstractmethod
     def _stage(self, chunks: Iterable[bytes]) -> Token:
-        """Write ``chunks`` under a temporary name, durably; return a token for promote/discard."""
+        """Write ``chunks`` under a temporary name; return a token for promote/discard.
+
+        The staged bytes need not be durable yet (a dedup hit discards them): ``_promote`` makes
+        them durable before publishing.
+        """
 
     @abstractmethod
     def _promote(self, token: Token, key: str) -> None:
-        """Publish staged bytes under ``key`` atomically (a concurrent identical promote is fine)."""
+        """Publish staged bytes under ``key`` durably and atomically (a concurrent identical promote is fine)."""
 
     @abstractmethod
     def _discard(self, token: Token) -> None: ...
@@ -263,8 +311,20 @@ class ObjectStore(ABC, Generic[Token]):
         self._promote(self._stage([data]), key)
         return True
 
+    def _digest(self, key: str) -> tuple[str, int]:
+        """SHA-256 hex digest and size of the stored bytes; raise :class:`ObjectMissing` when absent.
+
+        Backends may read into one reused buffer, since no chunk outlives its hashing.
+        """
+        sha = hashlib.sha256()
+        size = 0
+        for chunk in self._open(key):
+            sha.update(chunk)
+            size += len(chunk)
+        return sha.hexdigest(), size
+
     def _read_all(self, key: str) -> bytes:
-        """The whole object (backends with ``reads_whole``); raise :class:`ObjectMissing` when absent."""
+        """The whole object; raise :class:`ObjectMissing` when absent.  Backends read it in one go."""
         return b"".join(self._open(key))
 
     @abstractmethod

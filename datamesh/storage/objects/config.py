@@ -13,6 +13,11 @@ else in the object store reads the environment.  The variables, with their defau
   ``AWS_ENDPOINT_URL``, then AWS itself).  Region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (or
   ``?region=`` on an ``s3://`` URL); credentials from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
   / ``AWS_SESSION_TOKEN`` when set, otherwise boto3's usual chain (profile, instance role).
+* ``DATAMESH_S3_SINGLE_PUT_MAX_BYTES`` (100 MiB) — a ``put`` of bytes up to this size is one PUT
+  (the bytes are in memory already, so multipart would only add requests and a server-side
+  assembly); larger ones upload parts concurrently.  Streams always go in parts.
+* ``DATAMESH_S3_UPLOAD_CONCURRENCY`` (4) — parts of one upload of bytes in flight at once (a
+  stream keeps at most two in flight, so its memory stays a few parts).
 * ``DATAMESH_S3_PART_BYTES`` (8 MiB), ``DATAMESH_S3_MAX_COPY_BYTES`` (5 GiB),
   ``DATAMESH_S3_RETRY_ATTEMPTS`` (5), ``DATAMESH_S3_RETRY_CAP_S`` (2.0),
   ``DATAMESH_S3_MAX_POOL_CONNECTIONS`` (10), ``DATAMESH_S3_CONNECT_TIMEOUT_S`` (5.0),
@@ -43,6 +48,9 @@ MIN_S3_PART_BYTES = 5 * MiB
 MAX_S3_PART_BYTES = 5 * GiB
 
 DEFAULT_S3_PART_BYTES = 8 * MiB
+#: AWS's guidance: consider multipart above about 100 MB.
+DEFAULT_S3_SINGLE_PUT_MAX_BYTES = 100 * MiB
+DEFAULT_S3_UPLOAD_CONCURRENCY = 4
 #: Largest object published with one CopyObject; larger ones use a multipart copy (S3's limit is 5 GiB).
 DEFAULT_S3_MAX_COPY_BYTES = 5 * GiB
 DEFAULT_S3_RETRY_ATTEMPTS = 5
@@ -115,6 +123,8 @@ class S3Settings:
     session_token: str | None = None
     part_bytes: int = DEFAULT_S3_PART_BYTES
     max_copy_bytes: int = DEFAULT_S3_MAX_COPY_BYTES
+    single_put_max_bytes: int = DEFAULT_S3_SINGLE_PUT_MAX_BYTES
+    upload_concurrency: int = DEFAULT_S3_UPLOAD_CONCURRENCY
     max_pool_connections: int = DEFAULT_S3_MAX_POOL_CONNECTIONS
     connect_timeout_s: float = DEFAULT_S3_CONNECT_TIMEOUT_S
     read_timeout_s: float = DEFAULT_S3_READ_TIMEOUT_S
@@ -127,6 +137,10 @@ class S3Settings:
             raise ValueError(f"part_bytes must be from {MIN_S3_PART_BYTES} to {MAX_S3_PART_BYTES}")
         if not MIN_S3_PART_BYTES <= self.max_copy_bytes <= MAX_S3_PART_BYTES:
             raise ValueError(f"max_copy_bytes must be from {MIN_S3_PART_BYTES} to {MAX_S3_PART_BYTES}")
+        if not 0 <= self.single_put_max_bytes <= MAX_S3_PART_BYTES:
+            raise ValueError(f"single_put_max_bytes must be from 0 to {MAX_S3_PART_BYTES}")
+        if not 1 <= self.upload_concurrency <= 64:
+            raise ValueError("upload_concurrency must be from 1 to 64")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -233,6 +247,15 @@ def _s3_settings(env: Mapping[str, str]) -> S3Settings:
             "DATAMESH_S3_MAX_COPY_BYTES",
             _int_between(MIN_S3_PART_BYTES, MAX_S3_PART_BYTES),
             DEFAULT_S3_MAX_COPY_BYTES,
+        ),
+        single_put_max_bytes=_get(
+            env,
+            "DATAMESH_S3_SINGLE_PUT_MAX_BYTES",
+            _int_between(0, MAX_S3_PART_BYTES),
+            DEFAULT_S3_SINGLE_PUT_MAX_BYTES,
+        ),
+        upload_concurrency=_get(
+            env, "DATAMESH_S3_UPLOAD_CONCURRENCY", _int_between(1, 64), DEFAULT_S3_UPLOAD_CONCURRENCY
         ),
         max_pool_connections=_get(
             env, "DATAMESH_S3_MAX_POOL_CONNECTIONS", _int_between(1, 1024), DEFAULT_S3_MAX_POOL_CONNECTIONS

@@ -103,6 +103,8 @@ def _open_one(
             location.path,
             part_bytes=s3.part_bytes,
             max_copy_bytes=s3.max_copy_bytes,
+            single_put_max_bytes=s3.single_put_max_bytes,
+            upload_concurrency=s3.upload_concurrency,
             retry=s3.retry,
         )
     )

@@ -2,13 +2,18 @@
 
 Writes.  S3 makes an object visible only when its PUT (or multipart completion) succeeds, so a
 reader never sees a partial object.  When the hash is known before writing (``put`` of bytes, or a
-stream no longer than one part) the bytes go straight to their final key, with ``ChecksumSHA256`` so
-S3 itself rejects bytes damaged in transit.  A longer stream is uploaded in parts of ``part_bytes`` to
-``<prefix>/.staging/<uuid>`` while it is hashed, then published under its hash by a server-side copy
-(one ``CopyObject`` up to ``max_copy_bytes``, a multipart ``UploadPartCopy`` above, since S3 copies at
-most 5 GiB at once) and the staging object is deleted.  Memory use is one part.
+stream no longer than one part) the bytes go straight to their final key: up to
+``single_put_max_bytes`` in one conditional PUT with ``ChecksumSHA256`` (S3 itself rejects bytes
+damaged in transit, and ``If-None-Match`` makes the dedup check free), above it as a multipart upload
+with ``upload_concurrency`` parts in flight.  A longer stream is uploaded in parts of ``part_bytes``
+(up to two in flight) to ``<prefix>/.staging/<uuid>`` while it is hashed, then published under
+its hash by a server-side copy (one ``CopyObject`` up to ``max_copy_bytes``, a multipart
+``UploadPartCopy`` above, since S3 copies at most 5 GiB at once) and the staging object is deleted.
+A stream's memory use is about four parts.  A failed part aborts the whole upload once the
+parts in flight have settled, so no multipart upload is left behind.
 
-Reads stream in chunks; a read cut mid-way resumes with a ``Range`` request pinned to the ETag.
+Reads.  ``get`` reads the body in one call (one allocation, hashed once); streaming reads go in
+chunks.  Either, cut mid-way, resumes with a ``Range`` request pinned to the ETag.
 
 Failures.  Every S3 call is retried with full-jitter backoff (:mod:`datamesh.core.retry`) when it
 failed transiently (connection refused or reset, timeouts, 5xx, throttling); botocore's own retries
@@ -21,7 +26,9 @@ import base64
 import contextlib
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,8 +50,14 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from datamesh.core.errors import StorageError
 from datamesh.core.retry import RetryPolicy, call_with_retry, full_jitter_delay
-from datamesh.storage.objects.base import DEFAULT_CHUNK_BYTES, ObjectMissing, ObjectStore
-from datamesh.storage.objects.config import DEFAULT_S3_MAX_COPY_BYTES, DEFAULT_S3_PART_BYTES, S3Settings
+from datamesh.storage.objects.base import DEFAULT_CHUNK_BYTES, ObjectMissing, ObjectStore, ThreadPool
+from datamesh.storage.objects.config import (
+    DEFAULT_S3_MAX_COPY_BYTES,
+    DEFAULT_S3_PART_BYTES,
+    DEFAULT_S3_SINGLE_PUT_MAX_BYTES,
+    DEFAULT_S3_UPLOAD_CONCURRENCY,
+    S3Settings,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -54,6 +67,8 @@ else:
 T = TypeVar("T")
 
 STAGING_DIR = ".staging"
+#: Parts of one stream in flight at most: a stream's memory stays a few parts (the 200 MiB test).
+STREAM_PARTS_IN_FLIGHT = 2
 
 #: Error codes S3 (and compatible servers) use for "slow down" and transient server trouble.
 RETRYABLE_CODES = frozenset(
@@ -101,7 +116,8 @@ class Staged:
 
 
 def make_client(settings: S3Settings, *, region_name: str | None = None) -> S3Client:
-    """A boto3 S3 client for ``settings`` with botocore's retries off (the store retries itself)."""
+    """A boto3 S3 client for ``settings`` with botocore's retries off (the store retries itself)
+    and its response checksum validation off (the store verifies every read itself)."""
     import boto3
     from botocore.config import Config
 
@@ -113,6 +129,9 @@ def make_client(settings: S3Settings, *, region_name: str | None = None) -> S3Cl
     )
     config = Config(
         retries={"total_max_attempts": 1, "mode": "standard"},
+        # Every read is verified against its SHA-256 key by the store; botocore checking S3's
+        # stored checksum as well would hash each object twice.  Uploads keep their checksums.
+        response_checksum_validation="when_required",
         max_pool_connections=settings.max_pool_connections,
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
@@ -133,6 +152,8 @@ class S3ObjectStore(ObjectStore[Staged]):
         *,
         part_bytes: int = DEFAULT_S3_PART_BYTES,
         max_copy_bytes: int = DEFAULT_S3_MAX_COPY_BYTES,
+        single_put_max_bytes: int = DEFAULT_S3_SINGLE_PUT_MAX_BYTES,
+        upload_concurrency: int = DEFAULT_S3_UPLOAD_CONCURRENCY,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         retry: RetryPolicy | None = None,
         owns_client: bool = False,
@@ -142,10 +163,13 @@ class S3ObjectStore(ObjectStore[Staged]):
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self.part_bytes = part_bytes
         self.max_copy_bytes = max_copy_bytes
+        self.single_put_max_bytes = single_put_max_bytes
+        self.upload_concurrency = upload_concurrency
         self.chunk_bytes = chunk_bytes
         self.retry = retry or RetryPolicy()
         self._owns_client = owns_client
         self._staging_prefix = f"{self.prefix}{STAGING_DIR}/"
+        self._uploader = ThreadPool(upload_concurrency, "datamesh-s3-part")  # threads start on first use
 
     @classmethod
     def from_settings(
@@ -158,6 +182,8 @@ class S3ObjectStore(ObjectStore[Staged]):
             prefix,
             part_bytes=settings.part_bytes,
             max_copy_bytes=settings.max_copy_bytes,
+            single_put_max_bytes=settings.single_put_max_bytes,
+            upload_concurrency=settings.upload_concurrency,
             retry=settings.retry,
             owns_client=True,
         )
@@ -171,6 +197,7 @@ class S3ObjectStore(ObjectStore[Staged]):
         return f"{self.prefix}{key[:2]}/{key}"
 
     def close(self) -> None:
+        self._uploader.shutdown()
         if self._owns_client:
             self.client.close()
 
@@ -186,13 +213,13 @@ class S3ObjectStore(ObjectStore[Staged]):
         return True
 
     def _write(self, key: str, data: bytes) -> bool:
-        if len(data) <= self.part_bytes:  # one conditional PUT: the existence check costs no request
-            return self._put_single(key, data, if_absent=True)
+        if len(data) <= max(self.part_bytes, self.single_put_max_bytes):
+            return self._put_single(key, data, if_absent=True)  # the existence check costs no request
         if self._exists(key):
             return False
-        # one part copied at a time (botocore takes bytes or files, not memoryviews)
+        # parts are sliced as they are sent (botocore takes bytes or files, not memoryviews)
         parts = (data[i : i + self.part_bytes] for i in range(0, len(data), self.part_bytes))
-        self._multipart_upload(self.key_of(key), parts)
+        self._multipart_upload(self.key_of(key), parts, self.upload_concurrency)
         return True
 
     def _stage(self, chunks: Iterable[bytes]) -> Staged:
@@ -207,7 +234,8 @@ class S3ObjectStore(ObjectStore[Staged]):
         else:  # the whole stream fits in one part: keep it, publish it with one PUT
             return Staged(pending_size, data=b"".join(pending))
         staging_key = f"{self._staging_prefix}{uuid.uuid4().hex}"
-        size = self._multipart_upload(staging_key, _rechunk(pending, iterator, self.part_bytes))
+        parts = _rechunk(pending, iterator, self.part_bytes)
+        size = self._multipart_upload(staging_key, parts, min(self.upload_concurrency, STREAM_PARTS_IN_FLIGHT))
         return Staged(size, key=staging_key)
 
     def _promote(self, token: Staged, key: str) -> None:
@@ -228,7 +256,18 @@ class S3ObjectStore(ObjectStore[Staged]):
             staging_key = token.key
             self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=staging_key))
 
+    def _read_all(self, key: str) -> bytes:
+        parts = list(self._reads(key, None))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def _open(self, key: str) -> Iterator[bytes]:
+        return self._reads(key, self.chunk_bytes)
+
+    def _reads(self, key: str, chunk_bytes: int | None) -> Iterator[bytes]:
+        """The object's bytes in chunks of ``chunk_bytes`` (``None``: the rest of the body at once).
+
+        A body cut mid-way is resumed from where it stopped by a ranged GET pinned to the ETag.
+        """
         s3_key = self.key_of(key)
         offset = 0
         etag: str | None = None
@@ -246,9 +285,14 @@ class S3ObjectStore(ObjectStore[Staged]):
             etag = response["ETag"]
             body = response["Body"]
             try:
-                for chunk in body.iter_chunks(self.chunk_bytes):
-                    offset += len(chunk)
-                    yield chunk
+                if chunk_bytes is None:
+                    rest = body.read()
+                    offset += len(rest)
+                    yield rest
+                else:
+                    for chunk in body.iter_chunks(chunk_bytes):
+                        offset += len(chunk)
+                        yield chunk
                 return
             except _CONNECTION_ERRORS:
                 failures += 1
@@ -321,31 +365,43 @@ class S3ObjectStore(ObjectStore[Staged]):
             raise
         return True
 
-    def _multipart_upload(self, s3_key: str, parts: Iterable[bytes]) -> int:
-        """Upload ``parts`` (each at least 5 MiB but the last) as one object; return its size."""
+    def _multipart_upload(self, s3_key: str, parts: Iterable[bytes], in_flight_max: int) -> int:
+        """Upload ``parts`` (each at least 5 MiB but the last) as one object; return its size.
+
+        Up to ``in_flight_max`` parts are in flight while the next one is read from ``parts``.
+        On any failure the parts in flight are left to settle, then the upload is aborted.
+        """
         created = self._call(lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=s3_key))
         upload_id = created["UploadId"]
+        uploader = self._uploader.get()
+        in_flight: deque[Future[dict[str, Any]]] = deque()
         done: list[dict[str, Any]] = []
         size = 0
         try:
             for number, part in enumerate(parts, start=1):
-                answer = self._call(
-                    lambda: self.client.upload_part(
-                        Bucket=self.bucket,
-                        Key=s3_key,
-                        UploadId=upload_id,
-                        PartNumber=number,  # noqa: B023
-                        Body=part,  # noqa: B023
-                    )
-                )
-                done.append({"PartNumber": number, "ETag": answer["ETag"]})
+                if len(in_flight) >= in_flight_max:
+                    done.append(in_flight.popleft().result())
+                in_flight.append(uploader.submit(self._upload_part, s3_key, upload_id, number, part))
                 size += len(part)
-                part = b""  # drop this part before the next one is assembled
+                del part  # the pool holds the part until it is sent, and no longer
+            while in_flight:
+                done.append(in_flight.popleft().result())
             self._complete(s3_key, upload_id, done)
         except BaseException:
+            for pending in in_flight:
+                pending.cancel()
+            wait(in_flight)
             self._abort_quietly(s3_key, upload_id)
             raise
         return size
+
+    def _upload_part(self, s3_key: str, upload_id: str, number: int, part: bytes) -> dict[str, Any]:
+        answer = self._call(
+            lambda: self.client.upload_part(
+                Bucket=self.bucket, Key=s3_key, UploadId=upload_id, PartNumber=number, Body=part
+            )
+        )
+        return {"PartNumber": number, "ETag": answer["ETag"]}
 
     def _multipart_copy(self, source_key: str, s3_key: str, size: int) -> None:
         created = self._call(lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=s3_key))
