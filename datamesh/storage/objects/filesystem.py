@@ -1,13 +1,8 @@
 """Filesystem backend of the object store: ``<root>/ab/cd/abcd…`` fan-out folders.
 
 A write goes to a temporary file in ``<root>/.staging``, is fsynced, renamed into place atomically
-and the folder is fsynced, so a crash leaves either the whole object or nothing under its key.
-
-A fan-out folder the write had to create is not synced in its parent.  On journalling filesystems
-(ext4, XFS) syncing the object's folder commits the folder's creation with it, since the journal
-commits in order; syncing the parents as well cost one more disk flush each, +60% per small put
-while a store is young and most puts still create a folder.  On a filesystem without that ordering,
-a crash could lose a young folder and the objects in it.
+and the folder is fsynced, so a crash leaves either the whole object or nothing under its key.  A
+fan-out folder the write had to create is fsynced in its parent too, or the crash could lose it.
 
 A small put costs a handful of syscalls (stat, open, write, fsync, close, rename, and the folder's
 open/fsync/close), so the hot path uses ``os`` calls on string paths rather than pathlib or tempfile.
@@ -133,15 +128,22 @@ class FilesystemObjectStore(ObjectStore[str]):
             _fsync_dir(target[: -len(key) - 1])
 
     def _make_folders(self, key: str) -> None:
-        """Create the fan-out folders of ``key`` (their entries are not synced: see the module docstring)."""
+        """Create the fan-out folders of ``key``; each new folder's entry is fsynced in its parent."""
         first = f"{self._root_str}/{key[:2]}"
-        with contextlib.suppress(FileExistsError):  # another writer made it
-            try:
-                os.mkdir(f"{first}/{key[2:4]}")
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(first)
-                os.mkdir(f"{first}/{key[2:4]}")
+        second = f"{first}/{key[2:4]}"
+        try:
+            os.mkdir(second)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):  # another writer made it
+                os.mkdir(first)
+            if self.fsync:
+                _fsync_dir(self._root_str)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(second)
+        except FileExistsError:  # another writer made it; fsync its entry anyway before acknowledging
+            pass
+        if self.fsync:
+            _fsync_dir(first)
 
     def _discard(self, token: str) -> None:
         with contextlib.suppress(FileNotFoundError):
