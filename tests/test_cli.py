@@ -115,9 +115,9 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
     )
     assert made.returncode == 0, made.stdout + made.stderr
     raw = next(line.split()[-1] for line in made.stdout.splitlines() if line.startswith("api key:"))
-    key_id = raw.split("_")[1]
+    _, key_id, secret = raw.split("_", 2)  # the secret is URL-safe base64 and may itself hold "_"
     listed = run(["-m", "datamesh", "keys", "list"], tmp_path, **env)
-    assert key_id in listed.stdout and "active" in listed.stdout and raw.split("_")[2] not in listed.stdout
+    assert key_id in listed.stdout and "active" in listed.stdout and secret not in listed.stdout
     assert run(["-m", "datamesh", "keys", "revoke", key_id], tmp_path, **env).returncode == 0
     assert "revoked" in run(["-m", "datamesh", "keys", "list", "--tenant", "acme"], tmp_path, **env).stdout
     assert run(["-m", "datamesh", "keys", "revoke", "0000000000000000"], tmp_path, **env).returncode == 1
