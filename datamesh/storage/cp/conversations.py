@@ -99,6 +99,12 @@ def turns_of_saga(conn: Connection, saga_id: str) -> list[TurnRow]:
     return [_turn(r) for r in conn.execute(select(TURNS).where(TURNS.c.saga_id == saga_id))]
 
 
+def seqs_of_saga(conn: Connection, saga_id: str) -> dict[str, int]:
+    """``turn_id → seq`` of the turns a saga committed (what its caller is answered; two columns only)."""
+    rows = conn.execute(select(TURNS.c.turn_id, TURNS.c.seq).where(TURNS.c.saga_id == saga_id))
+    return {turn_id: seq for turn_id, seq in rows}
+
+
 def turns_by_ids(conn: Connection, turn_ids: Sequence[str]) -> dict[str, tuple[TurnRow, ConversationRow]]:
     """Turns by turn id, each with its conversation (the search path's CP lookup)."""
     found: dict[str, tuple[TurnRow, ConversationRow]] = {}
