@@ -12,6 +12,7 @@ Parsing never raises: ``parse`` returns ``Err(ValidationError)`` naming the fiel
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -82,13 +83,13 @@ class _UuidId:
         """Parse a UUID string (or accept an instance); ``Err`` names ``field``."""
         if isinstance(raw, cls):
             return Ok(raw)
-        name = field or _field_name(cls.__name__)
-        parsed = _parse_uuid(raw, name)
+        parsed = _parse_uuid(raw, field or _field_name(cls.__name__))
         if isinstance(parsed, Err):
             return parsed
         return Ok(cls(parsed.value))
 
 
+@functools.cache
 def _field_name(class_name: str) -> str:
     return re.sub(r"(?<!^)([A-Z])", r"_\1", class_name).lower()
 

@@ -34,7 +34,7 @@ from datamesh.core.types import ConversationId, EntityId, GeoRegion, TurnId
 from datamesh.observability import logs, metrics
 from datamesh.pipeline.reads import verified_content
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.record import turn_key
+from datamesh.storage.ap.record import turn_key_of
 from datamesh.storage.cp import conversations, index_outbox
 from datamesh.storage.cp.index_outbox import OutboxRow
 from datamesh.storage.cp.sql import utcnow
@@ -286,11 +286,7 @@ def documents_of(
 
 
 def _key(entity_id: str, turn: conversations.TurnRow) -> bytes:
-    return turn_key(
-        EntityId.parse(entity_id).unwrap(),
-        ConversationId.parse(turn.conversation_id).unwrap(),
-        TurnId.parse(turn.turn_id).unwrap(),
-    )
+    return turn_key_of(entity_id, turn.conversation_id, turn.turn_id)
 
 
 def _text(data: bytes) -> str:

@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-from uuid import UUID
 
 from sqlalchemy.engine import Connection
 
@@ -29,7 +28,7 @@ from datamesh.observability.instrument import saga_step
 from datamesh.pipeline.plan import LOCATION_AP, ItemPlan, SagaPlan
 from datamesh.pipeline.prepare import Prepared, blobs_of
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.record import Payload, TurnContent
+from datamesh.storage.ap.record import Payload, TurnContent, turn_key_of
 from datamesh.storage.cp import conversations, idempotency, index_outbox, object_refs, provenance, sagas
 from datamesh.storage.cp.provenance import ProvenanceKind
 from datamesh.storage.cp.sagas import SagaStatus, StepState
@@ -263,7 +262,7 @@ def _payload(data: bytes, location: str, sha256: str) -> Payload:
 
 def _key(item: ItemPlan) -> bytes:
     """The AP key of an item (see :func:`datamesh.storage.ap.record.turn_key` for the layout)."""
-    return UUID(item.entity_id).bytes + UUID(item.conversation_id).bytes + UUID(item.turn_id).bytes
+    return turn_key_of(item.entity_id, item.conversation_id, item.turn_id)
 
 
 # ---- commit_cp: the pivot -------------------------------------------------------------------
