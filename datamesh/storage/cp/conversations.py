@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, text, update
+from sqlalchemy import String, Table, any_, bindparam, select, text, update
+from sqlalchemy import cast as cast_
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from datamesh.models.tables import Conversation, Turn
@@ -51,11 +53,20 @@ class TurnRow:
 
 
 def get_many(conn: Connection, ids: Sequence[str]) -> dict[str, ConversationRow]:
+    """Conversations by id: one ``= ANY(array)`` query on PostgreSQL, chunks of ``IN`` on SQLite."""
     found: dict[str, ConversationRow] = {}
     unique = list(dict.fromkeys(ids))
-    for start in range(0, len(unique), 400):
-        rows = conn.execute(select(CONVERSATIONS).where(CONVERSATIONS.c.id.in_(unique[start : start + 400])))
-        for r in rows:
+    if not unique:
+        return found
+    if conn.dialect.name == "postgresql":
+        chunks = [select(CONVERSATIONS).where(CONVERSATIONS.c.id == any_(cast_(unique, ARRAY(String))))]
+    else:
+        chunks = [
+            select(CONVERSATIONS).where(CONVERSATIONS.c.id.in_(unique[start : start + 400]))
+            for start in range(0, len(unique), 400)
+        ]
+    for query in chunks:
+        for r in conn.execute(query):
             found[r.id] = _conversation(r)
     return found
 
