@@ -25,6 +25,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from uuid import UUID
 
 from sqlalchemy.engine import Connection
 
@@ -270,11 +271,11 @@ def documents_of(
             return verified
         prompt_bytes, response_bytes, embedding = verified.value
         docs.append(
-            IndexDocument(
-                ConversationId.parse(t.conversation_id).unwrap(),
-                TurnId.parse(t.turn_id).unwrap(),
+            IndexDocument(  # ids as the CP tier stores them (canonical): no pattern check per id
+                ConversationId(UUID(t.conversation_id)),
+                TurnId(UUID(t.turn_id)),
                 conversation.tenant,
-                EntityId.parse(conversation.entity_id).unwrap(),
+                EntityId(UUID(conversation.entity_id)),
                 region,
                 t.created_at,
                 _text(prompt_bytes),
