@@ -4,7 +4,7 @@ raw baseline, in the same run.
     python bench/bench_celery.py [--processes 1,2,4] [--batch-sizes 100,1000,5000] [--turns 10000]
 
 Needs Redis (``--broker``, default database 6 of the local server, flushed) and PostgreSQL
-(``--pg``, default the test database; a fresh schema is created and dropped).  Data: the AlpacaEval
+(``--pg``, default the test database; a fresh schema per executor run, dropped at the end).  Data: the AlpacaEval
 outputs in ../shared/data, fresh entity ids per batch so nothing is deduplicated, all in one region.
 
 * celery: ``python -m datamesh worker --role all --processes N`` (N Celery workers of one process,
@@ -101,6 +101,16 @@ def wait_ready(config: DataMeshConfig, count: int) -> None:
             raise SystemExit("workers did not start")
 
 
+def owed(pg_url: str) -> int:
+    """Index outbox rows not yet done (one per committed saga and region)."""
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM index_outbox")).scalar_one())
+    finally:
+        engine.dispose()
+
+
 def raw_baseline(root: Path, pg_url: str, rows: list[tuple[bytes, bytes]], size: int, turns: int) -> Row:
     engine = create_engine(pg_url)
     with engine.begin() as conn:
@@ -165,26 +175,39 @@ async def main() -> None:
         f"data: {len(rows)} AlpacaEval turns; machine: {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at start"
     )
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    prefix = f"bench_{uuid.uuid4().hex[:10]}"
     admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    pg_url = f"{args.pg}?options=-csearch_path%3D{schema}"
+    schemas: list[str] = []
+
+    def fresh_schema(name: str) -> str:
+        """A migrated schema of its own per executor run: an indexer never meets another run's outbox
+        rows, whose content lives in that run's data folder."""
+        schema = f"{prefix}_{name}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        schemas.append(schema)
+        url = f"{args.pg}?options=-csearch_path%3D{schema}"
+        db = CpDatabase.open(url).unwrap()
+        migrate.upgrade(db).unwrap()
+        db.dispose()
+        return url
+
     results: list[tuple[str, Row]] = []
 
     def report(who: str, row: Row) -> None:
         results.append((who, row))
         print(f"{who:16} {row[0]:44} {row[1]:9.0f} {row[2]:9.1f} {row[3]:9.1f}", flush=True)
 
+    def report_backlog(url: str) -> None:
+        print(f"  index outbox rows still owed: {owed(url)} (sagas committed, not yet indexed)", flush=True)
+
     print(f"{'executor':16} {'measurement':44} {'conv/s':>9} {'p50 ms':>9} {'p99 ms':>9}", flush=True)
     try:
-        db = CpDatabase.open(pg_url).unwrap()
-        migrate.upgrade(db).unwrap()
-        db.dispose()
         with tempfile.TemporaryDirectory(prefix="datamesh-bench-celery-") as tmp:
             root = Path(tmp)
             for processes in counts:
                 redis.Redis.from_url(args.broker).flushdb()
+                pg_url = fresh_schema(f"celery{processes}")
                 config = DataMeshConfig(
                     data_dir=root / f"celery-{processes}",
                     cp_url=pg_url,
@@ -209,21 +232,26 @@ async def main() -> None:
                             clients = max(2, 2 * processes)
                             row = await run_batches(p, rows, size, max(args.turns, size * clients), clients)
                             report(f"celery {processes} proc", row)
+                    report_backlog(pg_url)
                 finally:
                     workers.terminate()
                     workers.wait(timeout=30)
+            local_url = fresh_schema("local")
             local = DataMeshConfig(
-                data_dir=root / "local", cp_url=pg_url, ingest_rate=1e9, ingest_burst=10**9, max_in_flight=10**6
+                data_dir=root / "local", cp_url=local_url, ingest_rate=1e9, ingest_burst=10**9, max_in_flight=10**6
             )
             async with (await IngestionPipeline.create(local)).unwrap() as p:
                 await run_batches(p, rows, 100, 200, 1)
                 for size in sizes:
                     report("local executor", await run_batches(p, rows, size, max(args.turns, size * 2), 2))
+                report_backlog(local_url)
+            raw_url = fresh_schema("raw")
             for size in sizes:
-                report("raw baseline", raw_baseline(root, pg_url, rows, size, max(args.turns, size)))
+                report("raw baseline", raw_baseline(root, raw_url, rows, size, max(args.turns, size)))
     finally:
         with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+            for schema in schemas:
+                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
         redis.Redis.from_url(args.broker).flushdb()
     print(f"load average at end: {os.getloadavg()[0]:.1f} (the machine is shared: numbers move with other users' load)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import typing
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from datamesh.core import errors
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.result import Err, Ok, UnwrapError
 from datamesh.core.retry import RetryPolicy, call_with_retry, full_jitter_delay
-from datamesh.core.types import ContentHash, ConversationId, EntityId, GeoRegion, uuid7
+from datamesh.core.types import ContentHash, ConversationId, EntityId, GeoRegion, uuid7, uuid7_text
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -134,3 +135,13 @@ def test_retry_full_jitter_and_bound() -> None:
         call_with_retry(lambda: (_ for _ in ()).throw(ConnectionError("always")), lambda e: True, policy)
     with pytest.raises(KeyError):  # not retryable: raised at once
         call_with_retry(lambda: {}["x"], lambda e: isinstance(e, ConnectionError), policy)
+
+
+def test_uuid7_text_is_the_canonical_form_and_ordered() -> None:
+    # Given ids made as text in a burst (many share a millisecond), interleaved with UUID ones
+    texts = [uuid7_text() if n % 2 else str(uuid7()) for n in range(5000)]
+    # Then each is a canonical version-7 UUID string, and they sort in creation order, all distinct
+    assert all(
+        str(uuid.UUID(t)) == t and uuid.UUID(t).version == 7 and uuid.UUID(t).variant == uuid.RFC_4122 for t in texts
+    )
+    assert texts == sorted(texts) and len(set(texts)) == len(texts)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import AccessDenied, NotFound, ValidationError
 from datamesh.core.principal import Principal, Role
@@ -91,3 +93,26 @@ def test_chain_hash_is_the_canonical_encoding() -> None:
         )
         expected = hashlib.sha256(reference.encode()).hexdigest()
         assert provenance.chain_hash("cid-1", seq, "turn_ingested", body, "f" * 64) == expected
+
+
+@pytest.mark.parametrize("embedding", [True, False])
+@pytest.mark.parametrize("location", ["eu-west/shard-003", "us-east/" + "c" * 64, 'odd "place" \\ é\n'])
+def test_ingest_bodies_are_the_canonical_encoding(embedding: bool, location: str) -> None:
+    # Given the fields of a turn's two ingest events
+    ids = {"turn_id": "01a21901-35a3-7091-a38c-e75f2978211f", "saga_id": "01a21901-35a3-7091-a38c-e75f29782120"}
+    sizes = {"prompt_sha256": "a" * 64, "prompt_size": 12, "response_sha256": "b" * 64, "response_size": 10**10}
+    # When their bodies are spelled out by hand
+    ingested = provenance.turn_ingested(turn_seq=7, **ids, **sizes)  # type: ignore[arg-type]
+    stored = provenance.content_stored(
+        turn_id=ids["turn_id"], prompt=("ap", location), response=("objects", location), embedding=embedding
+    )
+    # Then they are the canonical JSON of the same bodies
+    assert ingested == provenance.canonical({"turn_seq": 7, **ids, **sizes})
+    assert stored == provenance.canonical(
+        {
+            "turn_id": ids["turn_id"],
+            "prompt": {"tier": "ap", "location": location},
+            "response": {"tier": "objects", "location": location},
+            "embedding": embedding,
+        }
+    )

@@ -14,22 +14,33 @@ import struct
 from datamesh.pipeline.request import ValidRequest
 
 DERIVED_PREFIX = "sha256:"
+_ascii = json.encoder.encode_basestring_ascii
 
 
 def request_digest(request: ValidRequest, prompt_sha256: str, response_sha256: str) -> str:
     """SHA-256 over a canonical encoding of the request's defining fields."""
-    canonical = {
-        "entity": str(request.entity_id),
-        "region": request.region.value,
-        "conversation": str(request.conversation_id) if request.conversation_id else None,
-        "prompt": prompt_sha256,
-        "response": response_sha256,
-        "metadata": sorted(request.metadata.items()),
-    }
-    sha = hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode())
+    sha = hashlib.sha256(canonical_request(request, prompt_sha256, response_sha256).encode())
     if request.embedding is not None:
         sha.update(struct.pack(f"<{len(request.embedding)}d", *request.embedding))
     return sha.hexdigest()
+
+
+def canonical_request(request: ValidRequest, prompt_sha256: str, response_sha256: str) -> str:
+    """``json.dumps`` of the defining fields with sorted keys, compact separators and ASCII escapes.
+
+    Spelled out in key order because it runs once per ingested turn; a test checks it against
+    ``json.dumps`` (the digests of stored keys depend on these exact bytes).
+    """
+    conversation = _ascii(str(request.conversation_id)) if request.conversation_id else "null"
+    metadata = json.dumps(sorted(request.metadata.items()), separators=(",", ":")) if request.metadata else "[]"
+    return '{"conversation":%s,"entity":%s,"metadata":%s,"prompt":%s,"region":%s,"response":%s}' % (  # noqa: UP031
+        conversation,
+        _ascii(str(request.entity_id)),
+        metadata,
+        _ascii(prompt_sha256),
+        _ascii(request.region.value),
+        _ascii(response_sha256),
+    )
 
 
 def idempotency_key(request: ValidRequest, digest: str) -> str:

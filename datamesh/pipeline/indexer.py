@@ -25,6 +25,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from uuid import UUID
 
 from sqlalchemy.engine import Connection
 
@@ -34,7 +35,7 @@ from datamesh.core.types import ConversationId, EntityId, GeoRegion, TurnId
 from datamesh.observability import logs, metrics
 from datamesh.pipeline.reads import verified_content
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.record import turn_key
+from datamesh.storage.ap.record import turn_key_of
 from datamesh.storage.cp import conversations, index_outbox
 from datamesh.storage.cp.index_outbox import OutboxRow
 from datamesh.storage.cp.sql import utcnow
@@ -270,11 +271,11 @@ def documents_of(
             return verified
         prompt_bytes, response_bytes, embedding = verified.value
         docs.append(
-            IndexDocument(
-                ConversationId.parse(t.conversation_id).unwrap(),
-                TurnId.parse(t.turn_id).unwrap(),
+            IndexDocument(  # ids as the CP tier stores them (canonical): no pattern check per id
+                ConversationId(UUID(t.conversation_id)),
+                TurnId(UUID(t.turn_id)),
                 conversation.tenant,
-                EntityId.parse(conversation.entity_id).unwrap(),
+                EntityId(UUID(conversation.entity_id)),
                 region,
                 t.created_at,
                 _text(prompt_bytes),
@@ -286,11 +287,7 @@ def documents_of(
 
 
 def _key(entity_id: str, turn: conversations.TurnRow) -> bytes:
-    return turn_key(
-        EntityId.parse(entity_id).unwrap(),
-        ConversationId.parse(turn.conversation_id).unwrap(),
-        TurnId.parse(turn.turn_id).unwrap(),
-    )
+    return turn_key_of(entity_id, turn.conversation_id, turn.turn_id)
 
 
 def _text(data: bytes) -> str:

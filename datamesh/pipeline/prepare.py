@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from datamesh.core.types import ContentHash, ConversationId, TurnId
+from datamesh.core.types import ContentHash, uuid7_text
 from datamesh.pipeline.dedup import idempotency_key, request_digest
 from datamesh.pipeline.plan import LOCATION_AP, LOCATION_OBJECTS, BlobPlan, ItemPlan
 from datamesh.pipeline.request import ValidRequest
@@ -25,14 +25,13 @@ class Prepared:
     def to_item(self, *, inline_max_bytes: int, shard_count: int) -> ItemPlan:
         r = self.request
         new = r.conversation_id is None
-        conversation = ConversationId.generate() if new else r.conversation_id
         return ItemPlan(
             index=self.index,
             idempotency_key=self.key,
             request_sha256=self.digest,
-            conversation_id=str(conversation),
+            conversation_id=uuid7_text() if r.conversation_id is None else str(r.conversation_id),
             new_conversation=new,
-            turn_id=str(TurnId.generate()),
+            turn_id=uuid7_text(),
             entity_id=str(r.entity_id),
             region=r.region.value,
             shard=shard_for(r.entity_id.value.bytes, shard_count),

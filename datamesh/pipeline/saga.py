@@ -139,13 +139,9 @@ def _message(error: object) -> str:
 
 
 def _committed_by_other(tiers: Tiers, plan: SagaPlan) -> list[Committed]:
-    rows = tiers.cp.run(lambda c: conversations.turns_of_saga(c, plan.saga_id), operation="saga.load", write=False)
-    by_turn = {r.turn_id: r for r in rows.unwrap_or([])}
-    return [
-        Committed(i.index, i.conversation_id, i.turn_id, by_turn[i.turn_id].seq)
-        for i in plan.items
-        if i.turn_id in by_turn
-    ]
+    rows = tiers.cp.run(lambda c: conversations.seqs_of_saga(c, plan.saga_id), operation="saga.load", write=False)
+    seqs = rows.unwrap_or({})
+    return [Committed(i.index, i.conversation_id, i.turn_id, seqs[i.turn_id]) for i in plan.items if i.turn_id in seqs]
 
 
 @dataclass(frozen=True, slots=True)

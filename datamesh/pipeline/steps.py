@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-from uuid import UUID
 
 from sqlalchemy.engine import Connection
 
@@ -29,7 +28,7 @@ from datamesh.observability.instrument import saga_step
 from datamesh.pipeline.plan import LOCATION_AP, ItemPlan, SagaPlan
 from datamesh.pipeline.prepare import Prepared, blobs_of
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.record import Payload, TurnContent
+from datamesh.storage.ap.record import Payload, TurnContent, turn_key_of
 from datamesh.storage.cp import conversations, idempotency, index_outbox, object_refs, provenance, sagas
 from datamesh.storage.cp.provenance import ProvenanceKind
 from datamesh.storage.cp.sagas import SagaStatus, StepState
@@ -263,7 +262,7 @@ def _payload(data: bytes, location: str, sha256: str) -> Payload:
 
 def _key(item: ItemPlan) -> bytes:
     """The AP key of an item (see :func:`datamesh.storage.ap.record.turn_key` for the layout)."""
-    return UUID(item.entity_id).bytes + UUID(item.conversation_id).bytes + UUID(item.turn_id).bytes
+    return turn_key_of(item.entity_id, item.conversation_id, item.turn_id)
 
 
 # ---- commit_cp: the pivot -------------------------------------------------------------------
@@ -287,7 +286,7 @@ def commit_cp(tiers: Tiers, plan: SagaPlan) -> Result[list[Committed], StorageEr
         counts = {cid: row.turn_count for cid, row in existing.items()}
         new_rows: list[dict[str, Any]] = []
         turn_rows: list[dict[str, Any]] = []
-        events: list[tuple[str, ProvenanceKind, dict[str, Any]]] = []
+        events: list[tuple[str, ProvenanceKind, str]] = []
         done: list[Committed] = []
         for item in plan.items:
             if item.new_conversation and item.conversation_id not in counts:
@@ -359,29 +358,27 @@ def _turn_row(saga_id: str, item: ItemPlan, seq: int, now: Any) -> dict[str, Any
     }
 
 
-def _events(
-    saga_id: str, item: ItemPlan, seq: int, shard_path: Any
-) -> list[tuple[str, ProvenanceKind, dict[str, Any]]]:
-    def where(location: str, sha256: str) -> dict[str, str]:
+def _events(saga_id: str, item: ItemPlan, seq: int, shard_path: Any) -> list[tuple[str, ProvenanceKind, str]]:
+    def where(location: str, sha256: str) -> tuple[str, str]:
         if location == LOCATION_AP:
-            return {"tier": "ap", "location": f"{item.region}/shard-{item.shard:03d}"}
-        return {"tier": "objects", "location": f"{item.region}/{sha256}"}
+            return ("ap", f"{item.region}/shard-{item.shard:03d}")
+        return ("objects", f"{item.region}/{sha256}")
 
-    ingested = {
-        "turn_id": item.turn_id,
-        "turn_seq": seq,
-        "saga_id": saga_id,
-        "prompt_sha256": item.prompt_sha256,
-        "prompt_size": item.prompt_size,
-        "response_sha256": item.response_sha256,
-        "response_size": item.response_size,
-    }
-    stored = {
-        "turn_id": item.turn_id,
-        "prompt": where(item.prompt_location, item.prompt_sha256),
-        "response": where(item.response_location, item.response_sha256),
-        "embedding": item.has_embedding,
-    }
+    ingested = provenance.turn_ingested(
+        turn_id=item.turn_id,
+        turn_seq=seq,
+        saga_id=saga_id,
+        prompt_sha256=item.prompt_sha256,
+        prompt_size=item.prompt_size,
+        response_sha256=item.response_sha256,
+        response_size=item.response_size,
+    )
+    stored = provenance.content_stored(
+        turn_id=item.turn_id,
+        prompt=where(item.prompt_location, item.prompt_sha256),
+        response=where(item.response_location, item.response_sha256),
+        embedding=item.has_embedding,
+    )
     return [
         (item.conversation_id, ProvenanceKind.TURN_INGESTED, ingested),
         (item.conversation_id, ProvenanceKind.CONTENT_STORED, stored),

@@ -95,20 +95,17 @@ class CeleryExecutor:
         deadline = time.monotonic() + self.config.saga_wait_s
         key = DONE_KEY.format(plan.saga_id)
         while True:
-            status = self.tiers.cp.run(lambda c: sagas.status_of(c, plan.saga_id), operation="saga.wait", write=False)
-            if isinstance(status, Ok) and status.value in FINAL:
-                record = self.tiers.cp.run(lambda c: sagas.load(c, plan.saga_id), operation="saga.wait", write=False)
-                if isinstance(record, Err) or record.value is None:
-                    continue
-                saga = record.value
-                if saga.status == SagaStatus.COMMITTED:
+            found = self.tiers.cp.run(lambda c: sagas.outcome_of(c, plan.saga_id), operation="saga.wait", write=False)
+            if isinstance(found, Ok) and found.value is not None and found.value[0] in FINAL:
+                status, failed_step, error = found.value
+                if status == SagaStatus.COMMITTED:
                     return Ok(_committed_by_other(self.tiers, plan))
                 return Err(
                     SagaFailed(
                         plan.saga_id,
-                        saga.failed_step or "-",
-                        saga.error or "compensated",
-                        dead_lettered=saga.status == SagaStatus.DEAD,
+                        failed_step or "-",
+                        error or "compensated",
+                        dead_lettered=status == SagaStatus.DEAD,
                     )
                 )
             left = deadline - time.monotonic()

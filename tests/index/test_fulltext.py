@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from datamesh.core.errors import ValidationError
@@ -95,3 +97,17 @@ def test_query_without_searchable_characters_is_a_validation_error(index: Search
     result = index.search('  " ** ', tenant="acme")
     assert isinstance(result.error, ValidationError)
     assert result.error.field == "text"
+
+
+def test_indexing_a_turn_again_replaces_it(index: SearchIndex) -> None:
+    # Given a turn indexed once
+    first = make_doc("zebra crossing", "an old answer")
+    assert index.add_many([first]).unwrap() == 1
+    # When it is indexed again with new text, twice in one call (an outbox row redone)
+    again = dataclasses.replace(first, response="a new answer about giraffes")
+    index.add_many([again, dataclasses.replace(again, response="the newest answer about okapis")]).unwrap()
+    # Then one document remains, with the last text only
+    assert index.count().unwrap() == 1
+    assert [str(h.turn_id) for h in index.search("okapis", tenant="acme").unwrap()] == [str(first.turn_id)]
+    assert index.search("giraffes", tenant="acme").unwrap() == []
+    assert index.search("old", tenant="acme").unwrap() == []

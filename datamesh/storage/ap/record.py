@@ -90,6 +90,14 @@ def turn_key(entity: EntityId, conversation: ConversationId, turn: TurnId) -> by
     return entity.value.bytes + conversation.value.bytes + turn.value.bytes
 
 
+def turn_key_of(entity_id: str, conversation_id: str, turn_id: str) -> bytes:
+    """:func:`turn_key` from the ids' text form (as the CP tier stores them), without building UUIDs."""
+    key = bytes.fromhex(entity_id.replace("-", "") + conversation_id.replace("-", "") + turn_id.replace("-", ""))
+    if len(key) != 48:
+        raise ValueError(f"not three UUIDs: {entity_id!r}, {conversation_id!r}, {turn_id!r}")
+    return key
+
+
 def entity_prefix(entity: EntityId) -> bytes:
     return entity.value.bytes
 

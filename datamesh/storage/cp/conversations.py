@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, text, update
+from sqlalchemy import String, Table, any_, bindparam, select, text, update
+from sqlalchemy import cast as cast_
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from datamesh.models.tables import Conversation, Turn
@@ -51,11 +53,20 @@ class TurnRow:
 
 
 def get_many(conn: Connection, ids: Sequence[str]) -> dict[str, ConversationRow]:
+    """Conversations by id: one ``= ANY(array)`` query on PostgreSQL, chunks of ``IN`` on SQLite."""
     found: dict[str, ConversationRow] = {}
     unique = list(dict.fromkeys(ids))
-    for start in range(0, len(unique), 400):
-        rows = conn.execute(select(CONVERSATIONS).where(CONVERSATIONS.c.id.in_(unique[start : start + 400])))
-        for r in rows:
+    if not unique:
+        return found
+    if conn.dialect.name == "postgresql":
+        chunks = [select(CONVERSATIONS).where(CONVERSATIONS.c.id == any_(cast_(unique, ARRAY(String))))]
+    else:
+        chunks = [
+            select(CONVERSATIONS).where(CONVERSATIONS.c.id.in_(unique[start : start + 400]))
+            for start in range(0, len(unique), 400)
+        ]
+    for query in chunks:
+        for r in conn.execute(query):
             found[r.id] = _conversation(r)
     return found
 
@@ -97,6 +108,12 @@ def turns_of(conn: Connection, conversation_id: str) -> list[TurnRow]:
 
 def turns_of_saga(conn: Connection, saga_id: str) -> list[TurnRow]:
     return [_turn(r) for r in conn.execute(select(TURNS).where(TURNS.c.saga_id == saga_id))]
+
+
+def seqs_of_saga(conn: Connection, saga_id: str) -> dict[str, int]:
+    """``turn_id → seq`` of the turns a saga committed (what its caller is answered; two columns only)."""
+    rows = conn.execute(select(TURNS.c.turn_id, TURNS.c.seq).where(TURNS.c.saga_id == saga_id))
+    return {turn_id: seq for turn_id, seq in rows}
 
 
 def turns_by_ids(conn: Connection, turn_ids: Sequence[str]) -> dict[str, tuple[TurnRow, ConversationRow]]:

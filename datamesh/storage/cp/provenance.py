@@ -87,6 +87,53 @@ def chain_hash(conversation_id: str, seq: int, kind: str, body_json: str, prev_h
     return hashlib.sha256(encoded.encode()).hexdigest()
 
 
+_TURN_INGESTED = (
+    '{"prompt_sha256":%s,"prompt_size":%d,"response_sha256":%s,"response_size":%d,'
+    '"saga_id":%s,"turn_id":%s,"turn_seq":%d}'
+)
+_CONTENT_STORED = (
+    '{"embedding":%s,"prompt":{"location":%s,"tier":%s},"response":{"location":%s,"tier":%s},"turn_id":%s}'
+)
+
+
+def turn_ingested(
+    *,
+    turn_id: str,
+    turn_seq: int,
+    saga_id: str,
+    prompt_sha256: str,
+    prompt_size: int,
+    response_sha256: str,
+    response_size: int,
+) -> str:
+    """The canonical body of a ``turn_ingested`` event (content hashes and sizes).
+
+    Spelled out in key order, like :func:`chain_hash`, because the pivot writes one per turn; a
+    test checks it against :func:`canonical` of the same fields.
+    """
+    return _TURN_INGESTED % (
+        _string(prompt_sha256),
+        prompt_size,
+        _string(response_sha256),
+        response_size,
+        _string(saga_id),
+        _string(turn_id),
+        turn_seq,
+    )
+
+
+def content_stored(*, turn_id: str, prompt: tuple[str, str], response: tuple[str, str], embedding: bool) -> str:
+    """The canonical body of a ``content_stored`` event; ``prompt`` and ``response`` are ``(tier, location)``."""
+    return _CONTENT_STORED % (
+        "true" if embedding else "false",
+        _string(prompt[1]),
+        _string(prompt[0]),
+        _string(response[1]),
+        _string(response[0]),
+        _string(turn_id),
+    )
+
+
 def heads(conn: Connection, conversation_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
     """The last ``(seq, record_hash)`` of each conversation that has records."""
     if not conversation_ids:
@@ -107,14 +154,15 @@ def heads(conn: Connection, conversation_ids: Sequence[str]) -> dict[str, tuple[
 
 def append_many(
     conn: Connection,
-    events: Sequence[tuple[str, ProvenanceKind, Mapping[str, Any]]],
+    events: Sequence[tuple[str, ProvenanceKind, Mapping[str, Any] | str]],
     *,
     now: datetime,
     known_new: frozenset[str] = frozenset(),
 ) -> None:
     """Append ``(conversation_id, kind, body)`` events in order, with one set-based insert.
 
-    ``known_new`` names conversations created in this transaction (no head to look up).
+    ``known_new`` names conversations created in this transaction (no head to look up).  A body
+    given as a string is already canonical (:func:`turn_ingested`, :func:`content_stored`).
     """
     if not events:
         return
@@ -125,7 +173,7 @@ def append_many(
     for conversation_id, kind, body in events:
         seq, prev = state.get(conversation_id, (-1, GENESIS))
         seq += 1
-        body_json = canonical(body)
+        body_json = body if isinstance(body, str) else canonical(body)
         record_hash = chain_hash(conversation_id, seq, kind.value, body_json, prev)
         rows.append(
             {

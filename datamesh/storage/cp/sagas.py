@@ -209,6 +209,12 @@ def status_of(conn: Connection, saga_id: str) -> SagaStatus | None:
     return SagaStatus(row.status) if row else None
 
 
+def outcome_of(conn: Connection, saga_id: str) -> tuple[SagaStatus, str | None, str | None] | None:
+    """``(status, failed_step, error)`` of a saga: what its waiting caller answers (not the plan)."""
+    row = conn.execute(select(SAGAS.c.status, SAGAS.c.failed_step, SAGAS.c.error).where(SAGAS.c.id == saga_id)).first()
+    return (SagaStatus(row.status), row.failed_step, row.error) if row else None
+
+
 def load(conn: Connection, saga_id: str) -> SagaRecord | None:
     row = conn.execute(select(SAGAS).where(SAGAS.c.id == saga_id)).first()
     if row is None:

@@ -54,9 +54,8 @@ def bulk_insert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
         conn.execute(table.insert(), list(rows))
         return
     columns = list(rows[0])
-    buffer = io.StringIO()
-    buffer.writelines(["\t".join([_copy_value(row[c]) for c in columns]) + "\n" for row in rows])
-    buffer.seek(0)
+    formatted = [_copy_column([row[c] for row in rows]) for c in columns]
+    buffer = io.StringIO("\n".join(map("\t".join, zip(*formatted, strict=True))) + "\n")
     quoted = ", ".join(f'"{c}"' for c in columns)
     statement = f'COPY "{table.name}" ({quoted}) FROM STDIN'
     dbapi_error: type[Exception] = conn.dialect.loaded_dbapi.Error
@@ -87,6 +86,24 @@ _COPY_FORMAT: dict[type, Any] = {
     type(None): lambda _: "\\N",
     datetime: datetime.isoformat,
 }
+
+
+def _copy_column(values: list[Any]) -> list[str]:
+    """One column of a COPY, formatted column-wise: a batch's columns are mostly one repeated value
+    (the transaction's timestamp, the saga id, the tenant) or ids and hashes that need no escaping.
+    """
+    first = values[0]
+    if all(v is first for v in values):
+        return [_copy_value(first)] * len(values)
+    kinds = set(map(type, values))
+    if kinds == {str}:
+        joined = "".join(values)
+        if "\\" in joined or "\t" in joined or "\n" in joined or "\r" in joined:
+            return [_copy_str(v) for v in values]
+        return values
+    if kinds == {int}:
+        return list(map(str, values))
+    return [_copy_value(v) for v in values]
 
 
 def _copy_value(value: object) -> str:

@@ -54,6 +54,7 @@ SNIPPET_OPEN = "["
 SNIPPET_CLOSE = "]"
 SNIPPET_TOKENS = 16
 PREVIEW_CHARS = 160
+_LOOKUP_CHUNK = 500  # turn ids per IN (...) lookup, under SQLite's variable limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +148,9 @@ class FullTextStore:
         rowids: list[int] = []
         replaced: list[int] = []
         with self._tx() as db:
+            present = self._present(db, [str(doc.turn_id) for doc in docs])
             for doc, blob in zip(docs, embeddings, strict=True):
-                old = db.execute("SELECT id, tenant FROM docs WHERE turn_id = ?", (str(doc.turn_id),)).fetchone()
+                old = present.get(str(doc.turn_id))
                 if old is not None:
                     db.execute(f"DELETE FROM {self._table(db, old[1])} WHERE rowid = ?", (old[0],))
                     db.execute("DELETE FROM docs WHERE id = ?", (old[0],))
@@ -172,7 +174,22 @@ class FullTextStore:
                     (rowid, segment(doc.prompt), segment(doc.response)),
                 )
                 rowids.append(rowid)
+                present[str(doc.turn_id)] = (rowid, doc.tenant)  # a second copy in this call replaces this one
         return rowids, replaced
+
+    @staticmethod
+    def _present(db: sqlite3.Connection, turn_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """``turn_id → (rowid, tenant)`` of the documents already indexed among ``turn_ids`` (chunked lookups)."""
+        found: dict[str, tuple[int, str]] = {}
+        unique = list(dict.fromkeys(turn_ids))
+        for start in range(0, len(unique), _LOOKUP_CHUNK):
+            chunk = unique[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for turn_id, rowid, tenant in db.execute(
+                f"SELECT turn_id, id, tenant FROM docs WHERE turn_id IN ({marks})", chunk
+            ):
+                found[turn_id] = (int(rowid), tenant)
+        return found
 
     def delete_where(self, column: str, values: Sequence[str]) -> list[int]:
         """Delete every document whose ``column`` (conversation_id or entity_id) is in ``values``.

@@ -48,6 +48,8 @@ _WORDLIKE = re.compile(r"\w", re.UNICODE)
 def segment(text: str) -> str:
     """The text as indexed: each character of an unspaced script becomes its own token."""
     cleaned = text.replace(SEGMENT_MARK, " ")
+    if _UNSPACED_CHAR.search(cleaned) is None:
+        return cleaned  # most text: nothing to mark, and no template to expand per call
     return _UNSPACED_CHAR.sub(SEGMENT_MARK + r"\1" + SEGMENT_MARK, cleaned)
 
 
