@@ -267,6 +267,21 @@ def decode_blocks(datas: Sequence[bytes], width: int) -> Columns:
     )
 
 
+def from_parts(parts: Sequence[bytes], width: int) -> Columns | None:
+    """Columns of a batch given as :func:`.format.entry_parts` (no copy of keys or values), or
+    None if its keys are not all ``width`` bytes wide."""
+    _, flags, key_lens, value_lens, keys, values = parts
+    n = len(flags)
+    if not n or width <= 0 or key_lens != _width_bytes(n, width):
+        return None
+    return Columns(
+        np.frombuffer(keys, dtype=f"S{width}"),
+        np.frombuffer(flags, dtype=np.uint8).astype(np.bool_),
+        np.frombuffer(value_lens, dtype=_U32).astype(np.int64),
+        np.frombuffer(values, dtype=np.uint8),
+    )
+
+
 def _joined(parts: list[memoryview]) -> bytes | memoryview:
     """One buffer of the parts; a single part is used in place (it keeps its block alive)."""
     return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -32,6 +32,7 @@ from datamesh.storage.ap.lsm.columns import (
     concat,
     decode_blocks,
     from_lists,
+    from_parts,
     sort_unique,
     stable_key_order,
 )
@@ -85,6 +86,15 @@ class Memtable:
             except FormatError:  # keys of several widths
                 columns = None
         self._add(columns, keys, values, sequence, len(payload))
+
+    def apply_parts(
+        self, parts: Sequence[bytes], keys: Sequence[bytes], values: Sequence[Value], sequence: int
+    ) -> None:
+        """Insert one batch given as :func:`.format.entry_parts`, its columns made of the parts."""
+        columns = None
+        if self._dict is None and keys and keys[0]:
+            columns = from_parts(parts, len(keys[0]))
+        self._add(columns, keys, values, sequence, sum(map(len, parts)))
 
     def _add(
         self, columns: Columns | None, keys: Sequence[bytes], values: Sequence[Value], sequence: int, size: int
