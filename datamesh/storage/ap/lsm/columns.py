@@ -183,16 +183,24 @@ def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
     return order
 
 
-def sort_unique(columns: Columns, *, drop_tombstones: bool, newest_last: bool = False) -> Columns:
+def sort_unique(columns: Columns | Sequence[Columns], *, drop_tombstones: bool, newest_last: bool = False) -> Columns:
     """Entries in key order, one per key: of equal keys the *first* in ``columns`` order wins, or
     the *last* with ``newest_last`` (a stable sort keeps equal keys in their given order).
 
+    ``columns`` may come in parts, taken as concatenated in their order: only their keys are
+    joined; their values are copied once, straight into the result (:func:`take_parts`).
     Merges put newer runs first; a memtable lays its batches oldest first (a key written twice in
     one batch must end with its later value, as a dict would), hence ``newest_last``.  Tombstones
     go too if asked.
     """
-    order = stable_key_order(columns.keys)
-    ordered = columns.keys[order]
+    parts = [columns] if isinstance(columns, Columns) else list(columns)
+    if len(parts) == 1:
+        keys, tombstones = parts[0].keys, parts[0].tombstones
+    else:
+        keys = np.concatenate([part.keys for part in parts])
+        tombstones = np.concatenate([part.tombstones for part in parts])
+    order = stable_key_order(keys)
+    ordered = keys[order]
     chosen = np.ones(len(order), dtype=np.bool_)
     if newest_last:
         chosen[:-1] = ordered[1:] != ordered[:-1]
@@ -200,8 +208,55 @@ def sort_unique(columns: Columns, *, drop_tombstones: bool, newest_last: bool = 
         chosen[1:] = ordered[1:] != ordered[:-1]
     keep = order[chosen]
     if drop_tombstones:
-        keep = keep[~columns.tombstones[keep]]
-    return columns.take(keep)
+        keep = keep[~tombstones[keep]]
+    return take_parts(parts, keep)
+
+
+def take_parts(parts: Sequence[Columns], index: npt.NDArray[np.intp]) -> Columns:
+    """``concat(parts).take(index)`` without building the concatenation of the values.
+
+    When every value of every part has one width (no tombstone), the rows wanted from each part
+    are gathered from it and put in place in one pass per part; the parts are grouped by a stable
+    argsort of a small integer (a radix sort, linear).  Otherwise the parts are concatenated first.
+    """
+    if len(parts) == 1:
+        return parts[0].take(index)
+    width = _common_value_width(parts)
+    if width is None:
+        return concat(parts).take(index)
+    starts = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([len(part) for part in parts], out=starts[1:])
+    source = np.searchsorted(starts, index, side="right") - 1
+    by_source = np.argsort(source.astype(np.int16 if len(parts) < 2**15 else np.int64), kind="stable")
+    bounds = np.searchsorted(source[by_source], np.arange(len(parts) + 1))
+    out = np.empty((len(index), width), dtype=np.uint8)
+    for number, part in enumerate(parts):
+        low, high = int(bounds[number]), int(bounds[number + 1])
+        if low == high:
+            continue
+        slots = by_source[low:high]
+        out[slots] = part.values.reshape(-1, width)[index[slots] - starts[number]]
+    keys = np.concatenate([part.keys for part in parts])[index]
+    tombstones = np.zeros(len(index), dtype=np.bool_)
+    lens = np.full(len(index), width, dtype=np.int64)
+    return Columns(keys, tombstones, lens, out.reshape(-1))
+
+
+def _common_value_width(parts: Sequence[Columns]) -> int | None:
+    """The width of every value of every part if there is one and no part holds a tombstone."""
+    width: int | None = None
+    for part in parts:
+        if not len(part):
+            continue
+        if bool(part.tombstones.any()):
+            return None
+        first = int(part.value_lens[0])
+        if first == 0 or (width is not None and first != width) or len(part.values) != first * len(part):
+            return None
+        if not bool(np.all(part.value_lens == first)):
+            return None
+        width = first
+    return width
 
 
 # -- the block codec ----------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import numpy.typing as npt
 
 from datamesh.storage.ap.lsm.columns import (
     Columns,
-    concat,
     decode_blocks,
     from_lists,
     from_parts,
@@ -133,7 +132,7 @@ class Memtable:
         if folded == len(batches):
             return view
         parts = batches[folded:] if view is None else [view, *batches[folded:]]
-        view = sort_unique(concat(parts), drop_tombstones=False, newest_last=True)
+        view = sort_unique(parts, drop_tombstones=False, newest_last=True)
         self._view = (len(batches), view)
         return view
 
