@@ -3,13 +3,15 @@
     python bench/bench_lsm_stages.py --rows 2000000
 
 Wall-clock throughput moves with whatever else the machine runs; a thread's CPU time
-(``time.thread_time``) does not, so this is the figure to compare before and after a change.
+(``time.thread_time``) moves much less, though on a shared 2-core machine still by +-30% between
+runs (caches, memory bandwidth): each stage is timed several times and its cheapest time kept,
+and before/after comparisons should alternate runs.
 Stages, each run alone in this process on 16-byte random keys and 200-byte values:
 
-* writer: ``put_many`` of batches of 10,000 (encode, log append, fdatasync, memtable append),
+* writer: ``put_many`` (cheapest window of 10) of batches of 10,000 (encode, log append, fdatasync, memtable append),
   on a shard whose memtable never fills (no flush on the writer's clock);
-* flush: one memtable of ``--memtable-mib`` sorted and written into a run;
-* merge: ``--fanout`` such runs merged into one (one compaction pass), per row written.
+* flush: (cheapest of ``--fanout`` x ``--repeat``) one memtable of ``--memtable-mib`` sorted and written into a run;
+* merge: (cheapest of ``--repeat``) ``--fanout`` such runs merged into one (one compaction pass), per row written.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ BATCH = 10_000
 KEY_BYTES = 16
 VALUE_BYTES = 200
 BLOCK_ENTRIES = 64
+WINDOW = 10  # writer batches timed together; the cheapest window is kept
 
 
 def batches(count: int, pool: list[bytes]) -> list[list[tuple[bytes, bytes]]]:
@@ -48,13 +51,15 @@ def batches(count: int, pool: list[bytes]) -> list[list[tuple[bytes, bytes]]]:
 def writer_stage(root: Path, rows: int, pool: list[bytes]) -> float:
     shard = LsmShard(root / "writer", memtable_bytes=1 << 40, background=False)
     work = batches(rows // BATCH, pool)
-    started = time.thread_time()
-    for items in work:
-        shard.put_many(items)
-    spent = time.thread_time() - started
+    windows = []
+    for start in range(0, len(work), WINDOW):
+        started = time.thread_time()
+        for items in work[start : start + WINDOW]:
+            shard.put_many(items)
+        windows.append((time.thread_time() - started) / (len(work[start : start + WINDOW]) * BATCH))
     shard._log.close()  # skip the flush a close would do: only the writer is measured
     shard._release_writer_lock()
-    return spent / rows
+    return min(windows)
 
 
 def memtable_of(rows: int, pool: list[bytes]) -> Memtable:

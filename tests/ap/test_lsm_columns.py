@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -84,19 +85,22 @@ def test_the_vectorised_merge_equals_the_reference_merge(seed: int, drop_tombsto
 
 
 @pytest.mark.parametrize("uniform", [True, False])
-def test_blocks_encode_byte_for_byte_like_the_list_codec_and_decode_back(uniform: bool) -> None:
+@pytest.mark.parametrize("tombstones", [True, False])
+def test_blocks_encode_byte_for_byte_like_the_list_codec_and_decode_back(uniform: bool, tombstones: bool) -> None:
+    # (values of one width and no tombstone: whole blocks are laid out as rows of one matrix)
     rng = random.Random(7)
-    keys, values = _sorted_source(rng, [rng.randbytes(16) for _ in range(2000)], 1000, uniform=uniform)
+    pool = [rng.randbytes(16) for _ in range(2000)]
+    keys, values = _sorted_source(rng, pool, 1000, uniform=uniform, tombstones=tombstones)
     columns = from_lists(keys, values)
     assert columns is not None
     rows = encode_blocks(columns, 64)
     expected = [encode_entries(keys[i : i + 64], values[i : i + 64]) for i in range(0, 1000, 64)]
-    assert [row[4] for row in rows] == expected
+    assert [bytes(row[4]) for row in rows] == expected
     assert [(row[0], row[1], row[2]) for row in rows] == [
         (keys[i], keys[min(i + 64, 1000) - 1], min(64, 1000 - i)) for i in range(0, 1000, 64)
     ]
     assert decode_blocks([row[4] for row in rows], 16).to_lists() == (keys, values)
-    assert decode_entries(rows[3][4]) == (keys[192:256], values[192:256])
+    assert decode_entries(bytes(rows[3][4])) == (keys[192:256], values[192:256])
 
 
 def test_decoding_refuses_a_block_of_another_key_width_or_a_bad_size() -> None:
@@ -141,15 +145,20 @@ def test_fingerprints_of_an_array_equal_the_one_key_fingerprint() -> None:
     assert list(list_fingerprints(mixed)) == [fingerprint(key) for key in mixed]
 
 
-def test_a_run_written_from_columns_reads_back_and_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tombstones", [True, False])
+def test_a_run_written_from_columns_reads_back_and_verifies(tmp_path: Path, tombstones: bool) -> None:
+    # Given sorted entries handed to a run writer in chunks of every size around a block's
     rng = random.Random(11)
-    keys, values = _sorted_source(rng, [rng.randbytes(16) for _ in range(9000)], 5000, uniform=True)
+    pool = [rng.randbytes(16) for _ in range(9000)]
+    keys, values = _sorted_source(rng, pool, 5000, uniform=True, tombstones=tombstones)
     columns = from_lists(keys, values)
     assert columns is not None
     writer = RunWriter(tmp_path / "1.sqlite3", block_entries=64)
-    writer.add_columns(columns.slice(0, 1000))
-    writer.add_columns(columns.slice(1000, 5000))
+    cuts = [0, 1000, 1001, 1004, 1067, 1131, 1195, 1196, 1260, 2000, 5000]
+    for start, stop in itertools.pairwise(cuts):
+        writer.add_columns(columns.slice(start, stop))
     writer.finish()
+    # Then it reads back entry for entry and verifies
     run = Run(tmp_path / "1.sqlite3")
     assert run.key_width == 16
     assert all(run.get(key) == value for key, value in zip(keys[::97], values[::97], strict=True))
