@@ -98,7 +98,11 @@ def _gather_values(columns: Columns, index: npt.NDArray[np.intp], lens: npt.NDAr
     present = source_lens > 0
     if bool(np.all(source_lens[present] == width)):
         if bool(present.all()):
-            return columns.values.reshape(-1, width)[index].reshape(-1)
+            # Rows as one ``V{width}`` item each: ``np.take`` copies each with one memcpy, about
+            # half the time of fancy-indexing rows of a uint8 matrix (0.08 against 0.15 us per
+            # 200-byte value, measured).
+            rows = np.ascontiguousarray(columns.values).view(f"V{width}")
+            return np.take(rows, index).view(np.uint8)
         matrix = np.zeros((len(source_lens), width), dtype=np.uint8)
         matrix[present] = columns.values.reshape(-1, width)
         return matrix[index][lens > 0].reshape(-1)
@@ -187,8 +191,10 @@ def sort_unique(columns: Columns | Sequence[Columns], *, drop_tombstones: bool, 
     """Entries in key order, one per key: of equal keys the *first* in ``columns`` order wins, or
     the *last* with ``newest_last`` (a stable sort keeps equal keys in their given order).
 
-    ``columns`` may come in parts, taken as concatenated in their order: only their keys are
-    joined; their values are copied once, straight into the result (:func:`take_parts`).
+    ``columns`` may come in parts, taken as concatenated in their order.  (Gathering each
+    part's values straight into the result, skipping the concatenation, was measured slower: a
+    gather plus a scatter per part cost ~0.4 us per entry against ~0.3 us for a concatenation,
+    a memcpy, and one gather.)
     Merges put newer runs first; a memtable lays its batches oldest first (a key written twice in
     one batch must end with its later value, as a dict would), hence ``newest_last``.  Tombstones
     go too if asked.
@@ -209,37 +215,7 @@ def sort_unique(columns: Columns | Sequence[Columns], *, drop_tombstones: bool, 
     keep = order[chosen]
     if drop_tombstones:
         keep = keep[~tombstones[keep]]
-    return take_parts(parts, keep)
-
-
-def take_parts(parts: Sequence[Columns], index: npt.NDArray[np.intp]) -> Columns:
-    """``concat(parts).take(index)`` without building the concatenation of the values.
-
-    When every value of every part has one width (no tombstone), the rows wanted from each part
-    are gathered from it and put in place in one pass per part; the parts are grouped by a stable
-    argsort of a small integer (a radix sort, linear).  Otherwise the parts are concatenated first.
-    """
-    if len(parts) == 1:
-        return parts[0].take(index)
-    width = _common_value_width(parts)
-    if width is None:
-        return concat(parts).take(index)
-    starts = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum([len(part) for part in parts], out=starts[1:])
-    source = np.searchsorted(starts, index, side="right") - 1
-    by_source = np.argsort(source.astype(np.int16 if len(parts) < 2**15 else np.int64), kind="stable")
-    bounds = np.searchsorted(source[by_source], np.arange(len(parts) + 1))
-    out = np.empty((len(index), width), dtype=np.uint8)
-    for number, part in enumerate(parts):
-        low, high = int(bounds[number]), int(bounds[number + 1])
-        if low == high:
-            continue
-        slots = by_source[low:high]
-        out[slots] = part.values.reshape(-1, width)[index[slots] - starts[number]]
-    keys = np.concatenate([part.keys for part in parts])[index]
-    tombstones = np.zeros(len(index), dtype=np.bool_)
-    lens = np.full(len(index), width, dtype=np.int64)
-    return Columns(keys, tombstones, lens, out.reshape(-1))
+    return concat(parts).take(keep)
 
 
 def _common_value_width(parts: Sequence[Columns]) -> int | None:
