@@ -199,12 +199,19 @@ def sort_unique(columns: Columns | Sequence[Columns], *, drop_tombstones: bool, 
     one batch must end with its later value, as a dict would), hence ``newest_last``.  Tombstones
     go too if asked.
     """
+    entries, keep = unique_order(columns, drop_tombstones=drop_tombstones, newest_last=newest_last)
+    return entries.take(keep)
+
+
+def unique_order(
+    columns: Columns | Sequence[Columns], *, drop_tombstones: bool, newest_last: bool = False
+) -> tuple[Columns, npt.NDArray[np.intp]]:
+    """:func:`sort_unique` before its gather: the entries (parts concatenated) and the rows to
+    take, in order.  A flush gathers them a chunk at a time: chunks of a few MiB reuse the
+    allocator's memory where one gather of a whole memtable maps (and faults in) fresh pages."""
     parts = [columns] if isinstance(columns, Columns) else list(columns)
-    if len(parts) == 1:
-        keys, tombstones = parts[0].keys, parts[0].tombstones
-    else:
-        keys = np.concatenate([part.keys for part in parts])
-        tombstones = np.concatenate([part.tombstones for part in parts])
+    entries = concat(parts)
+    keys, tombstones = entries.keys, entries.tombstones
     order = stable_key_order(keys)
     ordered = keys[order]
     chosen = np.ones(len(order), dtype=np.bool_)
@@ -215,7 +222,7 @@ def sort_unique(columns: Columns | Sequence[Columns], *, drop_tombstones: bool, 
     keep = order[chosen]
     if drop_tombstones:
         keep = keep[~tombstones[keep]]
-    return concat(parts).take(keep)
+    return entries, keep
 
 
 def _common_value_width(parts: Sequence[Columns]) -> int | None:

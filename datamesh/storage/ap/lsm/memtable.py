@@ -34,6 +34,7 @@ from datamesh.storage.ap.lsm.columns import (
     from_parts,
     sort_unique,
     stable_key_order,
+    unique_order,
 )
 from datamesh.storage.ap.lsm.format import FormatError, Value
 
@@ -213,6 +214,12 @@ class Memtable:
             for start in range(0, len(keys), size):
                 chunk = keys[start : start + size]
                 yield chunk, list(map(entries.__getitem__, chunk))
+            return
+        folded, view = self._view
+        if folded != len(self._batches) and view is None:  # nothing sorted yet: gather chunk by chunk
+            columns, keep = unique_order(self._batches, drop_tombstones=False, newest_last=True)
+            for start in range(0, len(keep), size):
+                yield columns.take(keep[start : start + size])
             return
         view = self._sorted_view()
         if view is None:
