@@ -11,7 +11,8 @@ do), a chunk of entries fits in four arrays and the work runs in C, a few numpy 
 * tombstone flags, value lengths, and every value concatenated in entry order.
 
 A block's layout (:mod:`.format`) is already columnar, so decoding a block is four slices of it and
-encoding one is a join of six; nothing per entry is done in Python.  Where keys differ in width
+encoding one is a join of six (or, when every value has one width, a row of a matrix that holds a
+whole chunk of blocks); nothing per entry is done in Python.  Where keys differ in width
 the callers use the list path (:mod:`.format`, :func:`.compaction.merge_blocks`) instead.
 """
 
