@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -13,19 +14,21 @@ import pytest
 from datamesh.storage.ap.lsm.columns import Columns, decode_blocks, encode_blocks, from_lists, stable_key_order
 from datamesh.storage.ap.lsm.compaction import merge_blocks, merge_columns
 from datamesh.storage.ap.lsm.filter import fingerprint, fingerprints, list_fingerprints
-from datamesh.storage.ap.lsm.format import FormatError, Value, decode_entries, encode_entries
+from datamesh.storage.ap.lsm.format import FormatError, Value, decode_entries, encode_entries, entry_parts
 from datamesh.storage.ap.lsm.memtable import MISSING, Memtable
 from datamesh.storage.ap.lsm.run import Run, RunWriter, iter_columns, verify_run
 
 Block = tuple[list[bytes], list[Value]]
 
 
-def _sorted_source(rng: random.Random, pool: list[bytes], size: int, *, uniform: bool) -> Block:
+def _sorted_source(
+    rng: random.Random, pool: list[bytes], size: int, *, uniform: bool, tombstones: bool = True
+) -> Block:
     keys = sorted(rng.sample(pool, min(size, len(pool))))
     values: list[Value] = []
     for _ in keys:
         roll = rng.random()
-        if roll < 0.2:
+        if tombstones and roll < 0.2:
             values.append(None)
         elif uniform:
             values.append(rng.randbytes(12))
@@ -57,13 +60,18 @@ def _flat(blocks: Iterator[Block]) -> list[tuple[bytes, Value]]:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("drop_tombstones", [False, True])
-def test_the_vectorised_merge_equals_the_reference_merge(seed: int, drop_tombstones: bool) -> None:
-    # Given sources drawn from a small key pool (so keys repeat across them), with tombstones,
-    # values of one width or of many, cut into chunks of random sizes
+@pytest.mark.parametrize("tombstones", [True, False])
+def test_the_vectorised_merge_equals_the_reference_merge(seed: int, drop_tombstones: bool, tombstones: bool) -> None:
+    # Given sources drawn from a small key pool (so keys repeat across them), with or without
+    # tombstones (without, values of one width take the gather-per-source path), values of one
+    # width or of many, cut into chunks of random sizes
     rng = random.Random(seed)
     width = rng.choice([1, 3, 8, 16, 21])
     pool = sorted({rng.randbytes(width) for _ in range(3000)} | {b"\x00" * width, b"\xff" * width})
-    sources = [_sorted_source(rng, pool, rng.randint(1, 1500), uniform=seed % 2 == 0) for _ in range(rng.randint(1, 5))]
+    sources = [
+        _sorted_source(rng, pool, rng.randint(1, 1500), uniform=seed % 2 == 0, tombstones=tombstones)
+        for _ in range(rng.randint(1, 5))
+    ]
     chunked = [_chunks(source, rng) for source in sources]
     # When both merges run, newest source first
     reference = _flat(merge_blocks([iter(chunks) for chunks in chunked], drop_tombstones=drop_tombstones))
@@ -77,19 +85,22 @@ def test_the_vectorised_merge_equals_the_reference_merge(seed: int, drop_tombsto
 
 
 @pytest.mark.parametrize("uniform", [True, False])
-def test_blocks_encode_byte_for_byte_like_the_list_codec_and_decode_back(uniform: bool) -> None:
+@pytest.mark.parametrize("tombstones", [True, False])
+def test_blocks_encode_byte_for_byte_like_the_list_codec_and_decode_back(uniform: bool, tombstones: bool) -> None:
+    # (values of one width and no tombstone: whole blocks are laid out as rows of one matrix)
     rng = random.Random(7)
-    keys, values = _sorted_source(rng, [rng.randbytes(16) for _ in range(2000)], 1000, uniform=uniform)
+    pool = [rng.randbytes(16) for _ in range(2000)]
+    keys, values = _sorted_source(rng, pool, 1000, uniform=uniform, tombstones=tombstones)
     columns = from_lists(keys, values)
     assert columns is not None
     rows = encode_blocks(columns, 64)
     expected = [encode_entries(keys[i : i + 64], values[i : i + 64]) for i in range(0, 1000, 64)]
-    assert [row[4] for row in rows] == expected
+    assert [bytes(row[4]) for row in rows] == expected
     assert [(row[0], row[1], row[2]) for row in rows] == [
         (keys[i], keys[min(i + 64, 1000) - 1], min(64, 1000 - i)) for i in range(0, 1000, 64)
     ]
     assert decode_blocks([row[4] for row in rows], 16).to_lists() == (keys, values)
-    assert decode_entries(rows[3][4]) == (keys[192:256], values[192:256])
+    assert decode_entries(bytes(rows[3][4])) == (keys[192:256], values[192:256])
 
 
 def test_decoding_refuses_a_block_of_another_key_width_or_a_bad_size() -> None:
@@ -134,15 +145,20 @@ def test_fingerprints_of_an_array_equal_the_one_key_fingerprint() -> None:
     assert list(list_fingerprints(mixed)) == [fingerprint(key) for key in mixed]
 
 
-def test_a_run_written_from_columns_reads_back_and_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tombstones", [True, False])
+def test_a_run_written_from_columns_reads_back_and_verifies(tmp_path: Path, tombstones: bool) -> None:
+    # Given sorted entries handed to a run writer in chunks of every size around a block's
     rng = random.Random(11)
-    keys, values = _sorted_source(rng, [rng.randbytes(16) for _ in range(9000)], 5000, uniform=True)
+    pool = [rng.randbytes(16) for _ in range(9000)]
+    keys, values = _sorted_source(rng, pool, 5000, uniform=True, tombstones=tombstones)
     columns = from_lists(keys, values)
     assert columns is not None
     writer = RunWriter(tmp_path / "1.sqlite3", block_entries=64)
-    writer.add_columns(columns.slice(0, 1000))
-    writer.add_columns(columns.slice(1000, 5000))
+    cuts = [0, 1000, 1001, 1004, 1067, 1131, 1195, 1196, 1260, 2000, 5000]
+    for start, stop in itertools.pairwise(cuts):
+        writer.add_columns(columns.slice(start, stop))
     writer.finish()
+    # Then it reads back entry for entry and verifies
     run = Run(tmp_path / "1.sqlite3")
     assert run.key_width == 16
     assert all(run.get(key) == value for key, value in zip(keys[::97], values[::97], strict=True))
@@ -218,3 +234,22 @@ def test_a_key_written_twice_in_one_batch_keeps_its_later_value_through_flush_an
     assert shard.get_many([key, other]) == {key: b"fourth", other: b"y"}
     assert list(shard.scan_prefix(b"k")) == [(key, b"fourth")]
     shard.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_memtable_fed_parts_flushes_like_a_dict_when_values_share_a_width(seed: int) -> None:
+    # Given batches given as parts (the put_many path), values all 12 bytes, no tombstone, keys
+    # repeated inside a batch and across batches
+    rng = random.Random(seed)
+    memtable = Memtable(0)
+    reference: dict[bytes, Value] = {}
+    pool = [rng.randbytes(16) for _ in range(300)]
+    for round_ in range(40):
+        keys = rng.choices(pool, k=rng.randint(1, 80))
+        values: list[Value] = [rng.randbytes(12) for _ in keys]
+        memtable.apply_parts(entry_parts(keys, values), keys, values, round_ + 1)
+        reference.update(zip(keys, values, strict=True))
+    # When it is flushed
+    flushed = [pair for keys, values in memtable.sorted_chunks(size=11) for pair in zip(keys, values, strict=True)]
+    # Then every key has its last value, in key order
+    assert flushed == sorted(reference.items())

@@ -11,7 +11,8 @@ do), a chunk of entries fits in four arrays and the work runs in C, a few numpy 
 * tombstone flags, value lengths, and every value concatenated in entry order.
 
 A block's layout (:mod:`.format`) is already columnar, so decoding a block is four slices of it and
-encoding one is a join of six; nothing per entry is done in Python.  Where keys differ in width
+encoding one is a join of six (or, when every value has one width, a row of a matrix that holds a
+whole chunk of blocks); nothing per entry is done in Python.  Where keys differ in width
 the callers use the list path (:mod:`.format`, :func:`.compaction.merge_blocks`) instead.
 """
 
@@ -98,7 +99,11 @@ def _gather_values(columns: Columns, index: npt.NDArray[np.intp], lens: npt.NDAr
     present = source_lens > 0
     if bool(np.all(source_lens[present] == width)):
         if bool(present.all()):
-            return columns.values.reshape(-1, width)[index].reshape(-1)
+            # Rows as one ``V{width}`` item each: ``np.take`` copies each with one memcpy, about
+            # half the time of fancy-indexing rows of a uint8 matrix (0.08 against 0.15 us per
+            # 200-byte value, measured).
+            rows = np.ascontiguousarray(columns.values).view(f"V{width}")
+            return np.take(rows, index).view(np.uint8)
         matrix = np.zeros((len(source_lens), width), dtype=np.uint8)
         matrix[present] = columns.values.reshape(-1, width)
         return matrix[index][lens > 0].reshape(-1)
@@ -183,16 +188,33 @@ def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
     return order
 
 
-def sort_unique(columns: Columns, *, drop_tombstones: bool, newest_last: bool = False) -> Columns:
+def sort_unique(columns: Columns | Sequence[Columns], *, drop_tombstones: bool, newest_last: bool = False) -> Columns:
     """Entries in key order, one per key: of equal keys the *first* in ``columns`` order wins, or
     the *last* with ``newest_last`` (a stable sort keeps equal keys in their given order).
 
+    ``columns`` may come in parts, taken as concatenated in their order.  (Gathering each
+    part's values straight into the result, skipping the concatenation, was measured slower: a
+    gather plus a scatter per part cost ~0.4 us per entry against ~0.3 us for a concatenation,
+    a memcpy, and one gather.)
     Merges put newer runs first; a memtable lays its batches oldest first (a key written twice in
     one batch must end with its later value, as a dict would), hence ``newest_last``.  Tombstones
     go too if asked.
     """
-    order = stable_key_order(columns.keys)
-    ordered = columns.keys[order]
+    entries, keep = unique_order(columns, drop_tombstones=drop_tombstones, newest_last=newest_last)
+    return entries.take(keep)
+
+
+def unique_order(
+    columns: Columns | Sequence[Columns], *, drop_tombstones: bool, newest_last: bool = False
+) -> tuple[Columns, npt.NDArray[np.intp]]:
+    """:func:`sort_unique` before its gather: the entries (parts concatenated) and the rows to
+    take, in order.  A flush gathers them a chunk at a time: chunks of a few MiB reuse the
+    allocator's memory where one gather of a whole memtable maps (and faults in) fresh pages."""
+    parts = [columns] if isinstance(columns, Columns) else list(columns)
+    entries = concat(parts)
+    keys, tombstones = entries.keys, entries.tombstones
+    order = stable_key_order(keys)
+    ordered = keys[order]
     chosen = np.ones(len(order), dtype=np.bool_)
     if newest_last:
         chosen[:-1] = ordered[1:] != ordered[:-1]
@@ -200,8 +222,25 @@ def sort_unique(columns: Columns, *, drop_tombstones: bool, newest_last: bool = 
         chosen[1:] = ordered[1:] != ordered[:-1]
     keep = order[chosen]
     if drop_tombstones:
-        keep = keep[~columns.tombstones[keep]]
-    return columns.take(keep)
+        keep = keep[~tombstones[keep]]
+    return entries, keep
+
+
+def _common_value_width(parts: Sequence[Columns]) -> int | None:
+    """The width of every value of every part if there is one and no part holds a tombstone."""
+    width: int | None = None
+    for part in parts:
+        if not len(part):
+            continue
+        if bool(part.tombstones.any()):
+            return None
+        first = int(part.value_lens[0])
+        if first == 0 or (width is not None and first != width) or len(part.values) != first * len(part):
+            return None
+        if not bool(np.all(part.value_lens == first)):
+            return None
+        width = first
+    return width
 
 
 # -- the block codec ----------------------------------------------------------------------------
@@ -267,12 +306,27 @@ def decode_blocks(datas: Sequence[bytes], width: int) -> Columns:
     )
 
 
+def from_parts(parts: Sequence[bytes], width: int) -> Columns | None:
+    """Columns of a batch given as :func:`.format.entry_parts` (no copy of keys or values), or
+    None if its keys are not all ``width`` bytes wide."""
+    _, flags, key_lens, value_lens, keys, values = parts
+    n = len(flags)
+    if not n or width <= 0 or key_lens != _width_bytes(n, width):
+        return None
+    return Columns(
+        np.frombuffer(keys, dtype=f"S{width}"),
+        np.frombuffer(flags, dtype=np.uint8).astype(np.bool_),
+        np.frombuffer(value_lens, dtype=_U32).astype(np.int64),
+        np.frombuffer(values, dtype=np.uint8),
+    )
+
+
 def _joined(parts: list[memoryview]) -> bytes | memoryview:
     """One buffer of the parts; a single part is used in place (it keeps its block alive)."""
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-EncodedBlock = tuple[bytes, bytes, int, int, bytes]
+EncodedBlock = tuple[bytes, bytes, int, int, bytes | memoryview]
 """``(first_key, last_key, n, crc32(data), data)``: one row of a run's ``blocks`` table."""
 
 
@@ -281,6 +335,13 @@ def encode_blocks(columns: Columns, block_entries: int) -> list[EncodedBlock]:
     :mod:`.format` layout, byte for byte what :func:`.format.encode_entries` makes of them."""
     n = len(columns)
     width = columns.width
+    full = n - n % block_entries
+    value_width = _common_value_width([columns]) if full else None
+    if value_width is not None:
+        whole = _encode_full_blocks(columns.slice(0, full), block_entries, value_width)
+        if full < n:
+            whole.extend(encode_blocks(columns.slice(full, n), block_entries))
+        return whole
     flags = columns.tombstones.astype(np.uint8).tobytes()
     key_lens = _width_bytes(min(n, block_entries), width)
     value_lens = columns.value_lens.astype(_U32).data  # memoryviews: slices below copy nothing
@@ -306,4 +367,35 @@ def encode_blocks(columns: Columns, block_entries: int) -> list[EncodedBlock]:
         first = bytes(keys[width * start : width * (start + 1)])
         last = bytes(keys[width * (stop - 1) : width * stop])
         rows.append((first, last, count, zlib.crc32(data), data))
+    return rows
+
+
+def _encode_full_blocks(columns: Columns, block_entries: int, value_width: int) -> list[EncodedBlock]:
+    """:func:`encode_blocks` of whole blocks whose values share ``value_width`` (no tombstone).
+
+    Every block then has the same size, so all of them are laid out at once as the rows of one
+    matrix, a column group per field (six array copies instead of a ``join`` per block), and each
+    block is a memoryview of its row.
+    """
+    count = len(columns) // block_entries
+    width = columns.width
+    size = block_entries
+    bounds = np.cumsum([0, 4, size, 4 * size, 4 * size, width * size, value_width * size])
+    matrix = np.empty((count, int(bounds[-1])), dtype=np.uint8)
+    matrix[:, bounds[0] : bounds[1]] = np.frombuffer(_COUNT.pack(size), dtype=np.uint8)
+    matrix[:, bounds[1] : bounds[2]] = 0
+    matrix[:, bounds[2] : bounds[3]] = np.frombuffer(_width_bytes(size, width), dtype=np.uint8)
+    matrix[:, bounds[3] : bounds[4]] = np.frombuffer(_width_bytes(size, value_width), dtype=np.uint8)
+    key_bytes = np.ascontiguousarray(columns.keys).view(np.uint8).reshape(count, size * width)
+    matrix[:, bounds[4] : bounds[5]] = key_bytes
+    matrix[:, bounds[5] : bounds[6]] = columns.values.reshape(count, size * value_width)
+    firsts = key_bytes[:, :width].tobytes()
+    lasts = key_bytes[:, -width:].tobytes()
+    view = matrix.reshape(-1).data
+    stride = int(bounds[-1])
+    rows: list[EncodedBlock] = []
+    for number in range(count):
+        data = view[number * stride : (number + 1) * stride]
+        key = slice(number * width, (number + 1) * width)
+        rows.append((firsts[key], lasts[key], size, zlib.crc32(data), data))
     return rows

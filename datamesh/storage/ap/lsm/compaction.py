@@ -48,7 +48,7 @@ from collections.abc import Iterator, Sequence, Set
 
 import numpy as np
 
-from datamesh.storage.ap.lsm.columns import Columns, concat, sort_unique
+from datamesh.storage.ap.lsm.columns import Columns, sort_unique
 from datamesh.storage.ap.lsm.format import Value
 from datamesh.storage.ap.lsm.manifest import RunMeta
 from datamesh.storage.ap.lsm.run import Block
@@ -178,6 +178,6 @@ def merge_columns(newest_first: Sequence[Iterator[Columns]], *, drop_tombstones:
             source.pos = cut
             if cut == len(chunk):
                 source.refill()
-        merged = sort_unique(concat(parts), drop_tombstones=drop_tombstones)
+        merged = sort_unique(parts, drop_tombstones=drop_tombstones)
         if len(merged):
             yield merged

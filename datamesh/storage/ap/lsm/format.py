@@ -42,8 +42,12 @@ def _u32s(values: Sequence[int] | map[int]) -> bytes:
     return arr.tobytes()
 
 
-def encode_entries(keys: Sequence[bytes], values: Sequence[Value]) -> bytes:
-    """Pack parallel sequences of keys and values (``None`` = tombstone) into one buffer."""
+def entry_parts(keys: Sequence[bytes], values: Sequence[Value]) -> list[bytes]:
+    """The six buffers whose concatenation is :func:`encode_entries` of the same entries.
+
+    The log writes them with one ``writev`` and the memtable makes its columns of them, so the
+    batch's values are copied once (into the ``values`` part), not a second time into one buffer.
+    """
     n = len(keys)
     if len(values) != n:
         raise ValueError("keys and values differ in length")
@@ -53,18 +57,25 @@ def encode_entries(keys: Sequence[bytes], values: Sequence[Value]) -> bytes:
     else:
         flags = bytes(n)
         stored = values  # type: ignore[assignment]  # no None inside: checked just above
-    return b"".join(
-        (_COUNT.pack(n), flags, _u32s(map(len, keys)), _u32s(map(len, stored)), b"".join(keys), b"".join(stored))
-    )
+    return [_COUNT.pack(n), flags, _u32s(map(len, keys)), _u32s(map(len, stored)), b"".join(keys), b"".join(stored)]
+
+
+def encode_entries(keys: Sequence[bytes], values: Sequence[Value]) -> bytes:
+    """Pack parallel sequences of keys and values (``None`` = tombstone) into one buffer."""
+    return b"".join(entry_parts(keys, values))
+
+
+def split_puts(items: Sequence[tuple[bytes, bytes]]) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """A ``put_many`` batch as :func:`entry_parts`, with its keys and values split once for the memtable."""
+    keys = list(map(itemgetter(0), items))
+    values = list(map(itemgetter(1), items))
+    return entry_parts(keys, values), keys, values
 
 
 def encode_puts(items: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, list[bytes], list[bytes]]:
     """Encode a ``put_many`` batch; also return its keys and values, split once for the memtable."""
-    if not items:
-        return _COUNT.pack(0), [], []
-    keys = list(map(itemgetter(0), items))
-    values = list(map(itemgetter(1), items))
-    return encode_entries(keys, values), keys, values
+    parts, keys, values = split_puts(items)
+    return b"".join(parts), keys, values
 
 
 def decode_entries(buf: bytes) -> tuple[list[bytes], list[Value]]:

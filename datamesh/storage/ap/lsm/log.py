@@ -21,6 +21,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -38,9 +39,13 @@ class FsyncPolicy(StrEnum):
     NEVER = "never"  # leave it to the OS: survives a killed process, not a power cut
 
 
-def record_header(sequence: int, payload: bytes) -> bytes:
-    crc = zlib.crc32(payload, zlib.crc32(_SEQ.pack(sequence)))
-    return HEADER.pack(len(payload), crc, sequence)
+def record_header(sequence: int, payload: bytes | Sequence[bytes]) -> bytes:
+    """The header of a record whose payload is ``payload`` or, given a sequence, its parts joined."""
+    parts = (payload,) if isinstance(payload, bytes) else payload
+    crc = zlib.crc32(_SEQ.pack(sequence))
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return HEADER.pack(sum(map(len, parts)), crc, sequence)
 
 
 def record_bytes(sequence: int, payload: bytes) -> bytes:
@@ -62,15 +67,18 @@ class LogWriter:
         self._last_sync = time.monotonic()
         self.bytes_written = os.fstat(self._fd).st_size
 
-    def append(self, sequence: int, payload: bytes) -> None:
-        """Write one record; the caller serialises appends (the shard lock) so order is log order."""
-        header = record_header(sequence, payload)
-        done = os.writev(self._fd, (header, payload))  # no copy of the payload into one buffer
-        if done < len(header) + len(payload):  # a short write: finish it from where it stopped
-            view = memoryview(header + payload)[done:]
+    def append(self, sequence: int, payload: bytes | Sequence[bytes]) -> None:
+        """Write one record (its payload whole or as parts to be joined); the caller serialises
+        appends (the shard lock) so order is log order."""
+        parts = [payload] if isinstance(payload, bytes) else list(payload)
+        header = record_header(sequence, parts)
+        size = len(header) + sum(map(len, parts))
+        done = os.writev(self._fd, [header, *parts])  # no copy of the payload into one buffer
+        if done < size:  # a short write: finish it from where it stopped
+            view = memoryview(b"".join([header, *parts]))[done:]
             while view:
                 view = view[os.write(self._fd, view) :]
-        self.bytes_written += HEADER.size + len(payload)
+        self.bytes_written += size
         self._written = sequence
 
     def sync(self, sequence: int) -> None:

@@ -29,11 +29,12 @@ import numpy.typing as npt
 
 from datamesh.storage.ap.lsm.columns import (
     Columns,
-    concat,
     decode_blocks,
     from_lists,
+    from_parts,
     sort_unique,
     stable_key_order,
+    unique_order,
 )
 from datamesh.storage.ap.lsm.format import FormatError, Value
 
@@ -86,6 +87,15 @@ class Memtable:
                 columns = None
         self._add(columns, keys, values, sequence, len(payload))
 
+    def apply_parts(
+        self, parts: Sequence[bytes], keys: Sequence[bytes], values: Sequence[Value], sequence: int
+    ) -> None:
+        """Insert one batch given as :func:`.format.entry_parts`, its columns made of the parts."""
+        columns = None
+        if self._dict is None and keys and keys[0]:
+            columns = from_parts(parts, len(keys[0]))
+        self._add(columns, keys, values, sequence, sum(map(len, parts)))
+
     def _add(
         self, columns: Columns | None, keys: Sequence[bytes], values: Sequence[Value], sequence: int, size: int
     ) -> None:
@@ -123,7 +133,7 @@ class Memtable:
         if folded == len(batches):
             return view
         parts = batches[folded:] if view is None else [view, *batches[folded:]]
-        view = sort_unique(concat(parts), drop_tombstones=False, newest_last=True)
+        view = sort_unique(parts, drop_tombstones=False, newest_last=True)
         self._view = (len(batches), view)
         return view
 
@@ -204,6 +214,12 @@ class Memtable:
             for start in range(0, len(keys), size):
                 chunk = keys[start : start + size]
                 yield chunk, list(map(entries.__getitem__, chunk))
+            return
+        folded, view = self._view
+        if folded != len(self._batches) and view is None:  # nothing sorted yet: gather chunk by chunk
+            columns, keep = unique_order(self._batches, drop_tombstones=False, newest_last=True)
+            for start in range(0, len(keep), size):
+                yield columns.take(keep[start : start + size])
             return
         view = self._sorted_view()
         if view is None:

@@ -145,12 +145,20 @@ class RunWriter:
         self._entries += len(columns)
         self._tombstones += int(columns.tombstones.sum())
         self._payload += len(columns) * columns.width + len(columns.values)
-        if self._columns is not None:
-            columns = concat([self._columns, columns])
-        full = len(columns) - len(columns) % self._block_entries
+        size = self._block_entries
+        if self._columns is not None:  # complete the pending block first: only it is copied again
+            take = min(size - len(self._columns), len(columns))
+            head = concat([self._columns, columns.slice(0, take)])
+            columns = columns.slice(take, len(columns))
+            self._columns = head if len(head) < size else None
+            if self._columns is None:
+                self._insert(encode_blocks(head, size))
+            if not len(columns):
+                return
+        full = len(columns) - len(columns) % size
         self._columns = columns.slice(full, len(columns)) if full < len(columns) else None
         if full:
-            self._insert(encode_blocks(columns.slice(0, full), self._block_entries))
+            self._insert(encode_blocks(columns.slice(0, full), size))
 
     def _emit(self, *, final: bool) -> None:
         size = self._block_entries

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from datamesh.storage.ap.base import ShardEngine, ShardError
 from datamesh.storage.ap.lsm.compaction import merge_blocks, pick_compaction
-from datamesh.storage.ap.lsm.format import FormatError, Value, encode_entries, encode_puts
+from datamesh.storage.ap.lsm.format import FormatError, Value, entry_parts, split_puts
 from datamesh.storage.ap.lsm.log import HEADER, FsyncPolicy, LogWriter
 from datamesh.storage.ap.lsm.maintenance import ShardMaintenance
 from datamesh.storage.ap.lsm.manifest import Manifest, RunMeta
@@ -160,8 +160,8 @@ class LsmShard(ShardMaintenance, ShardEngine):
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         if not items:
             return
-        payload, keys, values = encode_puts(items)
-        self._write(payload, keys, values)
+        parts, keys, values = split_puts(items)
+        self._write(parts, keys, values)
 
     def delete_many(self, keys: Sequence[bytes]) -> int:
         if not keys:
@@ -169,10 +169,10 @@ class LsmShard(ShardMaintenance, ShardEngine):
         existed = len(self.get_many(keys))
         unique = list(dict.fromkeys(keys))
         tombstones: list[Value] = [None] * len(unique)
-        self._write(encode_entries(unique, tombstones), unique, tombstones)
+        self._write(entry_parts(unique, tombstones), unique, tombstones)
         return existed
 
-    def _write(self, payload: bytes, keys: list[bytes], values: Sequence[Value]) -> None:
+    def _write(self, parts: list[bytes], keys: list[bytes], values: Sequence[Value]) -> None:
         self._require_writer()
         excess = self._tier0_runs() - self._slowdown_tier0_runs + 1
         if excess > 0 and self._threads:
@@ -186,11 +186,12 @@ class LsmShard(ShardMaintenance, ShardEngine):
             self._seq += 1
             sequence = self._seq
             log = self._log
-            log.append(sequence, payload)
-            self._mem.apply_payload(payload, keys, values, sequence)
+            log.append(sequence, parts)
+            self._mem.apply_parts(parts, keys, values, sequence)
+            size = sum(map(len, parts))
             counters = self._manifest.counters
-            counters.user_bytes += len(payload)
-            counters.log_bytes += len(payload) + HEADER.size
+            counters.user_bytes += size
+            counters.log_bytes += size + HEADER.size
         log.sync(sequence)
         if not self._threads:
             self._drain_inline()

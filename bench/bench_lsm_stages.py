@@ -1,0 +1,111 @@
+"""CPU cost per row of each stage of the LSM write path, measured on its own thread's CPU clock.
+
+    python bench/bench_lsm_stages.py --rows 2000000
+
+Wall-clock throughput moves with whatever else the machine runs; a thread's CPU time
+(``time.thread_time``) moves much less, though on a shared 2-core machine still by +-30% between
+runs (caches, memory bandwidth): each stage is timed several times and its cheapest time kept,
+and before/after comparisons should alternate runs.
+Stages, each run alone in this process on 16-byte random keys and 200-byte values:
+
+* writer: ``put_many`` (cheapest window of 10) of batches of 10,000 (encode, log append, fdatasync, memtable append),
+  on a shard whose memtable never fills (no flush on the writer's clock);
+* flush: (cheapest of ``--fanout`` x ``--repeat``) one memtable of ``--memtable-mib`` sorted and written into a run;
+* merge: (cheapest of ``--repeat``) ``--fanout`` such runs merged into one (one compaction pass), per row written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamesh.storage.ap.lsm import LsmShard
+from datamesh.storage.ap.lsm.compaction import merge_columns
+from datamesh.storage.ap.lsm.format import encode_puts
+from datamesh.storage.ap.lsm.memtable import Memtable
+from datamesh.storage.ap.lsm.run import iter_columns, write_run
+
+BATCH = 10_000
+KEY_BYTES = 16
+VALUE_BYTES = 200
+BLOCK_ENTRIES = 64
+WINDOW = 10  # writer batches timed together; the cheapest window is kept
+
+
+def batches(count: int, pool: list[bytes]) -> list[list[tuple[bytes, bytes]]]:
+    out = []
+    for number in range(count):
+        blob = os.urandom(KEY_BYTES * BATCH)
+        keys = [blob[i : i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
+        out.append(list(zip(keys, pool[number % len(pool) :] + pool[: number % len(pool)], strict=True)))
+    return out
+
+
+def writer_stage(root: Path, rows: int, pool: list[bytes]) -> float:
+    shard = LsmShard(root / "writer", memtable_bytes=1 << 40, background=False)
+    work = batches(rows // BATCH, pool)
+    windows = []
+    for start in range(0, len(work), WINDOW):
+        started = time.thread_time()
+        for items in work[start : start + WINDOW]:
+            shard.put_many(items)
+        windows.append((time.thread_time() - started) / (len(work[start : start + WINDOW]) * BATCH))
+    shard._log.close()  # skip the flush a close would do: only the writer is measured
+    shard._release_writer_lock()
+    return min(windows)
+
+
+def memtable_of(rows: int, pool: list[bytes]) -> Memtable:
+    memtable = Memtable(0)
+    for sequence, items in enumerate(batches(rows // BATCH, pool), 1):
+        payload, keys, values = encode_puts(items)
+        memtable.apply_payload(payload, keys, values, sequence)
+    return memtable
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=2_000_000, help="rows for the writer stage")
+    parser.add_argument("--memtable-mib", type=int, default=128)
+    parser.add_argument("--fanout", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=2, help="flush/merge repetitions (best kept)")
+    args = parser.parse_args()
+    pool = [os.urandom(VALUE_BYTES) for _ in range(BATCH)]
+    root = Path(tempfile.mkdtemp(prefix="lsm-stages-", dir=os.environ.get("BENCH_DIR")))
+    try:
+        writer = writer_stage(root, args.rows, pool)
+        per_memtable = (args.memtable_mib << 20) // (KEY_BYTES + VALUE_BYTES + 9) // BATCH * BATCH
+        flush = merge = float("inf")
+        for attempt in range(args.repeat):
+            paths = []
+            for number in range(args.fanout):
+                memtable = memtable_of(per_memtable, pool)
+                path = root / f"run-{attempt}-{number}.sqlite3"
+                started = time.thread_time()
+                write_run(path, memtable.flush_chunks(), block_entries=BLOCK_ENTRIES)
+                flush = min(flush, (time.thread_time() - started) / per_memtable)
+                paths.append(path)
+                del memtable
+            out = root / f"merged-{attempt}.sqlite3"
+            started = time.thread_time()
+            streams = [iter_columns(path, KEY_BYTES) for path in reversed(paths)]
+            summary = write_run(out, merge_columns(streams, drop_tombstones=True), block_entries=BLOCK_ENTRIES)
+            assert summary is not None
+            merge = min(merge, (time.thread_time() - started) / summary.entries)
+            for path in [*paths, out]:
+                path.unlink()
+        print(f"rows/memtable {per_memtable:,}  fanout {args.fanout}  (CPU us per row, this thread)")
+        print(f"writer {writer * 1e6:.3f}  flush {flush * 1e6:.3f}  merge/pass {merge * 1e6:.3f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
