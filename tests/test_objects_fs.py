@@ -81,23 +81,28 @@ def test_put_creates_fan_out_folders_and_a_second_put_writes_nothing(tmp_path: P
     assert path.stat().st_mtime_ns == mtime and store.stale_staging() == []
 
 
-def test_a_dedup_put_flushes_nothing_and_a_new_put_syncs_before_publishing(
+def test_a_dedup_put_leaves_the_object_alone_and_a_new_put_syncs_before_publishing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a stored 2 MiB blob (large enough to be staged while it is hashed)
     store = FilesystemObjectStore(tmp_path)
     data = os.urandom(2 * 1024 * 1024)
     first = store.put(data).unwrap()
+    path = store.path_of(first.content_hash.hex)
+    inode, mtime = path.stat().st_ino, path.stat().st_mtime_ns
     synced: list[int] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-    # When the same bytes are put again, as bytes and as a stream
-    again = store.put(data).unwrap()
+    # When the same bytes are put again as a stream, nothing is flushed
     streamed = store.put_stream(io.BytesIO(data)).unwrap()
-    # Then nothing is written under the key, nothing is flushed, and staging is empty
+    assert synced == []
+    # ... and as bytes (its staged copy may have been flushed while the hash was still running)
+    again = store.put(data).unwrap()
+    # Then the stored object is the same file, untouched, and staging is empty
     assert first.written and not again.written and not streamed.written
-    assert synced == [] and store.stale_staging() == []
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (inode, mtime) and store.stale_staging() == []
     # And a new blob is synced (file, then folder) before the put returns
+    synced.clear()
     assert store.put(os.urandom(2 * 1024 * 1024)).unwrap().written
     assert len(synced) >= 2
 

@@ -108,13 +108,16 @@ class FilesystemObjectStore(ObjectStore[str]):
             except FileExistsError:
                 continue
 
-    def _promote(self, token: str, key: str) -> None:
+    def _flush_staged(self, token: str) -> None:
         if self.fsync:
             fd = os.open(token, _READ_FLAGS)
             try:
-                os.fsync(fd)  # the staged bytes reach the disk before their name does
+                os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def _promote(self, token: str, key: str) -> None:
+        self._flush_staged(token)  # the staged bytes reach the disk before their name does (cheap if flushed)
         self._publish(token, key)
 
     def _publish(self, token: str, key: str) -> None:
