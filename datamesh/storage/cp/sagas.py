@@ -205,8 +205,8 @@ def transition(
 
 
 def status_of(conn: Connection, saga_id: str) -> SagaStatus | None:
-    row = conn.execute(select(SAGAS.c.status).where(SAGAS.c.id == saga_id)).first()
-    return SagaStatus(row.status) if row else None
+    outcome = outcome_of(conn, saga_id)
+    return outcome[0] if outcome else None
 
 
 def outcome_of(conn: Connection, saga_id: str) -> tuple[SagaStatus, str | None, str | None] | None:

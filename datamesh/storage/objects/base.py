@@ -73,6 +73,7 @@ class ThreadPool:
 _HASHERS = ThreadPool(2, "datamesh-sha256")
 
 Token = TypeVar("Token")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,17 +184,12 @@ class ObjectStore(ABC, Generic[Token]):
         The object is read whole, in one allocation, then hashed once: on a busy machine a second
         thread does not make hashing faster, and chunks would cost a copy to join.
         """
-        with tier_call("objects", "get") as call:
-            try:
-                data = self._read_all(content_hash.hex)
-            except ObjectMissing:
-                return call.check(Err(NotFound("object", content_hash.hex)))
-            except Exception as exc:  # noqa: BLE001
-                return call.check(Err(self._translate(exc, "get")))
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != content_hash.hex:
-                return call.check(Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual)))
-            return Ok(data)
+
+        def read() -> tuple[str, bytes]:
+            data = self._read_all(content_hash.hex)
+            return hashlib.sha256(data).hexdigest(), data
+
+        return self._verified(content_hash, "get", read)
 
     def read_into(
         self, content_hash: ContentHash, sink: Callable[[bytes], object]
@@ -202,35 +198,38 @@ class ObjectStore(ABC, Generic[Token]):
 
         On ``Err(IntegrityError)`` the caller must discard what ``sink`` received.
         """
-        with tier_call("objects", "get") as call:
+
+        def read() -> tuple[str, int]:
             sha = hashlib.sha256()
             size = 0
-            try:
-                for chunk in self._open(content_hash.hex):
-                    sha.update(chunk)
-                    size += len(chunk)
-                    sink(chunk)
-            except ObjectMissing:
-                return call.check(Err(NotFound("object", content_hash.hex)))
-            except Exception as exc:  # noqa: BLE001
-                return call.check(Err(self._translate(exc, "get")))
-            actual = sha.hexdigest()
-            if actual != content_hash.hex:
-                return call.check(Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual)))
-            return Ok(size)
+            for chunk in self._open(content_hash.hex):
+                sha.update(chunk)
+                size += len(chunk)
+                sink(chunk)
+            return sha.hexdigest(), size
+
+        return self._verified(content_hash, "get", read)
 
     def verify(self, content_hash: ContentHash) -> Result[int, StorageError | NotFound | IntegrityError]:
         """Re-hash one stored object; ``Ok(size)`` when intact (nothing is kept, memory is one chunk)."""
-        with tier_call("objects", "verify") as call:
+        return self._verified(content_hash, "verify", lambda: self._digest(content_hash.hex))
+
+    def _verified(
+        self, content_hash: ContentHash, operation: str, read: Callable[[], tuple[str, T]]
+    ) -> Result[T, StorageError | NotFound | IntegrityError]:
+        """Run ``read`` (giving the SHA-256 of what it read, and its result) as one tier call: a
+        missing object is ``NotFound``, a digest other than the key ``IntegrityError``, any other
+        failure the backend's ``StorageError``."""
+        with tier_call("objects", operation) as call:
             try:
-                actual, size = self._digest(content_hash.hex)
+                actual, value = read()
             except ObjectMissing:
                 return call.check(Err(NotFound("object", content_hash.hex)))
-            except Exception as exc:  # noqa: BLE001
-                return call.check(Err(self._translate(exc, "verify")))
+            except Exception as exc:  # noqa: BLE001 - the one translation boundary of a read
+                return call.check(Err(self._translate(exc, operation)))
             if actual != content_hash.hex:
                 return call.check(Err(IntegrityError(f"object {content_hash.hex}", content_hash.hex, actual)))
-            return Ok(size)
+            return Ok(value)
 
     def exists(self, content_hash: ContentHash) -> Result[bool, StorageError]:
         with tier_call("objects", "exists") as call:
