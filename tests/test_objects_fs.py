@@ -120,3 +120,139 @@ def test_a_forked_child_can_put_after_the_parent_used_the_hashing_threads(tmp_pa
     # Then it completes
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the order of renames, file fsyncs and folder fsyncs of the filesystem store."""
+    import datamesh.storage.objects.filesystem as fs
+
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync_dir(path: str) -> None:
+        calls.append(f"dir {path}")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            real_fsync(fd)
+        finally:
+            os.close(fd)
+
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("rename"), real_replace(a, b))[1])
+    monkeypatch.setattr(fs, "_fsync_dir", fsync_dir)
+    return calls
+
+
+def test_a_small_put_is_renamed_then_synced_and_sealed_with_every_new_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an empty store
+    store = FilesystemObjectStore(tmp_path)
+    calls = _calls(monkeypatch)
+    # When a small blob is put
+    key = store.put(b"small and new").unwrap().content_hash.hex
+    # Then it was renamed into place, then synced, and so was every folder the put made
+    first, second = f"{tmp_path}/{key[:2]}", f"{tmp_path}/{key[:2]}/{key[2:4]}"
+    # (the first rename finds the folders missing, makes them and renames again)
+    assert calls[:3] == ["rename", "rename", "fsync"]
+    assert sorted(calls[3:]) == sorted([f"dir {tmp_path}", f"dir {first}", f"dir {second}"])
+    # And it is sealed: its owner-write bit is clear
+    assert store.path_of(key).stat().st_mode & 0o777 == 0o400
+
+
+def test_a_large_put_is_synced_before_it_is_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = FilesystemObjectStore(tmp_path)
+    calls = _calls(monkeypatch)
+    key = store.put(os.urandom(2 * 1024 * 1024)).unwrap().content_hash.hex
+    assert calls.index("fsync") < calls.index("rename")
+    assert store.path_of(key).stat().st_mode & 0o777 == 0o400
+
+
+@pytest.mark.parametrize("torn", [b"", b"x" * 13, b"small and ne"], ids=["empty", "same size", "short"])
+def test_a_torn_unsealed_object_is_replaced_by_the_next_put(tmp_path: Path, torn: bytes) -> None:
+    # Given what a crash can leave of a small put renamed before its fsync: a torn, unsealed file
+    store = FilesystemObjectStore(tmp_path)
+    data = b"small and new"
+    key = ContentHash.of(data)
+    path = store.path_of(key.hex)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(torn)
+    path.chmod(0o600)
+    assert isinstance(store.get(key), Err)
+    # When the same bytes are put again
+    stored = store.put(data).unwrap()
+    # Then the put writes them (it does not count the torn file as stored), and they read back sealed
+    assert stored.written and store.get(key).unwrap() == data
+    assert path.stat().st_mode & 0o777 == 0o400 and store.stale_staging() == []
+
+
+def test_an_unsealed_intact_object_is_synced_and_sealed_by_a_dedup_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given another writer's small object, renamed into place but not yet synced (unsealed)
+    store = FilesystemObjectStore(tmp_path)
+    data = b"in flight elsewhere"
+    path = store.path_of(ContentHash.of(data).hex)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    path.chmod(0o600)
+    inode = path.stat().st_ino
+    calls = _calls(monkeypatch)
+    # When the same bytes are put
+    stored = store.put(data).unwrap()
+    # Then nothing is written, but the file and its folder are synced before the put counts it stored
+    assert not stored.written and path.stat().st_ino == inode
+    assert calls == ["fsync", f"dir {path.parent}"]
+    assert path.stat().st_mode & 0o777 == 0o400
+    # And a later dedup put trusts the sealed file without syncing it again
+    calls.clear()
+    assert store.put(data).unwrap().written is False and calls == []
+
+
+def test_a_stream_put_replaces_a_torn_unsealed_object(tmp_path: Path) -> None:
+    store = FilesystemObjectStore(tmp_path)
+    data = b"streamed small object"
+    path = store.path_of(ContentHash.of(data).hex)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\0" * len(data))
+    path.chmod(0o600)
+    assert store.put_stream(iter([data[:5], data[5:]])).unwrap().written
+    assert path.read_bytes() == data and path.stat().st_mode & 0o777 == 0o400
+
+
+def test_a_large_get_hashes_on_a_second_read_and_catches_corruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a stored 3 MiB object
+    store = FilesystemObjectStore(tmp_path)
+    data = os.urandom(3 * 1024 * 1024)
+    key = store.put(data).unwrap().content_hash
+    hashed: list[int] = []
+    real_digest = store._digest_fd
+    monkeypatch.setattr(store, "_digest_fd", lambda fd: (hashed.append(fd), real_digest(fd))[1])
+    # When it is read, a second thread hashes the open file
+    assert store.get(key).unwrap() == data and len(hashed) == 1
+    # And a corrupted copy is an IntegrityError, never bytes
+    path = store.path_of(key.hex)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    result = store.get(key)
+    assert isinstance(result, Err) and isinstance(result.error, IntegrityError)
+
+
+def test_a_large_get_hashes_the_returned_bytes_if_the_file_changed_while_it_was_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a stored object, and a hashing thread that sees the file change (its ctime moves) and
+    # reports a wrong digest
+    store = FilesystemObjectStore(tmp_path)
+    data = os.urandom(2 * 1024 * 1024)
+    key = store.put(data).unwrap().content_hash
+    path = store.path_of(key.hex)
+
+    def changed_meanwhile(fd: int) -> tuple[str, int]:
+        os.chmod(path, 0o400)  # any change moves the ctime
+        return "0" * 64, len(data)
+
+    monkeypatch.setattr(store, "_digest_fd", changed_meanwhile)
+    # When it is read, the returned bytes themselves are hashed, so the get is still exact
+    assert store.get(key).unwrap() == data

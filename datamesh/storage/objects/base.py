@@ -70,7 +70,7 @@ class ThreadPool:
             self._pool = None
 
 
-_HASHERS = ThreadPool(2, "datamesh-sha256")
+HASHERS = ThreadPool(2, "datamesh-sha256")
 
 Token = TypeVar("Token")
 T = TypeVar("T")
@@ -142,14 +142,14 @@ class ObjectStore(ABC, Generic[Token]):
         way has flushed a copy it then deletes; one whose hash was ready first flushes nothing.
         Either way it leaves the stored object untouched.
         """
-        hashing = _HASHERS.get().submit(lambda: hashlib.sha256(data).hexdigest())
+        hashing = HASHERS.get().submit(lambda: hashlib.sha256(data).hexdigest())
         token: Token | None = None
         try:
             token = self._stage([data])
             if not hashing.done():
                 self._flush_staged(token)
             content_hash = ContentHash(hashing.result())
-            if self._exists(content_hash.hex):
+            if self._holds(content_hash.hex, len(data)):
                 self._discard(token)
                 return Ok(StoredObject(content_hash, len(data), written=False))
             self._promote(token, content_hash.hex)
@@ -168,7 +168,7 @@ class ObjectStore(ABC, Generic[Token]):
             try:
                 token = self._stage(hashing)
                 content_hash = ContentHash(hashing.sha.hexdigest())
-                if self._exists(content_hash.hex):
+                if self._holds(content_hash.hex, hashing.size):
                     self._discard(token)
                     return Ok(StoredObject(content_hash, hashing.size, written=False))
                 self._promote(token, content_hash.hex)
@@ -179,17 +179,8 @@ class ObjectStore(ABC, Generic[Token]):
             return Ok(StoredObject(content_hash, hashing.size, written=True))
 
     def get(self, content_hash: ContentHash) -> Result[bytes, StorageError | NotFound | IntegrityError]:
-        """The bytes stored under ``content_hash``, verified; never returns bad bytes.
-
-        The object is read whole, in one allocation, then hashed once: on a busy machine a second
-        thread does not make hashing faster, and chunks would cost a copy to join.
-        """
-
-        def read() -> tuple[str, bytes]:
-            data = self._read_all(content_hash.hex)
-            return hashlib.sha256(data).hexdigest(), data
-
-        return self._verified(content_hash, "get", read)
+        """The bytes stored under ``content_hash``, verified; never returns bad bytes."""
+        return self._verified(content_hash, "get", lambda: self._read_hashed(content_hash.hex))
 
     def read_into(
         self, content_hash: ContentHash, sink: Callable[[bytes], object]
@@ -290,6 +281,13 @@ class ObjectStore(ABC, Generic[Token]):
     @abstractmethod
     def _exists(self, key: str) -> bool: ...
 
+    def _holds(self, key: str, size: int) -> bool:
+        """Whether ``key`` is stored whole and durably, so a put of its ``size`` bytes writes nothing.
+
+        The default trusts any object present (a backend that publishes only durable objects).
+        """
+        return self._exists(key)
+
     @abstractmethod
     def _stage(self, chunks: Iterable[bytes]) -> Token:
         """Write ``chunks`` under a temporary name; return a token for promote/discard.
@@ -313,7 +311,7 @@ class ObjectStore(ABC, Generic[Token]):
 
         Backends may skip staging or fold the existence check into the write (a conditional PUT).
         """
-        if self._exists(key):
+        if self._holds(key, len(data)):
             return False
         self._promote(self._stage([data]), key)
         return True
@@ -329,6 +327,15 @@ class ObjectStore(ABC, Generic[Token]):
             sha.update(chunk)
             size += len(chunk)
         return sha.hexdigest(), size
+
+    def _read_hashed(self, key: str) -> tuple[str, bytes]:
+        """The SHA-256 hex digest of the whole object and its bytes; raise :class:`ObjectMissing`.
+
+        By default the object is read whole, in one allocation, then hashed once: a second thread
+        only pays where the backend can hash while reading without a second copy of the bytes.
+        """
+        data = self._read_all(key)
+        return hashlib.sha256(data).hexdigest(), data
 
     def _read_all(self, key: str) -> bytes:
         """The whole object; raise :class:`ObjectMissing` when absent.  Backends read it in one go."""

@@ -1,14 +1,29 @@
 """Filesystem backend of the object store: ``<root>/ab/cd/abcd…`` fan-out folders.
 
-A write goes to a temporary file in ``<root>/.staging``, is fsynced, renamed into place atomically
-and the folder is fsynced, so a crash leaves either the whole object or nothing under its key.  A
-fan-out folder the write had to create is fsynced in its parent too, or the crash could lose it
+A write goes to a temporary file in ``<root>/.staging`` and is renamed into place atomically, so a
+reader sees either the whole object or nothing under its key.  Before a put returns, the file is
+fsynced and so is its folder; a fan-out folder the write had to create is fsynced in its parent too
 (POSIX promises nothing more; that journalling filesystems happen to commit it with the child's
-sync is not relied on).  The extra flush is paid only by a put that finds its folder missing, at
-most 65,792 times over a store's life, so a young store's small puts are slower than a settled one's.
+sync is not relied on).
 
-A small put costs a handful of syscalls (stat, open, write, fsync, close, rename, and the folder's
-open/fsync/close), so the hot path uses ``os`` calls on string paths rather than pathlib or tempfile.
+Which comes first, the rename or the file's fsync, depends on the size:
+
+* A large object (and a stream) is fsynced in staging and renamed afterwards, so its name never
+  points at bytes that are not on disk.
+* A small object (up to :data:`EARLY_PUBLISH_MAX_BYTES`) is renamed first and fsynced after.  On a
+  journalling filesystem the file's fsync then commits the data, the rename and any new folder in
+  one journal commit, and the folder fsyncs that follow find nothing left to commit; fsync first
+  and rename after costs two commits, about twice the time of a small put.  The price is that a
+  crash before the fsync returns can leave a torn file under the key of a put that was never
+  acknowledged.  So a put that finds its key present trusts the file only once it is *sealed*: a
+  file whose owner-write bit is clear was fsynced, with its folder, before the bit was cleared.
+  An unsealed small file is read, hashed and synced (then sealed) before a put counts it as
+  stored; a torn one is replaced.  Large objects are sealed when they are published.  A get always
+  verifies the hash, so a torn file is never returned as content either.
+
+A small put costs a handful of syscalls (stat, open, write, rename, fsync, fchmod, close, and the
+folder's open/fsync/close), so the hot path uses ``os`` calls on string paths rather than pathlib or
+tempfile.
 """
 
 from __future__ import annotations
@@ -26,6 +41,8 @@ from pathlib import Path
 from datamesh.core.errors import StorageError
 from datamesh.storage.objects.base import (
     DEFAULT_CHUNK_BYTES,
+    HASHERS,
+    OVERLAP_MIN_BYTES,
     ObjectMissing,
     ObjectStore,
 )
@@ -40,6 +57,10 @@ _RETRYABLE_ERRNOS = {
 }
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+#: Small puts are renamed into place before their fsync (see the module docstring).
+EARLY_PUBLISH_MAX_BYTES = 1024 * 1024
+_UNSEALED = 0o600
+_SEALED = 0o400  # the owner-write bit is clear: the file and its folder entry are on disk
 
 
 class FilesystemObjectStore(ObjectStore[str]):
@@ -74,11 +95,68 @@ class FilesystemObjectStore(ObjectStore[str]):
         except FileNotFoundError:
             return False
 
-    def _write(self, key: str, data: bytes) -> bool:
-        if self._exists(key):
+    def _holds(self, key: str, size: int) -> bool:
+        """Whether ``key`` is stored whole and durably, so a put of its ``size`` bytes writes nothing.
+
+        A sealed file is trusted as it is.  An unsealed one may be another put's small object that
+        was renamed into place and is not yet synced, or what a crash left of one: it counts only if
+        its bytes hash to ``key``, and then it is synced and sealed first.
+        """
+        path = self._path(key)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
             return False
-        self._publish(self._stage((data,), durable=True), key)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return False  # a torn file: the put replaces it
+        if not st.st_mode & stat.S_IWUSR or size > EARLY_PUBLISH_MAX_BYTES:
+            return True  # sealed, or large (only small objects are renamed before they are synced)
+        return self._seal(path, key, size)
+
+    def _seal(self, path: str, key: str, size: int) -> bool:
+        """Check an unsealed object's bytes against ``key``; if they match, sync and seal it."""
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except FileNotFoundError:
+            return False
+        try:
+            if hashlib.sha256(os.read(fd, size + 1)).hexdigest() != key:
+                return False
+            if self.fsync:
+                os.fsync(fd)
+                _fsync_dir(path[: -len(key) - 1])
+            os.fchmod(fd, _SEALED)
+        finally:
+            os.close(fd)
         return True
+
+    def _write(self, key: str, data: bytes) -> bool:
+        if self._holds(key, len(data)):
+            return False
+        if len(data) > EARLY_PUBLISH_MAX_BYTES:
+            self._publish(self._stage((data,), durable=True), key)
+        else:
+            self._publish_early(key, data)
+        return True
+
+    def _publish_early(self, key: str, data: bytes) -> None:
+        """Rename the staged bytes into place, then sync the file and the folders, then seal it."""
+        fd, name = self._create_staging_file(_UNSEALED)
+        try:
+            try:
+                _write_all(fd, data)
+                folders = self._rename(name, key)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name)
+                raise
+            if self.fsync:
+                os.fsync(fd)  # one journal commit: the bytes, the rename, any new folder
+                for folder in folders:
+                    _fsync_dir(folder)
+            os.fchmod(fd, _SEALED)
+        finally:
+            os.close(fd)
 
     def _stage(self, chunks: Iterable[bytes], *, durable: bool = False) -> str:
         """Write ``chunks`` to a new staging file; fsynced only with ``durable``.
@@ -86,7 +164,7 @@ class FilesystemObjectStore(ObjectStore[str]):
         A staged write whose hash turns out to be stored already is discarded unsynced, so a
         dedup put costs no disk flush; :meth:`_promote` syncs it before it is published.
         """
-        fd, name = self._create_staging_file()
+        fd, name = self._create_staging_file(_SEALED)  # published only once synced
         try:
             for chunk in chunks:
                 _write_all(fd, chunk)
@@ -100,11 +178,11 @@ class FilesystemObjectStore(ObjectStore[str]):
         os.close(fd)
         return name
 
-    def _create_staging_file(self) -> tuple[int, str]:
+    def _create_staging_file(self, mode: int) -> tuple[int, str]:
         while True:
             name = f"{self._staging_prefix}{next(self._sequence)}"
             try:
-                return os.open(name, _CREATE_FLAGS, 0o600), name
+                return os.open(name, _CREATE_FLAGS, mode), name
             except FileExistsError:
                 continue
 
@@ -121,20 +199,29 @@ class FilesystemObjectStore(ObjectStore[str]):
         self._publish(token, key)
 
     def _publish(self, token: str, key: str) -> None:
-        """Rename the synced staging file ``token`` to ``key`` and sync the folder."""
+        """Rename the synced staging file ``token`` to ``key`` and sync the folders."""
+        folders = self._rename(token, key)
+        if self.fsync:
+            for folder in folders:
+                _fsync_dir(folder)
+
+    def _rename(self, token: str, key: str) -> list[str]:
+        """Rename ``token`` to ``key``, making its fan-out folders if missing; return the folders
+        to fsync before the put is acknowledged (the object's, and the parent of any new one)."""
         target = self._path(key)
+        folder = target[: -len(key) - 1]
         try:
             os.replace(token, target)  # atomic; identical bytes if another writer won the race
         except FileNotFoundError:
             if not os.path.exists(token):
                 raise
-            self._make_folders(key)
+            made = self._make_folders(key)
             os.replace(token, target)
-        if self.fsync:
-            _fsync_dir(target[: -len(key) - 1])
+            return [*made, folder]
+        return [folder]
 
-    def _make_folders(self, key: str) -> None:
-        """Create the fan-out folders of ``key``; each new folder's entry is fsynced in its parent."""
+    def _make_folders(self, key: str) -> list[str]:
+        """Create the fan-out folders of ``key``; return the parents whose entries must be synced."""
         first = f"{self._root_str}/{key[:2]}"
         second = f"{first}/{key[2:4]}"
         try:
@@ -142,59 +229,89 @@ class FilesystemObjectStore(ObjectStore[str]):
         except FileNotFoundError:
             with contextlib.suppress(FileExistsError):  # another writer made it
                 os.mkdir(first)
-            if self.fsync:
-                _fsync_dir(self._root_str)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(second)
-        except FileExistsError:  # another writer made it; fsync its entry anyway before acknowledging
+            return [self._root_str, first]
+        except FileExistsError:  # another writer made it; sync its entry anyway before acknowledging
             pass
-        if self.fsync:
-            _fsync_dir(first)
+        return [first]
 
     def _discard(self, token: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(token)
 
     def _read_all(self, key: str) -> bytes:
+        fd = self._open_fd(key)
         try:
-            fd = os.open(self._path(key), _READ_FLAGS)
-        except FileNotFoundError:
-            raise ObjectMissing(key) from None
-        try:
-            size = os.fstat(fd).st_size
-            data = os.read(fd, size)
-            if len(data) == size:  # the usual case: one read, no EOF probe (objects never grow)
-                return data
-            parts = [data]  # a short read (objects beyond the largest single read)
-            while chunk := os.read(fd, self.chunk_bytes):
-                parts.append(chunk)
-            return b"".join(parts)
+            return self._read_fd(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
+
+    def _read_hashed(self, key: str) -> tuple[str, bytes]:
+        """Read a large object while a second thread hashes the same open file.
+
+        The two reads overlap on two cores, so a verified get of a large object costs about the
+        hash alone rather than a read plus a hash.  The hashed bytes are a second read of the file,
+        not the returned copy; an object is never changed in place (a repair renames a new file over
+        it), and the file's change time and size are compared before and after, so if anything did
+        write it meanwhile, the returned bytes themselves are hashed instead.
+        """
+        fd = self._open_fd(key)
+        try:
+            before = os.fstat(fd)
+            if before.st_size < OVERLAP_MIN_BYTES:
+                data = self._read_fd(fd, before.st_size)
+                return hashlib.sha256(data).hexdigest(), data
+            hashing = HASHERS.get().submit(self._digest_fd, fd)
+            try:
+                data = self._read_fd(fd, before.st_size)
+            finally:
+                digest, size = hashing.result()  # the fd is closed below: wait for the hash first
+            after = os.fstat(fd)
+            if (after.st_ctime_ns, after.st_size, size) != (before.st_ctime_ns, before.st_size, len(data)):
+                return hashlib.sha256(data).hexdigest(), data
+            return digest, data
+        finally:
+            os.close(fd)
+
+    def _open_fd(self, key: str) -> int:
+        try:
+            return os.open(self._path(key), _READ_FLAGS)
+        except FileNotFoundError:
+            raise ObjectMissing(key) from None
+
+    def _read_fd(self, fd: int, size: int) -> bytes:
+        data = os.read(fd, size)
+        if len(data) == size:  # the usual case: one read, no EOF probe (objects never grow)
+            return data
+        parts = [data]  # a short read (objects beyond the largest single read)
+        while chunk := os.read(fd, self.chunk_bytes):
+            parts.append(chunk)
+        return b"".join(parts)
 
     def _digest(self, key: str) -> tuple[str, int]:
-        # One buffer read into over and over stays in the CPU cache: hashing runs near its own rate.
+        fd = self._open_fd(key)
         try:
-            fd = os.open(self._path(key), _READ_FLAGS)
-        except FileNotFoundError:
-            raise ObjectMissing(key) from None
-        try:
-            buffer = bytearray(self.chunk_bytes)
-            view = memoryview(buffer)
-            sha = hashlib.sha256()
-            size = 0
-            while count := os.readv(fd, [buffer]):
-                sha.update(view[:count])
-                size += count
-            return sha.hexdigest(), size
+            return self._digest_fd(fd)
         finally:
             os.close(fd)
 
+    def _digest_fd(self, fd: int) -> tuple[str, int]:
+        """SHA-256 and size of the open file ``fd``, read by offset (the fd's position is untouched).
+
+        One buffer read into over and over stays in the CPU cache: hashing runs near its own rate.
+        """
+        buffer = bytearray(self.chunk_bytes)
+        view = memoryview(buffer)
+        sha = hashlib.sha256()
+        size = 0
+        while count := os.preadv(fd, [buffer], size):
+            sha.update(view[:count])
+            size += count
+        return sha.hexdigest(), size
+
     def _open(self, key: str) -> Iterator[bytes]:
-        try:
-            fd = os.open(self._path(key), _READ_FLAGS)
-        except FileNotFoundError:
-            raise ObjectMissing(key) from None
+        fd = self._open_fd(key)
         try:
             while chunk := os.read(fd, self.chunk_bytes):
                 yield chunk
