@@ -168,16 +168,28 @@ def test_a_large_put_is_synced_before_it_is_renamed(tmp_path: Path, monkeypatch:
     assert store.path_of(key).stat().st_mode & 0o777 == 0o400
 
 
+def _plant_unsealed(store: FilesystemObjectStore, key: ContentHash, content: bytes) -> Path:
+    """Put ``content`` under ``key`` as a small put renamed before its fsync would leave it."""
+    path = store.path_of(key.hex)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    path.chmod(0o600)
+    return path
+
+
+def _stored_large(tmp_path: Path, size: int) -> tuple[FilesystemObjectStore, bytes, ContentHash]:
+    store = FilesystemObjectStore(tmp_path)
+    data = os.urandom(size)
+    return store, data, store.put(data).unwrap().content_hash
+
+
 @pytest.mark.parametrize("torn", [b"", b"x" * 13, b"small and ne"], ids=["empty", "same size", "short"])
 def test_a_torn_unsealed_object_is_replaced_by_the_next_put(tmp_path: Path, torn: bytes) -> None:
     # Given what a crash can leave of a small put renamed before its fsync: a torn, unsealed file
     store = FilesystemObjectStore(tmp_path)
     data = b"small and new"
     key = ContentHash.of(data)
-    path = store.path_of(key.hex)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(torn)
-    path.chmod(0o600)
+    path = _plant_unsealed(store, key, torn)
     assert isinstance(store.get(key), Err)
     # When the same bytes are put again
     stored = store.put(data).unwrap()
@@ -192,10 +204,7 @@ def test_an_unsealed_intact_object_is_synced_and_sealed_by_a_dedup_put(
     # Given another writer's small object, renamed into place but not yet synced (unsealed)
     store = FilesystemObjectStore(tmp_path)
     data = b"in flight elsewhere"
-    path = store.path_of(ContentHash.of(data).hex)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(data)
-    path.chmod(0o600)
+    path = _plant_unsealed(store, ContentHash.of(data), data)
     inode = path.stat().st_ino
     calls = _calls(monkeypatch)
     # When the same bytes are put
@@ -212,10 +221,7 @@ def test_an_unsealed_intact_object_is_synced_and_sealed_by_a_dedup_put(
 def test_a_stream_put_replaces_a_torn_unsealed_object(tmp_path: Path) -> None:
     store = FilesystemObjectStore(tmp_path)
     data = b"streamed small object"
-    path = store.path_of(ContentHash.of(data).hex)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"\0" * len(data))
-    path.chmod(0o600)
+    path = _plant_unsealed(store, ContentHash.of(data), b"\0" * len(data))
     assert store.put_stream(iter([data[:5], data[5:]])).unwrap().written
     assert path.read_bytes() == data and path.stat().st_mode & 0o777 == 0o400
 
@@ -224,9 +230,7 @@ def test_a_large_get_hashes_on_a_second_read_and_catches_corruption(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a stored 3 MiB object
-    store = FilesystemObjectStore(tmp_path)
-    data = os.urandom(3 * 1024 * 1024)
-    key = store.put(data).unwrap().content_hash
+    store, data, key = _stored_large(tmp_path, 3 * 1024 * 1024)
     hashed: list[int] = []
     real_digest = store._digest_fd
     monkeypatch.setattr(store, "_digest_fd", lambda fd: (hashed.append(fd), real_digest(fd))[1])
@@ -244,9 +248,7 @@ def test_a_large_get_hashes_the_returned_bytes_if_the_file_changed_while_it_was_
 ) -> None:
     # Given a stored object, and a hashing thread that sees the file change (its ctime moves) and
     # reports a wrong digest
-    store = FilesystemObjectStore(tmp_path)
-    data = os.urandom(2 * 1024 * 1024)
-    key = store.put(data).unwrap().content_hash
+    store, data, key = _stored_large(tmp_path, 2 * 1024 * 1024)
     path = store.path_of(key.hex)
 
     def changed_meanwhile(fd: int) -> tuple[str, int]:
