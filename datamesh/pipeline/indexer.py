@@ -199,11 +199,11 @@ def index_documents(
     if isinstance(added, Err):
         return added
     ids = sorted({str(d.conversation_id) for d in docs})
-    rows = tiers.cp.run(lambda conn: conversations.get_many(conn, ids), operation="index.recheck", write=False)
-    if isinstance(rows, Err):
-        return rows
-    gone = [c for c in ids if c not in rows.value or rows.value[c].status != conversations.ACTIVE]
-    for region in sorted({d.region for d in docs if str(d.conversation_id) in gone}):
+    found = tiers.cp.run(lambda conn: conversations.not_active(conn, ids), operation="index.recheck", write=False)
+    if isinstance(found, Err):
+        return found
+    gone = sorted(found.value)
+    for region in sorted({d.region for d in docs if str(d.conversation_id) in found.value}):
         index = indexes.region(region)
         if isinstance(index, Err):
             return index

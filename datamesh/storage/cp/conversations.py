@@ -71,6 +71,32 @@ def get_many(conn: Connection, ids: Sequence[str]) -> dict[str, ConversationRow]
     return found
 
 
+_NOT_ACTIVE_PG = text(
+    "SELECT v.id FROM unnest(CAST(:ids AS varchar[])) AS v(id)"
+    " LEFT JOIN conversations AS c ON c.id = v.id WHERE c.id IS NULL OR c.status <> :active"
+)
+
+
+def not_active(conn: Connection, ids: Sequence[str]) -> set[str]:
+    """Those of ``ids`` that are not an active conversation (erased, or absent).
+
+    The indexer's re-check after indexing: usually none, so PostgreSQL answers with the few ids
+    concerned only, not a row per conversation; SQLite returns the active ids, in chunks.
+    """
+    unique = list(dict.fromkeys(ids))
+    if not unique:
+        return set()
+    if conn.dialect.name == "postgresql":
+        return {r[0] for r in conn.execute(_NOT_ACTIVE_PG, {"ids": unique, "active": ACTIVE})}
+    active: set[str] = set()
+    for start in range(0, len(unique), 400):
+        query = select(CONVERSATIONS.c.id).where(
+            CONVERSATIONS.c.id.in_(unique[start : start + 400]), CONVERSATIONS.c.status == ACTIVE
+        )
+        active.update(r[0] for r in conn.execute(query))
+    return set(unique) - active
+
+
 def insert_conversations(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     bulk_insert(conn, CONVERSATIONS, rows)
 
