@@ -6,12 +6,13 @@ Content is returned only when it hashes to what the CP tier recorded; anything e
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from datamesh.core.errors import IntegrityError, NotFound, StorageError
 from datamesh.core.result import Err, Ok, Result
-from datamesh.core.types import ContentHash, ConversationId, EntityId, GeoRegion, TurnId
+from datamesh.core.types import ConversationId, EntityId, GeoRegion, TurnId
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.ap.record import Payload, RecordFormatError, TurnContent, turn_key
 from datamesh.storage.cp import conversations
@@ -115,7 +116,7 @@ def resolve_payload(
 ) -> Result[bytes, ReadError]:
     """The bytes of one payload (inline or in the object store), verified against ``expected``."""
     if payload.inline is not None:
-        actual = ContentHash.of(payload.inline).hex
+        actual = hashlib.sha256(payload.inline).hexdigest()
         if actual != expected:
             return Err(IntegrityError(what, expected, actual))
         return Ok(payload.inline)
