@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 from datamesh.core.errors import IntegrityError, NotFound, StorageError
 from datamesh.core.result import Err, Ok, Result
@@ -94,8 +95,21 @@ def get_conversation(
     return Ok(StoredConversation(conversation_id, entity, region, row.tenant, row.created_at, turns))
 
 
+class HashedTurn(Protocol):
+    """A turn as the CP tier recorded it: its id and the hashes its content must match."""
+
+    @property
+    def turn_id(self) -> str: ...
+
+    @property
+    def prompt_sha256(self) -> str: ...
+
+    @property
+    def response_sha256(self) -> str: ...
+
+
 def verified_content(
-    tiers: Tiers, region: GeoRegion, t: conversations.TurnRow, raw: bytes
+    tiers: Tiers, region: GeoRegion, t: HashedTurn, raw: bytes
 ) -> Result[tuple[bytes, bytes, tuple[float, ...] | None], ReadError]:
     """A turn's prompt, response and embedding from its AP record, checked against the CP hashes."""
     try:

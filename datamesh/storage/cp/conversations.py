@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import String, Table, any_, bindparam, select, text, update
 from sqlalchemy import cast as cast_
@@ -50,6 +50,35 @@ class TurnRow:
     has_embedding: bool
     metadata: dict[str, str]
     created_at: datetime
+
+
+class IndexSource(NamedTuple):
+    """What the indexer needs of one committed turn: ids, content hashes and time, and its
+    conversation's access fields and status (a tuple: one is made per turn indexed)."""
+
+    conversation_id: str
+    turn_id: str
+    prompt_sha256: str
+    response_sha256: str
+    created_at: datetime
+    tenant: str
+    entity_id: str
+    region: str
+    status: str
+
+    @classmethod
+    def of(cls, turn: TurnRow, conversation: ConversationRow) -> IndexSource:
+        return cls(
+            turn.conversation_id,
+            turn.turn_id,
+            turn.prompt_sha256,
+            turn.response_sha256,
+            turn.created_at,
+            conversation.tenant,
+            conversation.entity_id,
+            conversation.region,
+            conversation.status,
+        )
 
 
 def get_many(conn: Connection, ids: Sequence[str]) -> dict[str, ConversationRow]:
@@ -132,8 +161,28 @@ def turns_of(conn: Connection, conversation_id: str) -> list[TurnRow]:
     return [_turn(r) for r in rows]
 
 
-def turns_of_saga(conn: Connection, saga_id: str) -> list[TurnRow]:
-    return [_turn(r) for r in conn.execute(select(TURNS).where(TURNS.c.saga_id == saga_id))]
+def index_sources_of_saga(conn: Connection, saga_id: str) -> list[IndexSource]:
+    """The turns a saga committed, with their conversations' access fields: one query, the columns
+    the indexer uses only (no metadata, sizes or locations decoded per turn)."""
+    query = (
+        select(
+            TURNS.c.conversation_id,
+            TURNS.c.turn_id,
+            TURNS.c.prompt_sha256,
+            TURNS.c.response_sha256,
+            TURNS.c.created_at,
+            CONVERSATIONS.c.tenant,
+            CONVERSATIONS.c.entity_id,
+            CONVERSATIONS.c.region,
+            CONVERSATIONS.c.status,
+        )
+        .join(CONVERSATIONS, CONVERSATIONS.c.id == TURNS.c.conversation_id)
+        .where(TURNS.c.saga_id == saga_id)
+    )
+    return [
+        IndexSource(cid, tid, ps, rs, as_utc(at), tenant, entity, region, status)
+        for cid, tid, ps, rs, at, tenant, entity, region, status in conn.execute(query)
+    ]
 
 
 def seqs_of_saga(conn: Connection, saga_id: str) -> dict[str, int]:
