@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.types import EntityId, GeoRegion
@@ -95,9 +95,9 @@ async def test_concurrent_appends_from_processes_serialize(pg_cp_url: str, tmp_p
                 "chains": {c: provenance.verify(conn, c) for c, _ in targets},
                 "records": {c: provenance.records(conn, c) for c, _ in targets},
                 "sagas": sagas.count_by_status(conn),
-                "pending": conn.execute(
-                    select(func.count()).select_from(idempotency.KEYS).where(idempotency.KEYS.c.status != "completed")
-                ).scalar_one(),
+                "keys": idempotency.lookup_many(
+                    conn, config.tenant, list(conn.execute(select(idempotency.KEYS.c.key)).scalars())
+                ),
             }
 
         state = db.run(inspect, operation="test.inspect", write=False).unwrap()
@@ -124,7 +124,10 @@ async def test_concurrent_appends_from_processes_serialize(pg_cp_url: str, tmp_p
         assert len({r["prev_hash"] for r in records}) == len(records)
     assert sum(len(ts) for ts in state["turns"].values()) == 2 + WORKERS * turns
     assert state["sagas"] == {"committed": 2 + WORKERS * turns}
-    assert state["pending"] == 0
+    # ... and every idempotency key reads completed (from its saga) with the turn stored for it
+    assert len(state["keys"]) == 2 + WORKERS * turns
+    assert all(k.status == idempotency.COMPLETED for k in state["keys"].values())
+    assert all(stored_seq[k.turn_id] == (k.conversation_id, k.turn_seq) for k in state["keys"].values())
     kinds = [r["kind"] for r in state["records"][targets[0][0]]]
     assert kinds.count("derived_artifact") == events == len(event_report["done"])
 

@@ -11,7 +11,7 @@ from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import AccessDenied, NotFound
 from datamesh.core.principal import Principal, Role
 from datamesh.core.result import Err
-from datamesh.core.types import EntityId, GeoRegion
+from datamesh.core.types import ConversationId, EntityId, GeoRegion
 from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
 from datamesh.storage.cp import conversations, provenance
 from tests.helpers import alpaca, real_requests, tier_counts
@@ -153,3 +153,16 @@ async def test_an_erasure_committed_while_a_batch_is_indexed_does_not_resurrect_
     (await pipeline.erase_conversation(result.conversation_id)).unwrap()
     indexer.index_documents(pipeline.tiers, pipeline.indexes, saga_docs, None).unwrap()
     assert pipeline.indexes.region(GeoRegion.EU_WEST).unwrap().count().unwrap() == 0
+
+
+async def test_the_indexer_recheck_names_erased_and_absent_conversations_only(pipeline: IngestionPipeline) -> None:
+    kept, erased = [(await pipeline.ingest(r)).unwrap().conversation_id for r in real_requests(2)]
+    (await pipeline.erase_conversation(erased)).unwrap()
+    absent = str(ConversationId.generate())
+    ids = [str(kept), str(erased), absent, str(kept)]
+    found = pipeline.tiers.cp.run(lambda conn: conversations.not_active(conn, ids), operation="t", write=False).unwrap()
+    assert found == {str(erased), absent}
+    assert (
+        pipeline.tiers.cp.run(lambda conn: conversations.not_active(conn, []), operation="t", write=False).unwrap()
+        == set()
+    )

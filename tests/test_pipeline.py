@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from sqlalchemy import select, update
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import AccessDenied, Backpressure, IdempotencyConflict, NotFound, ValidationError
@@ -15,7 +17,7 @@ from datamesh.core.result import Err
 from datamesh.core.types import ConversationId, EntityId, GeoRegion
 from datamesh.pipeline.backpressure import TokenBucket
 from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
-from datamesh.storage.cp import provenance
+from datamesh.storage.cp import idempotency, provenance
 from tests.helpers import real_requests, tier_counts
 
 
@@ -121,6 +123,49 @@ async def test_replay_returns_the_first_response(pipeline: IngestionPipeline) ->
     assert (await pipeline.ingest(derived)).unwrap().conversation_id == (
         await pipeline.ingest(derived)
     ).unwrap().conversation_id
+
+
+async def test_a_key_reads_completed_from_its_committed_saga(pipeline: IngestionPipeline) -> None:
+    # Given a conversation and an appended turn, each under its own key
+    original = request(idempotency_key="k-first")
+    first = (await pipeline.ingest(original)).unwrap()
+    append = request(idempotency_key="k-append", entity_id=original.entity_id, conversation_id=first.conversation_id)
+    appended = (await pipeline.ingest(append)).unwrap()
+    assert appended.turn_seq == 1
+    tenant = pipeline.config.tenant
+
+    def rows(conn: Any) -> dict[str, Any]:
+        return {r.key: r for r in conn.execute(select(idempotency.KEYS).where(idempotency.KEYS.c.tenant == tenant))}
+
+    # Then the pivot left the rows as reserve wrote them: ids set, no seq, no status update
+    raw = pipeline.tiers.cp.run(rows, operation="t", write=False).unwrap()
+    assert raw["k-append"].status == idempotency.PENDING and raw["k-append"].turn_seq is None
+    assert raw["k-append"].turn_id == str(appended.turn_id)
+    # ... yet the lookup reads them completed, with the committed turn's seq, from the saga
+    states = pipeline.tiers.cp.run(
+        lambda c: idempotency.lookup_many(c, tenant, ["k-first", "k-append"]), operation="t", write=False
+    ).unwrap()
+    assert states["k-append"].status == idempotency.COMPLETED and states["k-append"].turn_seq == 1
+    assert states["k-first"].status == idempotency.COMPLETED and states["k-first"].turn_seq == 0
+    # ... a replay is answered with the first result,
+    again = (await pipeline.ingest(append)).unwrap()
+    assert again.deduplicated and again.turn_id == appended.turn_id and again.turn_seq == 1
+    # ... and a release aimed at the committed saga (never done: a second guard) deletes nothing.
+    released = pipeline.tiers.cp.run(lambda c: idempotency.release(c, appended.saga_id), operation="t").unwrap()
+    assert released == 0
+    assert (await pipeline.ingest(append)).unwrap().deduplicated
+
+    # A row written completed by an earlier version (the pivot's UPDATE) reads as it says.
+    def mark_old(conn: Any) -> None:
+        conn.execute(
+            update(idempotency.KEYS)
+            .where(idempotency.KEYS.c.key == "k-first")
+            .values(status=idempotency.COMPLETED, turn_seq=0)
+        )
+
+    pipeline.tiers.cp.run(mark_old, operation="t").unwrap()
+    replay = (await pipeline.ingest(original)).unwrap()
+    assert replay.deduplicated and replay.turn_id == first.turn_id and replay.turn_seq == 0
 
 
 async def test_same_key_other_payload_is_a_conflict(pipeline: IngestionPipeline) -> None:

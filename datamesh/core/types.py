@@ -177,7 +177,10 @@ class ContentHash:
 
     @classmethod
     def of(cls, data: bytes) -> ContentHash:
-        return cls(hashlib.sha256(data).hexdigest())
+        # hexdigest() is 64 lowercase hex digits by construction: no pattern check (two per turn)
+        made = object.__new__(cls)
+        object.__setattr__(made, "hex", hashlib.sha256(data).hexdigest())
+        return made
 
     @classmethod
     def parse(cls, raw: object, field: str = "content_hash") -> Result[ContentHash, ValidationError]:

@@ -98,7 +98,7 @@ class ProvenanceRecord(Base):
 
 
 class IdempotencyKey(Base):
-    """A request's idempotency key: pending while its saga runs, then the first result."""
+    """A request's idempotency key and the first result's ids; completed when its saga has committed."""
 
     __tablename__ = "idempotency_keys"
 

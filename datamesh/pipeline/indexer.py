@@ -199,11 +199,11 @@ def index_documents(
     if isinstance(added, Err):
         return added
     ids = sorted({str(d.conversation_id) for d in docs})
-    rows = tiers.cp.run(lambda conn: conversations.get_many(conn, ids), operation="index.recheck", write=False)
-    if isinstance(rows, Err):
-        return rows
-    gone = [c for c in ids if c not in rows.value or rows.value[c].status != conversations.ACTIVE]
-    for region in sorted({d.region for d in docs if str(d.conversation_id) in gone}):
+    found = tiers.cp.run(lambda conn: conversations.not_active(conn, ids), operation="index.recheck", write=False)
+    if isinstance(found, Err):
+        return found
+    gone = sorted(found.value)
+    for region in sorted({d.region for d in docs if str(d.conversation_id) in found.value}):
         index = indexes.region(region)
         if isinstance(index, Err):
             return index
@@ -230,54 +230,42 @@ def _without_embedding(doc: IndexDocument) -> IndexDocument:
 
 def documents_of_saga(tiers: Tiers, saga_id: str, region: GeoRegion) -> Result[list[IndexDocument], Error]:
     """The index documents of the turns saga ``saga_id`` committed in ``region`` (active ones)."""
-
-    def tx(conn: Connection) -> tuple[list[conversations.TurnRow], dict[str, conversations.ConversationRow]]:
-        turns = conversations.turns_of_saga(conn, saga_id)
-        return turns, conversations.get_many(conn, [t.conversation_id for t in turns])
-
-    found = tiers.cp.run(tx, operation="index.saga_turns", write=False)
+    found = tiers.cp.run(
+        lambda conn: conversations.index_sources_of_saga(conn, saga_id), operation="index.saga_turns", write=False
+    )
     if isinstance(found, Err):
         return found
-    turns, rows = found.value
-    return documents_of(tiers, region, turns, rows)
+    return documents_of(tiers, region, found.value)
 
 
 def documents_of(
-    tiers: Tiers,
-    region: GeoRegion,
-    turns: Sequence[conversations.TurnRow],
-    rows: dict[str, conversations.ConversationRow],
+    tiers: Tiers, region: GeoRegion, sources: Sequence[conversations.IndexSource]
 ) -> Result[list[IndexDocument], Error]:
     """Read these turns' content from the AP tier and object store, verified; build documents."""
-    live = [
-        t
-        for t in turns
-        if (c := rows.get(t.conversation_id)) is not None and c.status == conversations.ACTIVE and c.region == region
-    ]
+    live = [s for s in sources if s.status == conversations.ACTIVE and s.region == region]
     if not live:
         return Ok([])
-    keys = {t.turn_id: _key(rows[t.conversation_id].entity_id, t) for t in live}
-    content = tiers.ap.get_many(region, list(keys.values()))
+    keys = [turn_key_of(s.entity_id, s.conversation_id, s.turn_id) for s in live]
+    content = tiers.ap.get_many(region, keys)
     if isinstance(content, Err):
         return content
     docs: list[IndexDocument] = []
-    for t in live:
-        conversation = rows[t.conversation_id]
-        raw = content.value.get(keys[t.turn_id])
+    for s, key in zip(live, keys, strict=True):
+        raw = content.value.get(key)
         if raw is None:
-            return Err(StorageError("ap", "index", f"content of turn {t.turn_id} is missing", retryable=True))
-        verified = verified_content(tiers, region, t, raw)
+            return Err(StorageError("ap", "index", f"content of turn {s.turn_id} is missing", retryable=True))
+        verified = verified_content(tiers, region, s, raw)
         if isinstance(verified, Err):
             return verified
         prompt_bytes, response_bytes, embedding = verified.value
         docs.append(
             IndexDocument(  # ids as the CP tier stores them (canonical): no pattern check per id
-                ConversationId(UUID(t.conversation_id)),
-                TurnId(UUID(t.turn_id)),
-                conversation.tenant,
-                EntityId(UUID(conversation.entity_id)),
+                ConversationId(UUID(s.conversation_id)),
+                TurnId(UUID(s.turn_id)),
+                s.tenant,
+                EntityId(UUID(s.entity_id)),
                 region,
-                t.created_at,
+                s.created_at,
                 _text(prompt_bytes),
                 _text(response_bytes),
                 embedding,
@@ -429,7 +417,7 @@ def rebuild_region(
         rows, turns = found.value
         if not rows:
             return Ok(total)
-        docs = documents_of(tiers, region, turns, rows)
+        docs = documents_of(tiers, region, [conversations.IndexSource.of(t, rows[t.conversation_id]) for t in turns])
         if isinstance(docs, Err):
             return docs
         indexed = index_documents(tiers, indexes, docs.value, embedder)

@@ -6,12 +6,14 @@ Content is returned only when it hashes to what the CP tier recorded; anything e
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 from datamesh.core.errors import IntegrityError, NotFound, StorageError
 from datamesh.core.result import Err, Ok, Result
-from datamesh.core.types import ContentHash, ConversationId, EntityId, GeoRegion, TurnId
+from datamesh.core.types import ConversationId, EntityId, GeoRegion, TurnId
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.ap.record import Payload, RecordFormatError, TurnContent, turn_key
 from datamesh.storage.cp import conversations
@@ -93,8 +95,21 @@ def get_conversation(
     return Ok(StoredConversation(conversation_id, entity, region, row.tenant, row.created_at, turns))
 
 
+class HashedTurn(Protocol):
+    """A turn as the CP tier recorded it: its id and the hashes its content must match."""
+
+    @property
+    def turn_id(self) -> str: ...
+
+    @property
+    def prompt_sha256(self) -> str: ...
+
+    @property
+    def response_sha256(self) -> str: ...
+
+
 def verified_content(
-    tiers: Tiers, region: GeoRegion, t: conversations.TurnRow, raw: bytes
+    tiers: Tiers, region: GeoRegion, t: HashedTurn, raw: bytes
 ) -> Result[tuple[bytes, bytes, tuple[float, ...] | None], ReadError]:
     """A turn's prompt, response and embedding from its AP record, checked against the CP hashes."""
     try:
@@ -115,7 +130,7 @@ def resolve_payload(
 ) -> Result[bytes, ReadError]:
     """The bytes of one payload (inline or in the object store), verified against ``expected``."""
     if payload.inline is not None:
-        actual = ContentHash.of(payload.inline).hex
+        actual = hashlib.sha256(payload.inline).hexdigest()
         if actual != expected:
             return Err(IntegrityError(what, expected, actual))
         return Ok(payload.inline)

@@ -122,7 +122,11 @@ def reserve(
             plan.blobs = blobs_of(plan.items)
             sagas.create(conn, saga_id, tenant, plan.to_json(), now=now, lease_s=tiers.lease_s)
             idempotency.reserve_many(
-                conn, tenant, saga_id, [(i.idempotency_key, i.request_sha256) for i in plan.items], now
+                conn,
+                tenant,
+                saga_id,
+                [(i.idempotency_key, i.request_sha256, i.conversation_id, i.turn_id) for i in plan.items],
+                now,
             )
             object_refs.add_refs(conn, saga_id, [(b.region, b.content_hash, b.size) for b in plan.blobs], now)
             sagas.record_step(conn, saga_id, Step.RESERVE, StepState.DONE, now=now, lease_s=tiers.lease_s)
@@ -303,16 +307,7 @@ def commit_cp(tiers: Tiers, plan: SagaPlan) -> Result[list[Committed], StorageEr
         conversations.set_turn_counts(conn, {c: n for c, n in counts.items() if c in existing}, now)
         conversations.insert_turns(conn, turn_rows)
         provenance.append_many(conn, events, now=now, known_new=frozenset(r["id"] for r in new_rows))
-        idempotency.complete_many(
-            conn,
-            plan.tenant,
-            plan.saga_id,
-            [
-                (i.idempotency_key, c.conversation_id, c.turn_id, c.turn_seq)
-                for i, c in zip(plan.items, done, strict=True)
-            ],
-            now,
-        )
+        # the keys read completed from the saga's status from this commit on (storage/cp/idempotency.py)
         regions = sorted({i.region for i in plan.items})  # index work is owed from this commit on
         index_outbox.enqueue(conn, [(index_outbox.ADD, plan.saga_id, r, plan.tenant) for r in regions], now)
         sagas.record_step(conn, plan.saga_id, Step.COMMIT_CP, StepState.DONE, now=now, lease_s=tiers.lease_s)

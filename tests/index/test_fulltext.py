@@ -111,3 +111,12 @@ def test_indexing_a_turn_again_replaces_it(index: SearchIndex) -> None:
     assert [str(h.turn_id) for h in index.search("okapis", tenant="acme").unwrap()] == [str(first.turn_id)]
     assert index.search("giraffes", tenant="acme").unwrap() == []
     assert index.search("old", tenant="acme").unwrap() == []
+
+
+def test_segment_leaves_ascii_alone_and_marks_unspaced_scripts() -> None:
+    from datamesh.storage.index.text_query import SEGMENT_MARK, segment
+
+    plain = "The quick brown fox, 42 times."
+    assert segment(plain) is plain  # the ASCII fast path: nothing to mark
+    m = SEGMENT_MARK
+    assert segment("東京 café" + m) == f"{m}東{m}{m}京{m} café "  # a stray mark in the input becomes a space

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import String, Table, any_, bindparam, select, text, update
 from sqlalchemy import cast as cast_
@@ -52,6 +52,35 @@ class TurnRow:
     created_at: datetime
 
 
+class IndexSource(NamedTuple):
+    """What the indexer needs of one committed turn: ids, content hashes and time, and its
+    conversation's access fields and status (a tuple: one is made per turn indexed)."""
+
+    conversation_id: str
+    turn_id: str
+    prompt_sha256: str
+    response_sha256: str
+    created_at: datetime
+    tenant: str
+    entity_id: str
+    region: str
+    status: str
+
+    @classmethod
+    def of(cls, turn: TurnRow, conversation: ConversationRow) -> IndexSource:
+        return cls(
+            turn.conversation_id,
+            turn.turn_id,
+            turn.prompt_sha256,
+            turn.response_sha256,
+            turn.created_at,
+            conversation.tenant,
+            conversation.entity_id,
+            conversation.region,
+            conversation.status,
+        )
+
+
 def get_many(conn: Connection, ids: Sequence[str]) -> dict[str, ConversationRow]:
     """Conversations by id: one ``= ANY(array)`` query on PostgreSQL, chunks of ``IN`` on SQLite."""
     found: dict[str, ConversationRow] = {}
@@ -69,6 +98,32 @@ def get_many(conn: Connection, ids: Sequence[str]) -> dict[str, ConversationRow]
         for r in conn.execute(query):
             found[r.id] = _conversation(r)
     return found
+
+
+_NOT_ACTIVE_PG = text(
+    "SELECT v.id FROM unnest(CAST(:ids AS varchar[])) AS v(id)"
+    " LEFT JOIN conversations AS c ON c.id = v.id WHERE c.id IS NULL OR c.status <> :active"
+)
+
+
+def not_active(conn: Connection, ids: Sequence[str]) -> set[str]:
+    """Those of ``ids`` that are not an active conversation (erased, or absent).
+
+    The indexer's re-check after indexing: usually none, so PostgreSQL answers with the few ids
+    concerned only, not a row per conversation; SQLite returns the active ids, in chunks.
+    """
+    unique = list(dict.fromkeys(ids))
+    if not unique:
+        return set()
+    if conn.dialect.name == "postgresql":
+        return {r[0] for r in conn.execute(_NOT_ACTIVE_PG, {"ids": unique, "active": ACTIVE})}
+    active: set[str] = set()
+    for start in range(0, len(unique), 400):
+        query = select(CONVERSATIONS.c.id).where(
+            CONVERSATIONS.c.id.in_(unique[start : start + 400]), CONVERSATIONS.c.status == ACTIVE
+        )
+        active.update(r[0] for r in conn.execute(query))
+    return set(unique) - active
 
 
 def insert_conversations(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
@@ -106,8 +161,28 @@ def turns_of(conn: Connection, conversation_id: str) -> list[TurnRow]:
     return [_turn(r) for r in rows]
 
 
-def turns_of_saga(conn: Connection, saga_id: str) -> list[TurnRow]:
-    return [_turn(r) for r in conn.execute(select(TURNS).where(TURNS.c.saga_id == saga_id))]
+def index_sources_of_saga(conn: Connection, saga_id: str) -> list[IndexSource]:
+    """The turns a saga committed, with their conversations' access fields: one query, the columns
+    the indexer uses only (no metadata, sizes or locations decoded per turn)."""
+    query = (
+        select(
+            TURNS.c.conversation_id,
+            TURNS.c.turn_id,
+            TURNS.c.prompt_sha256,
+            TURNS.c.response_sha256,
+            TURNS.c.created_at,
+            CONVERSATIONS.c.tenant,
+            CONVERSATIONS.c.entity_id,
+            CONVERSATIONS.c.region,
+            CONVERSATIONS.c.status,
+        )
+        .join(CONVERSATIONS, CONVERSATIONS.c.id == TURNS.c.conversation_id)
+        .where(TURNS.c.saga_id == saga_id)
+    )
+    return [
+        IndexSource(cid, tid, ps, rs, as_utc(at), tenant, entity, region, status)
+        for cid, tid, ps, rs, at, tenant, entity, region, status in conn.execute(query)
+    ]
 
 
 def seqs_of_saga(conn: Connection, saga_id: str) -> dict[str, int]:

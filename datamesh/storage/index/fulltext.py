@@ -55,6 +55,10 @@ SNIPPET_CLOSE = "]"
 SNIPPET_TOKENS = 16
 PREVIEW_CHARS = 160
 _LOOKUP_CHUNK = 500  # turn ids per IN (...) lookup, under SQLite's variable limit
+_INSERT_DOC = (
+    "INSERT INTO docs(turn_id, conversation_id, tenant, entity_id, created_us, preview, embedding)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,34 +151,37 @@ class FullTextStore:
         """
         rowids: list[int] = []
         replaced: list[int] = []
+        turn_ids = [str(doc.turn_id) for doc in docs]  # each id made text once
         with self._tx() as db:
-            present = self._present(db, [str(doc.turn_id) for doc in docs])
-            for doc, blob in zip(docs, embeddings, strict=True):
-                old = present.get(str(doc.turn_id))
+            present = self._present(db, turn_ids)
+            execute = db.execute
+            for doc, turn_id, blob in zip(docs, turn_ids, embeddings, strict=True):
+                old = present.get(turn_id)
                 if old is not None:
-                    db.execute(f"DELETE FROM {self._table(db, old[1])} WHERE rowid = ?", (old[0],))
-                    db.execute("DELETE FROM docs WHERE id = ?", (old[0],))
+                    execute(f"DELETE FROM {self._table(db, old[1])} WHERE rowid = ?", (old[0],))
+                    execute("DELETE FROM docs WHERE id = ?", (old[0],))
                     replaced.append(int(old[0]))
-                cur = db.execute(
-                    "INSERT INTO docs(turn_id, conversation_id, tenant, entity_id, created_us, preview, embedding)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        str(doc.turn_id),
-                        str(doc.conversation_id),
-                        doc.tenant,
-                        str(doc.entity_id),
-                        to_micros(doc.created_at),
-                        " ".join(doc.response[: PREVIEW_CHARS * 2].split())[:PREVIEW_CHARS],
-                        blob,
-                    ),
+                rowid = int(
+                    execute(
+                        _INSERT_DOC,
+                        (
+                            turn_id,
+                            str(doc.conversation_id),
+                            doc.tenant,
+                            str(doc.entity_id),
+                            to_micros(doc.created_at),
+                            " ".join(doc.response[: PREVIEW_CHARS * 2].split())[:PREVIEW_CHARS],
+                            blob,
+                        ),
+                    ).lastrowid
+                    or 0
                 )
-                rowid = int(cur.lastrowid or 0)
-                db.execute(
+                execute(
                     f"INSERT INTO {self._table(db, doc.tenant)}(rowid, prompt, response) VALUES (?, ?, ?)",
                     (rowid, segment(doc.prompt), segment(doc.response)),
                 )
                 rowids.append(rowid)
-                present[str(doc.turn_id)] = (rowid, doc.tenant)  # a second copy in this call replaces this one
+                present[turn_id] = (rowid, doc.tenant)  # a second copy in this call replaces this one
         return rowids, replaced
 
     @staticmethod

@@ -47,6 +47,8 @@ _WORDLIKE = re.compile(r"\w", re.UNICODE)
 
 def segment(text: str) -> str:
     """The text as indexed: each character of an unspaced script becomes its own token."""
+    if text.isascii():  # O(1) in CPython; ASCII holds neither the mark nor an unspaced script
+        return text
     cleaned = text.replace(SEGMENT_MARK, " ")
     if _UNSPACED_CHAR.search(cleaned) is None:
         return cleaned  # most text: nothing to mark, and no template to expand per call
