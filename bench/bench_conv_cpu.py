@@ -1,4 +1,4 @@
-"""CPU per conversation, part by part, of the local executor with the indexer: where a turn's ~1 ms goes.
+"""CPU per conversation, part by part, of the local executor with the indexer.
 
     python bench/bench_conv_cpu.py [--batch 5000] [--batches 4] [--repeat 3] [--profile ingest|drain]
 
