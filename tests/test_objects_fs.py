@@ -127,7 +127,7 @@ def _calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     import datamesh.storage.objects.filesystem as fs
 
     calls: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
     def fsync_dir(path: str) -> None:
         calls.append(f"dir {path}")
@@ -139,11 +139,12 @@ def _calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("rename"), real_replace(a, b))[1])
+    monkeypatch.setattr(os, "link", lambda a, b: (calls.append("link"), real_link(a, b))[1])
     monkeypatch.setattr(fs, "_fsync_dir", fsync_dir)
     return calls
 
 
-def test_a_small_put_is_renamed_then_synced_and_sealed_with_every_new_folder(
+def test_a_small_put_is_linked_then_synced_and_sealed_with_every_new_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given an empty store
@@ -151,10 +152,10 @@ def test_a_small_put_is_renamed_then_synced_and_sealed_with_every_new_folder(
     calls = _calls(monkeypatch)
     # When a small blob is put
     key = store.put(b"small and new").unwrap().content_hash.hex
-    # Then it was renamed into place, then synced, and so was every folder the put made
+    # Then it was linked into place, then synced, and so was every folder the put made
     first, second = f"{tmp_path}/{key[:2]}", f"{tmp_path}/{key[:2]}/{key[2:4]}"
-    # (the first rename finds the folders missing, makes them and renames again)
-    assert calls[:3] == ["rename", "rename", "fsync"]
+    # (the first link finds the folders missing, makes them and links again)
+    assert calls[:3] == ["link", "link", "fsync"]
     assert sorted(calls[3:]) == sorted([f"dir {tmp_path}", f"dir {first}", f"dir {second}"])
     # And it is sealed: its owner-write bit is clear
     assert store.path_of(key).stat().st_mode & 0o777 == 0o400
@@ -184,7 +185,9 @@ def _stored_large(tmp_path: Path, size: int) -> tuple[FilesystemObjectStore, byt
 
 
 @pytest.mark.parametrize("torn", [b"", b"x" * 13, b"small and ne"], ids=["empty", "same size", "short"])
-def test_a_torn_unsealed_object_is_replaced_by_the_next_put(tmp_path: Path, torn: bytes) -> None:
+def test_a_torn_unsealed_object_is_replaced_by_the_next_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torn: bytes
+) -> None:
     # Given what a crash can leave of a small put renamed before its fsync: a torn, unsealed file
     store = FilesystemObjectStore(tmp_path)
     data = b"small and new"
@@ -192,9 +195,12 @@ def test_a_torn_unsealed_object_is_replaced_by_the_next_put(tmp_path: Path, torn
     path = _plant_unsealed(store, key, torn)
     assert isinstance(store.get(key), Err)
     # When the same bytes are put again
+    calls = _calls(monkeypatch)
     stored = store.put(data).unwrap()
-    # Then the put writes them (it does not count the torn file as stored), and they read back sealed
+    # Then the put writes them (it does not count the torn file as stored), synced before the rename
+    # that replaces the torn file, and they read back sealed
     assert stored.written and store.get(key).unwrap() == data
+    assert "link" not in calls and calls.index("fsync") < calls.index("rename")
     assert path.stat().st_mode & 0o777 == 0o400 and store.stale_staging() == []
 
 
@@ -258,3 +264,55 @@ def test_a_large_get_hashes_the_returned_bytes_if_the_file_changed_while_it_was_
     monkeypatch.setattr(store, "_digest_fd", changed_meanwhile)
     # When it is read, the returned bytes themselves are hashed, so the get is still exact
     assert store.get(key).unwrap() == data
+
+
+def test_a_small_put_that_loses_the_race_for_its_name_never_replaces_the_winner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a put that found its key absent, and another put that publishes the same bytes before it
+    store = FilesystemObjectStore(tmp_path)
+    data = b"two writers, one name"
+    key = ContentHash.of(data)
+    winner = FilesystemObjectStore(tmp_path)
+    path = store.path_of(key.hex)
+    real_present = store._present
+    inodes: list[int] = []
+
+    def absent_then_published(key_hex: str, size: int) -> bool | None:
+        monkeypatch.setattr(store, "_present", real_present)
+        assert winner.put(data).unwrap().written
+        inodes.append(path.stat().st_ino)
+        return None
+
+    monkeypatch.setattr(store, "_present", absent_then_published)
+    # When the late put runs
+    stored = store.put(data).unwrap()
+    # Then its link is refused, it counts the winner's file as stored, and that file is untouched
+    assert not stored.written and store.get(key).unwrap() == data
+    assert [path.stat().st_ino] == inodes and path.stat().st_mode & 0o777 == 0o400
+    assert store.stale_staging() == []
+
+
+def test_processes_putting_the_same_small_blobs_at_once_store_each_once_whole_and_sealed(tmp_path: Path) -> None:
+    # Given 4 processes that put the same 200 small blobs, each from another start, at the same time
+    blobs = [f"blob {i} ".encode() * (i % 7 + 1) for i in range(200)]
+    children = []
+    for n in range(4):
+        pid = os.fork()
+        if pid == 0:  # a child: exit 0 only if every put succeeded
+            signal.alarm(60)
+            store = FilesystemObjectStore(tmp_path)
+            order = blobs[n * 50 :] + blobs[: n * 50]  # each child starts at another blob
+            ok = all(store.put(blob).is_ok() for blob in order)
+            os._exit(0 if ok else 1)
+        children.append(pid)
+    assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children] == [0] * 4
+    # Then every blob is stored once, reads back whole, and is sealed; staging is empty
+    store = FilesystemObjectStore(tmp_path)
+    keys = {ContentHash.of(blob) for blob in blobs}
+    assert set(store.list().unwrap()) == keys
+    for blob in blobs:
+        key = ContentHash.of(blob)
+        assert store.get(key).unwrap() == blob
+        assert store.path_of(key.hex).stat().st_mode & 0o777 == 0o400
+    assert store.stale_staging() == []

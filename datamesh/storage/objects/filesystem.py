@@ -1,28 +1,31 @@
 """Filesystem backend of the object store: ``<root>/ab/cd/abcd…`` fan-out folders.
 
-A write goes to a temporary file in ``<root>/.staging`` and is renamed into place atomically, so a
+A write goes to a temporary file in ``<root>/.staging`` and is renamed (or linked) into place, so a
 reader sees either the whole object or nothing under its key.  Before a put returns, the file is
 fsynced and so is its folder; a fan-out folder the write had to create is fsynced in its parent too
 (POSIX promises nothing more; that journalling filesystems happen to commit it with the child's
 sync is not relied on).
 
-Which comes first, the rename or the file's fsync, depends on the size:
+Which comes first, the name or the file's fsync, depends on the size:
 
 * A large object (and a stream) is fsynced in staging and renamed afterwards, so its name never
   points at bytes that are not on disk.
-* A small object (up to :data:`EARLY_PUBLISH_MAX_BYTES`) is renamed first and fsynced after.  On a
-  journalling filesystem the file's fsync then commits the data, the rename and any new folder in
-  one journal commit, and the folder fsyncs that follow find nothing left to commit; fsync first
-  and rename after costs two commits, about twice the time of a small put.  The price is that a
-  crash before the fsync returns can leave a torn file under the key of a put that was never
-  acknowledged.  So a put that finds its key present trusts the file only once it is *sealed*: a
-  file whose owner-write bit is clear was fsynced, with its folder, before the bit was cleared.
-  An unsealed small file is read, hashed and synced (then sealed) before a put counts it as
-  stored; a torn one is replaced.  Large objects are sealed when they are published.  A get always
-  verifies the hash, so a torn file is never returned as content either.
+* A small object (up to :data:`EARLY_PUBLISH_MAX_BYTES`) is hard-linked into place first and
+  fsynced after.  On a journalling filesystem the file's fsync then commits the data, the name and
+  any new folder in one journal commit, and the folder fsyncs that follow find nothing left to
+  commit; fsync first and rename after costs two commits, about twice the time of a small put.
+  A link, unlike a rename, never replaces a file, so a put cannot swap another put's object for
+  bytes not yet on disk; a put that loses that race checks the winner's file instead.
+  The price is that a crash before the fsync returns can leave a torn file under the key of a put
+  that was never acknowledged.  So a put that finds its key present trusts the file only once it is
+  *sealed*: a file whose owner-write bit is clear was fsynced, with its folder, before the bit was
+  cleared.  An unsealed small file is read, hashed and synced (then sealed) before a put counts it
+  as stored; a torn one is replaced the large way (synced, then renamed).  Large objects are sealed
+  when they are published.  A get always verifies the hash, so a torn file is never returned as
+  content either.
 
-A small put costs a handful of syscalls (stat, open, write, rename, fsync, fchmod, close, and the
-folder's open/fsync/close), so the hot path uses ``os`` calls on string paths rather than pathlib or
+A small put costs a handful of syscalls (stat, open, write, link, unlink, fsync, fchmod, close, and
+the folder's open/fsync/close), so the hot path uses ``os`` calls on string paths rather than pathlib or
 tempfile.
 """
 
@@ -34,7 +37,7 @@ import hashlib
 import itertools
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,7 +60,7 @@ _RETRYABLE_ERRNOS = {
 }
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
-#: Small puts are renamed into place before their fsync (see the module docstring).
+#: Small puts are linked into place before their fsync (see the module docstring).
 EARLY_PUBLISH_MAX_BYTES = 1024 * 1024
 _UNSEALED = 0o600
 _SEALED = 0o400  # the owner-write bit is clear: the file and its folder entry are on disk
@@ -96,29 +99,34 @@ class FilesystemObjectStore(ObjectStore[str]):
             return False
 
     def _holds(self, key: str, size: int) -> bool:
-        """Whether ``key`` is stored whole and durably, so a put of its ``size`` bytes writes nothing.
+        """Whether ``key`` is stored whole and durably, so a put of its ``size`` bytes writes nothing."""
+        return self._present(key, size) is True
+
+    def _present(self, key: str, size: int) -> bool | None:
+        """``None`` when ``key`` is absent, ``True`` when it is stored whole and durably, ``False``
+        when a torn file holds its name.
 
         A sealed file is trusted as it is.  An unsealed one may be another put's small object that
-        was renamed into place and is not yet synced, or what a crash left of one: it counts only if
+        was linked into place and is not yet synced, or what a crash left of one: it counts only if
         its bytes hash to ``key``, and then it is synced and sealed first.
         """
         path = self._path(key)
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return False
+            return None
         if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            return False  # a torn file: the put replaces it
+            return False
         if not st.st_mode & stat.S_IWUSR or size > EARLY_PUBLISH_MAX_BYTES:
-            return True  # sealed, or large (only small objects are renamed before they are synced)
+            return True  # sealed, or large (only small objects are linked before they are synced)
         return self._seal(path, key, size)
 
-    def _seal(self, path: str, key: str, size: int) -> bool:
+    def _seal(self, path: str, key: str, size: int) -> bool | None:
         """Check an unsealed object's bytes against ``key``; if they match, sync and seal it."""
         try:
             fd = os.open(path, _READ_FLAGS)
         except FileNotFoundError:
-            return False
+            return None
         try:
             if hashlib.sha256(os.read(fd, size + 1)).hexdigest() != key:
                 return False
@@ -131,32 +139,51 @@ class FilesystemObjectStore(ObjectStore[str]):
         return True
 
     def _write(self, key: str, data: bytes) -> bool:
-        if self._holds(key, len(data)):
+        present = self._present(key, len(data))
+        if present:
             return False
-        if len(data) > EARLY_PUBLISH_MAX_BYTES:
-            self._publish(self._stage((data,), durable=True), key)
-        else:
-            self._publish_early(key, data)
+        if present is None and len(data) <= EARLY_PUBLISH_MAX_BYTES:
+            if self._publish_early(key, data):
+                return True
+            if self._holds(key, len(data)):  # another put published it first
+                return False
+        # Large, or replacing a torn file: synced before the rename, so whatever the rename replaces
+        # (perhaps another put's good copy by now) is replaced by bytes already on disk.
+        self._publish(self._stage((data,), durable=True), key)
         return True
 
-    def _publish_early(self, key: str, data: bytes) -> None:
-        """Rename the staged bytes into place, then sync the file and the folders, then seal it."""
+    def _publish_early(self, key: str, data: bytes) -> bool:
+        """Link the staged bytes into place, then sync the file and the folders, then seal it.
+
+        A link never replaces a file: if one holds the name already (another put won the race),
+        nothing is published and ``False`` is returned.  Replacing it with bytes not yet synced
+        could turn another put's acknowledged object into a torn one if the machine crashed.
+        """
         fd, name = self._create_staging_file(_UNSEALED)
         try:
             try:
                 _write_all(fd, data)
-                folders = self._rename(name, key)
-            except BaseException:
+                folders = self._link(name, key)
+            finally:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name)
-                raise
+                    os.unlink(name)  # the object keeps its own link
+            if folders is None:
+                return False
             if self.fsync:
-                os.fsync(fd)  # one journal commit: the bytes, the rename, any new folder
+                os.fsync(fd)  # one journal commit: the bytes, the link, any new folder
                 for folder in folders:
                     _fsync_dir(folder)
             os.fchmod(fd, _SEALED)
         finally:
             os.close(fd)
+        return True
+
+    def _link(self, token: str, key: str) -> list[str] | None:
+        """Link ``token`` as ``key`` unless the name exists (``None``); return the folders to fsync."""
+        try:
+            return self._place(os.link, token, key)
+        except FileExistsError:
+            return None
 
     def _stage(self, chunks: Iterable[bytes], *, durable: bool = False) -> str:
         """Write ``chunks`` to a new staging file; fsynced only with ``durable``.
@@ -206,17 +233,21 @@ class FilesystemObjectStore(ObjectStore[str]):
                 _fsync_dir(folder)
 
     def _rename(self, token: str, key: str) -> list[str]:
-        """Rename ``token`` to ``key``, making its fan-out folders if missing; return the folders
+        """Rename ``token`` to ``key`` (atomic; identical bytes if another writer won the race)."""
+        return self._place(os.replace, token, key)
+
+    def _place(self, move: Callable[[str, str], None], token: str, key: str) -> list[str]:
+        """``move(token, path of key)``, making the fan-out folders if missing; return the folders
         to fsync before the put is acknowledged (the object's, and the parent of any new one)."""
         target = self._path(key)
         folder = target[: -len(key) - 1]
         try:
-            os.replace(token, target)  # atomic; identical bytes if another writer won the race
+            move(token, target)
         except FileNotFoundError:
             if not os.path.exists(token):
                 raise
             made = self._make_folders(key)
-            os.replace(token, target)
+            move(token, target)
             return [*made, folder]
         return [folder]
 
