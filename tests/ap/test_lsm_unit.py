@@ -139,7 +139,7 @@ def test_verify_run_reports_a_corrupted_block(tmp_path: Path) -> None:
     writer.add(keys, list(keys))
     writer.finish()
     db = sqlite3.connect(tmp_path / "1.sqlite3")
-    db.execute("UPDATE blocks SET crc = crc + 1 WHERE first_key = ?", (keys[0],))
+    db.execute("UPDATE blocks SET checksum = ~checksum WHERE first_key = ?", (keys[0],))
     db.commit()
     db.close()
     assert any("checksum" in problem for problem in verify_run(tmp_path / "1.sqlite3"))

@@ -19,7 +19,6 @@ the callers use the list path (:mod:`.format`, :func:`.compaction.merge_blocks`)
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -27,7 +26,7 @@ from itertools import pairwise
 import numpy as np
 import numpy.typing as npt
 
-from datamesh.storage.ap.lsm.format import FormatError, Value
+from datamesh.storage.ap.lsm.format import FormatError, Value, block_checksum
 
 _COUNT = struct.Struct("<I")
 _U32 = np.dtype("<u4")
@@ -327,7 +326,7 @@ def _joined(parts: list[memoryview]) -> bytes | memoryview:
 
 
 EncodedBlock = tuple[bytes, bytes, int, int, bytes | memoryview]
-"""``(first_key, last_key, n, crc32(data), data)``: one row of a run's ``blocks`` table."""
+"""``(first_key, last_key, n, block_checksum(data), data)``: one row of a run's ``blocks`` table."""
 
 
 def encode_blocks(columns: Columns, block_entries: int) -> list[EncodedBlock]:
@@ -366,7 +365,7 @@ def encode_blocks(columns: Columns, block_entries: int) -> list[EncodedBlock]:
         )
         first = bytes(keys[width * start : width * (start + 1)])
         last = bytes(keys[width * (stop - 1) : width * stop])
-        rows.append((first, last, count, zlib.crc32(data), data))
+        rows.append((first, last, count, block_checksum(data), data))
     return rows
 
 
@@ -397,5 +396,5 @@ def _encode_full_blocks(columns: Columns, block_entries: int, value_width: int) 
     for number in range(count):
         data = view[number * stride : (number + 1) * stride]
         key = slice(number * width, (number + 1) * width)
-        rows.append((firsts[key], lasts[key], size, zlib.crc32(data), data))
+        rows.append((firsts[key], lasts[key], size, block_checksum(data), data))
     return rows

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from itertools import accumulate
 from operator import itemgetter
 
+from xxhash import xxh3_64_intdigest
+
 Value = bytes | None
 """A stored value, or ``None`` for a tombstone (a delete that must shadow older runs)."""
 
@@ -33,6 +35,18 @@ if array("I").itemsize != 4:  # pragma: no cover - every platform CPython suppor
 
 class FormatError(ValueError):
     """The bytes are not a well-formed batch (a bug or corruption that escaped its checksum)."""
+
+
+def block_checksum(data: bytes | memoryview) -> int:
+    """The checksum of a run's block: its ``xxh3_64`` read as a *signed* 64-bit integer (two's
+    complement), since SQLite's INTEGER is signed.
+
+    Why xxh3 (run format 3): ``zlib.crc32`` ran at ~2-4 GB/s on 14 KB blocks, a fifth of a merge
+    pass's CPU; ``xxh3_64`` runs at ~27-50 GB/s (measured on this machine) and catches the same
+    damage (a torn or flipped block) with 64 bits instead of 32.
+    """
+    digest = xxh3_64_intdigest(data)
+    return digest - ((digest >> 63) << 64)
 
 
 def _u32s(values: Sequence[int] | map[int]) -> bytes:
