@@ -111,6 +111,28 @@ def test_blocks_encode_byte_for_byte_like_the_list_codec_and_decode_back(uniform
     assert decode_entries(bytes(rows[3][4])) == (keys[192:256], values[192:256])
 
 
+def test_blocks_alike_but_for_keys_and_values_decode_like_any_blocks() -> None:
+    # Given whole blocks of 16-byte keys and 12-byte values (the uniform fast path)
+    rng = random.Random(8)
+    keys = sorted(rng.sample([rng.randbytes(16) for _ in range(3000)], 640))
+    values: list[Value] = [rng.randbytes(12) for _ in keys]
+    blocks = [encode_entries(keys[i : i + 64], values[i : i + 64]) for i in range(0, 640, 64)]
+    assert decode_blocks(blocks, 16).to_lists() == (keys, values)
+    # And the same with one block whose values differ in width (same size) or with a tombstone
+    uneven = list(values)
+    uneven[70], uneven[71] = b"x" * 11, b"y" * 13
+    deleted: list[Value] = list(values)
+    deleted[200] = None
+    for changed in (uneven, deleted):
+        mixed = [encode_entries(keys[i : i + 64], changed[i : i + 64]) for i in range(0, 640, 64)]
+        assert decode_blocks(mixed, 16).to_lists() == (keys, changed)
+    # And a block of the same size whose key lengths are wrong is refused
+    bad = bytearray(blocks[2])
+    bad[4 + 64 : 4 + 64 + 8] = (15).to_bytes(4, "little") + (17).to_bytes(4, "little")
+    with pytest.raises(FormatError):
+        decode_blocks([*blocks[:2], bytes(bad), *blocks[3:]], 16)
+
+
 def test_decoding_refuses_a_block_of_another_key_width_or_a_bad_size() -> None:
     data = encode_entries([b"a" * 16, b"b" * 17], [b"1", b"2"])
     with pytest.raises(FormatError):

@@ -268,6 +268,9 @@ def decode_blocks(datas: Sequence[bytes], width: int) -> Columns:
 
     Raises :class:`FormatError` if a block is malformed or holds a key of another width.
     """
+    uniform = _decode_uniform_blocks(datas, width)
+    if uniform is not None:
+        return uniform
     flags: list[memoryview] = []
     key_parts: list[memoryview] = []
     lens_parts: list[memoryview] = []
@@ -303,6 +306,44 @@ def decode_blocks(datas: Sequence[bytes], width: int) -> Columns:
         value_lens,
         np.frombuffer(_joined(value_parts), dtype=np.uint8),
     )
+
+
+def _decode_uniform_blocks(datas: Sequence[bytes], width: int) -> Columns | None:
+    """:func:`decode_blocks` of blocks that are alike but for their keys and values (every block
+    ``n`` entries, no tombstone, every value ``w`` bytes: a merge's common case), or None.
+
+    Such blocks share their first ``4 + 9n`` bytes, so the headers are checked with one comparison
+    and the keys and values gathered with one ``join`` of slices each: a few operations per block
+    where the general path does a dozen (measured ~0.03 against ~0.05 us per entry for 64-entry
+    blocks of 16+200 bytes).
+    """
+    if len(datas) < 2:
+        return None
+    size = len(datas[0])
+    (n,) = _COUNT.unpack_from(datas[0], 0)
+    head = 4 + 9 * n
+    rest = size - head - width * n
+    if n == 0 or rest <= 0 or rest % n or any(len(data) != size for data in datas):
+        return None
+    value_width = rest // n
+    views = [memoryview(data) for data in datas]
+    header = _uniform_header(n, width, value_width)
+    if b"".join([view[:head] for view in views]) != header * len(views):
+        return None
+    count = n * len(views)
+    keys_end = head + width * n
+    return Columns(
+        np.frombuffer(b"".join([view[head:keys_end] for view in views]), dtype=f"S{width}"),
+        np.zeros(count, dtype=np.bool_),
+        np.full(count, value_width, dtype=np.int64),
+        np.frombuffer(b"".join([view[keys_end:] for view in views]), dtype=np.uint8),
+    )
+
+
+def _uniform_header(n: int, width: int, value_width: int) -> bytes:
+    """The first ``4 + 9n`` bytes of a block of ``n`` entries, no tombstone, keys ``width`` and
+    values ``value_width`` bytes wide."""
+    return b"".join((_COUNT.pack(n), bytes(n), _width_bytes(n, width), _width_bytes(n, value_width)))
 
 
 def from_parts(parts: Sequence[bytes], width: int) -> Columns | None:
