@@ -32,6 +32,10 @@ def test_format_round_trips_values_and_tombstones() -> None:
     assert decode_entries(encode_entries(keys, values)) == (keys, values)
     with pytest.raises(FormatError):
         decode_entries(encode_entries(keys, values)[:-1])
+    with pytest.raises(TypeError):
+        encode_entries([b"a", b"b"], [b"1", "not bytes"])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        encode_entries([b"a", b"b"], [None, "not bytes"])  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize("cut", ["short header", "short payload", "checksum mismatch"])

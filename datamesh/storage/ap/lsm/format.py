@@ -66,13 +66,20 @@ def entry_parts(keys: Sequence[bytes], values: Sequence[Value]) -> list[bytes]:
     n = len(keys)
     if len(values) != n:
         raise ValueError("keys and values differ in length")
-    if None in values:
+    try:
+        # The join finds a tombstone too (``None`` is not bytes-like): no separate ``None in values``
+        # pass, which costs ~13 ns per value (a rich comparison each).
+        joined = b"".join(values)  # type: ignore[arg-type]  # a None raises TypeError, handled below
+    except TypeError:
+        if None not in values:
+            raise
         flags = bytes(v is None for v in values)
         stored: Sequence[bytes] = [b"" if v is None else v for v in values]
+        joined = b"".join(stored)
     else:
         flags = bytes(n)
-        stored = values  # type: ignore[assignment]  # no None inside: checked just above
-    return [_COUNT.pack(n), flags, _u32s(map(len, keys)), _u32s(map(len, stored)), b"".join(keys), b"".join(stored)]
+        stored = values  # type: ignore[assignment]  # no None inside: the join took every value
+    return [_COUNT.pack(n), flags, _u32s(map(len, keys)), _u32s(map(len, stored)), b"".join(keys), joined]
 
 
 def encode_entries(keys: Sequence[bytes], values: Sequence[Value]) -> bytes:
