@@ -10,13 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 from datamesh.storage.ap.lsm.columns import Columns, decode_blocks, encode_blocks, from_lists, stable_key_order
 from datamesh.storage.ap.lsm.compaction import merge_blocks, merge_columns
 from datamesh.storage.ap.lsm.filter import fingerprint, fingerprints, list_fingerprints
-from datamesh.storage.ap.lsm.format import FormatError, Value, decode_entries, encode_entries, entry_parts
+from datamesh.storage.ap.lsm.format import (
+    FormatError,
+    Value,
+    block_checksum,
+    decode_entries,
+    encode_entries,
+    entry_parts,
+)
 from datamesh.storage.ap.lsm.memtable import MISSING, Memtable
-from datamesh.storage.ap.lsm.run import Run, RunWriter, iter_columns, verify_run
+from datamesh.storage.ap.lsm.run import Run, RunWriter, iter_blocks, iter_columns, verify_run
 
 Block = tuple[list[bytes], list[Value]]
 
@@ -103,6 +111,28 @@ def test_blocks_encode_byte_for_byte_like_the_list_codec_and_decode_back(uniform
     assert decode_entries(bytes(rows[3][4])) == (keys[192:256], values[192:256])
 
 
+def test_blocks_alike_but_for_keys_and_values_decode_like_any_blocks() -> None:
+    # Given whole blocks of 16-byte keys and 12-byte values (the uniform fast path)
+    rng = random.Random(8)
+    keys = sorted(rng.sample([rng.randbytes(16) for _ in range(3000)], 640))
+    values: list[Value] = [rng.randbytes(12) for _ in keys]
+    blocks = [encode_entries(keys[i : i + 64], values[i : i + 64]) for i in range(0, 640, 64)]
+    assert decode_blocks(blocks, 16).to_lists() == (keys, values)
+    # And the same with one block whose values differ in width (same size) or with a tombstone
+    uneven = list(values)
+    uneven[70], uneven[71] = b"x" * 11, b"y" * 13
+    deleted: list[Value] = list(values)
+    deleted[200] = None
+    for changed in (uneven, deleted):
+        mixed = [encode_entries(keys[i : i + 64], changed[i : i + 64]) for i in range(0, 640, 64)]
+        assert decode_blocks(mixed, 16).to_lists() == (keys, changed)
+    # And a block of the same size whose key lengths are wrong is refused
+    bad = bytearray(blocks[2])
+    bad[4 + 64 : 4 + 64 + 8] = (15).to_bytes(4, "little") + (17).to_bytes(4, "little")
+    with pytest.raises(FormatError):
+        decode_blocks([*blocks[:2], bytes(bad), *blocks[3:]], 16)
+
+
 def test_decoding_refuses_a_block_of_another_key_width_or_a_bad_size() -> None:
     data = encode_entries([b"a" * 16, b"b" * 17], [b"1", b"2"])
     with pytest.raises(FormatError):
@@ -169,16 +199,91 @@ def test_a_run_written_from_columns_reads_back_and_verifies(tmp_path: Path, tomb
     run.release()
 
 
-def test_a_run_of_an_older_format_is_refused_with_both_versions_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_run_of_an_older_format_is_refused_with_both_versions_named(tmp_path: Path, version: int) -> None:
     writer = RunWriter(tmp_path / "1.sqlite3", block_entries=4)
     writer.add([b"a", b"b"], [b"1", b"2"])
     writer.finish()
     db = sqlite3.connect(tmp_path / "1.sqlite3")
-    db.execute("UPDATE meta SET value = 1 WHERE name = 'format'")
+    db.execute("UPDATE meta SET value = ? WHERE name = 'format'", (version,))
     db.commit()
     db.close()
-    with pytest.raises(FormatError, match="run format 1, this datamesh reads run format 2"):
+    expected = f"run format {version}, this datamesh reads run format 3"
+    with pytest.raises(FormatError, match=expected):
         Run(tmp_path / "1.sqlite3")
+    with pytest.raises(FormatError, match=expected):
+        list(iter_columns(tmp_path / "1.sqlite3", 1))
+    with pytest.raises(FormatError, match=expected):
+        list(iter_blocks(tmp_path / "1.sqlite3"))
+    assert any(expected in problem for problem in verify_run(tmp_path / "1.sqlite3"))
+
+
+def test_block_checksums_are_xxh3_as_signed_64_bit_integers(tmp_path: Path) -> None:
+    # Given a run whose blocks were written from lists and from columns
+    rng = random.Random(2)
+    keys = sorted(rng.randbytes(16) for _ in range(300))
+    values: list[Value] = [key * 3 for key in keys]
+    writer = RunWriter(tmp_path / "1.sqlite3", block_entries=64)
+    writer.add(keys[:100], values[:100])
+    columns = from_lists(keys[100:], values[100:])
+    assert columns is not None
+    writer.add_columns(columns)
+    writer.finish()
+    # Then each stored checksum is the block's xxh3_64, its 64 bits read as a signed integer
+    db = sqlite3.connect(tmp_path / "1.sqlite3")
+    rows = db.execute("SELECT checksum, data FROM blocks ORDER BY id").fetchall()
+    db.close()
+    assert len(rows) == 5
+    for checksum, data in rows:
+        assert -(2**63) <= checksum < 2**63
+        assert checksum % 2**64 == xxhash.xxh3_64_intdigest(data)
+        assert checksum == block_checksum(data)
+    high = next(data for n in range(100) if xxhash.xxh3_64_intdigest(data := b"%d" % n) >= 2**63)
+    assert block_checksum(high) == xxhash.xxh3_64_intdigest(high) - 2**64 < 0  # the top bit set: negative
+    assert block_checksum(b"") == xxhash.xxh3_64_intdigest(b"")  # top bit clear: unchanged
+
+
+@pytest.mark.parametrize("reader", ["get", "range_items", "iter_columns", "iter_blocks", "verify_run"])
+def test_a_corrupted_block_is_detected_on_read(tmp_path: Path, reader: str) -> None:
+    # Given a run one of whose blocks had a byte of a value flipped on disk
+    rng = random.Random(4)
+    keys = sorted(rng.randbytes(16) for _ in range(256))
+    values: list[Value] = [key * 4 for key in keys]
+    path = tmp_path / "1.sqlite3"
+    writer = RunWriter(path, block_entries=64)
+    columns = from_lists(keys, values)
+    assert columns is not None
+    writer.add_columns(columns)
+    writer.finish()
+    db = sqlite3.connect(path)
+    (data,) = db.execute("SELECT data FROM blocks WHERE id = 1").fetchone()
+    damaged = bytearray(data)
+    damaged[-5] ^= 0x01
+    db.execute("UPDATE blocks SET data = ? WHERE id = 1", (bytes(damaged),))
+    db.commit()
+    db.close()
+    # Then reading that block raises FormatError (verify_run reports it)
+    if reader == "verify_run":
+        assert any("checksum mismatch" in problem for problem in verify_run(path))
+        return
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        if reader == "get":
+            run = Run(path)
+            assert run.get(keys[0]) == values[0]  # another block reads fine
+            try:
+                run.get(keys[64])
+            finally:
+                run.release()
+        elif reader == "range_items":
+            run = Run(path)
+            try:
+                run.range_items(keys[0], None)
+            finally:
+                run.release()
+        elif reader == "iter_columns":
+            list(iter_columns(path, 16))
+        else:
+            list(iter_blocks(path))
 
 
 @pytest.mark.parametrize("seed", range(4))

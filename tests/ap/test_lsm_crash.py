@@ -21,7 +21,7 @@ import pytest
 
 from datamesh.storage.ap.lsm import LsmShard
 from datamesh.storage.ap.lsm.format import encode_puts
-from datamesh.storage.ap.lsm.log import record_bytes
+from datamesh.storage.ap.lsm.log import FILE_HEADER, record_bytes
 from datamesh.storage.ap.lsm.manifest import load_manifest
 from datamesh.storage.ap.lsm.run import verify_run
 
@@ -73,7 +73,10 @@ def _append_torn_record(shard_dir: Path, batch: int, rng: random.Random) -> int:
     payload, _, _ = encode_puts(batch_items(batch))
     record = record_bytes(10**12, payload)
     cut = rng.randrange(1, len(record))
+    written = logs[-1].stat().st_size
     with open(logs[-1], "ab") as handle:
+        if written < len(FILE_HEADER):  # killed before the writer had written the log's file header
+            handle.write(FILE_HEADER[written:])
         handle.write(record[:cut])
     return cut
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from datamesh.storage.ap.base import ShardError
 from datamesh.storage.ap.lsm import FsyncPolicy, LsmShard, format_stats
 from datamesh.storage.ap.lsm.compaction import merge_blocks, pending_compactions, pick_compaction
 from datamesh.storage.ap.lsm.filter import FilterBuilder, KeyFilter
 from datamesh.storage.ap.lsm.format import FormatError, decode_entries, encode_entries
-from datamesh.storage.ap.lsm.log import LogWriter, record_bytes, replay
+from datamesh.storage.ap.lsm.log import FILE_HEADER, HEADER, LOG_FORMAT, LogWriter, record_bytes, replay
 from datamesh.storage.ap.lsm.manifest import RunMeta, load_manifest
 from datamesh.storage.ap.lsm.run import Run, RunWriter, verify_run
 
@@ -29,6 +32,10 @@ def test_format_round_trips_values_and_tombstones() -> None:
     assert decode_entries(encode_entries(keys, values)) == (keys, values)
     with pytest.raises(FormatError):
         decode_entries(encode_entries(keys, values)[:-1])
+    with pytest.raises(TypeError):
+        encode_entries([b"a", b"b"], [b"1", "not bytes"])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        encode_entries([b"a", b"b"], [None, "not bytes"])  # type: ignore[list-item]
 
 
 @pytest.mark.parametrize("cut", ["short header", "short payload", "checksum mismatch"])
@@ -52,6 +59,59 @@ def test_replay_cuts_a_torn_tail_and_keeps_whole_records(tmp_path: Path, cut: st
     assert result.reason == cut and result.truncated_bytes == len(damaged)
     assert path.stat().st_size == whole
     assert replay(path).truncated_bytes == 0
+
+
+def test_a_log_record_is_framed_with_xxh3_seeded_by_its_sequence(tmp_path: Path) -> None:
+    # Given a log with a record written whole and one written as parts
+    path = tmp_path / "1.log"
+    writer = LogWriter(path, policy=FsyncPolicy.ALWAYS, fsync_interval_s=0)
+    writer.append(7, b"payload")
+    writer.append(8, [b"pay", b"", b"load"])
+    writer.close()
+    data = path.read_bytes()
+    # Then the file starts with its header, and each record is length | xxh3_64(payload, seed) | sequence
+    assert data.startswith(b"DMLSMLOG") and b"DMLSMLOG" + struct.pack("<I", LOG_FORMAT) == FILE_HEADER
+    record = HEADER.pack(7, xxhash.xxh3_64_intdigest(b"payload", 7), 7) + b"payload"
+    assert data == FILE_HEADER + record + record_bytes(8, b"payload")
+    assert record_bytes(7, b"payload") == record
+    assert replay(path).records == [(7, b"payload"), (8, b"payload")]
+    # And a record whose sequence was damaged fails its checksum
+    damaged = bytearray(data)
+    damaged[len(FILE_HEADER) + len(record) + 12] ^= 1  # the second record's sequence
+    path.write_bytes(bytes(damaged))
+    assert replay(path, repair=False).reason == "checksum mismatch"
+
+
+def test_a_log_of_format_1_or_another_format_is_refused_with_both_versions_named(tmp_path: Path) -> None:
+    # Given a format 1 log (no file header; u32 length | u32 crc32(sequence || payload) | u64 sequence)
+    old = tmp_path / "1.log"
+    payload = encode_entries([b"k"], [b"v"])
+    crc = zlib.crc32(payload, zlib.crc32(struct.pack("<Q", 1)))
+    old.write_bytes(struct.pack("<IIQ", len(payload), crc, 1) + payload)
+    # Then it is refused, not cut as a torn tail
+    with pytest.raises(FormatError, match=r"log format 1 \(no file header\), this datamesh reads log format 2"):
+        replay(old)
+    assert old.stat().st_size == 16 + len(payload)
+    # And so is a log of a later format
+    newer = tmp_path / "2.log"
+    newer.write_bytes(b"DMLSMLOG" + struct.pack("<I", 9) + record_bytes(1, payload))
+    with pytest.raises(FormatError, match="log format 9, this datamesh reads log format 2"):
+        replay(newer)
+    # And a shard with such a log refuses to open
+    shard_dir = tmp_path / "s"
+    LsmShard(shard_dir, background=False).close()
+    (shard_dir / "99999999.log").write_bytes(old.read_bytes())
+    with pytest.raises(FormatError, match="log format 1"):
+        LsmShard(shard_dir, background=False)
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 11])
+def test_a_log_torn_inside_its_file_header_is_an_empty_log(tmp_path: Path, size: int) -> None:
+    path = tmp_path / "1.log"
+    path.write_bytes(FILE_HEADER[:size])
+    result = replay(path)
+    assert result.records == [] and result.truncated_bytes == size
+    assert path.stat().st_size == 0
 
 
 def test_group_commit_covers_concurrent_writers(tmp_path: Path) -> None:
@@ -139,7 +199,7 @@ def test_verify_run_reports_a_corrupted_block(tmp_path: Path) -> None:
     writer.add(keys, list(keys))
     writer.finish()
     db = sqlite3.connect(tmp_path / "1.sqlite3")
-    db.execute("UPDATE blocks SET crc = crc + 1 WHERE first_key = ?", (keys[0],))
+    db.execute("UPDATE blocks SET checksum = ~checksum WHERE first_key = ?", (keys[0],))
     db.commit()
     db.close()
     assert any("checksum" in problem for problem in verify_run(tmp_path / "1.sqlite3"))

@@ -19,7 +19,6 @@ the callers use the list path (:mod:`.format`, :func:`.compaction.merge_blocks`)
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -27,7 +26,7 @@ from itertools import pairwise
 import numpy as np
 import numpy.typing as npt
 
-from datamesh.storage.ap.lsm.format import FormatError, Value
+from datamesh.storage.ap.lsm.format import FormatError, Value, block_checksum
 
 _COUNT = struct.Struct("<I")
 _U32 = np.dtype("<u4")
@@ -161,9 +160,12 @@ def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
 
     numpy's stable sort of byte strings is a timsort comparing strings (~0.26 s per million random
     16-byte keys, measured); the keys' first 8 bytes as big-endian integers sort in the same order
-    with an integer quicksort (~0.04 s per million).  Only entries whose first 8 bytes tie with
-    another's (the same key in two sources, or a long shared prefix) are then sorted again by the
-    whole key, stably, and put back into the slots their group occupies.
+    with an integer sort.  The integers are sorted as values, not with ``argsort``: each one's low
+    ``b`` bits (``2**b >= n``) are replaced by its position, so sorting the values (~48 ns per key
+    for 590k keys, against ~68 ns for an ``argsort``, measured) orders by prefix, then position,
+    and the permutation is read back from the low bits.  Only entries whose remaining ``64 - b``
+    prefix bits tie with another's (the same key in two sources, or a long shared prefix) are
+    then sorted again by the whole key, stably, and put back into the slots their group occupies.
     """
     n = len(keys)
     width = keys.dtype.itemsize
@@ -173,9 +175,13 @@ def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
     head = np.zeros((n, 8), dtype=np.uint8)
     head[:, : min(width, 8)] = matrix[:, :8]
     prefix = head.view(">u8").reshape(n).astype(np.uint64)
-    order = np.argsort(prefix)
-    ordered = prefix[order]
-    tie = ordered[1:] == ordered[:-1]
+    bits = np.uint64(max(1, (n - 1).bit_length()))
+    packed = (prefix >> bits) << bits
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    order = (packed & ((np.uint64(1) << bits) - np.uint64(1))).astype(np.intp)
+    high = packed >> bits
+    tie = high[1:] == high[:-1]
     if not bool(tie.any()):
         return order
     member = np.zeros(n, dtype=np.bool_)
@@ -269,6 +275,9 @@ def decode_blocks(datas: Sequence[bytes], width: int) -> Columns:
 
     Raises :class:`FormatError` if a block is malformed or holds a key of another width.
     """
+    uniform = _decode_uniform_blocks(datas, width)
+    if uniform is not None:
+        return uniform
     flags: list[memoryview] = []
     key_parts: list[memoryview] = []
     lens_parts: list[memoryview] = []
@@ -306,6 +315,44 @@ def decode_blocks(datas: Sequence[bytes], width: int) -> Columns:
     )
 
 
+def _decode_uniform_blocks(datas: Sequence[bytes], width: int) -> Columns | None:
+    """:func:`decode_blocks` of blocks that are alike but for their keys and values (every block
+    ``n`` entries, no tombstone, every value ``w`` bytes: a merge's common case), or None.
+
+    Such blocks share their first ``4 + 9n`` bytes, so the headers are checked with one comparison
+    and the keys and values gathered with one ``join`` of slices each: a few operations per block
+    where the general path does a dozen (measured ~0.03 against ~0.05 us per entry for 64-entry
+    blocks of 16+200 bytes).
+    """
+    if len(datas) < 2:
+        return None
+    size = len(datas[0])
+    (n,) = _COUNT.unpack_from(datas[0], 0)
+    head = 4 + 9 * n
+    rest = size - head - width * n
+    if n == 0 or rest <= 0 or rest % n or any(len(data) != size for data in datas):
+        return None
+    value_width = rest // n
+    views = [memoryview(data) for data in datas]
+    header = _uniform_header(n, width, value_width)
+    if b"".join([view[:head] for view in views]) != header * len(views):
+        return None
+    count = n * len(views)
+    keys_end = head + width * n
+    return Columns(
+        np.frombuffer(b"".join([view[head:keys_end] for view in views]), dtype=f"S{width}"),
+        np.zeros(count, dtype=np.bool_),
+        np.full(count, value_width, dtype=np.int64),
+        np.frombuffer(b"".join([view[keys_end:] for view in views]), dtype=np.uint8),
+    )
+
+
+def _uniform_header(n: int, width: int, value_width: int) -> bytes:
+    """The first ``4 + 9n`` bytes of a block of ``n`` entries, no tombstone, keys ``width`` and
+    values ``value_width`` bytes wide."""
+    return b"".join((_COUNT.pack(n), bytes(n), _width_bytes(n, width), _width_bytes(n, value_width)))
+
+
 def from_parts(parts: Sequence[bytes], width: int) -> Columns | None:
     """Columns of a batch given as :func:`.format.entry_parts` (no copy of keys or values), or
     None if its keys are not all ``width`` bytes wide."""
@@ -327,7 +374,7 @@ def _joined(parts: list[memoryview]) -> bytes | memoryview:
 
 
 EncodedBlock = tuple[bytes, bytes, int, int, bytes | memoryview]
-"""``(first_key, last_key, n, crc32(data), data)``: one row of a run's ``blocks`` table."""
+"""``(first_key, last_key, n, block_checksum(data), data)``: one row of a run's ``blocks`` table."""
 
 
 def encode_blocks(columns: Columns, block_entries: int) -> list[EncodedBlock]:
@@ -366,7 +413,7 @@ def encode_blocks(columns: Columns, block_entries: int) -> list[EncodedBlock]:
         )
         first = bytes(keys[width * start : width * (start + 1)])
         last = bytes(keys[width * (stop - 1) : width * stop])
-        rows.append((first, last, count, zlib.crc32(data), data))
+        rows.append((first, last, count, block_checksum(data), data))
     return rows
 
 
@@ -397,5 +444,5 @@ def _encode_full_blocks(columns: Columns, block_entries: int, value_width: int) 
     for number in range(count):
         data = view[number * stride : (number + 1) * stride]
         key = slice(number * width, (number + 1) * width)
-        rows.append((firsts[key], lasts[key], size, zlib.crc32(data), data))
+        rows.append((firsts[key], lasts[key], size, block_checksum(data), data))
     return rows

@@ -22,10 +22,12 @@ fanout   memtable  W-amp  S-amp  sustained/s  runs at the end/shard
 W-amp counts log + flush + compaction bytes (the 128 MiB run includes a final tier-0 merge).  At
 50M rows (25M per shard, 128 MiB, fanout 8) W-amp is 3.3 and S-amp 1.2 (``bench_lsm.py --rows
 50000000``); with fanout 4 it was 5.5 before this change.
-Every compaction pass costs ~1 us of CPU per entry even vectorised, so one tier fewer is worth
-more than anything else here; the price is up to ``fanout - 1`` runs per tier for lookups and
-scans to visit (lookups stay cheap behind the key filters; prefix scans slow down about in
-proportion), and a memtable's worth of memory (128 MiB of columns, twice while it is sorted).
+Every compaction pass costs ~0.9-1 us of CPU per entry even vectorised (about half of it kernel
+time: copies into the page cache, faults on fresh memory; ``bench/bench_lsm_stages.py``), so one
+tier fewer is worth more than anything else here; the price is up to ``fanout - 1`` runs per tier
+for lookups and scans to visit (lookups stay cheap behind the key filters; prefix scans slow down
+about in proportion), and a memtable's worth of memory (128 MiB of columns, twice while it is
+sorted).
 
 Tiers keep age order: every run in tier L is newer than every run in tier L+1 (a merge takes *all*
 runs of its tier), so "newest first" is "by ``max_seq``, descending" and a merge output keeps its

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from itertools import accumulate
 from operator import itemgetter
 
+from xxhash import xxh3_64_intdigest
+
 Value = bytes | None
 """A stored value, or ``None`` for a tombstone (a delete that must shadow older runs)."""
 
@@ -33,6 +35,19 @@ if array("I").itemsize != 4:  # pragma: no cover - every platform CPython suppor
 
 class FormatError(ValueError):
     """The bytes are not a well-formed batch (a bug or corruption that escaped its checksum)."""
+
+
+def block_checksum(data: bytes | memoryview) -> int:
+    """The checksum of a run's block: its ``xxh3_64`` read as a *signed* 64-bit integer (two's
+    complement), since SQLite's INTEGER is signed.
+
+    Why xxh3 (run format 3): ``zlib.crc32`` ran at ~2-4 GB/s on 14 KB blocks, ~0.1 us per entry
+    of a merge pass (once written, once read) and of a flush; ``xxh3_64`` runs at ~27-50 GB/s
+    (measured on this machine) and catches the same damage (a torn or flipped block) with 64 bits
+    instead of 32.
+    """
+    digest = xxh3_64_intdigest(data)
+    return digest - ((digest >> 63) << 64)
 
 
 def _u32s(values: Sequence[int] | map[int]) -> bytes:
@@ -51,13 +66,20 @@ def entry_parts(keys: Sequence[bytes], values: Sequence[Value]) -> list[bytes]:
     n = len(keys)
     if len(values) != n:
         raise ValueError("keys and values differ in length")
-    if None in values:
+    try:
+        # The join finds a tombstone too (``None`` is not bytes-like): no separate ``None in values``
+        # pass, which costs ~13 ns per value (a rich comparison each).
+        joined = b"".join(values)  # type: ignore[arg-type]  # a None raises TypeError, handled below
+    except TypeError:
+        if None not in values:
+            raise
         flags = bytes(v is None for v in values)
         stored: Sequence[bytes] = [b"" if v is None else v for v in values]
+        joined = b"".join(stored)
     else:
         flags = bytes(n)
-        stored = values  # type: ignore[assignment]  # no None inside: checked just above
-    return [_COUNT.pack(n), flags, _u32s(map(len, keys)), _u32s(map(len, stored)), b"".join(keys), b"".join(stored)]
+        stored = values  # type: ignore[assignment]  # no None inside: the join took every value
+    return [_COUNT.pack(n), flags, _u32s(map(len, keys)), _u32s(map(len, stored)), b"".join(keys), joined]
 
 
 def encode_entries(keys: Sequence[bytes], values: Sequence[Value]) -> bytes:

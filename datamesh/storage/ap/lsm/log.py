@@ -1,9 +1,17 @@
 """The write-ahead log: checksummed records, group commit, an fsync policy, torn-tail repair.
 
 Every ``put_many`` / ``delete_many`` batch is one record, so a batch is durable (or lost) as a
-whole: recovery replays whole records and never half of one.  Record layout::
+whole: recovery replays whole records and never half of one.  Layout (log format 2)::
 
-    u32 payload length | u32 crc32(sequence || payload) | u64 sequence | payload
+    file:   b"DMLSMLOG" | u32 log format | record | record | ...
+    record: u32 payload length | u64 xxh3_64(payload, seed=sequence) | u64 sequence | payload
+
+The file header is written when the log is created, before any record.  Log format 1 had no file
+header and checksummed ``sequence || payload`` with ``zlib.crc32`` (~2-4 GB/s, ~0.05 us of the
+writer's CPU per 200-byte row); ``xxh3_64`` runs at ~27-50 GB/s.  A log without the header (format
+1) or of another format is refused with an error naming both versions, never replayed as a torn
+tail (which would cut acknowledged batches); a file shorter than the header and a prefix of it
+was torn while being created, before any record, and counts as an empty log.
 
 Group commit: appends happen under the shard lock (they fix the order of batches), the fsync does
 not.  A writer that finds its record already covered by another thread's fsync returns at once, so
@@ -20,14 +28,19 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-HEADER = struct.Struct("<IIQ")
-_SEQ = struct.Struct("<Q")
+from xxhash import xxh3_64, xxh3_64_intdigest
+
+from datamesh.storage.ap.lsm.format import FormatError
+
+LOG_FORMAT = 2
+MAGIC = b"DMLSMLOG"
+FILE_HEADER = MAGIC + struct.pack("<I", LOG_FORMAT)
+HEADER = struct.Struct("<IQQ")
 _CLOSED = 2**64  # covers every sequence: ``sync`` on a closed (hence fully synced) log returns at once
 
 
@@ -41,15 +54,16 @@ class FsyncPolicy(StrEnum):
 
 def record_header(sequence: int, payload: bytes | Sequence[bytes]) -> bytes:
     """The header of a record whose payload is ``payload`` or, given a sequence, its parts joined."""
-    parts = (payload,) if isinstance(payload, bytes) else payload
-    crc = zlib.crc32(_SEQ.pack(sequence))
-    for part in parts:
-        crc = zlib.crc32(part, crc)
-    return HEADER.pack(sum(map(len, parts)), crc, sequence)
+    if isinstance(payload, bytes):
+        return HEADER.pack(len(payload), xxh3_64_intdigest(payload, sequence), sequence)
+    digest = xxh3_64(seed=sequence)
+    for part in payload:
+        digest.update(part)
+    return HEADER.pack(sum(map(len, payload)), digest.intdigest(), sequence)
 
 
 def record_bytes(sequence: int, payload: bytes) -> bytes:
-    """One framed record (exposed so tests can write torn tails of real records)."""
+    """One framed record, without the file header (exposed so tests can write torn tails of real records)."""
     return record_header(sequence, payload) + payload
 
 
@@ -61,6 +75,8 @@ class LogWriter:
         self.policy = policy
         self._interval = fsync_interval_s
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if os.fstat(self._fd).st_size == 0:
+            os.write(self._fd, FILE_HEADER)  # durable with the first record's fdatasync
         self._sync_lock = threading.Lock()
         self._written = 0  # highest sequence fully written to the file
         self._synced = 0  # highest sequence known to be on stable storage
@@ -122,26 +138,49 @@ class Replay:
     reason: str = ""
 
 
+def _check_file_header(path: Path, data: bytes) -> int:
+    """Where the records start (past the file header), or :class:`FormatError` if not format 2."""
+    if data.startswith(FILE_HEADER):
+        return len(FILE_HEADER)
+    if len(data) < len(FILE_HEADER) and FILE_HEADER.startswith(data):
+        return len(data)  # torn while being created: nothing was written after the header
+    if data.startswith(MAGIC) and len(data) >= len(FILE_HEADER):
+        (version,) = struct.unpack_from("<I", data, len(MAGIC))
+        found = f"log format {version}"
+    else:
+        found = "log format 1 (no file header)"
+    raise FormatError(
+        f"{path}: {found}, this datamesh reads log format {LOG_FORMAT} only"
+        " (replay it with the datamesh that wrote it, e.g. by opening and closing the shard)"
+    )
+
+
 def replay(path: Path, *, repair: bool = True) -> Replay:
     """Read every intact record; cut the file after the last one when ``repair`` (a torn tail).
 
     Stops at the first record whose header or payload is short or whose checksum fails: records
     are written strictly in order, so nothing after a torn record was acknowledged either.
+    Raises :class:`FormatError` for a log of another format (see the module docstring).
     """
     data = path.read_bytes()
     result = Replay()
-    offset = 0
-    while offset < len(data):
+    if not data:
+        return result
+    offset = _check_file_header(path, data)
+    if offset < len(FILE_HEADER):
+        offset = 0
+        result.reason = "short file header"
+    while offset < len(data) and not result.reason:
         if offset + HEADER.size > len(data):
             result.reason = "short header"
             break
-        length, crc, sequence = HEADER.unpack_from(data, offset)
+        length, checksum, sequence = HEADER.unpack_from(data, offset)
         end = offset + HEADER.size + length
         if end > len(data):
             result.reason = "short payload"
             break
         payload = data[offset + HEADER.size : end]
-        if zlib.crc32(payload, zlib.crc32(_SEQ.pack(sequence))) != crc:
+        if xxh3_64_intdigest(payload, sequence) != checksum:
             result.reason = "checksum mismatch"
             break
         result.records.append((sequence, payload))
