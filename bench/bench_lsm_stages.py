@@ -34,12 +34,11 @@ from datamesh.storage.ap.lsm import LsmShard
 from datamesh.storage.ap.lsm.compaction import merge_columns
 from datamesh.storage.ap.lsm.format import encode_puts
 from datamesh.storage.ap.lsm.memtable import Memtable
-from datamesh.storage.ap.lsm.run import iter_columns, write_run
+from datamesh.storage.ap.lsm.run import fit_block_entries, iter_columns, write_run
 
 BATCH = 10_000
 KEY_BYTES = 16
 VALUE_BYTES = 200
-BLOCK_ENTRIES = 64
 WINDOW = 10  # writer batches timed together; the cheapest window is kept
 
 
@@ -98,6 +97,9 @@ def main() -> None:
     parser.add_argument("--memtable-mib", type=int, default=128)
     parser.add_argument("--fanout", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=2, help="flush/merge repetitions (best kept)")
+    parser.add_argument(
+        "--block-entries", type=int, default=None, help="entries per run block (default: sized to fill pages)"
+    )
     args = parser.parse_args()
     pool = [os.urandom(VALUE_BYTES) for _ in range(BATCH)]
     root = Path(tempfile.mkdtemp(prefix="lsm-stages-", dir=os.environ.get("BENCH_DIR")))
@@ -111,19 +113,21 @@ def main() -> None:
                 memtable = memtable_of(per_memtable, pool)
                 path = root / f"run-{attempt}-{number}.sqlite3"
                 started = clock()
-                write_run(path, memtable.flush_chunks(), block_entries=BLOCK_ENTRIES)
+                write_run(path, memtable.flush_chunks(), block_entries=args.block_entries)
                 flush.add(started, per_memtable)
                 paths.append(path)
                 del memtable
             out = root / f"merged-{attempt}.sqlite3"
             started = clock()
             streams = [iter_columns(path, KEY_BYTES) for path in reversed(paths)]
-            summary = write_run(out, merge_columns(streams, drop_tombstones=True), block_entries=BLOCK_ENTRIES)
+            summary = write_run(out, merge_columns(streams, drop_tombstones=True), block_entries=args.block_entries)
             assert summary is not None
             merge.add(started, summary.entries)
             for path in [*paths, out]:
                 path.unlink()
-        print(f"rows/memtable {per_memtable:,}  fanout {args.fanout}  (CPU us per row, this thread)")
+        blocks = args.block_entries or f"fit to pages ({fit_block_entries(KEY_BYTES, KEY_BYTES + VALUE_BYTES)})"
+        print(f"rows/memtable {per_memtable:,}  fanout {args.fanout}  block entries {blocks}")
+        print("CPU us per row, this thread:")
         print(f"writer {writer.total * 1e6:.3f}  flush {flush.total * 1e6:.3f}  merge/pass {merge.total * 1e6:.3f}")
         print(
             f"  user {writer.user * 1e6:.3f}   user {flush.user * 1e6:.3f}   user {merge.user * 1e6:.3f}"

@@ -19,7 +19,7 @@ from datamesh.storage.ap.lsm.filter import FilterBuilder, KeyFilter
 from datamesh.storage.ap.lsm.format import FormatError, decode_entries, encode_entries
 from datamesh.storage.ap.lsm.log import FILE_HEADER, HEADER, LOG_FORMAT, LogWriter, record_bytes, replay
 from datamesh.storage.ap.lsm.manifest import RunMeta, load_manifest
-from datamesh.storage.ap.lsm.run import Run, RunWriter, verify_run
+from datamesh.storage.ap.lsm.run import Run, RunWriter, fit_block_entries, verify_run
 
 
 def _keys(n: int) -> list[bytes]:
@@ -281,3 +281,24 @@ def test_stats_and_format_stats_describe_each_shard(tmp_path: Path) -> None:
     assert load_manifest(tmp_path / "eu" / "shard-000.lsm") is not None
     with pytest.raises(ShardError):
         shard.put_many([(b"k", b"v")])
+
+
+def test_blocks_sized_to_fill_pages_make_a_smaller_run_that_reads_the_same(tmp_path: Path) -> None:
+    # Given the same 20,000 entries of 16-byte keys and 200-byte values written with 64 entries per
+    # block and with blocks sized to fill the pages
+    keys = _keys(20_000)
+    values: list[bytes | None] = [os.urandom(200) for _ in keys]
+    sizes = {}
+    for name, block_entries in (("fixed", 64), ("fit", None)):
+        writer = RunWriter(tmp_path / f"{name}.sqlite3", block_entries=block_entries)
+        for start in range(0, len(keys), 5000):
+            writer.add(keys[start : start + 5000], values[start : start + 5000])
+        sizes[name] = writer.finish().file_bytes
+    # Then the fitted run holds 72 entries a block, reads back every entry, and is smaller
+    run = Run(tmp_path / "fit.sqlite3")
+    assert run.block_entries == fit_block_entries(16, 216) == 72
+    assert all(run.get(k) == v for k, v in zip(keys[::97], values[::97], strict=True))
+    assert [k for k, _ in run.range_items(keys[0], keys[-1])] == keys[:-1]
+    assert verify_run(tmp_path / "fit.sqlite3") == []
+    run.release()
+    assert sizes["fit"] < sizes["fixed"] * 0.95

@@ -35,7 +35,7 @@ class ShardMaintenance:
     _busy_levels: set[int]
     _background_error: BaseException | None
     _flush_interval: float
-    _block_entries: int
+    _block_entries: int | None
     _fanout: int
 
     def _freeze_locked(self, *, stall: bool) -> None:

@@ -47,7 +47,7 @@ def remove_obsolete_logs(directory: Path, min_log: int) -> None:
             log.unlink(missing_ok=True)
 
 
-def recover(directory: Path, *, block_entries: int) -> RecoveryState:
+def recover(directory: Path, *, block_entries: int | None) -> RecoveryState:
     manifest = load_manifest(directory) or Manifest()
     live = {run.name for run in manifest.runs}
     report: dict[str, int | str] = {"orphans_removed": 0, "logs_replayed": 0, "batches_replayed": 0}

@@ -50,8 +50,9 @@ DEFAULT_MEMTABLE_BYTES = 128 * 1024 * 1024
 (see :mod:`.compaction` for the measurements behind 128 MiB and the fanout)."""
 DEFAULT_MAX_IMMUTABLE = 2
 """Frozen memtables allowed to wait for the flusher before writers stall."""
-DEFAULT_BLOCK_ENTRIES = 64
-"""Entries packed per SQLite row of a run (a point lookup decodes one block)."""
+DEFAULT_BLOCK_ENTRIES: int | None = None
+"""Entries packed per SQLite row of a run (a point lookup decodes one block); ``None`` sizes each
+run's blocks to fill its pages (:func:`.run.fit_block_entries`: 72 entries of 16+200 bytes)."""
 DEFAULT_TIER_FANOUT = 8
 """Runs of one tier merged together into one run of the next (see :mod:`.compaction` for the choice)."""
 SLOWDOWN_TIER0_FACTOR = 2
@@ -80,7 +81,7 @@ class LsmShard(ShardMaintenance, ShardEngine):
         readonly: bool = False,
         memtable_bytes: int = DEFAULT_MEMTABLE_BYTES,
         max_immutable: int = DEFAULT_MAX_IMMUTABLE,
-        block_entries: int = DEFAULT_BLOCK_ENTRIES,
+        block_entries: int | None = DEFAULT_BLOCK_ENTRIES,
         tier_fanout: int = DEFAULT_TIER_FANOUT,
         slowdown_tier0_runs: int | None = None,
         max_tier0_runs: int | None = None,
@@ -89,7 +90,7 @@ class LsmShard(ShardMaintenance, ShardEngine):
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
         background: bool = True,
     ) -> None:
-        if memtable_bytes < 1 or max_immutable < 1 or block_entries < 1 or tier_fanout < 2:
+        if memtable_bytes < 1 or max_immutable < 1 or (block_entries or 1) < 1 or tier_fanout < 2:
             raise ValueError("memtable_bytes, max_immutable, block_entries >= 1 and tier_fanout >= 2 required")
         self.path = Path(path)
         self.readonly = readonly
