@@ -8,9 +8,11 @@ full-jitter backoff and anything else into a failure, which fires the chain's er
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Task, shared_task
 
 from datamesh.core.errors import DataMeshError, StorageError, describe
@@ -23,7 +25,7 @@ from datamesh.pipeline.steps import Step, _NotRunning, commit_cp, store_blobs, w
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus
 from datamesh.storage.cp.sql import utcnow
-from datamesh.tasks.codec import decode_content, part_name, unb64
+from datamesh.tasks.codec import decode_content, stash_key, unb64
 from datamesh.tasks.index import enqueue_index_drains
 from datamesh.workers import queues
 from datamesh.workers.runtime import RUNTIME
@@ -107,36 +109,53 @@ def hold_shard(task: Task, region: str, shard: int) -> None:
         raise task.retry(countdown=0.5, max_retries=_MAX_BOUNCES)
 
 
+def unstash(saga_id: str, part: str) -> Result[Any, StorageError]:
+    """The payload stashed for ``part`` of the saga (see :mod:`datamesh.tasks.codec`)."""
+    try:
+        raw = RUNTIME.redis().hget(stash_key(saga_id), part)
+    except redis.RedisError as exc:
+        return Err(StorageError("broker", "unstash", f"saga {saga_id} {part}: {exc}", retryable=True, cause=repr(exc)))
+    if raw is None:
+        return Err(
+            StorageError(
+                "broker",
+                "unstash",
+                f"saga {saga_id} {part}: its content is no longer in the broker (expired, or lost with the"
+                " broker's data); the saga is compensated and the request may be sent again",
+            )
+        )
+    return Ok(json.loads(raw))
+
+
 @shared_task(bind=True, name=queues.STORE_BLOBS)
-def store_blobs_task(self: Task, *, saga_id: str, tenant: str, region: str, blobs: list[list[Any]]) -> str:
+def store_blobs_task(self: Task, *, saga_id: str, tenant: str, region: str, part: str) -> str:
     if not RUNTIME.serves(region):
         raise self.retry(countdown=1.0, max_retries=_MAX_BOUNCES)
-    plan = SagaPlan(saga_id, tenant, [], [BlobPlan(region, h, int(size)) for h, size, _ in blobs])
-    data = {(region, h): unb64(b) for h, _, b in blobs}
-    return run_step(
-        self,
-        saga_id,
-        f"{Step.STORE_BLOBS}.{region}",
-        Step.STORE_BLOBS,
-        lambda: store_blobs(RUNTIME.tiers(), plan, data),
-    )
+
+    def body() -> Result[Any, Any]:
+        stashed = unstash(saga_id, part)
+        if isinstance(stashed, Err):
+            return stashed
+        blobs = stashed.value
+        plan = SagaPlan(saga_id, tenant, [], [BlobPlan(region, h, int(size)) for h, size, _ in blobs])
+        return store_blobs(RUNTIME.tiers(), plan, {(region, h): unb64(b) for h, _, b in blobs})
+
+    return run_step(self, saga_id, part, Step.STORE_BLOBS, body)
 
 
 @shared_task(bind=True, name=queues.WRITE_AP)
-def write_ap_task(
-    self: Task, *, saga_id: str, region: str, shard: int, plan: str, content: dict[str, list[Any]], marks: list[str]
-) -> str:
+def write_ap_task(self: Task, *, saga_id: str, region: str, shard: int, part: str, marks: list[str]) -> str:
     hold_shard(self, region, shard)
-    sub = SagaPlan.from_json(plan)
-    decoded = decode_content(content)
-    part = part_name(region, shard)
-    return run_step(
-        self,
-        saga_id,
-        part,
-        Step.WRITE_AP,
-        lambda: write_ap_part(RUNTIME.tiers(), sub, decoded, part=part, marks=[Step(m) for m in marks]),
-    )
+
+    def body() -> Result[Any, Any]:
+        stashed = unstash(saga_id, part)
+        if isinstance(stashed, Err):
+            return stashed
+        sub = SagaPlan.from_json(stashed.value["plan"])
+        decoded = decode_content(stashed.value["content"])
+        return write_ap_part(RUNTIME.tiers(), sub, decoded, part=part, marks=[Step(m) for m in marks])
+
+    return run_step(self, saga_id, part, Step.WRITE_AP, body)
 
 
 @shared_task(bind=True, name=queues.COMMIT_CP)

@@ -70,12 +70,19 @@ class CeleryExecutor:
     def submit(
         self, plan: SagaPlan, content: Content, blobs: Mapping[tuple[str, str], bytes]
     ) -> Result[None, StorageError]:
-        """Publish the saga's chain; an unpublished saga is left to the reaper (its lease expires)."""
-        from datamesh.tasks.codec import saga_chain
+        """Stash the saga's content and publish its chain; an unpublished saga is left to the reaper
+        (its lease expires)."""
+        from datamesh.tasks.codec import STASH_TTL_S, saga_chain, stash_key
 
         try:
-            saga_chain(self.app, plan, content, blobs).apply_async(link_error=self.app.signature(queues.STEP_FAILED))
-        except Exception as exc:  # noqa: BLE001 - kombu/redis failures after publish retries: one boundary
+            steps, stash = saga_chain(self.app, plan, content, blobs)
+            if stash:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.hset(stash_key(plan.saga_id), mapping=stash)  # type: ignore[arg-type]
+                pipe.expire(stash_key(plan.saga_id), STASH_TTL_S)
+                pipe.execute()
+            steps.apply_async(link_error=self.app.signature(queues.STEP_FAILED))
+        except Exception as exc:  # noqa: BLE001 - kombu/redis failures after their retries: one boundary
             return Err(
                 StorageError(
                     "broker", "submit", f"could not enqueue saga {plan.saga_id}: {exc}", retryable=True, cause=repr(exc)
@@ -129,7 +136,7 @@ class CeleryExecutor:
 
         try:
             enqueue_index_drains(self.app, [r.value for r in GeoRegion])
-        except Exception as exc:  # noqa: BLE001 - kombu/redis failures after publish retries: one boundary
+        except Exception as exc:  # noqa: BLE001 - kombu/redis failures after their retries: one boundary
             return Err(StorageError("broker", "index", f"could not enqueue index drains: {exc}", retryable=True))
         return Ok(None)
 

@@ -30,6 +30,7 @@ from datamesh.workers.leases import ShardLeases
 
 DONE_KEY = "dm:saga-done:{}"
 _DONE_TTL_S = 3600
+_FINAL = frozenset({"committed", "compensated", "dead"})  # SagaStatus values no step leaves
 
 
 @dataclass(slots=True)
@@ -100,12 +101,17 @@ class Runtime:
         return not self.config.worker_regions or region in self.config.worker_regions
 
     def notify(self, saga_id: str, status: str) -> None:
-        """Wake a caller waiting for the saga (a hint only: the saga log in CP is the record)."""
+        """Wake a caller waiting for the saga (a hint only: the saga log in CP is the record); at a
+        final state, drop the saga's stashed content (no step will read it again; it expires anyway)."""
+        from datamesh.tasks.codec import stash_key
+
         try:
             key = DONE_KEY.format(saga_id)
             pipe = self.redis().pipeline()
             pipe.lpush(key, status)
             pipe.expire(key, _DONE_TTL_S)
+            if status in _FINAL:
+                pipe.delete(stash_key(saga_id))
             pipe.execute()
         except redis.RedisError:
             pass  # the caller falls back to polling the saga log
