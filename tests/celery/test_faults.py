@@ -56,6 +56,8 @@ async def test_failure_at_each_step_is_compensated_by_the_workers(
         assert all(r.is_ok() and not r.unwrap().deduplicated for r in retried)
         statuses = p.tiers.cp.run(sagas.count_by_status, operation="t").unwrap()
         assert statuses == {SagaStatus.COMPENSATED.value: len(FAULT_POINTS), SagaStatus.COMMITTED.value: 1}
+        # and no saga, compensated or committed, left its stashed content in the broker.
+        assert list(control.scan_iter("dm:saga-parts:*")) == []
     control.close()
 
 
