@@ -316,3 +316,21 @@ def test_processes_putting_the_same_small_blobs_at_once_store_each_once_whole_an
         assert store.get(key).unwrap() == blob
         assert store.path_of(key.hex).stat().st_mode & 0o777 == 0o400
     assert store.stale_staging() == []
+
+
+def test_an_unsealed_object_that_cannot_be_sealed_still_counts_once_verified_and_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an intact unsealed small object this process may not chmod (another account's file)
+    store = FilesystemObjectStore(tmp_path)
+    data = b"written by another service account"
+    path = _plant_unsealed(store, ContentHash.of(data), data)
+
+    def refuse(fd: int, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refuse)
+    calls = _calls(monkeypatch)
+    # When the same bytes are put, the put writes nothing: the file was verified and synced
+    assert store.put(data).unwrap().written is False
+    assert calls == ["fsync", f"dir {path.parent}"] and path.read_bytes() == data

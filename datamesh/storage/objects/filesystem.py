@@ -133,7 +133,10 @@ class FilesystemObjectStore(ObjectStore[str]):
             if self.fsync:
                 os.fsync(fd)
                 _fsync_dir(path[: -len(key) - 1])
-            os.fchmod(fd, _SEALED)
+            # Another account's file may refuse the chmod: it is verified and synced, so it counts as
+            # stored all the same; only the next put checks it again.
+            with contextlib.suppress(PermissionError):
+                os.fchmod(fd, _SEALED)
         finally:
             os.close(fd)
         return True
