@@ -178,6 +178,12 @@ def _plant_unsealed(store: FilesystemObjectStore, key: ContentHash, content: byt
     return path
 
 
+def _unsealed_intact(tmp_path: Path, data: bytes) -> tuple[FilesystemObjectStore, Path]:
+    """A store holding ``data`` unsealed, as another put that has not yet synced it leaves it."""
+    store = FilesystemObjectStore(tmp_path)
+    return store, _plant_unsealed(store, ContentHash.of(data), data)
+
+
 def _stored_large(tmp_path: Path, size: int) -> tuple[FilesystemObjectStore, bytes, ContentHash]:
     store = FilesystemObjectStore(tmp_path)
     data = os.urandom(size)
@@ -207,10 +213,9 @@ def test_a_torn_unsealed_object_is_replaced_by_the_next_put(
 def test_an_unsealed_intact_object_is_synced_and_sealed_by_a_dedup_put(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given another writer's small object, renamed into place but not yet synced (unsealed)
-    store = FilesystemObjectStore(tmp_path)
+    # Given another writer's small object, linked into place but not yet synced (unsealed)
     data = b"in flight elsewhere"
-    path = _plant_unsealed(store, ContentHash.of(data), data)
+    store, path = _unsealed_intact(tmp_path, data)
     inode = path.stat().st_ino
     calls = _calls(monkeypatch)
     # When the same bytes are put
@@ -322,9 +327,8 @@ def test_an_unsealed_object_that_cannot_be_sealed_still_counts_once_verified_and
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given an intact unsealed small object this process may not chmod (another account's file)
-    store = FilesystemObjectStore(tmp_path)
     data = b"written by another service account"
-    path = _plant_unsealed(store, ContentHash.of(data), data)
+    store, path = _unsealed_intact(tmp_path, data)
 
     def refuse(fd: int, mode: int) -> None:
         raise PermissionError(1, "Operation not permitted")

@@ -16,6 +16,7 @@ from celery import Celery, current_app, shared_task
 from datamesh.observability import metrics
 from datamesh.pipeline.saga import ReapOutcome, reap
 from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.cp.sagas import FINAL_STATUSES
 from datamesh.tasks.compensation import enqueue_compensation
 from datamesh.workers import queues
 from datamesh.workers.runtime import RUNTIME
@@ -56,6 +57,6 @@ def reap_task() -> list[list[str]]:
             observe_queue_depths(RUNTIME.redis(), RUNTIME.config.ap_shards)
     outcomes = reap_distributed(current_app, RUNTIME.tiers())
     for outcome in outcomes:
-        if outcome.action in ("committed", "compensated", "dead"):
+        if outcome.action in FINAL_STATUSES:
             RUNTIME.notify(outcome.saga_id, outcome.action)
     return [[o.saga_id, o.action] for o in outcomes]

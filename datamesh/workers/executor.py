@@ -25,12 +25,11 @@ from datamesh.pipeline.saga import Content, FaultHook, ReapOutcome, _committed_b
 from datamesh.pipeline.steps import Committed, ReserveOutcome, Step, reserve
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp import sagas
-from datamesh.storage.cp.sagas import SagaStatus
+from datamesh.storage.cp.sagas import FINAL_STATUSES, SagaStatus
 from datamesh.workers import queues
 from datamesh.workers.runtime import DONE_KEY
 
 _POLL_S = 1.0
-FINAL = (SagaStatus.COMMITTED, SagaStatus.COMPENSATED, SagaStatus.DEAD)
 
 
 class CeleryExecutor:
@@ -103,7 +102,7 @@ class CeleryExecutor:
         key = DONE_KEY.format(plan.saga_id)
         while True:
             found = self.tiers.cp.run(lambda c: sagas.outcome_of(c, plan.saga_id), operation="saga.wait", write=False)
-            if isinstance(found, Ok) and found.value is not None and found.value[0] in FINAL:
+            if isinstance(found, Ok) and found.value is not None and found.value[0] in FINAL_STATUSES:
                 status, failed_step, error = found.value
                 if status == SagaStatus.COMMITTED:
                     return Ok(_committed_by_other(self.tiers, plan))

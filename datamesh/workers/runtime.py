@@ -25,12 +25,12 @@ from datamesh.pipeline.saga import FaultHook, _no_faults
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.ap.fenced import fenced_engine, read_fence, readonly_engine
 from datamesh.storage.ap.store import ContentStore, default_engine
+from datamesh.storage.cp.sagas import FINAL_STATUSES
 from datamesh.storage.index import MiniLMEmbedder, RegionalIndexes
 from datamesh.workers.leases import ShardLeases
 
 DONE_KEY = "dm:saga-done:{}"
 _DONE_TTL_S = 3600
-_FINAL = frozenset({"committed", "compensated", "dead"})  # SagaStatus values no step leaves
 
 
 @dataclass(slots=True)
@@ -110,7 +110,7 @@ class Runtime:
             pipe = self.redis().pipeline()
             pipe.lpush(key, status)
             pipe.expire(key, _DONE_TTL_S)
-            if status in _FINAL:
+            if status in FINAL_STATUSES:
                 pipe.delete(stash_key(saga_id))
             pipe.execute()
         except redis.RedisError:

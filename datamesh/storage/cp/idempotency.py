@@ -26,12 +26,12 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from datamesh.models.tables import IdempotencyKey, Saga, Turn
+from datamesh.storage.cp.sagas import SagaStatus
 from datamesh.storage.cp.sql import bulk_insert
 
 KEYS = cast(Table, IdempotencyKey.__table__)
 SAGAS = cast(Table, Saga.__table__)
 TURNS = cast(Table, Turn.__table__)
-_COMMITTED = "committed"  # SagaStatus.COMMITTED (sagas.py imports nothing from here, nor this from it)
 PENDING = "pending"
 COMPLETED = "completed"
 _CHUNK = 400
@@ -71,7 +71,7 @@ def lookup_many(conn: Connection, tenant: str, keys: Sequence[str]) -> dict[str,
             .where(KEYS.c.tenant == tenant, match)
         )
         for r in conn.execute(query):
-            if r.status != COMPLETED and r.saga_status == _COMMITTED and r.committed_seq is not None:
+            if r.status != COMPLETED and r.saga_status == SagaStatus.COMMITTED and r.committed_seq is not None:
                 found[r.key] = KeyState(
                     r.key, r.request_sha256, r.saga_id, COMPLETED, r.conversation_id, r.turn_id, r.committed_seq
                 )
@@ -116,6 +116,6 @@ def release(conn: Connection, saga_id: str) -> int:
     A committed saga's keys are never released, though they read ``pending`` in the table: the
     pivot no longer marks them (a committed saga is never compensated; this is the second guard).
     """
-    committed = select(SAGAS.c.id).where(SAGAS.c.id == saga_id, SAGAS.c.status == _COMMITTED).exists()
+    committed = select(SAGAS.c.id).where(SAGAS.c.id == saga_id, SAGAS.c.status == SagaStatus.COMMITTED.value).exists()
     result = conn.execute(delete(KEYS).where(KEYS.c.saga_id == saga_id, KEYS.c.status == PENDING, ~committed))
     return result.rowcount

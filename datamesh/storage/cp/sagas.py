@@ -31,6 +31,10 @@ class SagaStatus(StrEnum):
     DEAD = "dead"
 
 
+FINAL_STATUSES = frozenset({SagaStatus.COMMITTED, SagaStatus.COMPENSATED, SagaStatus.DEAD})
+"""States no step leaves (``dead`` only by an explicit re-drive)."""
+
+
 class StepState(StrEnum):
     RUNNING = "running"  # a delivery of the step started (distributed executor); attempts counts them
     DONE = "done"

@@ -61,7 +61,7 @@ _RETRYABLE_ERRNOS = {
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 #: Small puts are linked into place before their fsync (see the module docstring).
-EARLY_PUBLISH_MAX_BYTES = 1024 * 1024
+EARLY_PUBLISH_MAX_BYTES = OVERLAP_MIN_BYTES  # smaller puts take ``_write``; larger ones are staged while hashed
 _UNSEALED = 0o600
 _SEALED = 0o400  # the owner-write bit is clear: the file and its folder entry are on disk
 
