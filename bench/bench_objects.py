@@ -2,6 +2,7 @@
 
     python bench/bench_objects.py [--small-count 500] [--large-count 3] [--rounds 2]
                                   [--endpoint http://...] [--dir ./bench-data]
+                                  [--backends fs,s3] [--sizes small,large]
 
 Without ``--endpoint`` it starts ``moto_server`` on a loopback port.  For each backend and blob size
 it times datamesh ``put`` and ``get`` (hash-verified) against the raw path (``open/write/fsync`` and
@@ -12,8 +13,8 @@ operations are interleaved blob by blob, so load from other work on the machine 
 
 Two more baselines are printed under the rows they belong to, since the plain one is not always the
 fairest: for filesystem puts a raw write with the same durability as datamesh's (file fsync and
-folder fsync) and a datamesh put into a settled store (its fan-out folders already made, as in a
-store in use; a young store also creates and syncs folders); for large S3 blobs boto3's managed
+folder fsync; the plain raw write syncs no folder, so a crash may lose its name); for large S3
+blobs boto3's managed
 transfer (``upload_fileobj`` / ``download_fileobj`` with its default ``TransferConfig``: 8 MiB
 parts, 10 threads).  The ratio
 column is always against the plain raw path.
@@ -113,27 +114,18 @@ def fs_round(blobs: list[bytes], root: Path) -> dict[str, Rate]:
         with open(raw_dir / f"obj-{i}", "rb") as handle:
             assert len(handle.read()) == len(blob)
 
-    store = FilesystemObjectStore(store_dir)
+    store = FilesystemObjectStore(store_dir)  # a new store: it makes its 256 fan-out folders here
     keys = [ContentHash.of(b) for b in blobs]  # precomputed only to address gets
-    # A store in use already has the fan-out folders of most keys (65,536 of them, made once): its
-    # puts skip the folder creation and its extra parent fsyncs that a young store pays.
-    settled_dir = root / f"settled-{uuid.uuid4().hex}"
-    settled = FilesystemObjectStore(settled_dir)
-    for key in keys:
-        settled.path_of(key.hex).parent.mkdir(parents=True, exist_ok=True)
 
     def dm_put(i: int, blob: bytes) -> None:
         assert store.put(blob).unwrap().written
-
-    def dm_settled_put(i: int, blob: bytes) -> None:
-        assert settled.put(blob).unwrap().written
 
     def dm_get(i: int, blob: bytes) -> None:
         assert len(store.get(keys[i]).unwrap()) == len(blob)
 
     out = timed(
         blobs,
-        {"raw put": raw_put, "dm put": dm_put, "raw-durable put": raw_durable_put, "dm-settled put": dm_settled_put},
+        {"raw put": raw_put, "dm put": dm_put, "raw-durable put": raw_durable_put},
     )
 
     def dm_verify(i: int, blob: bytes) -> None:
@@ -142,7 +134,6 @@ def fs_round(blobs: list[bytes], root: Path) -> dict[str, Rate]:
     out |= timed(blobs, {"raw get": raw_get, "dm get": dm_get, "dm verify": dm_verify})
     shutil.rmtree(raw_dir)
     shutil.rmtree(store_dir)
-    shutil.rmtree(settled_dir)
     return out
 
 
@@ -228,6 +219,13 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     sys.exit("moto_server did not start")
 
 
+def _subset(parser: argparse.ArgumentParser, option: str, value: str, allowed: set[str]) -> set[str]:
+    chosen = {part.strip() for part in value.split(",") if part.strip()}
+    if not chosen or chosen - allowed:
+        parser.error(f"{option} takes a comma-separated subset of {','.join(sorted(allowed))}, got {value!r}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small-count", type=int, default=500)
@@ -236,26 +234,36 @@ def main() -> None:
     parser.add_argument("--part-mib", type=int, default=8, help="S3 part size (DATAMESH_S3_PART_BYTES), MiB")
     parser.add_argument("--endpoint", default=None, help="S3 endpoint (default: start moto_server)")
     parser.add_argument("--dir", type=Path, default=None, help="folder for filesystem runs (default: a temp dir)")
+    parser.add_argument("--backends", default="fs,s3", help="comma-separated subset of fs,s3")
+    parser.add_argument("--sizes", default="small,large", help="comma-separated subset of small,large")
     args = parser.parse_args()
+    backends = _subset(parser, "--backends", args.backends, {"fs", "s3"})
+    wanted = _subset(parser, "--sizes", args.sizes, {"small", "large"})
 
-    proc, endpoint = (None, args.endpoint) if args.endpoint else start_moto()
+    proc, endpoint = (None, args.endpoint) if args.endpoint or "s3" not in backends else start_moto()
     root = Path(tempfile.mkdtemp(prefix="bench-objects-", dir=args.dir))
-    sizes = {"4 KiB": [os.urandom(4 * KiB) for _ in range(args.small_count)]}
-    sizes["64 MiB"] = [os.urandom(64 * MiB) for _ in range(args.large_count)]
+    sizes = {}
+    if "small" in wanted:
+        sizes["4 KiB"] = [os.urandom(4 * KiB) for _ in range(args.small_count)]
+    if "large" in wanted:
+        sizes["64 MiB"] = [os.urandom(64 * MiB) for _ in range(args.large_count)]
+    runs: dict[str, Callable[[list[bytes]], dict[str, Rate]]] = {
+        "fs": lambda b: fs_round(b, root),
+        "s3": lambda b: s3_round(b, str(endpoint), args.part_mib * MiB),
+    }
     try:
         rows = []
         for label, blobs in sizes.items():
-            for backend, run in (
-                ("fs", lambda b: fs_round(b, root)),
-                ("s3", lambda b: s3_round(b, endpoint, args.part_mib * MiB)),
-            ):
+            for backend, run in runs.items():
+                if backend not in backends:
+                    continue
                 rounds = [run(blobs) for _ in range(args.rounds)]
                 for op in ("put", "get"):
                     dm = best([r[f"dm {op}"] for r in rounds])
                     raw = best([r[f"raw {op}"] for r in rounds])
                     durable, managed = (best_of(rounds, f"{kind} {op}") for kind in ("raw-durable", "raw-managed"))
-                    verify, settled = best_of(rounds, "dm verify"), best_of(rounds, f"dm-settled {op}")
-                    rows.append((backend, label, op, dm, raw, durable, managed, verify, settled))
+                    verify = best_of(rounds, "dm verify")
+                    rows.append((backend, label, op, dm, raw, durable, managed, verify))
     finally:
         shutil.rmtree(root, ignore_errors=True)
         if proc is not None:
@@ -264,7 +272,9 @@ def main() -> None:
 
     target = {"fs": 0.80, "s3": 0.90}
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
-    print(f"S3 endpoint: {endpoint} ({'moto_server on loopback' if proc else 'given'}); fs folder under {root.parent}")
+    if "s3" in backends:
+        print(f"S3 endpoint: {endpoint} ({'moto_server on loopback' if proc else 'given'})")
+    print(f"fs folder under {root.parent}")
     sha_rate = sha256_rate()
     print(f"hashlib SHA-256 on this machine: {sha_rate:.0f} MB/s (64 MiB buffer)")
     print(
@@ -277,7 +287,7 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for backend, label, op, dm, raw, durable, managed, verify, settled in rows:
+    for backend, label, op, dm, raw, durable, managed, verify in rows:
         ratio = dm.ops / raw.ops
         verdict = "met" if ratio >= target[backend] else "MISSED"
         print(
@@ -289,12 +299,6 @@ def main() -> None:
                 f"{'':<20} raw write+fsync+folder fsync (same durability): {durable.ops:.1f} obj/s,"
                 f" {durable.mbs:.1f} MB/s -> ratio {dm.ops / durable.ops:.0%}"
             )
-        if settled is not None:
-            line = f"{'':<20} datamesh put into a settled store (fan-out folders exist): {settled.ops:.1f} obj/s,"
-            line += f" {settled.mbs:.1f} MB/s -> ratio {settled.ops / raw.ops:.0%}"
-            if durable is not None:
-                line += f", {settled.ops / durable.ops:.0%} of same durability"
-            print(line)
         if managed is not None:
             call = "upload_fileobj" if op == "put" else "download_fileobj"
             print(

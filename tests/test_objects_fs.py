@@ -12,7 +12,7 @@ import pytest
 from datamesh.core.errors import IntegrityError, NotFound
 from datamesh.core.result import Err
 from datamesh.core.types import ContentHash, GeoRegion
-from datamesh.storage.objects.filesystem import FilesystemObjectStore
+from datamesh.storage.objects.filesystem import LEVELS_FILE, FilesystemObjectStore, _fsync_with_folders
 from datamesh.storage.objects.router import open_object_stores
 
 
@@ -21,7 +21,7 @@ def test_put_is_idempotent_and_verified(tmp_path: Path) -> None:
     first = store.put(b"hello world").unwrap()
     again = store.put(b"hello world").unwrap()
     assert first.written and not again.written and first.content_hash == again.content_hash
-    assert store.path_of(first.content_hash.hex).parent.parent.name == first.content_hash.hex[:2]
+    assert store.path_of(first.content_hash.hex).parent == tmp_path / first.content_hash.hex[:2]
     assert store.get(first.content_hash).unwrap() == b"hello world"
     assert store.list().unwrap() == [first.content_hash]
     assert store.stale_staging() == []
@@ -144,20 +144,35 @@ def _calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def test_a_small_put_is_linked_then_synced_and_sealed_with_every_new_folder(
+def test_a_small_put_is_linked_then_synced_with_its_folder_and_sealed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given an empty store
+    # Given an empty store (its 256 fan-out folders are made with it)
     store = FilesystemObjectStore(tmp_path)
     calls = _calls(monkeypatch)
     # When a small blob is put
     key = store.put(b"small and new").unwrap().content_hash.hex
-    # Then it was linked into place, then synced, and so was every folder the put made
-    first, second = f"{tmp_path}/{key[:2]}", f"{tmp_path}/{key[:2]}/{key[2:4]}"
-    # (the first link finds the folders missing, makes them and links again)
-    assert calls[:3] == ["link", "link", "fsync"]
-    assert sorted(calls[3:]) == sorted([f"dir {tmp_path}", f"dir {first}", f"dir {second}"])
+    # Then it was linked into place, then the file and its folder were synced (at the same time)
+    assert calls[0] == "link" and sorted(calls[1:]) == sorted(["fsync", f"dir {tmp_path}/{key[:2]}"])
     # And it is sealed: its owner-write bit is clear
+    assert store.path_of(key).stat().st_mode & 0o777 == 0o400
+
+
+def test_a_small_put_into_a_two_level_store_syncs_every_folder_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a store of the older two-level layout (found by its second-level folder)
+    (tmp_path / "00" / "00").mkdir(parents=True)
+    store = FilesystemObjectStore(tmp_path)
+    calls = _calls(monkeypatch)
+    # When a small blob is put
+    key = store.put(b"small and new").unwrap().content_hash.hex
+    # Then it went two levels down, and every folder the put made was synced in its parent
+    first, second = f"{tmp_path}/{key[:2]}", f"{tmp_path}/{key[:2]}/{key[2:4]}"
+    assert store.path_of(key) == Path(second) / key
+    # (the first link finds the folders missing, makes them and links again)
+    assert calls[:2] == ["link", "link"]
+    assert sorted(calls[2:]) == sorted(["fsync", f"dir {tmp_path}", f"dir {first}", f"dir {second}"])
     assert store.path_of(key).stat().st_mode & 0o777 == 0o400
 
 
@@ -172,7 +187,7 @@ def test_a_large_put_is_synced_before_it_is_renamed(tmp_path: Path, monkeypatch:
 def _plant_unsealed(store: FilesystemObjectStore, key: ContentHash, content: bytes) -> Path:
     """Put ``content`` under ``key`` as a small put renamed before its fsync would leave it."""
     path = store.path_of(key.hex)
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     path.chmod(0o600)
     return path
@@ -338,3 +353,57 @@ def test_an_unsealed_object_that_cannot_be_sealed_still_counts_once_verified_and
     # When the same bytes are put, the put writes nothing: the file was verified and synced
     assert store.put(data).unwrap().written is False
     assert calls == ["fsync", f"dir {path.parent}"] and path.read_bytes() == data
+
+
+def test_a_new_store_records_one_level_and_makes_its_folders(tmp_path: Path) -> None:
+    store = FilesystemObjectStore(tmp_path)
+    assert store.levels == 1 and (tmp_path / LEVELS_FILE).read_text() == "1\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [f"{i:02x}" for i in range(256)]
+    # Reopened, it keeps its layout; a folder removed since is made again by the put that needs it
+    data = b"\x01 comes back"
+    (tmp_path / ContentHash.of(data).hex[:2]).rmdir()
+    again = FilesystemObjectStore(tmp_path)
+    stored = again.put(data).unwrap()
+    assert again.levels == 1 and again.get(stored.content_hash).unwrap() == data
+
+
+def test_a_store_of_the_two_level_layout_keeps_it_and_its_objects(tmp_path: Path) -> None:
+    # Given objects stored two levels down, as stores made before the layout was recorded hold them
+    blobs = [f"object {i}".encode() for i in range(3)]
+    for blob in blobs:
+        key = ContentHash.of(blob).hex
+        folder = tmp_path / key[:2] / key[2:4]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / key).write_bytes(blob)
+    # When the store is opened (twice: the second time from its record)
+    store = FilesystemObjectStore(tmp_path)
+    assert store.levels == 2 and (tmp_path / LEVELS_FILE).read_text() == "2\n"
+    store = FilesystemObjectStore(tmp_path)
+    # Then it still reads, lists and dedups them, and new objects go two levels down too
+    keys = [ContentHash.of(b) for b in blobs]
+    assert store.levels == 2 and sorted(store.list().unwrap()) == sorted(keys)
+    assert [store.get(k).unwrap() for k in keys] == blobs and not store.put(blobs[0]).unwrap().written
+    new = store.put(b"a new object").unwrap().content_hash.hex
+    assert store.path_of(new) == tmp_path / new[:2] / new[2:4] / new and store.path_of(new).is_file()
+
+
+@pytest.mark.parametrize("recorded", ["3\n", "", "one"])
+def test_a_bad_layout_record_is_a_clear_error_and_changes_nothing(tmp_path: Path, recorded: str) -> None:
+    store = FilesystemObjectStore(tmp_path)
+    stored = store.put(b"kept").unwrap()
+    (tmp_path / LEVELS_FILE).write_text(recorded)
+    with pytest.raises(ValueError, match=r"\.fanout must hold 1 or 2"):
+        FilesystemObjectStore(tmp_path)
+    assert (tmp_path / LEVELS_FILE).read_text() == recorded
+    assert store.get(stored.content_hash).unwrap() == b"kept"
+
+
+def test_a_folder_sync_failure_fails_the_sync_after_the_file_is_synced(tmp_path: Path) -> None:
+    # Given an open file and a folder that is gone
+    fd = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        # When the file is synced together with the missing folder, the error reaches the caller
+        with pytest.raises(FileNotFoundError):
+            _fsync_with_folders(fd, [str(tmp_path), str(tmp_path / "gone")])
+    finally:
+        os.close(fd)

@@ -1,4 +1,10 @@
-"""Filesystem backend of the object store: ``<root>/ab/cd/abcd…`` fan-out folders.
+"""Filesystem backend of the object store: ``<root>/ab/abcd…``, one level of 256 fan-out folders.
+
+The 256 folders are made with the store, so no put has to make (and sync) a folder.  Stores made
+before the layout was recorded use two levels (``<root>/ab/cd/abcd…``, folders made on demand) and
+keep them: ``.fanout`` in the root names the number of levels, and a store without it is read as
+two-level if it holds a second-level folder, else as a new one-level store.  One level holds ~14M
+objects per folder before ext4's directory index needs its ``large_dir`` feature, so 3.6 billion.
 
 A write goes to a temporary file in ``<root>/.staging`` and is renamed (or linked) into place, so a
 reader sees either the whole object or nothing under its key.  Before a put returns, the file is
@@ -12,8 +18,9 @@ Which comes first, the name or the file's fsync, depends on the size:
   points at bytes that are not on disk.
 * A small object (up to :data:`EARLY_PUBLISH_MAX_BYTES`) is hard-linked into place first and
   fsynced after.  On a journalling filesystem the file's fsync then commits the data, the name and
-  any new folder in one journal commit, and the folder fsyncs that follow find nothing left to
-  commit; fsync first and rename after costs two commits, about twice the time of a small put.
+  any new folder in one journal commit, which the folder fsyncs, started at the same moment on
+  other threads, wait for too; fsync first and rename after costs two commits, about twice the
+  time of a small put.
   A link, unlike a rename, never replaces a file, so a put cannot swap another put's object for
   bytes not yet on disk; a put that loses that race checks the winner's file instead.
   The price is that a crash before the fsync returns can leave a torn file under the key of a put
@@ -25,8 +32,9 @@ Which comes first, the name or the file's fsync, depends on the size:
   content either.
 
 A small put costs a handful of syscalls (stat, open, write, link, unlink, fsync, fchmod, close, and
-the folder's open/fsync/close), so the hot path uses ``os`` calls on string paths rather than pathlib or
-tempfile.
+the folder's open/fsync/close, on a syncer thread at the same time as the file's fsync, so that both
+wait for one journal commit), so the hot path uses ``os`` calls on string paths rather than pathlib
+or tempfile.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import itertools
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,6 +57,7 @@ from datamesh.storage.objects.base import (
     OVERLAP_MIN_BYTES,
     ObjectMissing,
     ObjectStore,
+    ThreadPool,
 )
 
 _RETRYABLE_ERRNOS = {
@@ -62,6 +72,11 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 #: Small puts are linked into place before their fsync (see the module docstring).
 EARLY_PUBLISH_MAX_BYTES = OVERLAP_MIN_BYTES  # smaller puts take ``_write``; larger ones are staged while hashed
+#: Names the store's fan-out depth (see the module docstring).
+LEVELS_FILE = ".fanout"
+#: Threads that fsync a put's folders while its file is fsynced (see ``_fsync_with_folders``):
+#: a put into a new folder of a two-level store syncs up to three.
+SYNCERS = ThreadPool(3, "datamesh-fsync")
 _UNSEALED = 0o600
 _SEALED = 0o400  # the owner-write bit is clear: the file and its folder entry are on disk
 
@@ -80,17 +95,49 @@ class FilesystemObjectStore(ObjectStore[str]):
         self._staging.mkdir(parents=True, exist_ok=True)
         # Paths are plain strings on the hot path: pathlib costs more than the syscalls of a small put.
         self._root_str = os.fspath(self.root)
+        self.levels = self._read_or_record_levels()
+        if self.levels == 1:
+            self._make_first_level()
         # Staging names: a random tag per store plus a counter (O_EXCL catches the rare clash,
         # e.g. after a fork), instead of mkstemp's random name per put.
         self._staging_prefix = os.path.join(os.fspath(self._staging), f"put-{os.urandom(6).hex()}-")
         self._sequence = itertools.count()
 
     def path_of(self, key: str) -> Path:
-        """Where the object ``key`` lives (two levels of fan-out keep folders small)."""
+        """Where the object ``key`` lives (fan-out folders keep each folder's listing small)."""
         return Path(self._path(key))
 
     def _path(self, key: str) -> str:
+        if self.levels == 1:
+            return f"{self._root_str}/{key[:2]}/{key}"
         return f"{self._root_str}/{key[:2]}/{key[2:4]}/{key}"
+
+    def _read_or_record_levels(self) -> int:
+        """The store's fan-out depth: from ``.fanout``, else found (and then recorded)."""
+        marker = self.root / LEVELS_FILE
+        try:
+            text = marker.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            levels = 2 if self._has_second_level() else 1
+            _write_durably(marker, f"{levels}\n".encode("ascii"), fsync=self.fsync)
+            return levels
+        except (UnicodeDecodeError, OSError) as exc:
+            raise ValueError(f"object store {self.root}: cannot read {LEVELS_FILE}: {exc}") from exc
+        if text not in ("1", "2"):
+            raise ValueError(
+                f"object store {self.root}: {LEVELS_FILE} must hold 1 or 2 (fan-out levels), found {text[:40]!r}"
+            )
+        return int(text)
+
+    def _has_second_level(self) -> bool:
+        """Whether a folder of the two-level layout exists (``<root>/ab/cd/``): a store made before
+        the layout was recorded."""
+        for first in os.scandir(self._root_str):
+            if len(first.name) != 2 or not first.is_dir(follow_symlinks=False):
+                continue
+            if any(entry.is_dir(follow_symlinks=False) for entry in os.scandir(first.path)):
+                return True
+        return False
 
     def _exists(self, key: str) -> bool:
         try:
@@ -173,9 +220,7 @@ class FilesystemObjectStore(ObjectStore[str]):
             if folders is None:
                 return False
             if self.fsync:
-                os.fsync(fd)  # one journal commit: the bytes, the link, any new folder
-                for folder in folders:
-                    _fsync_dir(folder)
+                _fsync_with_folders(fd, folders)  # one journal commit: the bytes, the link, any new folder
             os.fchmod(fd, _SEALED)
         finally:
             os.close(fd)
@@ -254,9 +299,29 @@ class FilesystemObjectStore(ObjectStore[str]):
             return [*made, folder]
         return [folder]
 
+    def _make_first_level(self) -> None:
+        """Make the 256 first-level fan-out folders once, when the store is new.
+
+        A young store's puts then make at most one folder each (the second level): a folder is an
+        inode to create and an entry to sync, which cost a new store's first puts as much as the
+        object itself.  Folders are made in order, so the last one present means all are; a folder
+        removed later is made again by the put that needs it (``_make_folders``).
+        """
+        if os.path.isdir(f"{self._root_str}/ff"):
+            return
+        for first in range(256):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(f"{self._root_str}/{first:02x}")
+        if self.fsync:
+            _fsync_dir(self._root_str)
+
     def _make_folders(self, key: str) -> list[str]:
         """Create the fan-out folders of ``key``; return the parents whose entries must be synced."""
         first = f"{self._root_str}/{key[:2]}"
+        if self.levels == 1:  # its folder was removed after the store was made
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(first)
+            return [self._root_str]
         second = f"{first}/{key[2:4]}"
         try:
             os.mkdir(second)
@@ -366,6 +431,9 @@ class FilesystemObjectStore(ObjectStore[str]):
         for first in sorted(self.root.iterdir()):
             if first.name.startswith(".") or not first.is_dir():
                 continue
+            if self.levels == 1:
+                yield from sorted(p.name for p in first.iterdir() if p.is_file())
+                continue
             for second in sorted(first.iterdir()):
                 if second.is_dir():
                     yield from sorted(p.name for p in second.iterdir() if p.is_file())
@@ -406,6 +474,39 @@ def _write_all(fd: int, data: bytes) -> None:
         view = memoryview(data)
         while written < len(data):
             written += os.write(fd, view[written:])
+
+
+def _write_durably(path: Path, data: bytes, *, fsync: bool) -> None:
+    """Write a small file whole or not at all: a synced temporary file renamed into place."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, data)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def _fsync_with_folders(fd: int, folders: list[str]) -> None:
+    """fsync the file ``fd`` on this thread and each of ``folders`` on a syncer thread, all at once.
+
+    Started together, the syncs wait for one journal commit.  One after the other, each folder's
+    fsync finds its entry committed already and still makes the disk flush its cache, which cost
+    ~40-80 us per folder here, a quarter of a small put.  Every sync has returned (the first error
+    is raised) before this returns.
+    """
+    pool = SYNCERS.get()
+    pending = [pool.submit(_fsync_dir, folder) for folder in folders]
+    try:
+        os.fsync(fd)
+    finally:
+        futures.wait(pending)
+    for done in pending:
+        done.result()
 
 
 def _fsync_dir(path: str | Path) -> None:
