@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -137,18 +139,35 @@ def _calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         finally:
             os.close(fd)
 
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    def fsync(fd: int) -> None:  # a folder may be synced by its open fd
+        folder = stat.S_ISDIR(os.fstat(fd).st_mode)
+        calls.append(f"dir {os.readlink(f'/proc/self/fd/{fd}')}" if folder else "fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("rename"), real_replace(a, b))[1])
-    monkeypatch.setattr(os, "link", lambda a, b: (calls.append("link"), real_link(a, b))[1])
+    monkeypatch.setattr(os, "link", lambda a, b, **kw: (calls.append("link"), real_link(a, b, **kw))[1])
     monkeypatch.setattr(fs, "_fsync_dir", fsync_dir)
     return calls
 
 
+#: The two ways a small put makes its file: unnamed in the object's folder, or named in staging
+#: (where the filesystem cannot make unnamed files).
+WAYS = pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "staged"])
+
+
+def _store(root: Path, unnamed: bool) -> FilesystemObjectStore:
+    store = FilesystemObjectStore(root)
+    store._unnamed = unnamed
+    return store
+
+
+@WAYS
 def test_a_small_put_is_linked_then_synced_with_its_folder_and_sealed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
 ) -> None:
     # Given an empty store (its 256 fan-out folders are made with it)
-    store = FilesystemObjectStore(tmp_path)
+    store = _store(tmp_path, unnamed)
     calls = _calls(monkeypatch)
     # When a small blob is put
     key = store.put(b"small and new").unwrap().content_hash.hex
@@ -158,21 +177,23 @@ def test_a_small_put_is_linked_then_synced_with_its_folder_and_sealed(
     assert store.path_of(key).stat().st_mode & 0o777 == 0o400
 
 
+@WAYS
 def test_a_small_put_into_a_two_level_store_syncs_every_folder_it_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
 ) -> None:
     # Given a store of the older two-level layout (found by its second-level folder)
     (tmp_path / "00" / "00").mkdir(parents=True)
-    store = FilesystemObjectStore(tmp_path)
+    store = _store(tmp_path, unnamed)
     calls = _calls(monkeypatch)
     # When a small blob is put
     key = store.put(b"small and new").unwrap().content_hash.hex
     # Then it went two levels down, and every folder the put made was synced in its parent
     first, second = f"{tmp_path}/{key[:2]}", f"{tmp_path}/{key[:2]}/{key[2:4]}"
     assert store.path_of(key) == Path(second) / key
-    # (the first link finds the folders missing, makes them and links again)
-    assert calls[:2] == ["link", "link"]
-    assert sorted(calls[2:]) == sorted(["fsync", f"dir {tmp_path}", f"dir {first}", f"dir {second}"])
+    # (an unnamed file is made once its folders are; a staged one's first link finds them missing)
+    links = ["link"] if unnamed else ["link", "link"]
+    assert calls[: len(links)] == links
+    assert sorted(calls[len(links) :]) == sorted(["fsync", f"dir {tmp_path}", f"dir {first}", f"dir {second}"])
     assert store.path_of(key).stat().st_mode & 0o777 == 0o400
 
 
@@ -286,14 +307,15 @@ def test_a_large_get_hashes_the_returned_bytes_if_the_file_changed_while_it_was_
     assert store.get(key).unwrap() == data
 
 
+@WAYS
 def test_a_small_put_that_loses_the_race_for_its_name_never_replaces_the_winner(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
 ) -> None:
     # Given a put that found its key absent, and another put that publishes the same bytes before it
-    store = FilesystemObjectStore(tmp_path)
+    store = _store(tmp_path, unnamed)
     data = b"two writers, one name"
     key = ContentHash.of(data)
-    winner = FilesystemObjectStore(tmp_path)
+    winner = _store(tmp_path, unnamed)
     path = store.path_of(key.hex)
     real_present = store._present
     inodes: list[int] = []
@@ -313,7 +335,10 @@ def test_a_small_put_that_loses_the_race_for_its_name_never_replaces_the_winner(
     assert store.stale_staging() == []
 
 
-def test_processes_putting_the_same_small_blobs_at_once_store_each_once_whole_and_sealed(tmp_path: Path) -> None:
+@WAYS
+def test_processes_putting_the_same_small_blobs_at_once_store_each_once_whole_and_sealed(
+    tmp_path: Path, unnamed: bool
+) -> None:
     # Given 4 processes that put the same 200 small blobs, each from another start, at the same time
     blobs = [f"blob {i} ".encode() * (i % 7 + 1) for i in range(200)]
     children = []
@@ -321,7 +346,7 @@ def test_processes_putting_the_same_small_blobs_at_once_store_each_once_whole_an
         pid = os.fork()
         if pid == 0:  # a child: exit 0 only if every put succeeded
             signal.alarm(60)
-            store = FilesystemObjectStore(tmp_path)
+            store = _store(tmp_path, unnamed)
             order = blobs[n * 50 :] + blobs[: n * 50]  # each child starts at another blob
             ok = all(store.put(blob).is_ok() for blob in order)
             os._exit(0 if ok else 1)
@@ -407,3 +432,26 @@ def test_a_folder_sync_failure_fails_the_sync_after_the_file_is_synced(tmp_path:
             _fsync_with_folders(fd, [str(tmp_path), str(tmp_path / "gone")])
     finally:
         os.close(fd)
+
+
+def test_a_filesystem_without_unnamed_files_gets_named_staging_files_from_then_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a filesystem that refuses O_TMPFILE
+    real_open = os.open
+    unnamed_opens: list[int] = []
+
+    def refusing_open(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            unnamed_opens.append(flags)
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    store = FilesystemObjectStore(tmp_path)
+    # When small blobs are put
+    keys = [store.put(f"small {i}".encode()).unwrap().content_hash for i in range(3)]
+    # Then each is stored and sealed, the refusal was met once and remembered, staging is empty
+    assert [store.get(k).unwrap() for k in keys] == [f"small {i}".encode() for i in range(3)]
+    assert all(store.path_of(k.hex).stat().st_mode & 0o777 == 0o400 for k in keys)
+    assert len(unnamed_opens) == 1 and store.stale_staging() == []

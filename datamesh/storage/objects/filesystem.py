@@ -45,7 +45,7 @@ import hashlib
 import itertools
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +70,10 @@ _RETRYABLE_ERRNOS = {
 }
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_UNNAMED_FLAGS = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+#: What opening an unnamed file fails with where the filesystem (or kernel) cannot make one.
+_NO_UNNAMED_ERRNOS = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}
 #: Small puts are linked into place before their fsync (see the module docstring).
 EARLY_PUBLISH_MAX_BYTES = OVERLAP_MIN_BYTES  # smaller puts take ``_write``; larger ones are staged while hashed
 #: Names the store's fan-out depth (see the module docstring).
@@ -102,6 +106,9 @@ class FilesystemObjectStore(ObjectStore[str]):
         # e.g. after a fork), instead of mkstemp's random name per put.
         self._staging_prefix = os.path.join(os.fspath(self._staging), f"put-{os.urandom(6).hex()}-")
         self._sequence = itertools.count()
+        #: Small puts write an unnamed file in the object's folder (``O_TMPFILE``) until the
+        #: filesystem turns out not to support it; then they stage a named file.
+        self._unnamed = hasattr(os, "O_TMPFILE")
 
     def path_of(self, key: str) -> Path:
         """Where the object ``key`` lives (fan-out folders keep each folder's listing small)."""
@@ -203,12 +210,17 @@ class FilesystemObjectStore(ObjectStore[str]):
         return True
 
     def _publish_early(self, key: str, data: bytes) -> bool:
-        """Link the staged bytes into place, then sync the file and the folders, then seal it.
+        """Link the bytes into place, then sync the file and the folders, then seal it.
 
         A link never replaces a file: if one holds the name already (another put won the race),
         nothing is published and ``False`` is returned.  Replacing it with bytes not yet synced
         could turn another put's acknowledged object into a torn one if the machine crashed.
         """
+        if self._unnamed:
+            published = self._publish_unnamed(key, data)
+            if published is not None:
+                return published
+            self._unnamed = False  # this filesystem makes no unnamed files: name them in staging
         fd, name = self._create_staging_file(_UNSEALED)
         try:
             try:
@@ -224,6 +236,44 @@ class FilesystemObjectStore(ObjectStore[str]):
             os.fchmod(fd, _SEALED)
         finally:
             os.close(fd)
+        return True
+
+    def _publish_unnamed(self, key: str, data: bytes) -> bool | None:
+        """:meth:`_publish_early` by an unnamed file (``O_TMPFILE``) made in the object's folder.
+
+        The file has no name until it is linked as ``key``, so no staging entry is made and removed,
+        and a crash leaves nothing behind.  ``None`` when the filesystem cannot do it.
+        """
+        target = self._path(key)
+        folder = target[: -len(key) - 1]
+        made: list[str | int] = []
+        try:
+            folder_fd = os.open(folder, _FOLDER_FLAGS)
+        except FileNotFoundError:
+            made = [*self._make_folders(key)]
+            folder_fd = os.open(folder, _FOLDER_FLAGS)
+        try:
+            try:
+                fd = os.open(".", _UNNAMED_FLAGS, _UNSEALED, dir_fd=folder_fd)
+            except OSError as exc:
+                if exc.errno in _NO_UNNAMED_ERRNOS:
+                    return None
+                raise
+            try:
+                _write_all(fd, data)
+                try:  # a real folder fd makes os.link call linkat, following the /proc link to the file
+                    os.link(f"/proc/self/fd/{fd}", key, dst_dir_fd=folder_fd)
+                except FileExistsError:
+                    return False
+                except FileNotFoundError:  # no /proc to name the file by
+                    return None
+                if self.fsync:
+                    _fsync_with_folders(fd, [*made, folder_fd])
+                os.fchmod(fd, _SEALED)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(folder_fd)
         return True
 
     def _link(self, token: str, key: str) -> list[str] | None:
@@ -491,8 +541,9 @@ def _write_durably(path: Path, data: bytes, *, fsync: bool) -> None:
         _fsync_dir(path.parent)
 
 
-def _fsync_with_folders(fd: int, folders: list[str]) -> None:
-    """fsync the file ``fd`` on this thread and each of ``folders`` on a syncer thread, all at once.
+def _fsync_with_folders(fd: int, folders: Sequence[str | int]) -> None:
+    """fsync the file ``fd`` on this thread and each of ``folders`` (paths or open folders) on a
+    syncer thread, all at once.
 
     Started together, the syncs wait for one journal commit.  One after the other, each folder's
     fsync finds its entry committed already and still makes the disk flush its cache, which cost
@@ -500,13 +551,20 @@ def _fsync_with_folders(fd: int, folders: list[str]) -> None:
     is raised) before this returns.
     """
     pool = SYNCERS.get()
-    pending = [pool.submit(_fsync_dir, folder) for folder in folders]
+    pending = [pool.submit(_fsync_folder, folder) for folder in folders]
     try:
         os.fsync(fd)
     finally:
         futures.wait(pending)
     for done in pending:
         done.result()
+
+
+def _fsync_folder(folder: str | int) -> None:
+    if isinstance(folder, int):
+        os.fsync(folder)
+    else:
+        _fsync_dir(folder)
 
 
 def _fsync_dir(path: str | Path) -> None:
