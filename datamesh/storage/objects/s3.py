@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import time
 import uuid
 from collections import deque
@@ -50,7 +51,14 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from datamesh.core.errors import StorageError
 from datamesh.core.retry import RetryPolicy, call_with_retry, full_jitter_delay
-from datamesh.storage.objects.base import DEFAULT_CHUNK_BYTES, ObjectMissing, ObjectStore, ThreadPool
+from datamesh.storage.objects.base import (
+    DEFAULT_CHUNK_BYTES,
+    OVERLAP_MIN_BYTES,
+    ObjectMissing,
+    ObjectStore,
+    ThreadPool,
+)
+from datamesh.storage.objects.buffers import TrailingHash, new_bytes
 from datamesh.storage.objects.config import (
     DEFAULT_S3_MAX_COPY_BYTES,
     DEFAULT_S3_PART_BYTES,
@@ -60,6 +68,7 @@ from datamesh.storage.objects.config import (
 )
 
 if TYPE_CHECKING:
+    from botocore.response import StreamingBody
     from mypy_boto3_s3 import S3Client
 else:
     S3Client = Any
@@ -104,6 +113,47 @@ _CONNECTION_ERRORS = (
     ConnectionError,  # the builtin: refused, reset, aborted
     TimeoutError,
 )
+
+
+class _Filling:
+    """The ``bytes`` a get reads an object into, and the hash of what is read so far.
+
+    Objects of at least ``OVERLAP_MIN_BYTES`` are hashed while they are read, on a hashing thread;
+    smaller ones once read.  Where this Python cannot fill a new ``bytes``, the object is read into
+    a ``bytearray`` and copied once at the end.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        fresh = new_bytes(size)
+        self._data: bytes | bytearray
+        if fresh is None:
+            self._data = bytearray(size)
+            self.view = memoryview(self._data)
+        else:
+            self._data, self.view = fresh
+        self._hashing = TrailingHash() if size >= OVERLAP_MIN_BYTES else None
+
+    def filled(self, offset: int, count: int) -> None:
+        if self._hashing is not None:
+            self._hashing.feed(self.view[offset : offset + count])
+
+    def finish(self) -> tuple[str, bytes]:
+        """The digest and the bytes, once every byte is read."""
+        if self._hashing is not None:
+            digest, _ = self._hashing.result()
+            self._hashing = None
+        else:
+            digest = hashlib.sha256(self.view).hexdigest()
+        self.view.release()
+        data = self._data
+        return digest, data if isinstance(data, bytes) else bytes(data)
+
+    def end(self) -> None:
+        """Stop the hashing thread if the read failed (a no-op after :meth:`finish`)."""
+        if self._hashing is not None:
+            self._hashing.abandon()
+            self._hashing = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,51 +306,73 @@ class S3ObjectStore(ObjectStore[Staged]):
             staging_key = token.key
             self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=staging_key))
 
-    def _read_all(self, key: str) -> bytes:
-        parts = list(self._reads(key, None))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _open(self, key: str) -> Iterator[bytes]:
-        return self._reads(key, self.chunk_bytes)
-
-    def _reads(self, key: str, chunk_bytes: int | None) -> Iterator[bytes]:
-        """The object's bytes in chunks of ``chunk_bytes`` (``None``: the rest of the body at once).
+    def _read_hashed(self, key: str) -> tuple[str, bytes]:
+        """Read the object into one new ``bytes``, a chunk at a time, while a hashing thread hashes
+        the chunks already read (:mod:`.buffers`); small objects are hashed once read.
 
         A body cut mid-way is resumed from where it stopped by a ranged GET pinned to the ETag.
         """
-        s3_key = self.key_of(key)
-        offset = 0
-        etag: str | None = None
-        failures = 0
+        offset, etag, failures = 0, None, 0
+        filling: _Filling | None = None
+        try:
+            while True:
+                body, etag, length = self._get_body(key, offset, etag)
+                try:
+                    filling = filling or _Filling(length)
+                    while offset < filling.size:
+                        chunk = filling.view[offset : offset + self.chunk_bytes]
+                        count = body.readinto(chunk)  # type: ignore[arg-type]  # the stub says IO; any writable buffer is read into
+                        if not count:
+                            raise IncompleteReadError(actual_bytes=offset, expected_bytes=filling.size)
+                        filling.filled(offset, count)
+                        offset += count
+                    return filling.finish()
+                except _CONNECTION_ERRORS as exc:
+                    failures += 1
+                    self._pause_after_cut(failures, exc)
+                finally:
+                    body.close()
+        finally:
+            if filling is not None:
+                filling.end()
+
+    def _open(self, key: str) -> Iterator[bytes]:
+        """The object's bytes in chunks of ``chunk_bytes``.
+
+        A body cut mid-way is resumed from where it stopped by a ranged GET pinned to the ETag.
+        """
+        offset, etag, failures = 0, None, 0
         while True:
-            extra: dict[str, str] = {}
-            if etag is not None:
-                extra = {"Range": f"bytes={offset}-", "IfMatch": etag}
+            body, etag, _ = self._get_body(key, offset, etag)
             try:
-                response = self._call(lambda: self.client.get_object(Bucket=self.bucket, Key=s3_key, **extra))  # type: ignore[arg-type]  # noqa: B023
-            except ClientError as exc:
-                if _code(exc) in _MISSING_CODES:
-                    raise ObjectMissing(key) from exc
-                raise
-            etag = response["ETag"]
-            body = response["Body"]
-            try:
-                if chunk_bytes is None:
-                    rest = body.read()
-                    offset += len(rest)
-                    yield rest
-                else:
-                    for chunk in body.iter_chunks(chunk_bytes):
-                        offset += len(chunk)
-                        yield chunk
+                for chunk in body.iter_chunks(self.chunk_bytes):
+                    offset += len(chunk)
+                    yield chunk
                 return
-            except _CONNECTION_ERRORS:
+            except _CONNECTION_ERRORS as exc:
                 failures += 1
-                if failures >= self.retry.attempts:
-                    raise
-                time.sleep(full_jitter_delay(failures, base_s=self.retry.base_s, cap_s=self.retry.cap_s))
+                self._pause_after_cut(failures, exc)
             finally:
                 body.close()
+
+    def _get_body(self, key: str, offset: int, etag: str | None) -> tuple[StreamingBody, str, int]:
+        """GET ``key`` (from ``offset`` of the version ``etag``, when resuming a cut body): its
+        body, ETag and length; :class:`ObjectMissing` when absent."""
+        extra: dict[str, str] = {} if etag is None else {"Range": f"bytes={offset}-", "IfMatch": etag}
+        s3_key = self.key_of(key)
+        try:
+            response = self._call(lambda: self.client.get_object(Bucket=self.bucket, Key=s3_key, **extra))  # type: ignore[arg-type]
+        except ClientError as exc:
+            if _code(exc) in _MISSING_CODES:
+                raise ObjectMissing(key) from exc
+            raise
+        return response["Body"], response["ETag"], response["ContentLength"]
+
+    def _pause_after_cut(self, failures: int, cut: BaseException) -> None:
+        """Wait before resuming a cut body, or raise ``cut`` once the attempts are spent."""
+        if failures >= self.retry.attempts:
+            raise cut
+        time.sleep(full_jitter_delay(failures, base_s=self.retry.base_s, cap_s=self.retry.cap_s))
 
     def _delete(self, key: str) -> bool:
         if not self._exists(key):  # nothing to delete (nor a request to fail, e.g. a missing bucket)
