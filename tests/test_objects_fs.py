@@ -109,15 +109,16 @@ def test_a_dedup_put_leaves_the_object_alone_and_a_new_put_syncs_before_publishi
     assert len(synced) >= 2
 
 
-def test_a_forked_child_can_put_after_the_parent_used_the_hashing_threads(tmp_path: Path) -> None:
-    # Given a parent whose large put started the hashing threads
+def test_a_forked_child_can_put_after_the_parent_used_the_hashing_and_syncing_threads(tmp_path: Path) -> None:
+    # Given a parent whose large and small puts started the hashing and folder-syncing threads
     store = FilesystemObjectStore(tmp_path)
     assert store.put(os.urandom(2 * 1024 * 1024)).unwrap().written
-    # When a forked child (a prefork worker) puts a large blob
+    assert store.put(b"small, synced with its folder").unwrap().written
+    # When a forked child (a prefork worker) puts a large blob and a small one
     pid = os.fork()
-    if pid == 0:  # the child: exit 0 only if the put completes (the alarm ends a hang)
+    if pid == 0:  # the child: exit 0 only if the puts complete (the alarm ends a hang)
         signal.alarm(20)
-        ok = store.put(os.urandom(2 * 1024 * 1024)).unwrap().written
+        ok = store.put(os.urandom(2 * 1024 * 1024)).unwrap().written and store.put(b"small too").unwrap().written
         os._exit(0 if ok else 1)
     # Then it completes
     _, status = os.waitpid(pid, 0)
