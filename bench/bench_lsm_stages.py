@@ -113,14 +113,15 @@ def main() -> None:
                 memtable = memtable_of(per_memtable, pool)
                 path = root / f"run-{attempt}-{number}.sqlite3"
                 started = clock()
-                write_run(path, memtable.flush_chunks(), block_entries=args.block_entries)
+                write_run(path, memtable.flush_chunks(reuse_buffers=True), block_entries=args.block_entries)
                 flush.add(started, per_memtable)
                 paths.append(path)
                 del memtable
             out = root / f"merged-{attempt}.sqlite3"
             started = clock()
             streams = [iter_columns(path, KEY_BYTES) for path in reversed(paths)]
-            summary = write_run(out, merge_columns(streams, drop_tombstones=True), block_entries=args.block_entries)
+            merged = merge_columns(streams, drop_tombstones=True, reuse_buffers=True)
+            summary = write_run(out, merged, block_entries=args.block_entries)
             assert summary is not None
             merge.add(started, summary.entries)
             for path in [*paths, out]:

@@ -50,7 +50,7 @@ from collections.abc import Iterator, Sequence, Set
 
 import numpy as np
 
-from datamesh.storage.ap.lsm.columns import Columns, sort_unique
+from datamesh.storage.ap.lsm.columns import Columns, Scratch, sort_unique
 from datamesh.storage.ap.lsm.format import Value
 from datamesh.storage.ap.lsm.manifest import RunMeta
 from datamesh.storage.ap.lsm.run import Block
@@ -158,12 +158,18 @@ class _ColumnSource:
                 return
 
 
-def merge_columns(newest_first: Sequence[Iterator[Columns]], *, drop_tombstones: bool) -> Iterator[Columns]:
+def merge_columns(
+    newest_first: Sequence[Iterator[Columns]], *, drop_tombstones: bool, reuse_buffers: bool = False
+) -> Iterator[Columns]:
     """:func:`merge_blocks` over streams of sorted columns of one key width (the vectorised path).
 
     The fence is the smallest last key buffered by any source: every source's entries up to it
     are in memory, so they can be merged and emitted; on equal keys the earliest stream wins.
+    With ``reuse_buffers`` every chunk is built in the same buffers (a :class:`~.columns.Scratch`),
+    so a chunk is valid only until the next one is taken: for a consumer such as
+    :func:`~.run.write_run` that is done with a chunk when it asks for the next.
     """
+    scratch = Scratch() if reuse_buffers else None
     sources = [_ColumnSource(chunks) for chunks in newest_first]
     while True:
         active = [source for source in sources if source.chunk is not None]
@@ -180,6 +186,6 @@ def merge_columns(newest_first: Sequence[Iterator[Columns]], *, drop_tombstones:
             source.pos = cut
             if cut == len(chunk):
                 source.refill()
-        merged = sort_unique(parts, drop_tombstones=drop_tombstones)
+        merged = sort_unique(parts, drop_tombstones=drop_tombstones, scratch=scratch)
         if len(merged):
             yield merged

@@ -72,7 +72,7 @@ class ShardMaintenance:
             memtable = self._immutables[-1]
             number = self._alloc_file()
         path = self._run_path(number)
-        summary = write_run(path, memtable.flush_chunks(), block_entries=self._block_entries)
+        summary = write_run(path, memtable.flush_chunks(reuse_buffers=True), block_entries=self._block_entries)
         added = [] if summary is None else [(run_meta(path.name, 0, memtable.max_seq, summary), Run(path))]
         with self._lock:
             self._immutables.remove(memtable)
@@ -130,7 +130,7 @@ class ShardMaintenance:
         if len(widths) == 1 and 0 not in widths:  # one key width: the vectorised merge
             width = widths.pop()
             columns = [iter_columns(run.path, width) for _, run in pairs]
-            merged = merge_columns(columns, drop_tombstones=drop_tombstones)
+            merged = merge_columns(columns, drop_tombstones=drop_tombstones, reuse_buffers=True)
         else:
             streams = [iter_blocks(run.path) for _, run in pairs]
             merged = merge_blocks(streams, drop_tombstones=drop_tombstones)
