@@ -330,6 +330,22 @@ def test_the_prefix_sort_orders_like_a_stable_sort_of_whole_keys(width: int) -> 
     assert stable_key_order(array).tolist() == np.argsort(array, kind="stable").tolist()
 
 
+@pytest.mark.parametrize("width", [1, 8, 16, 20])
+def test_the_prefix_sort_of_sorted_runs_orders_like_a_stable_sort_of_whole_keys(width: int) -> None:
+    # Given a merge's input: a few sorted runs one after the other, sharing keys (a key in several
+    # runs), extreme keys, and (for wide keys) long shared 8-byte prefixes
+    rng = random.Random(width)
+    pool = [rng.randbytes(width) for _ in range(2000)] + [b"\x00" * width, b"\xff" * width]
+    if width > 8:
+        pool += [b"abcdefgh" + rng.randbytes(width - 8) for _ in range(50)]
+    runs = [sorted(rng.sample(pool, rng.randint(1, 800))) for _ in range(8)]
+    array = np.frombuffer(b"".join(key for run in runs for key in run), dtype=f"S{width}")
+    # When it is sorted as runs
+    order = stable_key_order(array, sorted_runs=True)
+    # Then the order is the stable one: by key, equal keys in their run order (newest run first)
+    assert order.tolist() == np.argsort(array, kind="stable").tolist()
+
+
 def test_a_key_written_twice_in_one_batch_keeps_its_later_value_through_flush_and_merge(tmp_path: Path) -> None:
     from datamesh.storage.ap.lsm import LsmShard
 

@@ -216,7 +216,7 @@ def concat(parts: Sequence[Columns], scratch: Scratch | None = None) -> Columns:
     )
 
 
-def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
+def stable_key_order(keys: Array, *, sorted_runs: bool = False) -> npt.NDArray[np.intp]:
     """The permutation that sorts ``keys`` (``S{width}``), equal keys kept in their given order.
 
     numpy's stable sort of byte strings is a timsort comparing strings (~0.26 s per million random
@@ -227,6 +227,12 @@ def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
     and the permutation is read back from the low bits.  Only entries whose remaining ``64 - b``
     prefix bits tie with another's (the same key in two sources, or a long shared prefix) are
     then sorted again by the whole key, stably, and put back into the slots their group occupies.
+
+    ``sorted_runs``: ``keys`` are a few sorted runs one after the other (a merge's fenced slices),
+    so the values are too (prefix, then position, both rising within a run), and numpy's stable
+    sort (a timsort, which finds runs and merges them) is used instead of its default sort:
+    measured on 8 runs of 30k values, ~11 ns per value against ~71 (the default sort is the
+    faster on values in no order, ~43 ns against ~54, hence not used for memtables).
     """
     n = len(keys)
     width = keys.dtype.itemsize
@@ -239,7 +245,7 @@ def stable_key_order(keys: Array) -> npt.NDArray[np.intp]:
     bits = np.uint64(max(1, (n - 1).bit_length()))
     packed = (prefix >> bits) << bits
     packed |= np.arange(n, dtype=np.uint64)
-    packed.sort()
+    packed.sort(kind="stable" if sorted_runs else None)
     order = (packed & ((np.uint64(1) << bits) - np.uint64(1))).astype(np.intp)
     high = packed >> bits
     tie = high[1:] == high[:-1]
@@ -261,6 +267,7 @@ def sort_unique(
     drop_tombstones: bool,
     newest_last: bool = False,
     scratch: Scratch | None = None,
+    sorted_parts: bool = False,
 ) -> Columns:
     """Entries in key order, one per key: of equal keys the *first* in ``columns`` order wins, or
     the *last* with ``newest_last`` (a stable sort keeps equal keys in their given order).
@@ -271,9 +278,12 @@ def sort_unique(
     a memcpy, and one gather.)
     Merges put newer runs first; a memtable lays its batches oldest first (a key written twice in
     one batch must end with its later value, as a dict would), hence ``newest_last``.  Tombstones
-    go too if asked.  With ``scratch`` the result (and the concatenation) lives in its buffers.
+    go too if asked.  With ``scratch`` the result (and the concatenation) lives in its buffers;
+    ``sorted_parts`` says that each part is in key order already (see :func:`stable_key_order`).
     """
-    entries, keep = unique_order(columns, drop_tombstones=drop_tombstones, newest_last=newest_last, scratch=scratch)
+    entries, keep = unique_order(
+        columns, drop_tombstones=drop_tombstones, newest_last=newest_last, scratch=scratch, sorted_parts=sorted_parts
+    )
     return entries.take(keep, scratch)
 
 
@@ -283,6 +293,7 @@ def unique_order(
     drop_tombstones: bool,
     newest_last: bool = False,
     scratch: Scratch | None = None,
+    sorted_parts: bool = False,
 ) -> tuple[Columns, npt.NDArray[np.intp]]:
     """:func:`sort_unique` before its gather: the entries (parts concatenated) and the rows to
     take, in order.  A flush gathers them a chunk at a time: chunks of a few MiB reuse the
@@ -290,7 +301,7 @@ def unique_order(
     parts = [columns] if isinstance(columns, Columns) else list(columns)
     entries = concat(parts, scratch)
     keys, tombstones = entries.keys, entries.tombstones
-    order = stable_key_order(keys)
+    order = stable_key_order(keys, sorted_runs=sorted_parts)
     ordered = keys[order]
     chosen = np.ones(len(order), dtype=np.bool_)
     if newest_last:

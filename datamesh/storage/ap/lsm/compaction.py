@@ -186,6 +186,6 @@ def merge_columns(
             source.pos = cut
             if cut == len(chunk):
                 source.refill()
-        merged = sort_unique(parts, drop_tombstones=drop_tombstones, scratch=scratch)
+        merged = sort_unique(parts, drop_tombstones=drop_tombstones, scratch=scratch, sorted_parts=True)
         if len(merged):
             yield merged
