@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamesh.storage.ap.lsm import LsmShard
+from datamesh.storage.ap.lsm.columns import Scratch
 from datamesh.storage.ap.lsm.compaction import merge_columns
 from datamesh.storage.ap.lsm.format import encode_puts
 from datamesh.storage.ap.lsm.memtable import Memtable
@@ -129,21 +130,23 @@ def main() -> None:
         writer = writer_stage(root, args.rows, pool)
         per_memtable = (args.memtable_mib << 20) // (KEY_BYTES + VALUE_BYTES + 9) // BATCH * BATCH
         flush, merge = Cheapest(), Cheapest()
+        flush_scratch, merge_scratch = Scratch(), Scratch()  # kept across flushes and merges, as by a shard's threads
         for attempt in range(args.repeat):
             paths = []
             for number in range(args.fanout):
                 memtable = memtable_of(per_memtable, pool)
                 path = root / f"run-{attempt}-{number}.sqlite3"
                 started = clock()
-                write_run(path, memtable.flush_chunks(reuse_buffers=True), block_entries=args.block_entries)
+                chunks = memtable.flush_chunks(scratch=flush_scratch)
+                write_run(path, chunks, block_entries=args.block_entries, scratch=flush_scratch)
                 flush.add(started, per_memtable)
                 paths.append(path)
                 del memtable
             out = root / f"merged-{attempt}.sqlite3"
             started = clock()
             streams = [iter_columns(path, KEY_BYTES) for path in reversed(paths)]
-            merged = merge_columns(streams, drop_tombstones=True, reuse_buffers=True)
-            summary = write_run(out, merged, block_entries=args.block_entries)
+            merged = merge_columns(streams, drop_tombstones=True, scratch=merge_scratch)
+            summary = write_run(out, merged, block_entries=args.block_entries, scratch=merge_scratch)
             assert summary is not None
             merge.add(started, summary.entries)
             for path in [*paths, out]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from datamesh.storage.ap.lsm.columns import Columns, decode_blocks, encode_blocks, from_lists, stable_key_order
+from datamesh.storage.ap.lsm.columns import Columns, Scratch, decode_blocks, encode_blocks, from_lists, stable_key_order
 from datamesh.storage.ap.lsm.compaction import merge_blocks, merge_columns
 from datamesh.storage.ap.lsm.filter import fingerprint, fingerprints, list_fingerprints
 from datamesh.storage.ap.lsm.format import (
@@ -89,7 +89,9 @@ def test_the_vectorised_merge_equals_the_reference_merge(
     vectorised = [
         pair
         for columns in merge_columns(
-            [_as_columns(chunks) for chunks in chunked], drop_tombstones=drop_tombstones, reuse_buffers=reuse_buffers
+            [_as_columns(chunks) for chunks in chunked],
+            drop_tombstones=drop_tombstones,
+            scratch=Scratch() if reuse_buffers else None,
         )
         for pair in zip(*columns.to_lists(), strict=True)  # each chunk read before the next is built
     ]
@@ -396,14 +398,16 @@ def test_runs_written_from_reused_buffers_hold_every_entry(tmp_path: Path, block
         memtables.append(memtable)
         each.append(dict(zip(keys, values, strict=True)))
     paths = []
+    scratch = Scratch()  # one for every flush and the merge, as a shard's threads keep theirs
     for number, memtable in enumerate(memtables):
         path = tmp_path / f"{number}.sqlite3"
-        write_run(path, memtable.flush_chunks(size=1000, reuse_buffers=True), block_entries=block_entries)
+        write_run(path, memtable.flush_chunks(size=1000, scratch=scratch), block_entries=block_entries, scratch=scratch)
         paths.append(path)
     # When the runs are merged, newest first, the same way
     merged = tmp_path / "merged.sqlite3"
     streams = [iter_columns(path, 16, entries_per_chunk=500) for path in reversed(paths)]
-    write_run(merged, merge_columns(streams, drop_tombstones=True, reuse_buffers=True), block_entries=block_entries)
+    chunks = merge_columns(streams, drop_tombstones=True, scratch=scratch)
+    write_run(merged, chunks, block_entries=block_entries, scratch=scratch)
     # Then every run, and the merge, reads back whole and in order: no chunk was overwritten while kept
     for number, path in enumerate(paths):
         assert verify_run(path) == []

@@ -159,17 +159,16 @@ class _ColumnSource:
 
 
 def merge_columns(
-    newest_first: Sequence[Iterator[Columns]], *, drop_tombstones: bool, reuse_buffers: bool = False
+    newest_first: Sequence[Iterator[Columns]], *, drop_tombstones: bool, scratch: Scratch | None = None
 ) -> Iterator[Columns]:
     """:func:`merge_blocks` over streams of sorted columns of one key width (the vectorised path).
 
     The fence is the smallest last key buffered by any source: every source's entries up to it
     are in memory, so they can be merged and emitted; on equal keys the earliest stream wins.
-    With ``reuse_buffers`` every chunk is built in the same buffers (a :class:`~.columns.Scratch`),
-    so a chunk is valid only until the next one is taken: for a consumer such as
-    :func:`~.run.write_run` that is done with a chunk when it asks for the next.
+    With ``scratch`` every chunk is built in its buffers, so a chunk is valid only until the next
+    one is taken: for a consumer such as :func:`~.run.write_run` that is done with a chunk when it
+    asks for the next.
     """
-    scratch = Scratch() if reuse_buffers else None
     sources = [_ColumnSource(chunks) for chunks in newest_first]
     while True:
         active = [source for source in sources if source.chunk is not None]

@@ -208,13 +208,12 @@ class Memtable:
             yield chunk.to_lists() if isinstance(chunk, Columns) else chunk
 
     def flush_chunks(
-        self, size: int = 65536, *, reuse_buffers: bool = False
+        self, size: int = 65536, *, scratch: Scratch | None = None
     ) -> Iterator[Columns | tuple[list[bytes], list[Value]]]:
         """Every entry in key order, in chunks of ``size``: columns unless the keys differ in width.
 
-        With ``reuse_buffers`` the chunks are gathered into the same buffers (a
-        :class:`~.columns.Scratch`): each is valid only until the next is taken, as
-        :func:`~.run.write_run` consumes them.
+        With ``scratch`` the batches are concatenated and the chunks gathered into its buffers: a
+        chunk is valid only until the next is taken, as :func:`~.run.write_run` consumes them.
         """
         if self._dict is not None:
             entries = self._dict
@@ -225,8 +224,7 @@ class Memtable:
             return
         folded, view = self._view
         if folded != len(self._batches) and view is None:  # nothing sorted yet: gather chunk by chunk
-            columns, keep = unique_order(self._batches, drop_tombstones=False, newest_last=True)
-            scratch = Scratch() if reuse_buffers else None
+            columns, keep = unique_order(self._batches, drop_tombstones=False, newest_last=True, scratch=scratch)
             for start in range(0, len(keep), size):
                 yield columns.take(keep[start : start + size], scratch)
             return

@@ -109,8 +109,9 @@ class RunWriter:
     for the next chunk), and blocks are encoded into a scratch buffer of the writer's own.
     """
 
-    def __init__(self, path: Path, *, block_entries: int | None) -> None:
-        """``block_entries=None`` sizes blocks to fill pages, from the first chunk's entries."""
+    def __init__(self, path: Path, *, block_entries: int | None, scratch: Scratch | None = None) -> None:
+        """``block_entries=None`` sizes blocks to fill pages, from the first chunk's entries; blocks
+        are encoded in ``scratch``'s ``blocks`` buffer (a fresh one if None)."""
         self.path = path
         self._block_entries = block_entries or 0  # 0: chosen by the first chunk (_size_blocks)
         self._db = sqlite3.connect(path, isolation_level=None)
@@ -126,7 +127,7 @@ class RunWriter:
         self._keys: list[bytes] = []
         self._values: list[Value] = []
         self._columns: Columns | None = None  # fewer than ``block_entries`` entries awaiting a block
-        self._scratch = Scratch()  # encoded blocks, reused from one chunk to the next
+        self._scratch = scratch or Scratch()  # encoded blocks, reused from one chunk to the next
         self._next_id = 0
         self._sync_fd = os.open(path, os.O_RDONLY)
         self._unsynced = 0
@@ -283,12 +284,14 @@ def write_run(
     *,
     block_entries: int | None,
     cancelled: Callable[[], bool] = lambda: False,
+    scratch: Scratch | None = None,
 ) -> RunSummary | None:
     """Write sorted chunks into a finished run; None (and no file) if ``cancelled`` or no entries.
 
-    ``block_entries=None`` sizes the blocks to fill pages (:func:`fit_block_entries`).
+    ``block_entries=None`` sizes the blocks to fill pages (:func:`fit_block_entries`); ``scratch``
+    holds the encoded blocks (it may be the one the chunks are built in: the roles differ).
     """
-    writer = RunWriter(path, block_entries=block_entries)
+    writer = RunWriter(path, block_entries=block_entries, scratch=scratch)
     try:
         for chunk in chunks:
             if cancelled():
