@@ -38,8 +38,10 @@ The merge is chunked so that the per-entry work runs in C: take the smallest "la
 over all sources as a fence, ``dict.update`` every source's entries up to the fence from oldest to
 newest (newest wins), then ``sorted`` the dict.  No Python-level heap operation per entry.
 When every input run has keys of one width, :func:`merge_columns` does the same with numpy
-columns (:mod:`.columns`): concatenate the fenced slices newest first, one stable ``argsort``,
-keep the first entry of each key; no Python object per entry at all.
+columns (:mod:`.columns`): concatenate the fenced slices newest first, one stable sort (a timsort,
+which merges the slices' sorted runs instead of sorting afresh), keep the first entry of each key;
+no Python object per entry at all.  A compactor thread keeps its buffers from one merge step (and
+one merge) to the next (:class:`~.columns.Scratch`).
 """
 
 from __future__ import annotations
