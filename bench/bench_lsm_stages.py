@@ -14,7 +14,10 @@ Stages, each run alone in this process on 16-byte random keys and 200-byte value
 * writer: ``put_many`` (cheapest window of 10) of batches of 10,000 (encode, log append, fdatasync, memtable append),
   on a shard whose memtable never fills (no flush on the writer's clock);
 * flush: (cheapest of ``--fanout`` x ``--repeat``) one memtable of ``--memtable-mib`` sorted and written into a run;
-* merge: (cheapest of ``--repeat``) ``--fanout`` such runs merged into one (one compaction pass), per row written.
+* merge: (cheapest of ``--repeat``) ``--fanout`` such runs merged into one (one compaction pass), per row written;
+* shard (only with ``--shard-rows N``): a whole shard with its background threads, ``N`` rows
+  written, then flushed and compacted, on the *process*'s CPU clock (every thread, batch making
+  included) per row: the stage that sees what crosses threads and files.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamesh.storage.ap.lsm import LsmShard
+from datamesh.storage.ap.lsm.columns import Scratch
 from datamesh.storage.ap.lsm.compaction import merge_columns
 from datamesh.storage.ap.lsm.format import encode_puts
 from datamesh.storage.ap.lsm.memtable import Memtable
@@ -83,6 +87,21 @@ def writer_stage(root: Path, rows: int, pool: list[bytes]) -> Cheapest:
     return cheapest
 
 
+def shard_stage(root: Path, rows: int, pool: list[bytes]) -> tuple[float, float]:
+    """Process CPU (total, user) per row of writing ``rows`` through a shard and draining it."""
+    shard = LsmShard(root / "shard")
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(rows // BATCH // 8):
+        for items in batches(8, pool):  # made as it goes: all of a shard's batches would not fit in memory
+            shard.put_many(items)
+    shard.flush()
+    shard.wait_for_compactions()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    shard.close()
+    user = after.ru_utime - before.ru_utime
+    return (user + after.ru_stime - before.ru_stime) / rows, user / rows
+
+
 def memtable_of(rows: int, pool: list[bytes]) -> Memtable:
     memtable = Memtable(0)
     for sequence, items in enumerate(batches(rows // BATCH, pool), 1):
@@ -100,27 +119,34 @@ def main() -> None:
     parser.add_argument(
         "--block-entries", type=int, default=None, help="entries per run block (default: sized to fill pages)"
     )
+    parser.add_argument("--shard-rows", type=int, default=0, help="also time a whole shard over this many rows")
     args = parser.parse_args()
     pool = [os.urandom(VALUE_BYTES) for _ in range(BATCH)]
     root = Path(tempfile.mkdtemp(prefix="lsm-stages-", dir=os.environ.get("BENCH_DIR")))
     try:
+        if args.shard_rows:
+            total, user = shard_stage(root, args.shard_rows, pool)
+            print(f"shard (process CPU, batch making included) {total * 1e6:.3f}  user {user * 1e6:.3f} us per row")
         writer = writer_stage(root, args.rows, pool)
         per_memtable = (args.memtable_mib << 20) // (KEY_BYTES + VALUE_BYTES + 9) // BATCH * BATCH
         flush, merge = Cheapest(), Cheapest()
+        flush_scratch, merge_scratch = Scratch(), Scratch()  # kept across flushes and merges, as by a shard's threads
         for attempt in range(args.repeat):
             paths = []
             for number in range(args.fanout):
                 memtable = memtable_of(per_memtable, pool)
                 path = root / f"run-{attempt}-{number}.sqlite3"
                 started = clock()
-                write_run(path, memtable.flush_chunks(), block_entries=args.block_entries)
+                chunks = memtable.flush_chunks(scratch=flush_scratch)
+                write_run(path, chunks, block_entries=args.block_entries, scratch=flush_scratch)
                 flush.add(started, per_memtable)
                 paths.append(path)
                 del memtable
             out = root / f"merged-{attempt}.sqlite3"
             started = clock()
             streams = [iter_columns(path, KEY_BYTES) for path in reversed(paths)]
-            summary = write_run(out, merge_columns(streams, drop_tombstones=True), block_entries=args.block_entries)
+            merged = merge_columns(streams, drop_tombstones=True, scratch=merge_scratch)
+            summary = write_run(out, merged, block_entries=args.block_entries, scratch=merge_scratch)
             assert summary is not None
             merge.add(started, summary.entries)
             for path in [*paths, out]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from datamesh.storage.ap.lsm.columns import Columns, decode_blocks, encode_blocks, from_lists, stable_key_order
+from datamesh.storage.ap.lsm.columns import Columns, Scratch, decode_blocks, encode_blocks, from_lists, stable_key_order
 from datamesh.storage.ap.lsm.compaction import merge_blocks, merge_columns
 from datamesh.storage.ap.lsm.filter import fingerprint, fingerprints, list_fingerprints
 from datamesh.storage.ap.lsm.format import (
@@ -24,7 +24,7 @@ from datamesh.storage.ap.lsm.format import (
     entry_parts,
 )
 from datamesh.storage.ap.lsm.memtable import MISSING, Memtable
-from datamesh.storage.ap.lsm.run import Run, RunWriter, iter_blocks, iter_columns, verify_run
+from datamesh.storage.ap.lsm.run import Run, RunWriter, iter_blocks, iter_columns, verify_run, write_run
 
 Block = tuple[list[bytes], list[Value]]
 
@@ -69,7 +69,10 @@ def _flat(blocks: Iterator[Block]) -> list[tuple[bytes, Value]]:
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("drop_tombstones", [False, True])
 @pytest.mark.parametrize("tombstones", [True, False])
-def test_the_vectorised_merge_equals_the_reference_merge(seed: int, drop_tombstones: bool, tombstones: bool) -> None:
+@pytest.mark.parametrize("reuse_buffers", [False, True])
+def test_the_vectorised_merge_equals_the_reference_merge(
+    seed: int, drop_tombstones: bool, tombstones: bool, reuse_buffers: bool
+) -> None:
     # Given sources drawn from a small key pool (so keys repeat across them), with or without
     # tombstones (without, values of one width take the gather-per-source path), values of one
     # width or of many, cut into chunks of random sizes
@@ -85,8 +88,12 @@ def test_the_vectorised_merge_equals_the_reference_merge(seed: int, drop_tombsto
     reference = _flat(merge_blocks([iter(chunks) for chunks in chunked], drop_tombstones=drop_tombstones))
     vectorised = [
         pair
-        for columns in merge_columns([_as_columns(chunks) for chunks in chunked], drop_tombstones=drop_tombstones)
-        for pair in zip(*columns.to_lists(), strict=True)
+        for columns in merge_columns(
+            [_as_columns(chunks) for chunks in chunked],
+            drop_tombstones=drop_tombstones,
+            scratch=Scratch() if reuse_buffers else None,
+        )
+        for pair in zip(*columns.to_lists(), strict=True)  # each chunk read before the next is built
     ]
     # Then they agree entry for entry: newest value per key, tombstones kept or dropped alike
     assert vectorised == reference
@@ -325,6 +332,22 @@ def test_the_prefix_sort_orders_like_a_stable_sort_of_whole_keys(width: int) -> 
     assert stable_key_order(array).tolist() == np.argsort(array, kind="stable").tolist()
 
 
+@pytest.mark.parametrize("width", [1, 8, 16, 20])
+def test_the_prefix_sort_of_sorted_runs_orders_like_a_stable_sort_of_whole_keys(width: int) -> None:
+    # Given a merge's input: a few sorted runs one after the other, sharing keys (a key in several
+    # runs), extreme keys, and (for wide keys) long shared 8-byte prefixes
+    rng = random.Random(width)
+    pool = [rng.randbytes(width) for _ in range(2000)] + [b"\x00" * width, b"\xff" * width]
+    if width > 8:
+        pool += [b"abcdefgh" + rng.randbytes(width - 8) for _ in range(50)]
+    runs = [sorted(rng.sample(pool, rng.randint(1, 800))) for _ in range(8)]
+    array = np.frombuffer(b"".join(key for run in runs for key in run), dtype=f"S{width}")
+    # When it is sorted as runs
+    order = stable_key_order(array, sorted_runs=True)
+    # Then the order is the stable one: by key, equal keys in their run order (newest run first)
+    assert order.tolist() == np.argsort(array, kind="stable").tolist()
+
+
 def test_a_key_written_twice_in_one_batch_keeps_its_later_value_through_flush_and_merge(tmp_path: Path) -> None:
     from datamesh.storage.ap.lsm import LsmShard
 
@@ -358,3 +381,37 @@ def test_a_memtable_fed_parts_flushes_like_a_dict_when_values_share_a_width(seed
     flushed = [pair for keys, values in memtable.sorted_chunks(size=11) for pair in zip(keys, values, strict=True)]
     # Then every key has its last value, in key order
     assert flushed == sorted(reference.items())
+
+
+@pytest.mark.parametrize("block_entries", [7, 72])
+def test_runs_written_from_reused_buffers_hold_every_entry(tmp_path: Path, block_entries: int) -> None:
+    # Given memtables whose flush chunks (and a merge whose chunks) are built in reused buffers,
+    # in chunks that do not end on a block boundary (the writer keeps a partial block meanwhile)
+    rng = random.Random(11)
+    memtables: list[Memtable] = []
+    each: list[dict[bytes, Value]] = []
+    for number in range(3):
+        memtable = Memtable(number)
+        keys = [rng.randbytes(16) for _ in range(3000)]
+        values: list[Value] = [rng.randbytes(24) for _ in keys]
+        memtable.apply(keys, values, number + 1, 0)
+        memtables.append(memtable)
+        each.append(dict(zip(keys, values, strict=True)))
+    paths = []
+    scratch = Scratch()  # one for every flush and the merge, as a shard's threads keep theirs
+    for number, memtable in enumerate(memtables):
+        path = tmp_path / f"{number}.sqlite3"
+        write_run(path, memtable.flush_chunks(size=1000, scratch=scratch), block_entries=block_entries, scratch=scratch)
+        paths.append(path)
+    # When the runs are merged, newest first, the same way
+    merged = tmp_path / "merged.sqlite3"
+    streams = [iter_columns(path, 16, entries_per_chunk=500) for path in reversed(paths)]
+    chunks = merge_columns(streams, drop_tombstones=True, scratch=scratch)
+    write_run(merged, chunks, block_entries=block_entries, scratch=scratch)
+    # Then every run, and the merge, reads back whole and in order: no chunk was overwritten while kept
+    for number, path in enumerate(paths):
+        assert verify_run(path) == []
+        assert _flat(iter_blocks(path)) == sorted(each[number].items())
+    newest_wins = {key: value for entries in each for key, value in entries.items()}
+    assert verify_run(merged) == []
+    assert _flat(iter_blocks(merged)) == sorted(newest_wins.items())

@@ -38,8 +38,10 @@ The merge is chunked so that the per-entry work runs in C: take the smallest "la
 over all sources as a fence, ``dict.update`` every source's entries up to the fence from oldest to
 newest (newest wins), then ``sorted`` the dict.  No Python-level heap operation per entry.
 When every input run has keys of one width, :func:`merge_columns` does the same with numpy
-columns (:mod:`.columns`): concatenate the fenced slices newest first, one stable ``argsort``,
-keep the first entry of each key; no Python object per entry at all.
+columns (:mod:`.columns`): concatenate the fenced slices newest first, one stable sort (a timsort,
+which merges the slices' sorted runs instead of sorting afresh), keep the first entry of each key;
+no Python object per entry at all.  A compactor thread keeps its buffers from one merge step (and
+one merge) to the next (:class:`~.columns.Scratch`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from collections.abc import Iterator, Sequence, Set
 
 import numpy as np
 
-from datamesh.storage.ap.lsm.columns import Columns, sort_unique
+from datamesh.storage.ap.lsm.columns import Columns, Scratch, sort_unique
 from datamesh.storage.ap.lsm.format import Value
 from datamesh.storage.ap.lsm.manifest import RunMeta
 from datamesh.storage.ap.lsm.run import Block
@@ -158,11 +160,16 @@ class _ColumnSource:
                 return
 
 
-def merge_columns(newest_first: Sequence[Iterator[Columns]], *, drop_tombstones: bool) -> Iterator[Columns]:
+def merge_columns(
+    newest_first: Sequence[Iterator[Columns]], *, drop_tombstones: bool, scratch: Scratch | None = None
+) -> Iterator[Columns]:
     """:func:`merge_blocks` over streams of sorted columns of one key width (the vectorised path).
 
     The fence is the smallest last key buffered by any source: every source's entries up to it
     are in memory, so they can be merged and emitted; on equal keys the earliest stream wins.
+    With ``scratch`` every chunk is built in its buffers, so a chunk is valid only until the next
+    one is taken: for a consumer such as :func:`~.run.write_run` that is done with a chunk when it
+    asks for the next.
     """
     sources = [_ColumnSource(chunks) for chunks in newest_first]
     while True:
@@ -180,6 +187,6 @@ def merge_columns(newest_first: Sequence[Iterator[Columns]], *, drop_tombstones:
             source.pos = cut
             if cut == len(chunk):
                 source.refill()
-        merged = sort_unique(parts, drop_tombstones=drop_tombstones)
+        merged = sort_unique(parts, drop_tombstones=drop_tombstones, scratch=scratch, sorted_parts=True)
         if len(merged):
             yield merged

@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from datamesh.storage.ap.lsm.columns import (
     Columns,
+    Scratch,
     decode_blocks,
     from_lists,
     from_parts,
@@ -206,8 +207,14 @@ class Memtable:
         for chunk in self.flush_chunks(size):
             yield chunk.to_lists() if isinstance(chunk, Columns) else chunk
 
-    def flush_chunks(self, size: int = 65536) -> Iterator[Columns | tuple[list[bytes], list[Value]]]:
-        """Every entry in key order, in chunks of ``size``: columns unless the keys differ in width."""
+    def flush_chunks(
+        self, size: int = 65536, *, scratch: Scratch | None = None
+    ) -> Iterator[Columns | tuple[list[bytes], list[Value]]]:
+        """Every entry in key order, in chunks of ``size``: columns unless the keys differ in width.
+
+        With ``scratch`` the batches are concatenated and the chunks gathered into its buffers: a
+        chunk is valid only until the next is taken, as :func:`~.run.write_run` consumes them.
+        """
         if self._dict is not None:
             entries = self._dict
             keys = sorted(entries)
@@ -217,9 +224,9 @@ class Memtable:
             return
         folded, view = self._view
         if folded != len(self._batches) and view is None:  # nothing sorted yet: gather chunk by chunk
-            columns, keep = unique_order(self._batches, drop_tombstones=False, newest_last=True)
+            columns, keep = unique_order(self._batches, drop_tombstones=False, newest_last=True, scratch=scratch)
             for start in range(0, len(keep), size):
-                yield columns.take(keep[start : start + size])
+                yield columns.take(keep[start : start + size], scratch)
             return
         view = self._sorted_view()
         if view is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datamesh.storage.ap.lsm.columns import Scratch
 from datamesh.storage.ap.lsm.format import decode_entries
 from datamesh.storage.ap.lsm.log import replay
 from datamesh.storage.ap.lsm.manifest import MANIFEST_NAME, Manifest, load_manifest, run_meta, save_manifest
@@ -86,7 +87,7 @@ def recover(directory: Path, *, block_entries: int | None) -> RecoveryState:
         number = manifest.next_file
         manifest.next_file += 1
         path = directory / f"{number:08d}{RUN_SUFFIX}"
-        summary = write_run(path, memtable.flush_chunks(), block_entries=block_entries)
+        summary = write_run(path, memtable.flush_chunks(scratch=Scratch()), block_entries=block_entries)
         assert summary is not None  # the memtable is not empty
         manifest.runs.append(run_meta(path.name, 0, memtable.max_seq, summary))
         manifest.counters.flush_bytes += summary.file_bytes

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datamesh.storage.ap.lsm.columns import Columns, EncodedBlock, concat, decode_blocks, encode_blocks
+from datamesh.storage.ap.lsm.columns import Columns, EncodedBlock, Scratch, concat, decode_blocks, encode_blocks
 from datamesh.storage.ap.lsm.filter import DEFAULT_PARTITION, FilterBuilder, KeyFilter, fingerprints
 from datamesh.storage.ap.lsm.format import (
     FormatError,
@@ -104,11 +104,14 @@ class RunWriter:
     """Writes one run from chunks of entries given in strictly increasing key order.
 
     Chunks come as lists (:meth:`add`) or as :class:`~.columns.Columns` (:meth:`add_columns`, the
-    vectorised path); a writer fed both falls back to lists for the rest of the run.
+    vectorised path); a writer fed both falls back to lists for the rest of the run.  A chunk of
+    columns is not kept past the call (its arrays may be a :class:`~.columns.Scratch`'s, reused
+    for the next chunk), and blocks are encoded into a scratch buffer of the writer's own.
     """
 
-    def __init__(self, path: Path, *, block_entries: int | None) -> None:
-        """``block_entries=None`` sizes blocks to fill pages, from the first chunk's entries."""
+    def __init__(self, path: Path, *, block_entries: int | None, scratch: Scratch | None = None) -> None:
+        """``block_entries=None`` sizes blocks to fill pages, from the first chunk's entries; blocks
+        are encoded in ``scratch``'s ``blocks`` buffer (a fresh one if None)."""
         self.path = path
         self._block_entries = block_entries or 0  # 0: chosen by the first chunk (_size_blocks)
         self._db = sqlite3.connect(path, isolation_level=None)
@@ -124,6 +127,7 @@ class RunWriter:
         self._keys: list[bytes] = []
         self._values: list[Value] = []
         self._columns: Columns | None = None  # fewer than ``block_entries`` entries awaiting a block
+        self._scratch = scratch or Scratch()  # encoded blocks, reused from one chunk to the next
         self._next_id = 0
         self._sync_fd = os.open(path, os.O_RDONLY)
         self._unsynced = 0
@@ -192,15 +196,16 @@ class RunWriter:
             take = min(size - len(self._columns), len(columns))
             head = concat([self._columns, columns.slice(0, take)])
             columns = columns.slice(take, len(columns))
-            self._columns = head if len(head) < size else None
+            self._columns = head.copy() if len(head) < size else None
             if self._columns is None:
                 self._insert(encode_blocks(head, size))
             if not len(columns):
                 return
         full = len(columns) - len(columns) % size
-        self._columns = columns.slice(full, len(columns)) if full < len(columns) else None
+        # The tail is copied: the chunk's arrays may be reused once this call returns.
+        self._columns = columns.slice(full, len(columns)).copy() if full < len(columns) else None
         if full:
-            self._insert(encode_blocks(columns.slice(0, full), size))
+            self._insert(encode_blocks(columns.slice(0, full), size, self._scratch))
 
     def _emit(self, *, final: bool) -> None:
         size = self._block_entries
@@ -279,12 +284,14 @@ def write_run(
     *,
     block_entries: int | None,
     cancelled: Callable[[], bool] = lambda: False,
+    scratch: Scratch | None = None,
 ) -> RunSummary | None:
     """Write sorted chunks into a finished run; None (and no file) if ``cancelled`` or no entries.
 
-    ``block_entries=None`` sizes the blocks to fill pages (:func:`fit_block_entries`).
+    ``block_entries=None`` sizes the blocks to fill pages (:func:`fit_block_entries`); ``scratch``
+    holds the encoded blocks (it may be the one the chunks are built in: the roles differ).
     """
-    writer = RunWriter(path, block_entries=block_entries)
+    writer = RunWriter(path, block_entries=block_entries, scratch=scratch)
     try:
         for chunk in chunks:
             if cancelled():
