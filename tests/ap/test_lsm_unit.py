@@ -302,3 +302,32 @@ def test_blocks_sized_to_fill_pages_make_a_smaller_run_that_reads_the_same(tmp_p
     assert verify_run(tmp_path / "fit.sqlite3") == []
     run.release()
     assert sizes["fit"] < sizes["fixed"] * 0.95
+
+
+def test_background_threads_let_their_kept_buffers_go_once_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datamesh.storage.ap.lsm import maintenance
+
+    monkeypatch.setattr(maintenance, "IDLE_RELEASE_S", 0.5)
+    # Given a shard whose flusher and compactor have just worked (small memtables, fanout 2)
+    shard = LsmShard(tmp_path / "s", memtable_bytes=20_000, tier_fanout=2, flush_interval_s=0.2)
+    try:
+        for _batch in range(8):
+            shard.put_many([(os.urandom(16), os.urandom(200)) for _ in range(200)])
+        deadline = time.monotonic() + 10
+        while shard.stats().compactions == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert shard.stats().compactions > 0 and shard.kept_buffer_bytes > 0
+        # When nothing more is written, then within a few idle seconds they hold no buffer
+        deadline = time.monotonic() + 10
+        while shard.kept_buffer_bytes and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert shard.kept_buffer_bytes == 0
+        # And the shard still works: a later write flushes and reads back
+        key = b"k" * 16
+        shard.put_many([(key, b"after idle")])
+        shard.flush()
+        assert shard.get_many([key]) == {key: b"after idle"}
+    finally:
+        shard.close()

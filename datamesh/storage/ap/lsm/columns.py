@@ -57,6 +57,14 @@ class Scratch:
         kind = np.dtype(dtype)
         return self.bytes(role, count * kind.itemsize).view(kind)
 
+    def release(self) -> None:
+        """Let every buffer go (an idle thread need not hold a memtable's worth of memory)."""
+        self._buffers.clear()
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(buffer) for buffer in list(self._buffers.values()))
+
     def bytes(self, role: str, size: int) -> npt.NDArray[np.uint8]:
         """An uninitialised array of ``size`` bytes in the ``role`` buffer."""
         buffer = self._buffers.get(role)

@@ -37,6 +37,7 @@ class ShardMaintenance:
     _flush_interval: float
     _block_entries: int | None
     _fanout: int
+    _scratches: list[Scratch]
 
     def _freeze_locked(self, *, stall: bool) -> None:
         raise NotImplementedError
@@ -49,17 +50,30 @@ class ShardMaintenance:
 
     # -- background work ------------------------------------------------------------------------
 
+    @property
+    def kept_buffer_bytes(self) -> int:
+        """Memory the background threads keep for their next flush or merge (none once idle)."""
+        return sum(scratch.held_bytes for scratch in self._scratches)
+
+    def _kept_scratch(self) -> Scratch:
+        scratch = Scratch()
+        with self._lock:
+            self._scratches.append(scratch)
+        return scratch
+
     def _flush_loop(self) -> None:
-        scratch = Scratch()  # kept across flushes: see _flush_oldest
+        scratch = self._kept_scratch()  # kept across flushes: see _flush_oldest
         try:
             while True:
                 with self._lock:
+                    idle_from = time.monotonic()
                     while not self._immutables and not self._closing:
                         aged = time.monotonic() - self._mem.created >= self._flush_interval
                         if len(self._mem) and aged:
                             self._freeze_locked(stall=False)
                             break
                         self._cond.wait(self._flush_interval / 4)
+                        _release_if_idle(scratch, idle_from)
                     if self._closing and not self._immutables:
                         return
                 self._flush_oldest(scratch)
@@ -99,12 +113,14 @@ class ShardMaintenance:
         remove_obsolete_logs(self.path, self._manifest.min_log)
 
     def _compact_loop(self, min_level: int, max_level: int | None) -> None:
-        scratch = Scratch()  # this thread's merge buffers, kept from one merge to the next
+        scratch = self._kept_scratch()  # this thread's merge buffers, kept from one merge to the next
         try:
             while True:
                 with self._lock:
+                    idle_from = time.monotonic()
                     while not self._closing and self._pick(min_level, max_level) is None:
                         self._cond.wait(1.0)
+                        _release_if_idle(scratch, idle_from)
                     if self._closing:
                         return
                 self._compact_once(min_level, max_level, scratch)
@@ -179,3 +195,13 @@ class ShardMaintenance:
         with self._lock:
             self._background_error = exc
             self._cond.notify_all()
+
+
+#: A background thread idle this long lets its kept buffers go.  Under a steady load a flush or
+#: merge follows the last within a few seconds and finds them still there; an idle shard holds none.
+IDLE_RELEASE_S = 10.0
+
+
+def _release_if_idle(scratch: Scratch, idle_from: float) -> None:
+    if time.monotonic() - idle_from >= IDLE_RELEASE_S:
+        scratch.release()

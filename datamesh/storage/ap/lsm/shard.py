@@ -33,6 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from datamesh.storage.ap.base import ShardEngine, ShardError
+from datamesh.storage.ap.lsm.columns import Scratch
 from datamesh.storage.ap.lsm.compaction import merge_blocks, pick_compaction
 from datamesh.storage.ap.lsm.format import FormatError, Value, entry_parts, split_puts
 from datamesh.storage.ap.lsm.log import HEADER, FsyncPolicy, LogWriter
@@ -121,6 +122,7 @@ class LsmShard(ShardMaintenance, ShardEngine):
         self._runs: list[tuple[RunMeta, Run]] = []  # newest first
         self._immutables: list[Memtable] = []  # newest first
         self._threads: list[threading.Thread] = []
+        self._scratches: list[Scratch] = []  # the background threads' kept buffers
         self._manifest_stat: tuple[int, int] = (0, 0)
         if readonly:
             self._manifest = Manifest()
