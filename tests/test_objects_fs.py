@@ -456,3 +456,25 @@ def test_a_filesystem_without_unnamed_files_gets_named_staging_files_from_then_o
     assert [store.get(k).unwrap() for k in keys] == [f"small {i}".encode() for i in range(3)]
     assert all(store.path_of(k.hex).stat().st_mode & 0o777 == 0o400 for k in keys)
     assert len(unnamed_opens) == 1 and store.stale_staging() == []
+
+
+def test_a_two_level_store_that_cannot_record_its_layout_is_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datamesh.storage.objects.filesystem as fs
+
+    # Given a two-level store whose root refuses writes (mounted read-only)
+    blob = b"stored before the layout was recorded"
+    key = ContentHash.of(blob).hex
+    (tmp_path / key[:2] / key[2:4]).mkdir(parents=True)
+    (tmp_path / key[:2] / key[2:4] / key).write_bytes(blob)
+    (tmp_path / ".staging").mkdir()
+
+    def read_only(path: Path, data: bytes, *, fsync: bool) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(fs, "_write_durably", read_only)
+    # When it is opened, then it is read as found
+    store = FilesystemObjectStore(tmp_path)
+    assert store.levels == 2 and store.get(ContentHash(key)).unwrap() == blob
+    assert not (tmp_path / LEVELS_FILE).exists()

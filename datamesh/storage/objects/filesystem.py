@@ -76,6 +76,8 @@ _UNNAMED_FLAGS = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
 _NO_UNNAMED_ERRNOS = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}
 #: Small puts are linked into place before their fsync (see the module docstring).
 EARLY_PUBLISH_MAX_BYTES = OVERLAP_MIN_BYTES  # smaller puts take ``_write``; larger ones are staged while hashed
+#: What writing into a store mounted (or owned) read-only fails with.
+_READ_ONLY_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
 #: Names the store's fan-out depth (see the module docstring).
 LEVELS_FILE = ".fanout"
 #: Threads that fsync a put's folders while its file is fsynced (see ``_fsync_with_folders``):
@@ -126,7 +128,12 @@ class FilesystemObjectStore(ObjectStore[str]):
             text = marker.read_text(encoding="ascii").strip()
         except FileNotFoundError:
             levels = 2 if self._has_second_level() else 1
-            _write_durably(marker, f"{levels}\n".encode("ascii"), fsync=self.fsync)
+            try:
+                _write_durably(marker, f"{levels}\n".encode("ascii"), fsync=self.fsync)
+            except OSError as exc:
+                if exc.errno not in _READ_ONLY_ERRNOS:
+                    raise
+                # A store mounted read-only is read as found; a writable open records it.
             return levels
         except (UnicodeDecodeError, OSError) as exc:
             raise ValueError(f"object store {self.root}: cannot read {LEVELS_FILE}: {exc}") from exc
