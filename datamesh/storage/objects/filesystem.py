@@ -6,8 +6,10 @@ keep them: ``.fanout`` in the root names the number of levels, and a store witho
 two-level if it holds a second-level folder, else as a new one-level store.  One level holds ~14M
 objects per folder before ext4's directory index needs its ``large_dir`` feature, so 3.6 billion.
 
-A write goes to a temporary file in ``<root>/.staging`` and is renamed (or linked) into place, so a
-reader sees either the whole object or nothing under its key.  Before a put returns, the file is
+A write goes to a temporary file and is renamed (or linked) into place, so a reader sees either the
+whole object or nothing under its key.  A small object's file is unnamed (``O_TMPFILE``) in the
+object's own folder until it is linked, where the filesystem can make one; other writes are staged
+under a name in ``<root>/.staging``.  Before a put returns, the file is
 fsynced and so is its folder; a fan-out folder the write had to create is fsynced in its parent too
 (POSIX promises nothing more; that journalling filesystems happen to commit it with the child's
 sync is not relied on).
@@ -31,10 +33,10 @@ Which comes first, the name or the file's fsync, depends on the size:
   when they are published.  A get always verifies the hash, so a torn file is never returned as
   content either.
 
-A small put costs a handful of syscalls (stat, open, write, link, unlink, fsync, fchmod, close, and
-the folder's open/fsync/close, on a syncer thread at the same time as the file's fsync, so that both
-wait for one journal commit), so the hot path uses ``os`` calls on string paths rather than pathlib
-or tempfile.
+A small put costs a handful of syscalls (stat; open the folder; open an unnamed file in it; write;
+link; fsync; fchmod; close both; the folder's fsync runs on a syncer thread at the same time as the
+file's, so that both wait for one journal commit), so the hot path uses ``os`` calls on string
+paths rather than pathlib or tempfile.
 """
 
 from __future__ import annotations
@@ -359,10 +361,10 @@ class FilesystemObjectStore(ObjectStore[str]):
     def _make_first_level(self) -> None:
         """Make the 256 first-level fan-out folders once, when the store is new.
 
-        A young store's puts then make at most one folder each (the second level): a folder is an
-        inode to create and an entry to sync, which cost a new store's first puts as much as the
-        object itself.  Folders are made in order, so the last one present means all are; a folder
-        removed later is made again by the put that needs it (``_make_folders``).
+        A young store's puts then make no folder: a folder is an inode to create and an entry to
+        sync, which cost a new store's first puts as much as the object itself.  Folders are made
+        in order, so the last one present means all are; a folder removed later is made again by
+        the put that needs it (``_make_folders``).
         """
         if os.path.isdir(f"{self._root_str}/ff"):
             return
