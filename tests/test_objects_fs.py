@@ -148,7 +148,7 @@ def _calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("rename"), real_replace(a, b))[1])
     monkeypatch.setattr(os, "link", lambda a, b, **kw: (calls.append("link"), real_link(a, b, **kw))[1])
-    monkeypatch.setattr(fs, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(fs, "fsync_dir", fsync_dir)
     return calls
 
 
@@ -473,7 +473,7 @@ def test_a_two_level_store_that_cannot_record_its_layout_is_still_read(
     def read_only(path: Path, data: bytes, *, fsync: bool) -> None:
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(fs, "_write_durably", read_only)
+    monkeypatch.setattr(fs, "replace_durably", read_only)
     # When it is opened, then it is read as found
     store = FilesystemObjectStore(tmp_path)
     assert store.levels == 2 and store.get(ContentHash(key)).unwrap() == blob

@@ -52,6 +52,7 @@ from concurrent import futures
 from datetime import UTC, datetime
 from pathlib import Path
 
+from datamesh.core.durable import fsync_dir, replace_durably
 from datamesh.core.errors import StorageError
 from datamesh.storage.objects.base import (
     DEFAULT_CHUNK_BYTES,
@@ -73,7 +74,8 @@ _RETRYABLE_ERRNOS = {
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_UNNAMED_FLAGS = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+_O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)  # Linux only; elsewhere small puts stage named files
+_UNNAMED_FLAGS = _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
 #: What opening an unnamed file fails with where the filesystem (or kernel) cannot make one.
 _NO_UNNAMED_ERRNOS = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}
 #: Small puts are linked into place before their fsync (see the module docstring).
@@ -112,7 +114,7 @@ class FilesystemObjectStore(ObjectStore[str]):
         self._sequence = itertools.count()
         #: Small puts write an unnamed file in the object's folder (``O_TMPFILE``) until the
         #: filesystem turns out not to support it; then they stage a named file.
-        self._unnamed = hasattr(os, "O_TMPFILE")
+        self._unnamed = _O_TMPFILE != 0
 
     def path_of(self, key: str) -> Path:
         """Where the object ``key`` lives (fan-out folders keep each folder's listing small)."""
@@ -131,7 +133,7 @@ class FilesystemObjectStore(ObjectStore[str]):
         except FileNotFoundError:
             levels = 2 if self._has_second_level() else 1
             try:
-                _write_durably(marker, f"{levels}\n".encode("ascii"), fsync=self.fsync)
+                replace_durably(marker, f"{levels}\n".encode("ascii"), fsync=self.fsync)
             except OSError as exc:
                 if exc.errno not in _READ_ONLY_ERRNOS:
                     raise
@@ -195,7 +197,7 @@ class FilesystemObjectStore(ObjectStore[str]):
                 return False
             if self.fsync:
                 os.fsync(fd)
-                _fsync_dir(path[: -len(key) - 1])
+                fsync_dir(path[: -len(key) - 1])
             # Another account's file may refuse the chmod: it is verified and synced, so it counts as
             # stored all the same; only the next put checks it again.
             with contextlib.suppress(PermissionError):
@@ -337,7 +339,7 @@ class FilesystemObjectStore(ObjectStore[str]):
         folders = self._rename(token, key)
         if self.fsync:
             for folder in folders:
-                _fsync_dir(folder)
+                fsync_dir(folder)
 
     def _rename(self, token: str, key: str) -> list[str]:
         """Rename ``token`` to ``key`` (atomic; identical bytes if another writer won the race)."""
@@ -372,7 +374,7 @@ class FilesystemObjectStore(ObjectStore[str]):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(f"{self._root_str}/{first:02x}")
         if self.fsync:
-            _fsync_dir(self._root_str)
+            fsync_dir(self._root_str)
 
     def _make_folders(self, key: str) -> list[str]:
         """Create the fan-out folders of ``key``; return the parents whose entries must be synced."""
@@ -483,7 +485,7 @@ class FilesystemObjectStore(ObjectStore[str]):
         except FileNotFoundError:
             return False
         if self.fsync:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         return True
 
     def _keys(self) -> Iterator[str]:
@@ -535,21 +537,6 @@ def _write_all(fd: int, data: bytes) -> None:
             written += os.write(fd, view[written:])
 
 
-def _write_durably(path: Path, data: bytes, *, fsync: bool) -> None:
-    """Write a small file whole or not at all: a synced temporary file renamed into place."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        _write_all(fd, data)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    if fsync:
-        _fsync_dir(path.parent)
-
-
 def _fsync_with_folders(fd: int, folders: Sequence[str | int]) -> None:
     """fsync the file ``fd`` on this thread and each of ``folders`` (paths or open folders) on a
     syncer thread, all at once.
@@ -573,12 +560,4 @@ def _fsync_folder(folder: str | int) -> None:
     if isinstance(folder, int):
         os.fsync(folder)
     else:
-        _fsync_dir(folder)
-
-
-def _fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(folder)

@@ -10,10 +10,10 @@ on recovery.  Readers in other processes poll the manifest's ``generation`` to s
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from datamesh.core.durable import replace_durably
 from datamesh.storage.ap.lsm.run import RunSummary
 
 MANIFEST_NAME = "MANIFEST"
@@ -94,18 +94,5 @@ def load_manifest(directory: Path) -> Manifest | None:
 def save_manifest(directory: Path, manifest: Manifest) -> None:
     """Atomically replace the manifest (bumping its generation)."""
     manifest.generation += 1
-    temporary = directory / f"{MANIFEST_NAME}.tmp"
-    with open(temporary, "w") as handle:
-        handle.write(manifest.to_json())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, directory / MANIFEST_NAME)
-    fsync_dir(directory)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    target = directory / MANIFEST_NAME
+    replace_durably(target, manifest.to_json().encode(), temporary=directory / f"{MANIFEST_NAME}.tmp")
