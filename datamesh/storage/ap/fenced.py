@@ -13,10 +13,10 @@ and tolerates shards that do not exist yet.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from datamesh.core.durable import replace_durably
 from datamesh.storage.ap.base import ShardEngine, ShardError
 from datamesh.storage.ap.sqlite_shard import SqliteShard
 
@@ -32,15 +32,10 @@ def read_fence(path: Path) -> int:
 
 
 def advance_fence(path: Path, token: int) -> None:
-    """Record ``token`` as the highest seen: write a temporary file, fsync, rename over the old one."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, str(token).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Record ``token`` as the highest seen, durably: a synced temporary file renamed over the old
+    one, then the folder synced, so a crash cannot bring back an older token (and with it a
+    fenced-off writer)."""
+    replace_durably(path, str(token).encode())
 
 
 class FencedShard(ShardEngine):

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from datamesh.core.durable import fsync_dir
 from datamesh.storage.index.document import AccessFilter
 from datamesh.storage.index.fulltext import FullTextStore, VectorRow
 
@@ -167,7 +168,7 @@ class VectorIndex:
             self._maybe_retrain()
 
     def save(self) -> None:
-        """Write the snapshot atomically (temp file, fsync, rename)."""
+        """Write the snapshot atomically (temp file, fsync, rename, folder fsync)."""
         if not self._dirty and self.path.exists():
             return
         tmp = self.path.with_suffix(".faiss.tmp")
@@ -175,6 +176,7 @@ class VectorIndex:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)  # the rename itself survives a crash only once its folder is synced
         self._dirty = False
 
     # -- writes ------------------------------------------------------------------------------------
