@@ -2,6 +2,7 @@
 raw baseline, in the same run.
 
     python bench/bench_celery.py [--processes 1,2,4] [--batch-sizes 100,1000,5000] [--turns 10000]
+                                 [--ap-engine sqlite|lsm]
 
 Needs Redis (``--broker``, default database 6 of the local server, flushed) and PostgreSQL
 (``--pg``, default the test database; a fresh schema per executor run, dropped at the end).  Data: the AlpacaEval
@@ -189,6 +190,7 @@ async def main() -> None:
     parser.add_argument(
         "--turns", type=int, default=10000, help="turns per measurement (at least one batch per client)"
     )
+    parser.add_argument("--ap-engine", choices=("sqlite", "lsm"), default="sqlite", help="AP shard engine")
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/6")
     parser.add_argument(
         "--pg", default=os.environ.get("DATAMESH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -198,7 +200,7 @@ async def main() -> None:
     counts = [int(s) for s in args.processes.split(",")]
     rows = load_rows()
     print(
-        f"data: {len(rows)} AlpacaEval turns; machine: {os.cpu_count()} CPUs, "
+        f"data: {len(rows)} AlpacaEval turns; AP engine {args.ap_engine}; machine: {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at start"
     )
     prefix = f"bench_{uuid.uuid4().hex[:10]}"
@@ -241,6 +243,7 @@ async def main() -> None:
                     cp_url=pg_url,
                     executor="celery",
                     broker_url=args.broker,
+                    ap_engine=args.ap_engine,
                     ingest_rate=1e9,
                     ingest_burst=10**9,
                     max_in_flight=10**6,
@@ -250,6 +253,7 @@ async def main() -> None:
                     "DATAMESH_DATA_DIR": str(config.data_dir),
                     "DATAMESH_CP_URL": pg_url,
                     "DATAMESH_BROKER_URL": args.broker,
+                    "DATAMESH_AP_ENGINE": args.ap_engine,
                 }
                 workers = start_workers(env, processes, root / f"workers-{processes}.log")
                 try:
@@ -266,7 +270,12 @@ async def main() -> None:
                     workers.wait(timeout=30)
             local_url = fresh_schema("local")
             local = DataMeshConfig(
-                data_dir=root / "local", cp_url=local_url, ingest_rate=1e9, ingest_burst=10**9, max_in_flight=10**6
+                data_dir=root / "local",
+                cp_url=local_url,
+                ap_engine=args.ap_engine,
+                ingest_rate=1e9,
+                ingest_burst=10**9,
+                max_in_flight=10**6,
             )
             backlog = backlog_of(local_url)
             async with (await IngestionPipeline.create(local)).unwrap() as p:

@@ -50,8 +50,7 @@ from datamesh.pipeline.request import IngestionRequest, IngestionResponse, Valid
 from datamesh.pipeline.saga import FaultHook, LocalSagaExecutor, ReapOutcome, reap
 from datamesh.pipeline.search import SearchResult
 from datamesh.pipeline.steps import Committed, Existing
-from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.fenced import readonly_engine
+from datamesh.pipeline.tiers import Tiers, readonly_engine_for
 from datamesh.storage.ap.store import EngineFactory
 from datamesh.storage.cp import provenance, sagas
 from datamesh.storage.cp.sagas import SagaStatus
@@ -118,12 +117,8 @@ class IngestionPipeline:
         process runs no background indexer and opens the indexes read-only for searching.
         """
         distributed = config.executor == "celery"
-        if distributed and config.ap_engine != "sqlite":
-            return Err(
-                ConfigError("DATAMESH_AP_ENGINE", "the Celery workers write SQLite shards: use the lsm engine locally")
-            )
         if distributed and engine_factory is None:
-            engine_factory = readonly_engine
+            engine_factory = readonly_engine_for(config.ap_engine)
         tiers = await asyncio.to_thread(Tiers.open, config, engine_factory=engine_factory)
         if isinstance(tiers, Err):
             return tiers

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import ConfigError, StorageError
 from datamesh.core.result import Err, Ok, Result
+from datamesh.storage.ap.base import ShardEngine
+from datamesh.storage.ap.fenced import VisibleAfterFlush, readonly_engine
 from datamesh.storage.ap.store import ContentStore, EngineFactory, default_engine
 from datamesh.storage.cp import migrate, replication
 from datamesh.storage.cp.database import CpDatabase
@@ -96,3 +99,29 @@ def engine_for(name: str) -> EngineFactory:
 
         return lsm_engine
     return default_engine
+
+
+#: How much longer than the owner's flush interval a reader waits for a committed key to show up.
+VISIBILITY_MARGIN_S = 1.0
+
+
+def readonly_engine_for(name: str, *, wait: bool = True) -> EngineFactory:
+    """Readers of the AP shards another process writes (the Celery workers own them), for the engine
+    named by ``DATAMESH_AP_ENGINE``.
+
+    SQLite shards show every acknowledged write at once.  LSM shards show a write once its owner
+    flushes the memtable holding it, at least every ``DEFAULT_FLUSH_INTERVAL_S``: with ``wait`` a
+    lookup of keys not found yet waits that long (plus :data:`VISIBILITY_MARGIN_S`) for them, so a
+    turn read right after its saga committed is found; without it a lookup returns what is flushed
+    (the index drains, which retry a turn whose content is not visible yet).
+    """
+    if name != "lsm":
+        return readonly_engine
+    from datamesh.storage.ap.lsm import DEFAULT_FLUSH_INTERVAL_S, LsmShard
+
+    wait_s = DEFAULT_FLUSH_INTERVAL_S + VISIBILITY_MARGIN_S if wait else 0.0
+
+    def factory(path: Path) -> ShardEngine:
+        return VisibleAfterFlush(LsmShard(path.with_suffix(".lsm"), readonly=True), wait_s)
+
+    return factory

@@ -38,10 +38,11 @@ _MAX_BOUNCES = 1000
 log = logs.logger(__name__)
 
 
-def enqueue_index_drains(app: Celery, regions: Iterable[str]) -> None:
-    """Publish one ``index_drain`` per region (to ``index.<region>``); raises what the broker raises."""
+def enqueue_index_drains(app: Celery, regions: Iterable[str], *, countdown: float | None = None) -> None:
+    """Publish one ``index_drain`` per region (to ``index.<region>``), to run ``countdown`` seconds from
+    now (default: at once); raises what the broker raises."""
     for region in sorted(set(regions)):
-        app.send_task(queues.INDEX_DRAIN, kwargs={"region": region})
+        app.send_task(queues.INDEX_DRAIN, kwargs={"region": region}, countdown=countdown)
 
 
 def _retry(task: Task, reason: str, limit: int = _MAX_RETRIES) -> BaseException | None:

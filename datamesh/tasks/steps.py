@@ -109,6 +109,17 @@ def hold_shard(task: Task, region: str, shard: int) -> None:
         raise task.retry(countdown=0.5, max_retries=_MAX_BOUNCES)
 
 
+def _index_delay_s() -> float | None:
+    """How long after a commit its index drain runs: at once for SQLite shards, whose writes every
+    reader sees; after the owner's flush interval for LSM shards, so the index worker (a reader of
+    shards other processes own) finds the committed content flushed instead of failing the rows."""
+    if RUNTIME.config.ap_engine != "lsm":
+        return None
+    from datamesh.storage.ap.lsm import DEFAULT_FLUSH_INTERVAL_S
+
+    return DEFAULT_FLUSH_INTERVAL_S
+
+
 def unstash(saga_id: str, part: str) -> Result[Any, StorageError]:
     """The payload stashed for ``part`` of the saga (see :mod:`datamesh.tasks.codec`)."""
     try:
@@ -183,7 +194,7 @@ def commit_cp_task(self: Task, *, saga_id: str) -> str:
         if status.value == SagaStatus.COMMITTED and regions:
             # The commit wrote index outbox rows: have them indexed now (beat's drains are the backstop).
             try:
-                enqueue_index_drains(self.app, regions)
+                enqueue_index_drains(self.app, regions, countdown=_index_delay_s())
             except Exception as exc:  # noqa: BLE001 - the saga is committed; a drain comes with the next beat
                 log.warning("saga %s: index drain not enqueued: %s", saga_id, exc)
     return outcome

@@ -22,9 +22,9 @@ from datamesh.core.result import Err, Result
 from datamesh.core.types import GeoRegion
 from datamesh.pipeline.indexer import IndexerSettings
 from datamesh.pipeline.saga import FaultHook, _no_faults
-from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.fenced import fenced_engine, read_fence, readonly_engine
-from datamesh.storage.ap.store import ContentStore, default_engine
+from datamesh.pipeline.tiers import Tiers, engine_for, readonly_engine_for
+from datamesh.storage.ap.fenced import fenced_engine, read_fence
+from datamesh.storage.ap.store import ContentStore, EngineFactory
 from datamesh.storage.cp.sagas import FINAL_STATUSES
 from datamesh.storage.index import MiniLMEmbedder, RegionalIndexes
 from datamesh.workers.leases import ShardLeases
@@ -51,7 +51,9 @@ class Runtime:
 
     def tiers(self) -> Tiers:
         if self._tiers is None:
-            opened = Tiers.open(self.config, engine_factory=fenced_engine(self.token, default_engine))
+            opened = Tiers.open(
+                self.config, engine_factory=fenced_engine(self.token, engine_for(self.config.ap_engine))
+            )
             self._tiers = opened.unwrap()
         return self._tiers
 
@@ -70,7 +72,11 @@ class Runtime:
         if self._index_tiers is None:
             tiers = self.tiers()
             ap = _IndexAp(
-                self.config.resolved_ap_dir, self.config.ap_shards, writer=tiers.ap, role=self.config.worker_role
+                self.config.resolved_ap_dir,
+                self.config.ap_shards,
+                writer=tiers.ap,
+                role=self.config.worker_role,
+                reader=readonly_engine_for(self.config.ap_engine, wait=False),
             )
             self._index_tiers = dataclasses.replace(tiers, ap=ap)
         return self._index_tiers
@@ -154,8 +160,8 @@ class _IndexAp(ContentStore):
     be retried.
     """
 
-    def __init__(self, root: Path, shard_count: int, *, writer: ContentStore, role: str) -> None:
-        super().__init__(root, shard_count, engine_factory=readonly_engine)
+    def __init__(self, root: Path, shard_count: int, *, writer: ContentStore, role: str, reader: EngineFactory) -> None:
+        super().__init__(root, shard_count, engine_factory=reader)
         self._writer = writer
         self._role = role
 

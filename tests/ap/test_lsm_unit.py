@@ -13,6 +13,7 @@ import pytest
 import xxhash
 
 from datamesh.storage.ap.base import ShardError
+from datamesh.storage.ap.fenced import VisibleAfterFlush
 from datamesh.storage.ap.lsm import FsyncPolicy, LsmShard, format_stats
 from datamesh.storage.ap.lsm.compaction import merge_blocks, pending_compactions, pick_compaction
 from datamesh.storage.ap.lsm.filter import FilterBuilder, KeyFilter
@@ -253,6 +254,24 @@ def test_a_reader_in_another_handle_sees_flushed_writes_within_the_flush_interva
     assert reader.get_many([b"key"]) == {b"key": b"value"}
     writer.close()
     reader.close()
+
+
+def test_a_waiting_reader_finds_a_committed_key_the_owner_has_not_flushed_yet(tmp_path: Path) -> None:
+    writer = LsmShard(tmp_path / "s", flush_interval_s=0.3)
+    reader = VisibleAfterFlush(LsmShard(tmp_path / "s", readonly=True), wait_s=5.0)
+    # Given a batch acknowledged by the owner and still in its memtable,
+    writer.put_many([(b"key", b"value")])
+    # a lookup from another handle waits for the owner's flush and finds it,
+    assert reader.get_many([b"key", b"key"]) == {b"key": b"value"}
+    # while a key nobody wrote is reported missing once the wait is spent (not looked for forever).
+    impatient = VisibleAfterFlush(LsmShard(tmp_path / "s", readonly=True), wait_s=0.2)
+    started = time.monotonic()
+    assert impatient.get_many([b"key", b"nobody"]) == {b"key": b"value"}
+    assert 0.2 <= time.monotonic() - started < 2.0
+    with pytest.raises(ShardError):
+        reader.put_many([(b"k", b"v")])
+    for shard in (writer, reader, impatient):
+        shard.close()
 
 
 def test_recovery_removes_orphan_runs_and_replays_the_log(tmp_path: Path) -> None:

@@ -7,12 +7,13 @@ under ``CI=true``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,12 +72,16 @@ def env_of(config: DataMeshConfig) -> dict[str, str]:
         "DATAMESH_VISIBILITY_TIMEOUT_S": str(config.visibility_timeout_s),
         "DATAMESH_STEP_MAX_DELIVERIES": str(config.step_max_deliveries),
         "DATAMESH_COMPENSATION_ATTEMPTS": str(config.compensation_attempts),
+        "DATAMESH_AP_ENGINE": config.ap_engine,
     }
 
 
 @pytest.fixture
-def celery_config(tmp_path: Path, migrated_pg: str, redis_url: str) -> DataMeshConfig:
+def celery_config(request: pytest.FixtureRequest, tmp_path: Path, migrated_pg: str, redis_url: str) -> DataMeshConfig:
+    """The workers' configuration; a test picks the AP engine with
+    ``@pytest.mark.parametrize("celery_config", ["sqlite", "lsm"], indirect=True)`` (default SQLite)."""
     return DataMeshConfig(
+        ap_engine=getattr(request, "param", "sqlite"),
         data_dir=tmp_path / "data",
         cp_url=migrated_pg,
         executor="celery",
@@ -156,6 +161,23 @@ class Workers:
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
+    """Re-run ``check`` (an assertion) until it passes or ``timeout`` is spent (then its error stands).
+
+    For what LSM shards show other processes only once their owner flushes (at least every
+    ``DEFAULT_FLUSH_INTERVAL_S``): counts and deletes made by the workers.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 def pool_children(pid: int) -> list[int]:

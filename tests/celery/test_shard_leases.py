@@ -15,7 +15,7 @@ from datamesh.storage.ap.base import ShardError
 from datamesh.storage.ap.fenced import FencedShard, read_fence
 from datamesh.storage.ap.sqlite_shard import SqliteShard
 from datamesh.workers.leases import ShardLeases
-from tests.celery.conftest import Workers, pool_children
+from tests.celery.conftest import Workers, eventually, pool_children
 from tests.helpers import real_requests, tier_counts
 
 
@@ -74,6 +74,7 @@ def test_tokens_stay_above_the_fence_when_redis_lost_its_counter(redis_url: str)
     client.close()
 
 
+@pytest.mark.parametrize("celery_config", ["sqlite", "lsm"], indirect=True)
 async def test_a_second_worker_takes_the_shards_when_the_owner_dies(
     workers: Workers, celery_config: DataMeshConfig
 ) -> None:
@@ -84,21 +85,32 @@ async def test_a_second_worker_takes_the_shards_when_the_owner_dies(
     first = workers.start("--role", "all", "--name", "a")
     workers.wait_ready()
     async with (await IngestionPipeline.create(celery_config)).unwrap() as p:
-        assert all(r.is_ok() for r in (await p.ingest_many(real_requests(8))).unwrap())
+        committed = []
+        done = (await p.ingest_many(real_requests(8))).unwrap()
+        committed += [r.unwrap().conversation_id for r in done]
         workers.start("--role", "all", "--name", "b")
         workers.wait_ready(2)
         # A's leases run out while it idles with its shard files open;
         await asyncio.sleep(celery_config.shard_lease_s + 0.5)
         # both consuming still gives one writer per shard (B waits for A to let go of the files),
-        assert all(r.is_ok() for r in (await p.ingest_many(real_requests(16)[8:])).unwrap())
+        done = (await p.ingest_many(real_requests(16)[8:])).unwrap()
+        committed += [r.unwrap().conversation_id for r in done]
         fences = {f: read_fence(f) for f in (celery_config.data_dir / "ap").rglob("*.fence")}
         # when A dies (main process and pool),
         for pid in [*pool_children(first.pid), first.pid]:
             os.kill(pid, signal.SIGKILL)
         first.wait()
         # then B takes its shards once the leases expire, with higher tokens,
-        later = real_requests(40)[16:]
-        assert all(r.is_ok() for r in (await p.ingest_many(later)).unwrap())
+        done = (await p.ingest_many(real_requests(40)[16:])).unwrap()
+        committed += [r.unwrap().conversation_id for r in done]
         after = {f: read_fence(f) for f in (celery_config.data_dir / "ap").rglob("*.fence")}
         assert any(after[f] > token for f, token in fences.items()), (fences, after)
-        assert tier_counts(p.tiers).ap_rows == 40
+        # every turn reads back, those A wrote last too (an LSM shard's log is replayed by B),
+        for conversation_id in committed:
+            assert (await p.get(conversation_id)).is_ok(), conversation_id
+
+        # and the shards hold exactly the 40 turns.
+        def forty() -> None:
+            assert tier_counts(p.tiers).ap_rows == 40
+
+        await eventually(forty)

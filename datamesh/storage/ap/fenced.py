@@ -13,6 +13,7 @@ and tolerates shards that do not exist yet.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -130,3 +131,46 @@ class ReadOnlyShard(ShardEngine):
 
 def readonly_engine(path: Path) -> ShardEngine:
     return ReadOnlyShard(path.with_suffix(".sqlite3"))
+
+
+class VisibleAfterFlush(ShardEngine):
+    """A read-only view of a shard whose newest writes reach readers only when its owner flushes.
+
+    An LSM shard's owner keeps recent batches in its memtable and flushes it at least every
+    ``flush_interval_s``; a reader in another process sees them from then on.  Keys are looked up
+    because the CP tier committed them, so a key not found yet is most likely a write still in the
+    owner's memtable: ``get_many`` looks again until every key is found or ``wait_s`` (the flush
+    bound plus a margin) has passed, then returns what it found (the caller names what is missing).
+    Scans and counts are not waited for: they show what is flushed.
+    """
+
+    def __init__(self, inner: ShardEngine, wait_s: float, *, poll_s: float = 0.05) -> None:
+        self._inner = inner
+        self.wait_s = wait_s
+        self._poll_s = poll_s
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        self._inner.put_many(items)  # refused: the inner shard is open read-only
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        return self._inner.delete_many(keys)
+
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
+        found = dict(self._inner.get_many(keys))
+        missing = set(keys).difference(found)
+        deadline = time.monotonic() + self.wait_s
+        while missing and time.monotonic() < deadline:
+            time.sleep(self._poll_s)
+            more = self._inner.get_many(list(missing))
+            found.update(more)
+            missing.difference_update(more)
+        return found
+
+    def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        return self._inner.scan_prefix(prefix, limit)
+
+    def count(self) -> int:
+        return self._inner.count()
+
+    def close(self) -> None:
+        self._inner.close()
