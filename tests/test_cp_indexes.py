@@ -29,8 +29,7 @@ EXPECTED_INDEXES = {
     "pk_conversations",  # conversation by id
     "pk_turns",  # turns of a conversation, in seq order
     "pk_idempotency_keys",  # idempotency key by (tenant, key)
-    "ix_sagas_status_lease",  # expired sagas by (status, lease)
-    "ix_sagas_status_created_at",  # sagas listed by status
+    "ix_sagas_status_created_at",  # sagas listed by status; expired sagas (in flight, lease filtered)
     "ix_object_refs_saga_id",  # a saga's blob references
     "pk_object_refs",  # references of a blob (region, hash)
     "uq_provenance_records_conversation_id_seq",  # provenance head and chain

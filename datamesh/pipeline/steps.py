@@ -93,6 +93,7 @@ def reserve(
     saga_id = str(SagaId.generate())
 
     def tx(conn: Connection) -> ReserveOutcome:
+        idempotency.serialize_reservations(conn)  # first: the snapshot must come after the lock
         now = utcnow()
         states = idempotency.lookup_many(conn, tenant, [p.key for p in prepared])
         targets = conversations.get_many(

@@ -48,6 +48,23 @@ class KeyState:
     turn_seq: int | None
 
 
+def serialize_reservations(conn: Connection) -> None:
+    """Make this transaction's reservation wait for any other one still open (PostgreSQL only).
+
+    A reservation reads its batch's keys, then inserts the new ones.  Two such transactions at once
+    are the textbook serializable conflict: each read index pages the other writes into, so under
+    SERIALIZABLE one of them is aborted at commit after doing all its work (measured: most
+    concurrent 5,000-key reservations were).  ``LOCK TABLE`` as the transaction's first statement
+    queues them instead; the transaction's snapshot is taken after the lock is granted (PostgreSQL
+    takes it at the first query, and ``LOCK`` is not one), so a reservation sees every key the one
+    before it committed, and the two do not overlap at all as far as the serializable checks go.
+    ``SHARE ROW EXCLUSIVE`` conflicts with itself and with writers (a compensation deleting its
+    keys waits a moment) but not with readers.  SQLite serializes writers already (``BEGIN IMMEDIATE``).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f'LOCK TABLE "{KEYS.name}" IN SHARE ROW EXCLUSIVE MODE')
+
+
 def lookup_many(conn: Connection, tenant: str, keys: Sequence[str]) -> dict[str, KeyState]:
     """The state of each of ``keys`` that exists (one ``= ANY(array)`` query on PostgreSQL).
 
