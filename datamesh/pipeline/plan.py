@@ -76,10 +76,14 @@ class SagaPlan:
     def from_json(cls, raw: str) -> SagaPlan:
         data: dict[str, Any] = json.loads(raw)
         names = data["item_fields"]
+        if names == _ITEM_FIELDS:  # written by this version: rows are in constructor order
+            items = [ItemPlan(*row) for row in data["items"]]
+        else:  # an older field list: by name (a field it lacks must have a default)
+            items = [ItemPlan(**dict(zip(names, row, strict=True))) for row in data["items"]]
         return cls(
             saga_id=data["saga_id"],
             tenant=data["tenant"],
-            items=[ItemPlan(**dict(zip(names, row, strict=True))) for row in data["items"]],
+            items=items,
             blobs=[BlobPlan(*blob) for blob in data["blobs"]],
         )
 
