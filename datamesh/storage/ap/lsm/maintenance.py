@@ -98,7 +98,9 @@ class ShardMaintenance:
         summary = write_run(
             path, memtable.flush_chunks(scratch=scratch), block_entries=self._block_entries, scratch=scratch
         )
-        added = [] if summary is None else [(run_meta(path.name, 0, memtable.max_seq, summary), Run(path))]
+        added = (
+            [] if summary is None else [(run_meta(path.name, 0, memtable.max_seq, summary), Run(path, summary.index))]
+        )
         with self._lock:
             self._immutables.remove(memtable)
             self._install_locked(added=added, removed=[])
@@ -165,14 +167,19 @@ class ShardMaintenance:
             streams = [iter_blocks(run.path) for _, run in pairs]
             merged = merge_blocks(streams, drop_tombstones=drop_tombstones)
         summary = write_run(
-            path, merged, block_entries=self._block_entries, cancelled=lambda: self._closing, scratch=scratch
+            path,
+            merged,
+            block_entries=self._block_entries,
+            cancelled=lambda: self._closing,
+            scratch=scratch,
+            drop_cache=True,
         )
         if summary is None and self._closing:
             return False
         added: list[tuple[RunMeta, Run]] = []
         if summary is not None:
             max_seq = max(meta.max_seq for meta, _ in pairs)
-            added.append((run_meta(path.name, level + 1, max_seq, summary), Run(path)))
+            added.append((run_meta(path.name, level + 1, max_seq, summary), Run(path, summary.index)))
         with self._lock:
             self._install_locked(added=added, removed=pairs)
             self._cond.notify_all()  # writers stalled on tier-0 debt

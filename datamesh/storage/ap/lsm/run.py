@@ -39,7 +39,7 @@ import sqlite3
 import threading
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,8 @@ class RunSummary:
     file_bytes: int
     min_key: bytes
     max_key: bytes
+    index: list[bytes] = field(default_factory=list, compare=False, repr=False)
+    """Every block's first key, in order (what :class:`Run` would otherwise read back from the file)."""
 
 
 class RunWriter:
@@ -109,10 +111,15 @@ class RunWriter:
     for the next chunk), and blocks are encoded into a scratch buffer of the writer's own.
     """
 
-    def __init__(self, path: Path, *, block_entries: int | None, scratch: Scratch | None = None) -> None:
+    def __init__(
+        self, path: Path, *, block_entries: int | None, scratch: Scratch | None = None, drop_cache: bool = False
+    ) -> None:
         """``block_entries=None`` sizes blocks to fill pages, from the first chunk's entries; blocks
-        are encoded in ``scratch``'s ``blocks`` buffer (a fresh one if None)."""
+        are encoded in ``scratch``'s ``blocks`` buffer (a fresh one if None).  ``drop_cache``: drop
+        the run's pages from the page cache as they reach the disk (see :func:`write_run`)."""
         self.path = path
+        self._drop_cache = drop_cache and hasattr(os, "posix_fadvise")
+        self._index: list[bytes] = []
         self._block_entries = block_entries or 0  # 0: chosen by the first chunk (_size_blocks)
         self._db = sqlite3.connect(path, isolation_level=None)
         # Built without a journal: until the manifest names it the file is scratch (recovery deletes
@@ -226,12 +233,15 @@ class RunWriter:
             "INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?)",
             [(first_id + number, *row) for number, row in enumerate(rows)],
         )
+        self._index.extend([row[0] for row in rows])
         # Push the run to disk as it grows: on ext4 (data=ordered) a log fdatasync can wait for all
         # dirty data of the filesystem, so one big fsync at the end would stall writers for its length.
         self._unsynced += sum(len(row[4]) for row in rows)
         if self._unsynced >= SYNC_EVERY_BYTES:
             os.fdatasync(self._sync_fd)
             self._unsynced = 0
+            if self._drop_cache:  # clean now: dropped, their pages are the next writes' (see write_run)
+                os.posix_fadvise(self._sync_fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def finish(self) -> RunSummary:
         """Commit, fold the WAL into the file and fsync it; the run is then immutable."""
@@ -269,6 +279,7 @@ class RunWriter:
             file_bytes=self.path.stat().st_size,
             min_key=self._min_key or b"",
             max_key=self._max_key,
+            index=self._index,
         )
 
     def abort(self) -> None:
@@ -285,13 +296,14 @@ def write_run(
     block_entries: int | None,
     cancelled: Callable[[], bool] = lambda: False,
     scratch: Scratch | None = None,
+    drop_cache: bool = False,
 ) -> RunSummary | None:
     """Write sorted chunks into a finished run; None (and no file) if ``cancelled`` or no entries.
 
     ``block_entries=None`` sizes the blocks to fill pages (:func:`fit_block_entries`); ``scratch``
     holds the encoded blocks (it may be the one the chunks are built in: the roles differ).
     """
-    writer = RunWriter(path, block_entries=block_entries, scratch=scratch)
+    writer = RunWriter(path, block_entries=block_entries, scratch=scratch, drop_cache=drop_cache)
     try:
         for chunk in chunks:
             if cancelled():
@@ -339,7 +351,9 @@ def _decode_block(data: bytes, checksum: int, where: str) -> Block:
 class Run:
     """A read handle on one run; reference counted so compaction never deletes a run mid-read."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, index: list[bytes] | None = None) -> None:
+        """``index``: every block's first key (:attr:`RunSummary.index`) if the caller wrote the run:
+        reading it from the file touches every page of it."""
         self.path = path
         self._db = _connect_immutable(path)
         self._lock = threading.Lock()
@@ -350,7 +364,9 @@ class Run:
         self.filter = KeyFilter.from_bytes(meta["filter"], int(meta["filter_partition"]))
         self.block_entries = int(meta["block_entries"])
         self.key_width = int(meta["key_width"])
-        self.index = [bytes(row[0]) for row in self._db.execute("SELECT first_key FROM blocks ORDER BY id")]
+        if index is None:
+            index = [bytes(row[0]) for row in self._db.execute("SELECT first_key FROM blocks ORDER BY id")]
+        self.index = index
         self._refs = 1
         self._obsolete = False
 
