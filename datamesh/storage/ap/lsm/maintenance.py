@@ -161,7 +161,8 @@ class ShardMaintenance:
         merged: Iterator[Block] | Iterator[Columns]
         if len(widths) == 1 and 0 not in widths:  # one key width: the vectorised merge
             width = widths.pop()
-            columns = [iter_columns(run.path, width) for _, run in pairs]
+            # The inputs' pages are dropped as they are read: the output reuses them (see iter_columns).
+            columns = [iter_columns(run.path, width, drop_cache=True) for _, run in pairs]
             merged = merge_columns(columns, drop_tombstones=drop_tombstones, scratch=scratch)
         else:
             streams = [iter_blocks(run.path) for _, run in pairs]
@@ -172,7 +173,6 @@ class ShardMaintenance:
             block_entries=self._block_entries,
             cancelled=lambda: self._closing,
             scratch=scratch,
-            drop_cache=True,
         )
         if summary is None and self._closing:
             return False
