@@ -7,6 +7,7 @@ import struct
 import threading
 import time
 import zlib
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -350,3 +351,97 @@ def test_background_threads_let_their_kept_buffers_go_once_idle(
         assert shard.get_many([key]) == {key: b"after idle"}
     finally:
         shard.close()
+
+
+def test_a_log_drops_only_durable_whole_pages_from_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datamesh.storage.ap.lsm import log
+
+    # Given a log that drops its pages every 64 KiB synced, with the page-cache advice recorded
+    monkeypatch.setattr(log, "DROP_CACHE_BYTES", 65536)
+    dropped: list[tuple[int, int]] = []
+    advise = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        dropped.append((offset, length))
+        advise(fd, offset, length, advice)
+
+    monkeypatch.setattr(log.os, "posix_fadvise", record)
+    path = tmp_path / "1.log"
+    writer = LogWriter(path, policy=FsyncPolicy.ALWAYS, fsync_interval_s=0)
+    payloads = [os.urandom(10_000) for _ in range(40)]
+    # When records are appended and synced one by one
+    for sequence, payload in enumerate(payloads, start=1):
+        writer.append(sequence, payload)
+        writer.sync(sequence)
+        # Then what was dropped is whole pages, contiguous, and never past what was synced
+        end = dropped[-1][0] + dropped[-1][1] if dropped else 0
+        assert end <= path.stat().st_size and end % log._PAGE == 0
+    assert len(dropped) >= 5 and all(a + n == b for (a, n), (b, _) in pairwise(dropped))
+    # And an unsynced policy never drops anything; replay still finds every record
+    never = LogWriter(tmp_path / "2.log", policy=FsyncPolicy.NEVER, fsync_interval_s=0)
+    count = len(dropped)
+    for sequence, payload in enumerate(payloads, start=1):
+        never.append(sequence, payload)
+        never.sync(sequence)
+    assert len(dropped) == count
+    writer.close()
+    never.close()
+    assert [payload for _, payload in replay(path).records] == payloads
+
+
+def test_a_run_opened_with_its_writers_index_reads_the_same_as_one_read_from_the_file(tmp_path: Path) -> None:
+    from datamesh.storage.ap.lsm.run import write_run
+
+    # Given a run of many blocks written in chunks
+    keys = _keys(5000)
+    values: list[bytes | None] = [os.urandom(200) for _ in keys]
+    chunks = [(keys[start : start + 700], values[start : start + 700]) for start in range(0, len(keys), 700)]
+    summary = write_run(tmp_path / "1.sqlite3", iter(chunks), block_entries=None)
+    assert summary is not None
+    # Then the writer's block index is the one the file holds, and a run given it reads back every entry
+    from_file = Run(tmp_path / "1.sqlite3")
+    assert summary.index == from_file.index and len(summary.index) > 1
+    given = Run(tmp_path / "1.sqlite3", summary.index)
+    assert all(given.get(k) == v for k, v in zip(keys, values, strict=True))
+    assert [k for k, _ in given.range_items(keys[0], None)] == keys
+    given.release()
+    from_file.release()
+
+
+def test_a_merge_input_read_with_drop_cache_drops_only_pages_behind_the_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datamesh.storage.ap.lsm import run as run_module
+    from datamesh.storage.ap.lsm.run import iter_columns, write_run
+
+    # Given a run of ~1 MiB, read in chunks by a reader that drops pages every 64 KiB read
+    monkeypatch.setattr(run_module, "DROP_READ_BYTES", 65536)
+    monkeypatch.setattr(run_module, "_DROP_READ_MARGIN", 65536)
+    dropped: list[tuple[int, int]] = []
+    advise = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        dropped.append((offset, length))
+        advise(fd, offset, length, advice)
+
+    monkeypatch.setattr(run_module.os, "posix_fadvise", record)
+    keys = _keys(5000)
+    values: list[bytes | None] = [os.urandom(200) for _ in keys]
+    path = tmp_path / "1.sqlite3"
+    write_run(path, iter([(keys, values)]), block_entries=None)
+    size = path.stat().st_size
+    read: list[bytes] = []
+    for chunk in iter_columns(path, 16, entries_per_chunk=500, drop_cache=True):
+        # Then every drop lies behind what was read so far, and drops follow one another
+        assert not dropped or dropped[-1][0] + dropped[-1][1] <= size * (len(read) + len(chunk)) // len(keys)
+        read.extend(chunk.to_lists()[0])
+    assert read == keys
+    assert len(dropped) > 3 and all(a + n == b for (a, n), (b, _) in pairwise(dropped))
+    # And a reader without it drops nothing
+    count = len(dropped)
+    assert sum(len(chunk) for chunk in iter_columns(path, 16, entries_per_chunk=500)) == len(keys)
+    assert len(dropped) == count

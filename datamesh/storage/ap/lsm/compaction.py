@@ -29,6 +29,20 @@ for lookups and scans to visit (lookups stay cheap behind the key filters; prefi
 about in proportion), and a memtable's worth of memory (128 MiB of columns, twice while it is
 sorted).
 
+Much of that kernel time was the page cache growing into memory the VM's host had taken back
+(free pages are reported to the host; touching one again costs a host fault: ~2.5-3 s of kernel
+CPU per GB written into fresh page cache against ~0.3 s/GB into recycled pages, measured with
+plain ``pwrite``).  A merge wrote its output (as large as its inputs) into fresh pages, then freed
+its inputs' pages at the end, too late to be reused warm.  So a merge reads its inputs without a
+memory map and drops their pages behind the reader (:func:`~.run.iter_columns`), and the output
+is written into them; the log drops its pages once durable (:mod:`.log`).  Measured in
+alternating runs on a loaded machine (``bench_lsm.py``'s writer, whole-process CPU per row with key
+generation): at 2 x 10M rows 1.23 us against 1.52-1.55 us before in two pairs, 1.30 against 1.26
+in a third; at 2 x 25M rows the background threads 0.79-0.93 against 0.92-1.06 us per row.  What
+is left is the page cache growing by the data kept cached for reads.  Dropping the *output's*
+pages instead saved more CPU (1.21-1.33 against 1.59-1.64 us at 2 x 10M rows) but left fresh runs
+uncached: lookups/s fell ~10x.
+
 Tiers keep age order: every run in tier L is newer than every run in tier L+1 (a merge takes *all*
 runs of its tier), so "newest first" is "by ``max_seq``, descending" and a merge output keeps its
 place.  Tombstones are dropped only when the output lands below every other run: then nothing older

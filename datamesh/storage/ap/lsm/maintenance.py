@@ -98,7 +98,9 @@ class ShardMaintenance:
         summary = write_run(
             path, memtable.flush_chunks(scratch=scratch), block_entries=self._block_entries, scratch=scratch
         )
-        added = [] if summary is None else [(run_meta(path.name, 0, memtable.max_seq, summary), Run(path))]
+        added = (
+            [] if summary is None else [(run_meta(path.name, 0, memtable.max_seq, summary), Run(path, summary.index))]
+        )
         with self._lock:
             self._immutables.remove(memtable)
             self._install_locked(added=added, removed=[])
@@ -159,20 +161,25 @@ class ShardMaintenance:
         merged: Iterator[Block] | Iterator[Columns]
         if len(widths) == 1 and 0 not in widths:  # one key width: the vectorised merge
             width = widths.pop()
-            columns = [iter_columns(run.path, width) for _, run in pairs]
+            # The inputs' pages are dropped as they are read: the output reuses them (see iter_columns).
+            columns = [iter_columns(run.path, width, drop_cache=True) for _, run in pairs]
             merged = merge_columns(columns, drop_tombstones=drop_tombstones, scratch=scratch)
         else:
             streams = [iter_blocks(run.path) for _, run in pairs]
             merged = merge_blocks(streams, drop_tombstones=drop_tombstones)
         summary = write_run(
-            path, merged, block_entries=self._block_entries, cancelled=lambda: self._closing, scratch=scratch
+            path,
+            merged,
+            block_entries=self._block_entries,
+            cancelled=lambda: self._closing,
+            scratch=scratch,
         )
         if summary is None and self._closing:
             return False
         added: list[tuple[RunMeta, Run]] = []
         if summary is not None:
             max_seq = max(meta.max_seq for meta, _ in pairs)
-            added.append((run_meta(path.name, level + 1, max_seq, summary), Run(path)))
+            added.append((run_meta(path.name, level + 1, max_seq, summary), Run(path, summary.index)))
         with self._lock:
             self._install_locked(added=added, removed=pairs)
             self._cond.notify_all()  # writers stalled on tier-0 debt
