@@ -8,7 +8,7 @@ from pathlib import Path
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import ConfigError, StorageError
 from datamesh.core.result import Err, Ok, Result
-from datamesh.storage.ap.base import ShardEngine
+from datamesh.storage.ap.base import ShardEngine, ShardError
 from datamesh.storage.ap.fenced import VisibleAfterFlush, readonly_engine
 from datamesh.storage.ap.store import ContentStore, EngineFactory, default_engine
 from datamesh.storage.cp import migrate, replication
@@ -105,23 +105,35 @@ def engine_for(name: str) -> EngineFactory:
 VISIBILITY_MARGIN_S = 1.0
 
 
-def readonly_engine_for(name: str, *, wait: bool = True) -> EngineFactory:
+def readonly_engine_for(name: str) -> EngineFactory:
     """Readers of the AP shards another process writes (the Celery workers own them), for the engine
     named by ``DATAMESH_AP_ENGINE``.
 
     SQLite shards show every acknowledged write at once.  LSM shards show a write once its owner
-    flushes the memtable holding it, at least every ``DEFAULT_FLUSH_INTERVAL_S``: with ``wait`` a
-    lookup of keys not found yet waits that long (plus :data:`VISIBILITY_MARGIN_S`) for them, so a
-    turn read right after its saga committed is found; without it a lookup returns what is flushed
-    (the index drains, which retry a turn whose content is not visible yet).
+    flushes the memtable holding it, at least every ``DEFAULT_FLUSH_INTERVAL_S``: a lookup of keys
+    not found yet waits that long (plus :data:`VISIBILITY_MARGIN_S`) for them, so a turn read right
+    after its saga committed is found (by the API, or by an index drain that came before the
+    owner's flush).  Counts and scans show what is flushed.
     """
     if name != "lsm":
         return readonly_engine
     from datamesh.storage.ap.lsm import DEFAULT_FLUSH_INTERVAL_S, LsmShard
 
-    wait_s = DEFAULT_FLUSH_INTERVAL_S + VISIBILITY_MARGIN_S if wait else 0.0
+    wait_s = DEFAULT_FLUSH_INTERVAL_S + VISIBILITY_MARGIN_S
 
     def factory(path: Path) -> ShardEngine:
-        return VisibleAfterFlush(LsmShard(path.with_suffix(".lsm"), readonly=True), wait_s)
+        directory = path.with_suffix(".lsm")
+
+        def recover() -> bool:
+            """Replay the log of a dead owner, as its next owner would, if no process writes the shard."""
+            if not directory.exists():
+                return False
+            try:
+                LsmShard(directory, background=False).close()  # recovery replays and flushes the log
+            except ShardError:  # a live writer holds it: its flush interval covers what it has
+                return False
+            return True
+
+        return VisibleAfterFlush(LsmShard(directory, readonly=True), wait_s, recover=recover)
 
     return factory

@@ -90,6 +90,11 @@ class ShardLeases:
     def forget(self, region: str, shard: int) -> None:
         self._held.pop((region, shard), None)
 
+    def release(self, region: str, shard: int) -> None:
+        """Give the lease up now (if it is still ours), so the shard's owner need not wait for it to expire."""
+        self._release(keys=[f"dm:lease:ap:{region}:{shard}"], args=[self.owner])
+        self._held.pop((region, shard), None)
+
     def release_all(self) -> None:
         for region, shard in list(self._held):
             self._release(keys=[f"dm:lease:ap:{region}:{shard}"], args=[self.owner])

@@ -275,6 +275,23 @@ def test_a_waiting_reader_finds_a_committed_key_the_owner_has_not_flushed_yet(tm
         shard.close()
 
 
+def test_a_reader_replays_the_log_of_an_owner_that_died_before_flushing(tmp_path: Path) -> None:
+    from datamesh.pipeline.tiers import readonly_engine_for
+
+    # Given a batch acknowledged by an owner that died (log synced, memtable never flushed),
+    owner = LsmShard(tmp_path / "shard-000.lsm", background=False)
+    owner.put_many([(b"key", b"value")])
+    owner._log.close()  # stand for SIGKILL: no close(), no flush
+    owner._release_writer_lock()
+    reader = readonly_engine_for("lsm")(tmp_path / "shard-000")
+    # when a reader in another process looks the key up (no live writer holds the shard),
+    found = reader.get_many([b"key"])
+    # then it replays the dead owner's log as the next owner would, and finds the batch.
+    assert found == {b"key": b"value"}
+    assert LsmShard(tmp_path / "shard-000.lsm", readonly=True).get_many([b"key"]) == {b"key": b"value"}
+    reader.close()
+
+
 def test_recovery_removes_orphan_runs_and_replays_the_log(tmp_path: Path) -> None:
     shard = LsmShard(tmp_path / "s", background=False)
     shard.put_many([(b"a", b"1")])

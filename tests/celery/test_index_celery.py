@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis
 
 from datamesh.core.config import DataMeshConfig
@@ -43,6 +44,7 @@ async def found(p: IngestionPipeline, words: str, who: Principal) -> set[Convers
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.parametrize("celery_config", ["sqlite", "lsm"], indirect=True)
 async def test_workers_index_committed_turns_and_other_processes_search_them(
     workers: Workers, celery_config: DataMeshConfig
 ) -> None:

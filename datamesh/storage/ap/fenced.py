@@ -140,14 +140,20 @@ class VisibleAfterFlush(ShardEngine):
     ``flush_interval_s``; a reader in another process sees them from then on.  Keys are looked up
     because the CP tier committed them, so a key not found yet is most likely a write still in the
     owner's memtable: ``get_many`` looks again until every key is found or ``wait_s`` (the flush
-    bound plus a margin) has passed, then returns what it found (the caller names what is missing).
-    Scans and counts are not waited for: they show what is flushed.
+    bound plus a margin) has passed.  Keys still missing then may sit in the log of an owner that
+    died before flushing them, with no new owner yet (one takes the shard on its next write):
+    ``recover`` (if given) replays such a log when no process holds the shard's writer lock, and
+    the keys are looked up once more.  What is still missing is returned missing (the caller names
+    it).  Scans and counts are not waited for: they show what is flushed.
     """
 
-    def __init__(self, inner: ShardEngine, wait_s: float, *, poll_s: float = 0.05) -> None:
+    def __init__(
+        self, inner: ShardEngine, wait_s: float, *, poll_s: float = 0.05, recover: Callable[[], bool] | None = None
+    ) -> None:
         self._inner = inner
         self.wait_s = wait_s
         self._poll_s = poll_s
+        self._recover = recover
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         self._inner.put_many(items)  # refused: the inner shard is open read-only
@@ -164,6 +170,9 @@ class VisibleAfterFlush(ShardEngine):
             more = self._inner.get_many(list(missing))
             found.update(more)
             missing.difference_update(more)
+        if missing and self._recover is not None and self._recover():
+            more = self._inner.get_many(list(missing))
+            found.update(more)
         return found
 
     def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
