@@ -292,6 +292,20 @@ def test_a_reader_replays_the_log_of_an_owner_that_died_before_flushing(tmp_path
     reader.close()
 
 
+def _record_page_drops(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The (offset, length) of every page-cache drop (``POSIX_FADV_DONTNEED``) made from now on."""
+    dropped: list[tuple[int, int]] = []
+    advise = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        dropped.append((offset, length))
+        advise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    return dropped
+
+
 def test_recovery_removes_orphan_runs_and_replays_the_log(tmp_path: Path) -> None:
     shard = LsmShard(tmp_path / "s", background=False)
     shard.put_many([(b"a", b"1")])
@@ -377,15 +391,7 @@ def test_a_log_drops_only_durable_whole_pages_from_the_page_cache(
 
     # Given a log that drops its pages every 64 KiB synced, with the page-cache advice recorded
     monkeypatch.setattr(log, "DROP_CACHE_BYTES", 65536)
-    dropped: list[tuple[int, int]] = []
-    advise = os.posix_fadvise
-
-    def record(fd: int, offset: int, length: int, advice: int) -> None:
-        assert advice == os.POSIX_FADV_DONTNEED
-        dropped.append((offset, length))
-        advise(fd, offset, length, advice)
-
-    monkeypatch.setattr(log.os, "posix_fadvise", record)
+    dropped = _record_page_drops(monkeypatch)
     path = tmp_path / "1.log"
     writer = LogWriter(path, policy=FsyncPolicy.ALWAYS, fsync_interval_s=0)
     payloads = [os.urandom(10_000) for _ in range(40)]
@@ -437,15 +443,7 @@ def test_a_merge_input_read_with_drop_cache_drops_only_pages_behind_the_reader(
     # Given a run of ~1 MiB, read in chunks by a reader that drops pages every 64 KiB read
     monkeypatch.setattr(run_module, "DROP_READ_BYTES", 65536)
     monkeypatch.setattr(run_module, "_DROP_READ_MARGIN", 65536)
-    dropped: list[tuple[int, int]] = []
-    advise = os.posix_fadvise
-
-    def record(fd: int, offset: int, length: int, advice: int) -> None:
-        assert advice == os.POSIX_FADV_DONTNEED
-        dropped.append((offset, length))
-        advise(fd, offset, length, advice)
-
-    monkeypatch.setattr(run_module.os, "posix_fadvise", record)
+    dropped = _record_page_drops(monkeypatch)
     keys = _keys(5000)
     values: list[bytes | None] = [os.urandom(200) for _ in keys]
     path = tmp_path / "1.sqlite3"

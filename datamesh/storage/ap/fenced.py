@@ -39,7 +39,31 @@ def advance_fence(path: Path, token: int) -> None:
     replace_durably(path, str(token).encode())
 
 
-class FencedShard(ShardEngine):
+class _Wrapped(ShardEngine):
+    """A shard engine around another, passing every call through (subclasses change some)."""
+
+    _inner: ShardEngine
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        self._inner.put_many(items)
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        return self._inner.delete_many(keys)
+
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
+        return self._inner.get_many(keys)
+
+    def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        return self._inner.scan_prefix(prefix, limit)
+
+    def count(self) -> int:
+        return self._inner.count()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class FencedShard(_Wrapped):
     """A writer engine whose every write first checks the process's token against the shard's fence."""
 
     def __init__(self, inner: ShardEngine, fence_path: Path, token: Callable[[], int | None]) -> None:
@@ -66,18 +90,6 @@ class FencedShard(ShardEngine):
     def delete_many(self, keys: Sequence[bytes]) -> int:
         self._check()
         return self._inner.delete_many(keys)
-
-    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
-        return self._inner.get_many(keys)
-
-    def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
-        return self._inner.scan_prefix(prefix, limit)
-
-    def count(self) -> int:
-        return self._inner.count()
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 def fenced_engine(tokens: TokenSource, inner: Callable[[Path], ShardEngine]) -> Callable[[Path], ShardEngine]:
@@ -133,7 +145,7 @@ def readonly_engine(path: Path) -> ShardEngine:
     return ReadOnlyShard(path.with_suffix(".sqlite3"))
 
 
-class VisibleAfterFlush(ShardEngine):
+class VisibleAfterFlush(_Wrapped):
     """A read-only view of a shard whose newest writes reach readers only when its owner flushes.
 
     An LSM shard's owner keeps recent batches in its memtable and flushes it at least every
@@ -155,12 +167,6 @@ class VisibleAfterFlush(ShardEngine):
         self._poll_s = poll_s
         self._recover = recover
 
-    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        self._inner.put_many(items)  # refused: the inner shard is open read-only
-
-    def delete_many(self, keys: Sequence[bytes]) -> int:
-        return self._inner.delete_many(keys)
-
     def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
         found = dict(self._inner.get_many(keys))
         missing = set(keys).difference(found)
@@ -174,12 +180,3 @@ class VisibleAfterFlush(ShardEngine):
             more = self._inner.get_many(list(missing))
             found.update(more)
         return found
-
-    def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
-        return self._inner.scan_prefix(prefix, limit)
-
-    def count(self) -> int:
-        return self._inner.count()
-
-    def close(self) -> None:
-        self._inner.close()
