@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 from collections.abc import Iterator
@@ -60,6 +61,37 @@ def test_bytes_up_to_the_single_put_limit_are_one_put(s3_client: Any, bucket: st
     head = s3_client.head_object(Bucket=bucket, Key=store.key_of(first.content_hash.hex))
     assert first.written and not again.written and "-" not in head["ETag"]
     assert store.get(first.content_hash) == Ok(data)
+
+
+@pytest.mark.parametrize("single_put_max_bytes", [4 * TEST_PART_BYTES, 0], ids=["one put", "parts"])
+def test_every_uploaded_body_is_covered_by_a_signed_checksum_not_hashed_twice(
+    s3_client: Any, bucket: str, single_put_max_bytes: int
+) -> None:
+    # Given a store on the usual client, and the headers of every request it signs
+    store = store_with(s3_client, bucket, single_put_max_bytes=single_put_max_bytes)
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def record(request: Any, event_name: str, **_: Any) -> None:
+        seen.append((event_name.rsplit(".", 1)[-1], {k.lower(): v for k, v in request.headers.items()}))
+
+    s3_client.meta.events.register("request-created.s3", record)
+    try:
+        # When bytes longer than a part are put
+        data = os.urandom(2 * TEST_PART_BYTES + 7)
+        key = store.put(data).unwrap().content_hash
+    finally:
+        s3_client.meta.events.unregister("request-created.s3", record)
+    # Then no body was hashed for the signature; each carried a checksum header under the signature
+    bodies = [(name, headers) for name, headers in seen if name in {"PutObject", "UploadPart"}]
+    assert bodies and all(h["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD" for _, h in bodies)
+    for name, headers in bodies:
+        signed = headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+        checksum = "x-amz-checksum-sha256" if name == "PutObject" else "x-amz-checksum-crc32"
+        assert checksum in headers and checksum in signed
+    if single_put_max_bytes:  # one PUT, whose checksum is the object's own key
+        ((_, put),) = bodies
+        assert base64.b64decode(put["x-amz-checksum-sha256"]).hex() == key.hex
+    assert store.get(key) == Ok(data)
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from datamesh.storage.objects.base import HASHERS
+from datamesh.storage.objects.base import HASHERS, OVERLAP_MIN_BYTES
 
 
 def _c_api() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
@@ -84,3 +84,46 @@ class TrailingHash:
         """Stop hashing (the read failed) and wait until no chunk is being read any more."""
         self._chunks.put(None)
         self._future.exception()
+
+
+class Filling:
+    """The ``bytes`` a verified get reads an object into, and the hash of what is read so far.
+
+    Objects of at least ``OVERLAP_MIN_BYTES`` are hashed while they are read, on a hashing thread
+    (:class:`TrailingHash`); smaller ones once read.  Where this Python cannot fill a new ``bytes``,
+    the object is read into a ``bytearray`` and copied once at the end.  Either way the digest is of
+    the returned bytes themselves.  Always end it, with :meth:`finish` or :meth:`end`.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        fresh = new_bytes(size)
+        self._data: bytes | bytearray
+        if fresh is None:
+            self._data = bytearray(size)
+            self.view = memoryview(self._data)
+        else:
+            self._data, self.view = fresh
+        self._hashing = TrailingHash() if size >= OVERLAP_MIN_BYTES else None
+
+    def filled(self, offset: int, count: int) -> None:
+        """``count`` bytes from ``offset`` are read: hash them next."""
+        if self._hashing is not None:
+            self._hashing.feed(self.view[offset : offset + count])
+
+    def finish(self) -> tuple[str, bytes]:
+        """The digest and the bytes, once every byte is read."""
+        if self._hashing is not None:
+            digest, _ = self._hashing.result()
+            self._hashing = None
+        else:
+            digest = hashlib.sha256(self.view).hexdigest()
+        self.view.release()
+        data = self._data
+        return digest, data if isinstance(data, bytes) else bytes(data)
+
+    def end(self) -> None:
+        """Stop the hashing thread if the read failed (a no-op after :meth:`finish`)."""
+        if self._hashing is not None:
+            self._hashing.abandon()
+            self._hashing = None

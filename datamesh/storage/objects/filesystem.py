@@ -56,12 +56,12 @@ from datamesh.core.durable import fsync_dir, replace_durably
 from datamesh.core.errors import StorageError
 from datamesh.storage.objects.base import (
     DEFAULT_CHUNK_BYTES,
-    HASHERS,
     OVERLAP_MIN_BYTES,
     ObjectMissing,
     ObjectStore,
     ThreadPool,
 )
+from datamesh.storage.objects.buffers import Filling
 
 _RETRYABLE_ERRNOS = {
     errno.EAGAIN,
@@ -408,29 +408,33 @@ class FilesystemObjectStore(ObjectStore[str]):
             os.close(fd)
 
     def _read_hashed(self, key: str) -> tuple[str, bytes]:
-        """Read a large object while a second thread hashes the same open file.
+        """Read the object into one new ``bytes``, a chunk at a time, while a hashing thread hashes
+        the chunks already read (:class:`~.buffers.Filling`); small objects are hashed once read.
 
-        The two reads overlap on two cores, so a verified get of a large object costs about the
-        hash alone rather than a read plus a hash.  The hashed bytes are a second read of the file,
-        not the returned copy; an object is never changed in place (a repair renames a new file over
-        it), and the file's change time and size are compared before and after, so if anything did
-        write it meanwhile, the returned bytes themselves are hashed instead.
+        The hash trails the read by a chunk, over memory still in the CPU cache, on the other core:
+        a verified get of a large object costs about the read or the hash, whichever is slower,
+        and the digest is of the very bytes returned.  (Hashing a second read of the file on the
+        other thread instead copies every byte out of the page cache twice: measured 76-90% of a
+        plain read's rate for 64 MiB objects against 86-96% this way.)
         """
         fd = self._open_fd(key)
         try:
-            before = os.fstat(fd)
-            if before.st_size < OVERLAP_MIN_BYTES:
-                data = self._read_fd(fd, before.st_size)
+            size = os.fstat(fd).st_size
+            if size < OVERLAP_MIN_BYTES:
+                data = self._read_fd(fd, size)
                 return hashlib.sha256(data).hexdigest(), data
-            hashing = HASHERS.get().submit(self._digest_fd, fd)
+            filling = Filling(size)
             try:
-                data = self._read_fd(fd, before.st_size)
+                offset = 0
+                while offset < size:
+                    count = os.preadv(fd, [filling.view[offset : offset + self.chunk_bytes]], offset)
+                    if not count:  # truncated in place while read (datamesh never does)
+                        raise OSError(errno.EIO, f"object {key} ended at byte {offset} of {size} while read")
+                    filling.filled(offset, count)
+                    offset += count
+                return filling.finish()
             finally:
-                digest, size = hashing.result()  # the fd is closed below: wait for the hash first
-            after = os.fstat(fd)
-            if (after.st_ctime_ns, after.st_size, size) != (before.st_ctime_ns, before.st_size, len(data)):
-                return hashlib.sha256(data).hexdigest(), data
-            return digest, data
+                filling.end()
         finally:
             os.close(fd)
 

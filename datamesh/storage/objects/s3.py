@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import time
 import uuid
 from collections import deque
@@ -53,12 +52,11 @@ from datamesh.core.errors import StorageError
 from datamesh.core.retry import RetryPolicy, call_with_retry, full_jitter_delay
 from datamesh.storage.objects.base import (
     DEFAULT_CHUNK_BYTES,
-    OVERLAP_MIN_BYTES,
     ObjectMissing,
     ObjectStore,
     ThreadPool,
 )
-from datamesh.storage.objects.buffers import TrailingHash, new_bytes
+from datamesh.storage.objects.buffers import Filling
 from datamesh.storage.objects.config import (
     DEFAULT_S3_MAX_COPY_BYTES,
     DEFAULT_S3_PART_BYTES,
@@ -115,47 +113,6 @@ _CONNECTION_ERRORS = (
 )
 
 
-class _Filling:
-    """The ``bytes`` a get reads an object into, and the hash of what is read so far.
-
-    Objects of at least ``OVERLAP_MIN_BYTES`` are hashed while they are read, on a hashing thread;
-    smaller ones once read.  Where this Python cannot fill a new ``bytes``, the object is read into
-    a ``bytearray`` and copied once at the end.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        fresh = new_bytes(size)
-        self._data: bytes | bytearray
-        if fresh is None:
-            self._data = bytearray(size)
-            self.view = memoryview(self._data)
-        else:
-            self._data, self.view = fresh
-        self._hashing = TrailingHash() if size >= OVERLAP_MIN_BYTES else None
-
-    def filled(self, offset: int, count: int) -> None:
-        if self._hashing is not None:
-            self._hashing.feed(self.view[offset : offset + count])
-
-    def finish(self) -> tuple[str, bytes]:
-        """The digest and the bytes, once every byte is read."""
-        if self._hashing is not None:
-            digest, _ = self._hashing.result()
-            self._hashing = None
-        else:
-            digest = hashlib.sha256(self.view).hexdigest()
-        self.view.release()
-        data = self._data
-        return digest, data if isinstance(data, bytes) else bytes(data)
-
-    def end(self) -> None:
-        """Stop the hashing thread if the read failed (a no-op after :meth:`finish`)."""
-        if self._hashing is not None:
-            self._hashing.abandon()
-            self._hashing = None
-
-
 @dataclass(frozen=True, slots=True)
 class Staged:
     """A staged write: the bytes themselves (at most one part) or the staging key of a longer upload."""
@@ -166,8 +123,9 @@ class Staged:
 
 
 def make_client(settings: S3Settings, *, region_name: str | None = None) -> S3Client:
-    """A boto3 S3 client for ``settings`` with botocore's retries off (the store retries itself)
-    and its response checksum validation off (the store verifies every read itself)."""
+    """A boto3 S3 client for ``settings`` with botocore's retries off (the store retries itself),
+    its response checksum validation off (the store verifies every read itself) and no payload
+    signing (each body is covered by a signed checksum header instead)."""
     import boto3
     from botocore.config import Config
 
@@ -182,6 +140,12 @@ def make_client(settings: S3Settings, *, region_name: str | None = None) -> S3Cl
         # Every read is verified against its SHA-256 key by the store; botocore checking S3's
         # stored checksum as well would hash each object twice.  Uploads keep their checksums.
         response_checksum_validation="when_required",
+        # Over plain HTTP botocore signs a SHA-256 of every request body, hashing each uploaded byte
+        # a second time.  The body is covered without it: an object PUT carries its SHA-256 (which
+        # is also its key) in the signed ``x-amz-checksum-sha256`` header and S3 rejects a body that
+        # does not match; parts carry botocore's CRC32 header the same way.  Over HTTPS botocore
+        # already skips payload signing for bodies with a checksum header.
+        s3={"payload_signing_enabled": False},
         max_pool_connections=settings.max_pool_connections,
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
@@ -313,12 +277,12 @@ class S3ObjectStore(ObjectStore[Staged]):
         A body cut mid-way is resumed from where it stopped by a ranged GET pinned to the ETag.
         """
         offset, etag, failures = 0, None, 0
-        filling: _Filling | None = None
+        filling: Filling | None = None
         try:
             while True:
                 body, etag, length = self._get_body(key, offset, etag)
                 try:
-                    filling = filling or _Filling(length)
+                    filling = filling or Filling(length)
                     while offset < filling.size:
                         chunk = filling.view[offset : offset + self.chunk_bytes]
                         count = body.readinto(chunk)  # type: ignore[arg-type]  # the stub says IO; any writable buffer is read into
