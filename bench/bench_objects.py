@@ -1,6 +1,6 @@
 """Object store throughput next to raw writes of the same data, in the same run.
 
-    python bench/bench_objects.py [--small-count 500] [--large-count 3] [--rounds 2]
+    python bench/bench_objects.py [--small-count 500] [--large-count 3] [--rounds 5]
                                   [--endpoint http://...] [--dir ./bench-data]
                                   [--backends fs,s3] [--sizes small,large]
 
@@ -230,7 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small-count", type=int, default=500)
     parser.add_argument("--large-count", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--part-mib", type=int, default=8, help="S3 part size (DATAMESH_S3_PART_BYTES), MiB")
     parser.add_argument("--endpoint", default=None, help="S3 endpoint (default: start moto_server)")
     parser.add_argument("--dir", type=Path, default=None, help="folder for filesystem runs (default: a temp dir)")

@@ -67,3 +67,15 @@ def tier_counts(tiers: Tiers, *, object_regions: tuple[GeoRegion, ...] = tuple(G
         if store.is_ok():
             blobs += len(store.unwrap().list().unwrap())
     return TierCounts(rows, ap_rows, blobs)
+
+
+def counts_after_gc(tiers: Tiers, *, object_regions: tuple[GeoRegion, ...] = tuple(GeoRegion)) -> TierCounts:
+    """:func:`tier_counts` once garbage collection (no grace period) has deleted unreferenced blobs.
+
+    A compensation only drops references: the blobs it leaves are GC's to delete, and an orphan is a
+    blob that even GC leaves behind with nothing referencing it.
+    """
+    from datamesh.pipeline.gc import collect_garbage
+
+    collect_garbage(tiers, grace_s=0).unwrap()
+    return tier_counts(tiers, object_regions=object_regions)

@@ -19,7 +19,7 @@ from datamesh.pipeline.steps import Step
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus
 from datamesh.storage.cp.sql import utcnow
-from tests.helpers import real_requests, tier_counts
+from tests.helpers import counts_after_gc, real_requests, tier_counts
 
 FAULT_POINTS = [
     (Step.RESERVE, "after"),
@@ -65,8 +65,10 @@ async def test_failure_at_each_step_is_fully_compensated(config: DataMeshConfig,
         assert all(isinstance(r, Err) and isinstance(r.error, SagaFailed) for r in results)
         failure = results[0].error
         assert isinstance(failure, SagaFailed) and failure.step == step and not failure.dead_lettered
-        # every tier is empty but for the compensated saga record,
-        counts = tier_counts(p.tiers)
+        # no reference is left (blobs already written stay for garbage collection to delete),
+        assert tier_counts(p.tiers).rows["object_refs"] == 0
+        # and once it has, every tier is empty but for the compensated saga record,
+        counts = counts_after_gc(p.tiers)
         assert counts.stored() == 0 and counts.ap_rows == 0 and counts.blobs == 0
         assert counts.rows["object_refs"] == 0 and counts.rows["blobs"] == 0
         assert counts.rows["idempotency_keys"] == 0 and counts.rows["provenance_records"] == 0
@@ -144,7 +146,7 @@ async def test_reaper_drives_forward_or_compensates_expired_sagas(config: DataMe
         assert sorted(o.action for o in reap(p.tiers)) == ["committed", "compensated"]
         statuses = p.tiers.cp.run(sagas.count_by_status, operation="t").unwrap()
         assert statuses == {SagaStatus.COMMITTED.value: 1, SagaStatus.COMPENSATED.value: 1}
-        counts = tier_counts(p.tiers)
+        counts = counts_after_gc(p.tiers)
         assert counts.rows["conversations"] == 3 and counts.blobs == 0 and counts.rows["object_refs"] == 0
         replay = (await p.ingest_many(forward)).unwrap()
         assert all(r.unwrap().deduplicated for r in replay)  # the forward-driven saga is the first result

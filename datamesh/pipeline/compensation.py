@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from datamesh.core.errors import StorageError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.retry import RetryPolicy, full_jitter_delay
-from datamesh.core.types import ContentHash, GeoRegion
+from datamesh.core.types import GeoRegion
 from datamesh.observability import ledger, logs
 from datamesh.observability.instrument import saga_step
 from datamesh.pipeline.plan import SagaPlan
@@ -28,10 +28,6 @@ from datamesh.storage.cp.sql import utcnow
 DEFAULT_COMPENSATION_POLICY = RetryPolicy(attempts=6, base_s=0.05, cap_s=2.0)
 
 log = logs.logger(__name__)
-
-
-class _BlobDeleteFailed(Exception):
-    pass
 
 
 def claim(tiers: Tiers, saga_id: str, *, failed_step: str, error: str) -> Result[SagaStatus | None, StorageError]:
@@ -128,32 +124,23 @@ def undo_write_ap(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
 
 @saga_step("store_blobs", compensation=True)
 def undo_store_blobs(tiers: Tiers, plan: SagaPlan, *, region: str | None = None) -> Result[None, StorageError]:
-    """Drop the saga's references and collect the planned blobs that nothing references any more.
+    """Drop the saga's references to its blobs; the blobs themselves stay.
 
-    With ``region``, only that region's references and blobs (the distributed executor undoes each
-    region on that region's workers).
+    A blob left with no reference is deleted by garbage collection once it is older than the grace
+    period (``python -m datamesh objects gc``), never here: another saga may be about to store the
+    same content.  With ``region``, only that region's references (the distributed executor undoes
+    each region on that region's workers).
     """
 
-    def delete_blob(region: str, content_hash: str) -> None:
-        store = tiers.objects.for_region(GeoRegion(region))
-        if isinstance(store, Err):
-            return  # no store for the region: nothing can have been written there
-        deleted = store.value.delete(ContentHash(content_hash))
-        if isinstance(deleted, Err):
-            raise _BlobDeleteFailed(str(deleted.error))
-
     def tx(conn: Connection) -> None:
-        object_refs.drop_refs(conn, plan.saga_id, delete_blob, region=region)
-        candidates = [(b.region, b.content_hash) for b in plan.blobs if region is None or b.region == region]
-        object_refs.collect(conn, candidates, delete_blob)
+        object_refs.drop_refs(conn, plan.saga_id, region=region)
+        planned = [(b.region, b.content_hash) for b in plan.blobs if region is None or b.region == region]
+        object_refs.forget_unreferenced(conn, planned)
         sagas.record_step(
             conn, plan.saga_id, Step.STORE_BLOBS, StepState.COMPENSATED, now=utcnow(), lease_s=tiers.lease_s
         )
 
-    try:
-        return tiers.cp.run(tx, operation="saga.undo_store_blobs")
-    except _BlobDeleteFailed as exc:
-        return Err(StorageError("objects", "saga.undo_store_blobs", str(exc), retryable=True))
+    return tiers.cp.run(tx, operation="saga.undo_store_blobs")
 
 
 @saga_step("reserve", compensation=True)

@@ -14,7 +14,7 @@ from datamesh.pipeline.steps import Step
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus, StepState
 from tests.celery.conftest import Workers
-from tests.helpers import real_requests, tier_counts
+from tests.helpers import counts_after_gc, real_requests, tier_counts
 from tests.test_saga_faults import FAULT_POINTS, FailAt, batch_with_blobs
 
 
@@ -41,8 +41,10 @@ async def test_failure_at_each_step_is_compensated_by_the_workers(
             )
             failure = results[0].error
             assert isinstance(failure, SagaFailed) and failure.step == step and not failure.dead_lettered, failure
-            # every tier is empty but for the compensated saga records,
-            counts = tier_counts(p.tiers)
+            # no reference is left, and once garbage collection has run every tier is empty but for
+            # the compensated saga records,
+            assert tier_counts(p.tiers).rows["object_refs"] == 0
+            counts = counts_after_gc(p.tiers)
             assert counts.stored() == 0 and counts.ap_rows == 0 and counts.blobs == 0, (step, phase, counts)
             assert counts.rows["object_refs"] == 0 and counts.rows["blobs"] == 0
             assert counts.rows["idempotency_keys"] == 0 and counts.rows["provenance_records"] == 0

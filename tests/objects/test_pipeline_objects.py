@@ -90,6 +90,38 @@ async def test_gc_deletes_only_old_unreferenced_blobs(objects_config: DataMeshCo
         assert store.list().unwrap() == [ContentHash.of(kept)]
 
 
+async def test_a_compensation_only_drops_references_and_gc_collects_after_its_grace(
+    objects_config: DataMeshConfig,
+) -> None:
+    fail = {"armed": True}
+
+    def fail_after_blobs(step: str, phase: str) -> None:
+        if fail["armed"] and step == Step.WRITE_AP and phase == "before":
+            raise InjectedFault("compensate after the blob is stored")
+
+    async with (await IngestionPipeline.create(objects_config, faults=fail_after_blobs)).unwrap() as p:
+        payload = big(objects_config, b"written, then compensated ")
+        request = IngestionRequest(
+            entity_id=EntityId.generate(), prompt=b"q", response=payload, geo_region=GeoRegion.EU_WEST
+        )
+        # Given a saga that stored its blob, then failed and was compensated
+        failed = await p.ingest(request)
+        assert isinstance(failed, Err) and isinstance(failed.error, SagaFailed)
+        # Then its reference is gone but the blob is not
+        store = p.tiers.objects.for_region(GeoRegion.EU_WEST).unwrap()
+        assert tier_counts(p.tiers).rows["object_refs"] == 0
+        assert store.list().unwrap() == [ContentHash.of(payload)]
+        # And garbage collection leaves it while it is younger than the grace period, then deletes it
+        kept = collect_garbage(p.tiers, grace_s=3600).unwrap()
+        assert [h for r in kept for h in r.deleted] == [] and store.list().unwrap() == [ContentHash.of(payload)]
+        done = collect_garbage(p.tiers, grace_s=0).unwrap()
+        assert [h for r in done for h in r.deleted] == [ContentHash.of(payload).hex] and store.list().unwrap() == []
+        # And the same content ingested again is stored again and reads back verified
+        fail["armed"] = False
+        stored = (await p.ingest(request)).unwrap()
+        assert (await p.get(stored.conversation_id)).unwrap().turns[0].response == payload
+
+
 async def test_gc_racing_ingests_of_the_same_content_loses_nothing(objects_config: DataMeshConfig) -> None:
     failing = {"armed": False}
 
@@ -98,42 +130,66 @@ async def test_gc_racing_ingests_of_the_same_content_loses_nothing(objects_confi
             raise InjectedFault("compensate this one")
 
     async with (await IngestionPipeline.create(objects_config, faults=sometimes_fail)).unwrap() as p:
-        shared = [big(objects_config, f"shared {i} ".encode()) for i in range(3)]
         stop = threading.Event()
         passes = [0]
+        deleted: set[str] = set()
 
-        def collector() -> None:
+        def collector() -> None:  # GC with no grace period, pass after pass, all through the run
             while not stop.is_set():
-                collect_garbage(p.tiers, grace_s=0).unwrap()
+                for report in collect_garbage(p.tiers, grace_s=0).unwrap():
+                    deleted.update(report.deleted)
                 passes[0] += 1
+
+        async def gc_passes(count: int) -> None:
+            target = passes[0] + count
+            while passes[0] < target:
+                await asyncio.sleep(0.005)
+
+        def batch(round_: int, payloads: list[bytes]) -> list[IngestionRequest]:
+            return [
+                IngestionRequest(
+                    entity_id=EntityId.generate(),
+                    prompt=f"r{round_} {i}".encode(),
+                    response=payload,
+                    geo_region=GeoRegion.EU_WEST,
+                )
+                for i, payload in enumerate(payloads)
+            ]
 
         gc_thread = threading.Thread(target=collector)
         gc_thread.start()
-        committed = []
+        committed, kept, dropped = [], [], []
         try:
-            for round_ in range(12):
-                failing["armed"] = round_ % 3 == 2  # every third round's saga fails and drops its references
-                batch = [
-                    IngestionRequest(
-                        entity_id=EntityId.generate(),
-                        prompt=f"r{round_} {i}".encode(),
-                        response=shared[i % 3],
-                        geo_region=GeoRegion.EU_WEST,
-                    )
-                    for i in range(4)
-                ]
-                results = (await p.ingest_many(batch)).unwrap()
-                committed += [r.unwrap().conversation_id for r in results if r.is_ok()]
-                await asyncio.sleep(0)
+            for round_ in range(10):
+                # Each round, a saga stores two new blobs and is compensated: both are left unreferenced,
+                # GC's to delete.  Then a saga stores the first again, racing GC for it: in even
+                # rounds right away, in odd rounds after GC has had time to delete it.
+                shared = big(objects_config, f"shared {round_} ".encode())
+                alone = big(objects_config, f"alone {round_} ".encode())
+                failing["armed"] = True
+                results = (await p.ingest_many(batch(round_, [shared, alone]))).unwrap()
+                assert all(isinstance(r, Err) for r in results)
+                failing["armed"] = False
+                if round_ % 2:
+                    await gc_passes(2)
+                results = (await p.ingest_many(batch(round_, [shared]))).unwrap()
+                committed += [r.unwrap().conversation_id for r in results]
+                kept.append(ContentHash.of(shared))
+                dropped.append(ContentHash.of(alone))
         finally:
             stop.set()
             gc_thread.join()
-        assert passes[0] > 0 and len(committed) == 8 * 4
-        for conversation_id in committed:  # every committed turn still reads its verified blob
+        # GC did delete blobs while sagas stored the same content, including ones stored again later
+        assert passes[0] > 0 and {h.hex for h in kept} & deleted
+        # Every committed turn still reads its verified blob
+        assert len(committed) == 10
+        for conversation_id in committed:
             assert (await p.get(conversation_id)).is_ok()
+        # And once GC has run again, exactly the committed content is left
         collect_garbage(p.tiers, grace_s=0).unwrap()
         store = p.tiers.objects.for_region(GeoRegion.EU_WEST).unwrap()
-        assert sorted(store.list().unwrap()) == sorted(ContentHash.of(s) for s in shared)
+        assert sorted(store.list().unwrap()) == sorted(kept)
+        assert not set(dropped) & set(store.list().unwrap())
 
 
 async def test_scrub_reports_corrupt_and_missing(

@@ -104,6 +104,8 @@ def test_a_region_not_listed_has_no_store(tmp_path: Path) -> None:
         ),
         ({"DATAMESH_S3_PART_BYTES": "1024"}, "DATAMESH_S3_PART_BYTES"),
         ({"DATAMESH_S3_RETRY_ATTEMPTS": "zero"}, "DATAMESH_S3_RETRY_ATTEMPTS"),
+        ({"DATAMESH_S3_RETRY_ATTEMPTS": "0", "DATAMESH_S3_RETRY_CAP_S": "1"}, "DATAMESH_S3_RETRY_ATTEMPTS"),
+        ({"DATAMESH_S3_RETRY_CAP_S": "0.01"}, "DATAMESH_S3_RETRY_CAP_S"),
     ],
 )
 def test_bad_configuration_is_a_config_error(env: dict[str, str], variable: str) -> None:

@@ -1,7 +1,8 @@
 """References from sagas to object-store blobs, and the locked collection of unreferenced blobs.
 
-A saga records its references *before* it writes its blobs.  Dropping references and deleting a
-blob whose last reference went both happen while the blob's CP row is locked (``FOR UPDATE`` on
+A saga records its references *before* it writes its blobs.  A compensation only drops its
+references; garbage collection deletes a blob left with none once it is older than the grace
+period.  Counting a blob's references and deleting it happen while the blob's CP row is locked (``FOR UPDATE`` on
 PostgreSQL; SQLite serialises writers), so a saga adding a reference to the same content either
 runs before (the blob stays) or after (its own put writes the blob again).  A blob is therefore
 never deleted while a committed row or a saga in flight references it.
@@ -42,13 +43,13 @@ def add_refs(conn: Connection, saga_id: str, blobs: Sequence[tuple[str, str, int
     )
 
 
-def drop_refs(
-    conn: Connection, saga_id: str, delete_blob: Callable[[str, str], None], *, region: str | None = None
-) -> list[tuple[str, str]]:
-    """Drop every reference of ``saga_id`` (in ``region`` only, if given); delete blobs left with none.
+def drop_refs(conn: Connection, saga_id: str, *, region: str | None = None) -> list[tuple[str, str]]:
+    """Drop every reference of ``saga_id`` (in ``region`` only, if given); return the blobs left with
+    none.
 
-    ``delete_blob(region, content_hash)`` runs inside the transaction, while the row is locked; it
-    must be idempotent (the transaction may be re-run).
+    Their objects stay where they are: garbage collection deletes them once they are older than its
+    grace period (:func:`collect`).  Their CP rows, which only anchor the row lock, go now; a
+    collection or a new reference makes one again.
     """
     where = [REFS.c.saga_id == saga_id] + ([REFS.c.region == region] if region is not None else [])
     refs = [(r.region, r.content_hash) for r in conn.execute(select(REFS).where(*where))]
@@ -56,7 +57,18 @@ def drop_refs(
         return []
     _lock(conn, refs)
     conn.execute(delete(REFS).where(*where))
-    return collect(conn, refs, delete_blob)
+    return forget_unreferenced(conn, refs)
+
+
+def forget_unreferenced(conn: Connection, candidates: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Delete the CP row of each candidate blob no reference holds (its object is left to GC)."""
+    _lock(conn, candidates)
+    left: list[tuple[str, str]] = []
+    for region, content_hash in sorted(set(candidates)):
+        if _references(conn, region, content_hash) == 0:
+            conn.execute(delete(BLOBS).where(BLOBS.c.region == region, BLOBS.c.content_hash == content_hash))
+            left.append((region, content_hash))
+    return left
 
 
 def collect(
@@ -78,10 +90,7 @@ def collect(
     _lock(conn, candidates)
     deleted: list[tuple[str, str]] = []
     for region, content_hash in sorted(set(candidates)):
-        remaining = conn.execute(
-            select(func.count()).select_from(REFS).where(REFS.c.region == region, REFS.c.content_hash == content_hash)
-        ).scalar_one()
-        if remaining == 0:
+        if _references(conn, region, content_hash) == 0:
             delete_blob(region, content_hash)
             conn.execute(delete(BLOBS).where(BLOBS.c.region == region, BLOBS.c.content_hash == content_hash))
             deleted.append((region, content_hash))
@@ -112,6 +121,14 @@ def committed_hashes(conn: Connection, region: str) -> set[str]:
         .distinct()
     )
     return {r.content_hash for r in rows}
+
+
+def _references(conn: Connection, region: str, content_hash: str) -> int:
+    return int(
+        conn.execute(
+            select(func.count()).select_from(REFS).where(REFS.c.region == region, REFS.c.content_hash == content_hash)
+        ).scalar_one()
+    )
 
 
 def _lock(conn: Connection, keys: Sequence[tuple[str, str]]) -> None:

@@ -226,12 +226,11 @@ def _s3_settings(env: Mapping[str, str]) -> S3Settings:
                 return value
         return None
 
+    attempts = _get(env, "DATAMESH_S3_RETRY_ATTEMPTS", _int_between(1, 100), DEFAULT_S3_RETRY_ATTEMPTS)
+    cap_s = _get(env, "DATAMESH_S3_RETRY_CAP_S", _float_between(0.05, 3600.0), DEFAULT_S3_RETRY_CAP_S)
     try:
-        retry = RetryPolicy(
-            attempts=_get(env, "DATAMESH_S3_RETRY_ATTEMPTS", _int_between(1, 100), DEFAULT_S3_RETRY_ATTEMPTS),
-            cap_s=_get(env, "DATAMESH_S3_RETRY_CAP_S", _float_between(0.05, 3600.0), DEFAULT_S3_RETRY_CAP_S),
-        )
-    except ValueError as exc:
+        retry = RetryPolicy(attempts=attempts, cap_s=cap_s)
+    except ValueError as exc:  # each value was in range alone: the policy refuses the pair (cap below base)
         raise _BadValue("DATAMESH_S3_RETRY_CAP_S", str(exc)) from None
     return S3Settings(
         endpoint_url=opt("DATAMESH_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
