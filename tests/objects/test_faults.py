@@ -3,12 +3,14 @@
 These tests use their own moto_server (moto keeps objects in memory, so a real restart would wipe
 them: that would test moto, not us).  "Stop and restart" is done two ways that keep the server's
 state: cutting its port (a proxy that closes every connection and refuses new ones: connection
-refused / reset) and freezing the process (SIGSTOP / SIGCONT: requests time out).  A permanent
-failure kills the server for good.
+refused / reset) and freezing the process (SIGSTOP / SIGCONT: requests time out).  Throttling and
+server errors come from an HTTP proxy that answers some requests itself with S3's error codes.  A
+permanent failure kills the server for good.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -16,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +211,97 @@ def test_frozen_server_mid_run_loses_no_acknowledged_blob(own_moto: MotoServer, 
     for key in acknowledged:
         assert isinstance(store.verify(key), Ok)
     store.close()
+
+
+class ErrorInjector:
+    """An HTTP proxy in front of the server that answers every ``every``-th request itself with an
+    S3 error, in turn ``503 SlowDown``, ``500 InternalError`` and ``503 ServiceUnavailable``, and
+    forwards the others."""
+
+    ERRORS = ((503, "SlowDown"), (500, "InternalError"), (503, "ServiceUnavailable"))
+
+    def __init__(self, target_port: int, every: int = 3) -> None:
+        self.every = every
+        self.served: list[str] = []
+        self._count = 0
+        self._lock = threading.Lock()
+        injector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length) if length else b""
+                with injector._lock:
+                    injector._count += 1
+                    error = injector._count % injector.every == 0
+                    status, code = injector.ERRORS[len(injector.served) % len(injector.ERRORS)]
+                    if error:
+                        injector.served.append(code)
+                if error:
+                    payload = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                    self._answer(status, [("Content-Type", "application/xml")], payload)
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+                    answer = upstream.getresponse()
+                    hop = {"transfer-encoding", "connection", "content-length"}
+                    kept = [h for h in answer.getheaders() if h[0].lower() not in hop]
+                    self._answer(answer.status, kept, answer.read())
+                finally:
+                    upstream.close()
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_5xx_and_throttling_answers_are_retried_and_lose_nothing(
+    own_moto: MotoServer, transient_failures: list[str]
+) -> None:
+    # Given a server that answers every third request with a throttling or server error
+    bucket = fresh_bucket(own_moto.endpoint)
+    injector = ErrorInjector(own_moto.port)
+    store = S3ObjectStore.from_settings(s3_settings(injector.endpoint, retry=PATIENT_RETRY), bucket, "x")
+    try:
+        # When blobs are put (one request each, or multipart streams) and read back
+        blobs = payloads(15)
+        acknowledged = ingest_through_outage(store, blobs, lambda: None, lambda: None, hold_s=0.0)
+        read = [store.get(key) for key in acknowledged]
+    finally:
+        store.close()
+        injector.close()
+    # Then every kind of answer was met and retried, and every blob was stored and reads back whole
+    assert set(injector.served) == {"SlowDown", "InternalError", "ServiceUnavailable"}
+    assert transient_failures.count("ClientError") == len(injector.served)  # each one retried
+    assert len(acknowledged) == len(blobs) and read == [Ok(blob) for blob in blobs]
+    direct = S3ObjectStore.from_settings(s3_settings(own_moto.endpoint), bucket, "x")
+    assert sorted(direct.list().unwrap()) == sorted(ContentHash.of(b) for b in blobs)
+    direct.close()
 
 
 def test_missing_bucket_is_a_permanent_clear_error(own_moto: MotoServer, transient_failures: list[str]) -> None:
