@@ -23,6 +23,7 @@ from datamesh.core.types import GeoRegion
 from datamesh.pipeline.indexer import IndexerSettings
 from datamesh.pipeline.saga import FaultHook, _no_faults
 from datamesh.pipeline.tiers import Tiers, engine_for, readonly_engine_for
+from datamesh.storage.ap.base import ShardEngine
 from datamesh.storage.ap.fenced import fenced_engine, read_fence
 from datamesh.storage.ap.store import ContentStore, EngineFactory, shard_for
 from datamesh.storage.cp.sagas import FINAL_STATUSES
@@ -180,7 +181,13 @@ class Runtime:
 
 
 class _IndexAp(ContentStore):
-    """AP reads without writer locks (read-only shards); deletes through the worker's writer tier.
+    """AP reads without writer locks (read-only shards), or through this worker's own writer where
+    it has the shard open; deletes through the worker's writer tier.
+
+    A shard this process writes is read through its writer, which sees the newest writes at once
+    (read-your-writes, memtable included), so an index drain that runs where the turns were written
+    never waits for a flush; other shards are read as their owners last flushed them, waiting for
+    keys not visible yet (``readonly_engine_for``).
 
     The deletes are an erasure's.  In an ``all`` worker they take each shard's lease first
     (``hold``), as a write task would, and give back shards the worker was not started for
@@ -204,6 +211,10 @@ class _IndexAp(ContentStore):
         self._role = role
         self._hold = hold
         self._let_go = let_go
+
+    def _engine(self, region: GeoRegion, shard: int) -> ShardEngine:
+        owned = self._writer.open_engine(region, shard)
+        return owned if owned is not None else super()._engine(region, shard)
 
     def delete_many(self, region: GeoRegion, keys: Sequence[bytes]) -> Result[int, StorageError]:
         if self._role != "all":  # never take a shard's writer lock from a worker that does not own shards

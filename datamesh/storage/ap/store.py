@@ -118,6 +118,10 @@ class ContentStore:
             return Err(_translate(exc, "open_shard"))
         return Ok(None)
 
+    def open_engine(self, region: GeoRegion, shard: int) -> ShardEngine | None:
+        """The shard's engine if this store has it open already (never opened here)."""
+        return self._shards.get((region, shard))
+
     def close_shard(self, region: GeoRegion, shard: int) -> None:
         """Close one shard (a writer releases its lock, e.g. when it lost the shard's lease)."""
         with self._open_lock:
