@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
 
 from datamesh.cli.main import build_parser
 from datamesh.core.config import DataMeshConfig, parse_shards
 from datamesh.core.errors import ConfigError
 from datamesh.core.result import Err
 from datamesh.pipeline.ingestion import IngestionPipeline
+from datamesh.workers import app as app_module
 from datamesh.workers import queues
 from datamesh.workers.app import create_app
 from datamesh.workers.cli import worker_commands
@@ -36,6 +42,52 @@ def test_reliability_settings_are_set_and_the_visibility_timeout_checked(tmp_pat
         "datamesh.tasks.reaper",
         "datamesh.tasks.index",
     }
+
+
+def test_a_deployment_file_overrides_the_computed_settings_but_not_the_reliability_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a deployment file that moves the broker and the default queue, and tries to weaken acks
+    (tmp_path / "site_celery.py").write_text(
+        "broker_url = 'redis://broker.example:6380/4'\n"
+        "task_default_queue = 'elsewhere'\n"
+        "task_acks_late = False\n"
+        "not_a_celery_setting = 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(app_module, "deployment_file_settings", _loading("site_celery"))
+    # When the app is built from a configuration that says otherwise
+    conf = create_app(DataMeshConfig(broker_url="redis://127.0.0.1:6379/0")).conf
+    # Then the file's deployment settings win, the reliability settings do not move
+    assert conf.broker_url == "redis://broker.example:6380/4" and conf.task_default_queue == "elsewhere"
+    assert conf.task_acks_late is True and "not_a_celery_setting" not in conf
+
+
+def test_the_shipped_celeryconfig_is_what_datamesh_computes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given deployment variables in the environment
+    monkeypatch.setenv("DATAMESH_BROKER_URL", "redis://queue.example:6379/2")
+    monkeypatch.setenv("DATAMESH_AP_SHARDS", "3")
+    monkeypatch.delitem(sys.modules, "celeryconfig", raising=False)
+    # When the repository's celeryconfig.py is loaded by the app
+    loaded = app_module.deployment_file_settings(Celery("probe"))
+    expected = app_module.deployment_settings(DataMeshConfig.from_env().unwrap())
+    # Then it sets every deployment setting (the index drains' schedules too), as computed
+    assert set(loaded) == set(expected) and loaded["broker_url"] == "redis://queue.example:6379/2"
+    assert loaded["beat_schedule"] == expected["beat_schedule"]
+    assert [q.name for q in loaded["task_queues"]] == [q.name for q in expected["task_queues"]]
+    assert "ap.eu-west.2" in [q.name for q in loaded["task_queues"]]
+    monkeypatch.delitem(sys.modules, "celeryconfig", raising=False)
+
+
+def _loading(module: str) -> Any:
+    real = app_module.deployment_file_settings
+
+    def load(app: Celery, _: str = "celeryconfig") -> dict[str, Any]:
+        return real(app, module)
+
+    return load
 
 
 async def test_an_unsafe_visibility_timeout_is_a_config_error(tmp_path: Path) -> None:

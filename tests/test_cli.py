@@ -146,3 +146,49 @@ def test_demo_on_the_lsm_engine_and_ap_stats(tmp_path: Path) -> None:
     assert list((tmp_path / "datamesh-data" / "ap" / "eu-west").glob("shard-*.lsm"))
     stats = run(["-m", "datamesh", "ap", "stats"], tmp_path, DATAMESH_AP_ENGINE="lsm")
     assert stats.returncode == 0 and "shard-" in stats.stdout, stats.stdout + stats.stderr
+
+
+async def test_sagas_retry_redrives_only_dead_or_stuck_sagas(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from datamesh.core.config import DataMeshConfig
+    from datamesh.core.types import EntityId, GeoRegion
+    from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
+    from datamesh.storage.cp import sagas
+    from datamesh.storage.cp.sql import utcnow
+    from tests.helpers import tier_counts
+
+    class Crash(BaseException):
+        """Stands for the driving process dying mid-saga."""
+
+    def crash(step: str, phase: str) -> None:
+        if (step, phase) == ("write_ap", "before"):
+            raise Crash()
+
+    # Given a saga whose driver died before writing its content: running, its lease still live
+    config = DataMeshConfig(data_dir=tmp_path / "datamesh-data")
+    request = IngestionRequest(entity_id=EntityId.generate(), prompt=b"q", response=b"a", geo_region=GeoRegion.EU_WEST)
+    async with (await IngestionPipeline.create(config, faults=crash)).unwrap() as p:
+        with pytest.raises(Crash):
+            await p.ingest(request)
+        (saga_id,) = p.tiers.cp.run(lambda c: sagas.list_by_status(c, sagas.SagaStatus.RUNNING), operation="t").unwrap()
+    # When `sagas retry` is asked to re-drive it, then it refuses: a live driver may still finish it
+    live = run(["-m", "datamesh", "sagas", "retry", saga_id], tmp_path)
+    assert live.returncode == 1 and "lease is live" in live.stdout, live.stdout + live.stderr
+    # Once its lease has expired (no driver left), the same command compensates it
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        expire = update(sagas.SAGAS).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        p.tiers.cp.run(lambda c: c.execute(expire), operation="t").unwrap()
+    stuck = run(["-m", "datamesh", "sagas", "retry", saga_id], tmp_path)
+    assert stuck.returncode == 0 and "compensated" in stuck.stdout, stuck.stdout + stuck.stderr
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        assert tier_counts(p.tiers).rows["idempotency_keys"] == 0
+        record = p.tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="t").unwrap()
+        assert record is not None and record.status == sagas.SagaStatus.COMPENSATED
+    # And a finished saga is left alone, with the reason
+    done = run(["-m", "datamesh", "sagas", "retry", saga_id], tmp_path)
+    assert done.returncode == 1 and "compensated: nothing to re-drive" in done.stdout
+    missing = run(["-m", "datamesh", "sagas", "retry", "no-such-saga"], tmp_path)
+    assert missing.returncode == 1 and "no saga no-such-saga" in missing.stdout

@@ -79,6 +79,10 @@ def _sagas(args: argparse.Namespace, config: DataMeshConfig) -> int:
             if not args.saga_id:
                 print("error: sagas retry needs a SAGA_ID")
                 return 2
+            refused = _not_redrivable(tiers, args.saga_id)
+            if refused is not None:
+                print(f"error: {refused}")
+                return 1
             if config.executor == "celery":
                 return _redrive_on_celery(tiers, config, args.saga_id)
             outcome = compensation.compensate_with_retries(tiers, args.saga_id, failed_step="retry", error="re-driven")
@@ -100,8 +104,30 @@ def _sagas(args: argparse.Namespace, config: DataMeshConfig) -> int:
         tiers.close()
 
 
+def _not_redrivable(tiers: Tiers, saga_id: str) -> str | None:
+    """Why ``sagas retry`` must leave ``saga_id`` alone, or ``None``: only a dead saga, or a stuck one
+    (running or compensating, its lease expired: no live driver), is compensated again."""
+    record = tiers.cp.run(partial(sagas.load, saga_id=saga_id), operation="cli.sagas.retry", write=False)
+    if isinstance(record, Err):
+        return str(record.error)
+    if record.value is None:
+        return f"no saga {saga_id}"
+    status = record.value.status
+    if status == SagaStatus.DEAD:
+        return None
+    if status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING) and record.value.lease_expires_at < utcnow():
+        return None
+    if status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
+        return (
+            f"saga {saga_id} is {status.value} and its driver's lease is live until "
+            f"{record.value.lease_expires_at.isoformat()}: only dead or stuck sagas are re-driven"
+        )
+    return f"saga {saga_id} is {status.value}: nothing to re-drive"
+
+
 def _redrive_on_celery(tiers: Tiers, config: DataMeshConfig, saga_id: str) -> int:
-    """Back to ``compensating`` with a fresh attempt count, then the workers compensate it again."""
+    """A fresh compensation attempt count (a stuck saga to ``compensating``), then the workers
+    compensate it again."""
     from datamesh.workers import queues
     from datamesh.workers.app import create_app
 

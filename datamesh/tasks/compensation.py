@@ -121,7 +121,7 @@ def _undo(task: Task, saga_id: str, undo: Any) -> str:
     attempts = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.undo.attempts", write=False)
     count = attempts.value.attempts if isinstance(attempts, Ok) and attempts.value is not None else 0
     if count >= RUNTIME.config.compensation_attempts:
-        tiers.cp.run(
+        dead = tiers.cp.run(
             lambda c: sagas.transition(
                 c,
                 saga_id,
@@ -132,6 +132,8 @@ def _undo(task: Task, saga_id: str, undo: Any) -> str:
             ),
             operation="saga.dead_letter",
         )
+        if isinstance(dead, Ok) and dead.value:  # counted once: by the process whose transition moved it
+            compensation._count_dead(tiers, saga_id)
         RUNTIME.notify(saga_id, SagaStatus.DEAD.value)
         task.request.chain = None
         return "dead"

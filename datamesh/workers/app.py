@@ -1,13 +1,15 @@
 """The Celery application: ``celery -A datamesh.workers.app worker ...``.
 
 :func:`create_app` builds the app from a :class:`DataMeshConfig`.  The reliability settings are in
-:func:`reliability_settings`, each with its reason; deployment settings (broker, result backend,
-queues, routes, beat) come from :mod:`celeryconfig` at the top of the repository when it is importable
-and are computed the same way from the configuration otherwise.
+:func:`reliability_settings`, each with its reason, and nothing overrides them.  Deployment settings
+(broker, result backend, queues, routes, beat) are computed from the configuration
+(:func:`deployment_settings`); when :mod:`celeryconfig` at the top of the repository is importable
+(a checkout, the docker image), each setting it defines replaces the computed one.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from celery import Celery
@@ -105,11 +107,27 @@ def create_app(config: DataMeshConfig, *, load_celeryconfig: bool = True) -> Cel
     app = Celery("datamesh", include=list(TASK_MODULES))
     app.conf.update(deployment_settings(config))
     if load_celeryconfig:
-        app.config_from_object("celeryconfig", silent=True)
+        app.conf.update(deployment_file_settings(app))  # the file's settings win over the defaults
     app.conf.update(reliability_settings(config))  # never overridden by a deployment file
     app.conf.imports = list(TASK_MODULES)
     RUNTIME.configure(config)
     return app
+
+
+def deployment_file_settings(app: Celery, module: str = "celeryconfig") -> dict[str, Any]:
+    """The Celery settings ``module`` defines (``{}`` when it is not importable).
+
+    Applied as changes, not with ``config_from_object``: Celery ranks a configuration object below
+    every ``conf.update``, so the file would never win over the settings computed here.
+    """
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise  # the file exists but imports something missing: say so, do not run without it
+        return {}
+    known = set(app.conf.keys())
+    return {name: value for name, value in vars(loaded).items() if name in known}
 
 
 @celeryd_init.connect

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import fields
+from pathlib import Path
 
 import redis
+from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import SagaFailed
 from datamesh.core.result import Err
+from datamesh.observability import ledger
 from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.steps import Step
 from datamesh.storage.cp import sagas
@@ -94,8 +98,16 @@ async def test_the_same_messages_delivered_twice_make_one_conversation(
         assert p.tiers.cp.run(sagas.count_by_status, operation="t").unwrap() == {SagaStatus.COMMITTED.value: 1}
 
 
+def _ledger(before: ledger.Ledger, multiproc: Path) -> ledger.Ledger:
+    """This process's ledger since ``before`` plus the workers' (a multiprocess directory)."""
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path=str(multiproc))  # type: ignore[no-untyped-call]
+    here, there = ledger.snapshot(REGISTRY) - before, ledger.snapshot(merged)
+    return ledger.Ledger(**{f.name: getattr(here, f.name) + getattr(there, f.name) for f in fields(ledger.Ledger)})
+
+
 async def test_compensation_that_keeps_failing_is_dead_lettered_then_redriven(
-    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str, tmp_path: Path
 ) -> None:
     import os
     import subprocess
@@ -106,13 +118,25 @@ async def test_compensation_that_keeps_failing_is_dead_lettered_then_redriven(
     control = redis.Redis.from_url(redis_url)
     # Given a step that fails and an undo of it that keeps failing, with two compensation attempts allowed,
     control.set("dm:test:fault", "write_ap:before,undo_write_ap:before")
-    workers.start("--role", "all", hooks_redis=redis_url, DATAMESH_COMPENSATION_ATTEMPTS="2")
+    multiproc = tmp_path / "prom"
+    multiproc.mkdir()
+    before = ledger.snapshot(REGISTRY)
+    workers.start(
+        "--role",
+        "all",
+        hooks_redis=redis_url,
+        DATAMESH_COMPENSATION_ATTEMPTS="2",
+        PROMETHEUS_MULTIPROC_DIR=str(multiproc),
+    )
     workers.wait_ready()
     async with (await IngestionPipeline.create(celery_config)).unwrap() as p:
         results = (await p.ingest_many(real_requests(4))).unwrap()
         # then the saga is dead-lettered and reported so,
         failure = results[0].error
         assert isinstance(failure, SagaFailed) and failure.dead_lettered, failure
+        # and the no-loss ledger holds its 4 turns as dead-lettered, none in flight;
+        dead = _ledger(before, multiproc)
+        assert (dead.accepted, dead.dead_letter, dead.in_flight, dead.compensated) == (4, 4, 0, 0), dead
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(celery_config)}
         env["PYTHONPATH"] = str(ROOT)
 
@@ -136,4 +160,7 @@ async def test_compensation_that_keeps_failing_is_dead_lettered_then_redriven(
         assert status == SagaStatus.COMPENSATED
         counts = tier_counts(p.tiers)
         assert counts.stored() == 0 and counts.rows["idempotency_keys"] == 0
+        # and the ledger moves the 4 turns from dead-lettered to compensated.
+        undone = _ledger(before, multiproc)
+        assert (undone.dead_letter, undone.in_flight, undone.compensated) == (0, 0, 4), undone
     control.close()

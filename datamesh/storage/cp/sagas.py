@@ -156,13 +156,25 @@ def begin_step(
 
 
 def redrive(conn: Connection, saga_id: str, *, now: datetime, lease_s: float) -> bool:
-    """Put a dead (or stuck) saga back to ``compensating`` with a fresh attempt count."""
+    """Give a dead saga, or a stuck one (running or compensating with its lease expired), a fresh
+    compensation attempt count and lease; ``False`` for any other saga (a live one is left alone).
+
+    A dead saga stays ``dead`` until its compensation completes (``undo_reserve`` moves it to
+    ``compensated``): the no-loss ledger counts it dead-lettered until then, and whichever process
+    finishes the compensation moves it out (see :mod:`datamesh.observability.ledger`).  A stuck saga
+    becomes ``compensating``.
+    """
+    stuck = [SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]
+    dead = conn.execute(
+        update(SAGAS)
+        .where(SAGAS.c.id == saga_id, SAGAS.c.status == SagaStatus.DEAD.value)
+        .values(attempts=0, lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
+    )
+    if dead.rowcount == 1:
+        return True
     result = conn.execute(
         update(SAGAS)
-        .where(
-            SAGAS.c.id == saga_id,
-            SAGAS.c.status.in_([SagaStatus.DEAD.value, SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]),
-        )
+        .where(SAGAS.c.id == saga_id, SAGAS.c.status.in_(stuck), SAGAS.c.lease_expires_at < now)
         .values(
             status=SagaStatus.COMPENSATING.value,
             attempts=0,
