@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
@@ -70,27 +71,55 @@ async def test_failure_at_each_step_is_compensated_by_the_workers(
 async def test_the_same_messages_delivered_twice_make_one_conversation(
     workers: Workers, celery_config: DataMeshConfig
 ) -> None:
+    from celery.signals import before_task_publish
+
+    from datamesh.pipeline.prepare import prepare
+    from datamesh.pipeline.request import validate
+    from datamesh.workers.executor import CeleryExecutor
+
     workers.start("--role", "all")
     workers.wait_ready()
+    published: list[dict[str, Any]] = []
+
+    def capture(body: Any, exchange: str, routing_key: str, headers: dict[str, Any], **kw: Any) -> None:
+        published.append({"body": body, "exchange": exchange, "routing_key": routing_key, "headers": dict(headers)})
+
     async with (await IngestionPipeline.create(celery_config)).unwrap() as p:
         executor = p._executor
-        from datamesh.pipeline.prepare import prepare
-        from datamesh.pipeline.request import validate
-        from datamesh.workers.executor import CeleryExecutor
-
         assert isinstance(executor, CeleryExecutor)
         requests = real_requests(5)
         prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(requests)]
         plan = executor.reserve("default", prepared).unwrap().plan
         content = {i: (r.prompt, r.response, None) for i, r in enumerate(requests)}
-        # Given a saga whose whole chain is published twice (a redelivery of every message),
-        executor.submit(plan, content, {}).unwrap()
-        executor.submit(plan, content, {}).unwrap()
-        # when both have run,
+        # Given a saga's first message captured as it is published,
+        before_task_publish.connect(capture, weak=False)
+        try:
+            executor.submit(plan, content, {}).unwrap()
+        finally:
+            before_task_publish.disconnect(capture)
+        (first,) = published
+        # and the very same message (same task id, same body, the rest of the chain in it) sent again,
+        # as a redelivery would: every step of the saga then runs twice, under the same task ids,
+        with executor.app.producer_or_acquire() as producer:
+            producer.publish(
+                first["body"],
+                exchange=first["exchange"],
+                routing_key=first["routing_key"],
+                headers=first["headers"],
+                serializer="json",
+            )
         committed = executor.wait(plan).unwrap()
-        import asyncio
-
-        await asyncio.sleep(1.0)  # let the duplicate chain finish too
+        # when both deliveries of every step have run (the workers' own counts say so),
+        once = {"datamesh.write_ap": len({(i.region, i.shard) for i in plan.items}), "datamesh.commit_cp": 1}
+        assert first["headers"]["task"] == "datamesh.write_ap" and not plan.blobs
+        runs: dict[str, int] = {}
+        for _ in range(200):
+            stats = executor.app.control.inspect(timeout=1.0).stats() or {}
+            runs = {name: sum(s.get("total", {}).get(name, 0) for s in stats.values()) for name in once}
+            if all(runs[name] >= 2 * n for name, n in once.items()):
+                break
+            await asyncio.sleep(0.1)
+        assert runs == {name: 2 * n for name, n in once.items()}, (runs, once)
         # then there is one conversation per request and nothing twice.
         assert len(committed) == 5
         counts = tier_counts(p.tiers)
