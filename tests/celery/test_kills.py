@@ -115,7 +115,16 @@ async def test_workers_killed_mid_step(workers: Workers, celery_config: DataMesh
         control.delete("dm:test:delay")
         # when the reaper has handled whatever the kills left behind,
         statuses = await settle(p.tiers)
-        # then every saga is committed or compensated (none dead, none in flight),
+        # then kills did land inside steps (steps were delivered again after their worker died),
+        redelivered = p.tiers.cp.run(
+            lambda c: c.execute(
+                select(func.count()).select_from(sagas.STEPS).where(sagas.STEPS.c.attempts > 1)
+            ).scalar_one(),
+            operation="t",
+            write=False,
+        ).unwrap()
+        assert redelivered > 0, "no kill landed inside a step"
+        # every saga is committed or compensated (none dead, none in flight),
         assert set(statuses) <= {SagaStatus.COMMITTED.value, SagaStatus.COMPENSATED.value}, statuses
         # every acknowledged turn reads back, and
         ok = [(req, r) for req, r in outcomes if r.is_ok()]  # type: ignore[attr-defined]
