@@ -19,6 +19,7 @@ import redis
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
+from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus
 from tests.celery.conftest import Workers
 from tests.celery.test_kills import assert_consistent, settle
@@ -112,14 +113,21 @@ async def test_broker_restart_loses_no_acknowledged_ingest(
                     result = await p.ingest_many(batch)
                     outcomes.extend(zip(batch, result.unwrap(), strict=True))
 
+            in_flight_at_kill: list[int] = []
+
             async def restart() -> None:
                 await asyncio.sleep(1.5)
+                running = p.tiers.cp.run(
+                    lambda c: sagas.count_by_status(c).get(SagaStatus.RUNNING.value, 0), operation="t", write=False
+                )
+                in_flight_at_kill.append(running.unwrap())
                 own_redis.kill()  # SIGKILL: no shutdown save, only what AOF already has
                 await asyncio.sleep(1.0)
                 own_redis.start()
 
             # Given clients ingesting while the broker is killed and restarted,
             await asyncio.gather(client(), client(), client(), restart())
+            assert in_flight_at_kill[0] > 0, "no saga was in flight when the broker went down"
             # when everything in flight has been finished or compensated,
             statuses = await settle(p.tiers)
             assert set(statuses) <= {SagaStatus.COMMITTED.value, SagaStatus.COMPENSATED.value}, statuses
