@@ -7,6 +7,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
@@ -116,25 +117,69 @@ def test_a_log_torn_inside_its_file_header_is_an_empty_log(tmp_path: Path, size:
     assert path.stat().st_size == 0
 
 
-def test_group_commit_covers_concurrent_writers(tmp_path: Path) -> None:
-    writer = LogWriter(tmp_path / "1.log", policy=FsyncPolicy.ALWAYS, fsync_interval_s=0)
-    lock = threading.Lock()
-    counter = iter(range(1, 10**6))
+def test_group_commit_covers_writers_queued_behind_a_sync_with_one_more_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datamesh.storage.ap.lsm import log
 
-    def work() -> None:
-        for _ in range(50):
-            with lock:
-                sequence = next(counter)
-                writer.append(sequence, b"x" * 100)
-            writer.sync(sequence)
+    # Given a log whose syncs are counted, the first one held until released
+    path = tmp_path / "1.log"
+    writer = LogWriter(path, policy=FsyncPolicy.ALWAYS, fsync_interval_s=0)
+    log_fd = writer._fd
+    started: list[int] = []
+    finished: list[int] = []
+    first_sync_held = threading.Event()
+    release_first_sync = threading.Event()
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
+    def counted(real: Callable[[int], None]) -> Callable[[int], None]:
+        def sync(fd: int) -> None:
+            if fd == log_fd:
+                started.append(fd)
+                if len(started) == 1:
+                    first_sync_held.set()
+                    release_first_sync.wait(timeout=30)  # a hang guard only: the test releases it
+            real(fd)
+            if fd == log_fd:
+                finished.append(fd)
+
+        return sync
+
+    monkeypatch.setattr(log.os, "fdatasync", counted(os.fdatasync))
+    monkeypatch.setattr(log.os, "fsync", counted(os.fsync))
+    append_lock = threading.Lock()
+    sequences = iter(range(1, 100))
+    syncs_done_when_acknowledged: dict[int, int] = {}
+
+    def write(appended: threading.Event | None = None) -> None:
+        with append_lock:
+            sequence = next(sequences)
+            writer.append(sequence, b"x" * 100)
+        if appended is not None:
+            appended.set()
+        writer.sync(sequence)
+        syncs_done_when_acknowledged[sequence] = len(finished)
+
+    # When one writer's sync is in progress and eight more writers append and ask for a sync behind it
+    first = threading.Thread(target=write)
+    first.start()
+    assert first_sync_held.wait(timeout=30)
+    appended = [threading.Event() for _ in range(8)]
+    queued = [threading.Thread(target=write, args=(event,)) for event in appended]
+    for thread in queued:
         thread.start()
-    for thread in threads:
-        thread.join()
+    assert all(event.wait(timeout=30) for event in appended)
+    assert syncs_done_when_acknowledged == {}
+    release_first_sync.set()
+    for thread in [first, *queued]:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    # Then the eight queued writers shared one sync, and none was acknowledged before a sync covered it
+    assert len(started) == 2
+    assert syncs_done_when_acknowledged[1] >= 1
+    assert all(syncs_done_when_acknowledged[sequence] == 2 for sequence in range(2, 10))
+    # And every record replays, in order
     writer.close()
-    assert [seq for seq, _ in replay(tmp_path / "1.log").records] == list(range(1, 201))
+    assert [sequence for sequence, _ in replay(path).records] == list(range(1, 10))
 
 
 def test_key_filter_has_no_false_negatives_and_few_false_positives() -> None:
@@ -225,22 +270,81 @@ def test_compaction_drops_shadowed_values_and_keeps_deletes_effective(tmp_path: 
     shard.close()
 
 
+def _live(state: dict[bytes, bytes | None]) -> list[tuple[bytes, bytes]]:
+    return [(key, value) for key, value in sorted(state.items()) if value is not None]
+
+
+def _run_files(shard_dir: Path) -> set[str]:
+    return {path.name for path in shard_dir.glob("*.sqlite3")}
+
+
+def _live_runs(shard: LsmShard) -> set[str]:
+    return {meta.name for meta, _ in shard._runs}
+
+
 def test_a_scan_sees_one_snapshot_while_compaction_replaces_runs(tmp_path: Path) -> None:
-    shard = LsmShard(tmp_path / "s", memtable_bytes=3000, tier_fanout=100, block_entries=4, background=False)
-    for i in range(20):
-        shard.put_many([(b"p%03d-%02d" % (j, i), b"v") for j in range(10)])
+    # Given a shard of several tier-0 runs of thousands of entries each (more than the 4,096 a merge
+    # buffers per source), with overwrites and deletes across runs and writes still in the memtable
+    shard_dir = tmp_path / "s"
+    shard = LsmShard(shard_dir, memtable_bytes=300_000, tier_fanout=2, background=False)
+    state: dict[bytes, bytes | None] = {}
+
+    def write(items: list[tuple[bytes, bytes]]) -> None:
+        shard.put_many(items)
+        state.update(items)
+
+    def delete(keys: list[bytes]) -> None:
+        shard.delete_many(keys)
+        state.update(dict.fromkeys(keys))
+
+    keys = [b"key-%012d" % (2 * i) for i in range(30_000)]  # even numbers: later keys land in between
+    for start in range(0, len(keys), 1000):
+        write([(key, b"first-" + key) for key in keys[start : start + 1000]])
+    write([(key, b"second-" + key) for key in keys[::3]])
+    delete(keys[::7])
     shard.flush()
-    # Given a scan that pinned its runs (the generator runs up to its first chunk)
-    chunks = shard.iter_all()
-    first = next(chunks)
-    names_before = {p.name for p in (tmp_path / "s").glob("*.sqlite3")}
-    # When a compaction replaces every run meanwhile
-    shard._fanout = 2  # force the pending merges now
+    write([(key, b"memtable-" + key) for key in keys[::101]])
+    assert len(shard._runs) >= 5 and min(run.entries for _, run in shard._runs) > 4096
+    assert shard.stats().memtable_entries > 0
+    snapshot = _live(state)
+    # When a scan starts and reads its first chunks (it pins the runs it reads)
+    scan = shard.iter_all()
+    seen: list[tuple[bytes, bytes | None]] = []
+    while len(seen) < 5000:
+        seen.extend(zip(*next(scan), strict=True))
+    assert len(seen) < len(snapshot)
+    pinned = _live_runs(shard)
+    # and, while it is open, new keys, overwrites and deletes are flushed and compaction replaces the runs
+    write([(b"key-%012d" % (2 * i + 1), b"after") for i in range(0, 30_000, 5)])
+    write([(key, b"after") for key in keys[1::4]])
+    delete(keys[2::5])
+    shard.flush()
     shard.wait_for_compactions()
-    # Then the scan finishes on its snapshot, and replaced files go only once it is done
-    rest = [k for keys, _ in chunks for k in keys]
-    assert len(first[0]) + len(rest) == 200
-    assert {p.name for p in (tmp_path / "s").glob("*.sqlite3")}.isdisjoint(names_before)
+    replaced = pinned - _live_runs(shard)
+    # Then the replaced run files are kept while the scan is open
+    assert len(replaced) >= 4
+    assert replaced <= _run_files(shard_dir)
+    # and the scan yields exactly the snapshot of its start: every key once, in order, the values of then
+    for chunk_keys, chunk_values in scan:
+        seen.extend(zip(chunk_keys, chunk_values, strict=True))
+    assert seen == snapshot
+    # And once the scan is done the replaced files are gone, and reads see the new state
+    assert replaced.isdisjoint(_run_files(shard_dir))
+    assert shard.count() == len(_live(state))
+    assert shard.get_many([keys[1], keys[2]]) == {keys[1]: b"after"}
+    # And a scan closed before its end lets the runs replaced meanwhile go as well
+    write([(key, b"third") for key in keys[::2]])
+    shard.flush()
+    scan = shard.iter_all()
+    next(scan)
+    pinned = _live_runs(shard)
+    write([(key, b"fourth") for key in keys[::2]])
+    shard.flush()
+    shard.wait_for_compactions()
+    replaced = pinned - _live_runs(shard)
+    assert replaced and replaced <= _run_files(shard_dir)
+    scan.close()
+    assert replaced.isdisjoint(_run_files(shard_dir))
     shard.close()
 
 
