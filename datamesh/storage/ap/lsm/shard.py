@@ -43,7 +43,7 @@ from datamesh.storage.ap.lsm.memtable import MISSING, Memtable
 from datamesh.storage.ap.lsm.reader import reload_runs
 from datamesh.storage.ap.lsm.recovery import file_path, recover
 from datamesh.storage.ap.lsm.run import Block, Run, iter_blocks
-from datamesh.storage.ap.lsm.stats import LOG_SUFFIX, RUN_SUFFIX, LsmStats, build_stats
+from datamesh.storage.ap.lsm.stats import LOG_SUFFIX, RUN_SUFFIX, LsmStats, build_stats, logs_bytes
 from datamesh.storage.ap.sqlite_shard import prefix_upper_bound, take_writer_lock
 
 DEFAULT_MEMTABLE_BYTES = 128 * 1024 * 1024
@@ -227,10 +227,12 @@ class LsmShard(ShardMaintenance, ShardEngine):
         self._cond.notify_all()
 
     def _must_stall(self) -> bool:
-        """Too many frozen memtables wait for the flusher, or too many tier-0 runs for compaction."""
+        """Too many frozen memtables wait for the flusher, or too many tier-0 runs for compaction
+        (counting the frozen memtables, each a tier-0 run once flushed, so tier 0 stays within
+        ``max_tier0_runs``)."""
         if len(self._immutables) >= self._max_immutable:
             return True
-        return self._tier0_runs() >= self._max_tier0_runs
+        return self._tier0_runs() + len(self._immutables) >= self._max_tier0_runs
 
     def _tier0_runs(self) -> int:
         return sum(1 for meta, _ in self._runs if meta.level == 0)
@@ -358,7 +360,7 @@ class LsmShard(ShardMaintenance, ShardEngine):
         self._refresh_readonly()
         with self._lock:
             memtables = [self._mem, *self._immutables]
-            log_bytes = sum(p.stat().st_size for p in self.path.glob(f"*{LOG_SUFFIX}")) if self.path.exists() else 0
+            log_bytes = logs_bytes(self.path)
             return build_stats(
                 self.path,
                 self._manifest,

@@ -7,6 +7,7 @@ memtable of a running writer is reported as the bytes of its unflushed logs).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter as _Tally
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,16 +94,24 @@ def build_stats(
     )
 
 
+def logs_bytes(shard_dir: Path, *, min_log: int = 0) -> int:
+    """Bytes in the shard's logs numbered ``min_log`` or above.  A log the flusher removes while
+    they are listed (it does so outside the shard lock) counts as the empty log it has become."""
+    total = 0
+    for log in shard_dir.glob(f"*{LOG_SUFFIX}") if shard_dir.exists() else ():
+        if int(log.stem.split("-")[-1]) < min_log:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            total += log.stat().st_size
+    return total
+
+
 def read_stats(shard_dir: Path, *, fanout: int) -> LsmStats | None:
     """Stats of a shard from its files alone (no lock taken; safe beside a running writer)."""
     manifest = load_manifest(shard_dir)
     if manifest is None:
         return None
-    log_bytes = sum(
-        log.stat().st_size
-        for log in shard_dir.glob(f"*{LOG_SUFFIX}")
-        if int(log.stem.split("-")[-1]) >= manifest.min_log
-    )
+    log_bytes = logs_bytes(shard_dir, min_log=manifest.min_log)
     return build_stats(
         shard_dir,
         manifest,
