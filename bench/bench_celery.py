@@ -266,8 +266,13 @@ async def main() -> None:
                             row = await run_batches(p, rows, size, max(args.turns, size * clients), clients, backlog)
                             report(f"celery {processes} proc", row)
                 finally:
-                    workers.terminate()
-                    workers.wait(timeout=30)
+                    workers.terminate()  # a warm shutdown: running tasks finish, LSM memtables are flushed
+                    try:
+                        workers.wait(timeout=180)
+                    except subprocess.TimeoutExpired:
+                        print(f"workers did not stop within 180 s: killed ({processes} processes)")
+                        workers.kill()
+                        workers.wait()
             local_url = fresh_schema("local")
             local = DataMeshConfig(
                 data_dir=root / "local",
