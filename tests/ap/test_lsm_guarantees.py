@@ -411,3 +411,34 @@ def test_published_runs_are_sqlite_files_in_wal_mode_with_their_blocks_in_key_or
     for path, _, entries in compacted:
         _check_published_run(path, entries, scratch)
     shard.close()
+
+
+# -- fsync policy ---------------------------------------------------------------------------------
+
+
+def test_interval_fsync_syncs_the_last_writes_once_the_writers_go_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datamesh.storage.ap.lsm import log as log_module
+    from datamesh.storage.ap.lsm.log import FsyncPolicy
+
+    # Given a shard syncing its log at most every second, and a record of its syncs
+    synced = threading.Event()
+    fdatasync = log_module.os.fdatasync
+
+    def noted(fd: int) -> None:
+        fdatasync(fd)
+        synced.set()
+
+    shard = LsmShard(tmp_path / "s", fsync=FsyncPolicy.INTERVAL, fsync_interval_s=1.0, flush_interval_s=3600)
+    monkeypatch.setattr(log_module.os, "fdatasync", noted)
+    try:
+        # When one batch is written within the interval (so its writer does not sync it) and no more come
+        shard.put_many([(b"last-key", b"last value")])
+        log = shard._log
+        assert log._written > log._synced
+        # Then the flusher thread syncs it once the interval has passed, with no write to trigger it
+        assert synced.wait(timeout=HANG_GUARD_S), "the last batch was never synced"
+        assert log._synced >= log._written
+    finally:
+        shard.close()

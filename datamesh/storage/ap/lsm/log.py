@@ -119,6 +119,16 @@ class LogWriter:
             return
         self.sync_all(sequence)
 
+    def sync_due(self) -> bool:
+        """Under ``INTERVAL``: records were written and none synced for ``fsync_interval_s``.  A writer
+        that stops writing leaves its last records to the shard's flusher thread, which syncs them
+        then, so the window a machine crash can lose stays bounded while the shard is idle."""
+        return (
+            self.policy is FsyncPolicy.INTERVAL
+            and self._written > self._synced
+            and time.monotonic() - self._last_sync >= self._interval
+        )
+
     def sync_all(self, sequence: int | None = None) -> None:
         """fdatasync now unless ``sequence`` is already covered by a sync that finished meanwhile."""
         with self._sync_lock:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from datamesh.storage.ap.lsm.columns import Columns, Scratch
 from datamesh.storage.ap.lsm.compaction import merge_blocks, merge_columns, pick_compaction
+from datamesh.storage.ap.lsm.log import FsyncPolicy, LogWriter
 from datamesh.storage.ap.lsm.manifest import Manifest, RunMeta, run_meta, save_manifest
 from datamesh.storage.ap.lsm.memtable import Memtable
 from datamesh.storage.ap.lsm.recovery import remove_obsolete_logs
@@ -38,6 +39,9 @@ class ShardMaintenance:
     _block_entries: int | None
     _fanout: int
     _scratches: list[Scratch]
+    _log: LogWriter
+    _fsync: FsyncPolicy
+    _fsync_interval: float
 
     def _freeze_locked(self, *, stall: bool) -> None:
         raise NotImplementedError
@@ -65,6 +69,7 @@ class ShardMaintenance:
         scratch = self._kept_scratch()  # kept across flushes: see _flush_oldest
         try:
             while True:
+                unsynced: LogWriter | None = None
                 with self._lock:
                     idle_from = time.monotonic()
                     while not self._immutables and not self._closing:
@@ -72,13 +77,26 @@ class ShardMaintenance:
                         if len(self._mem) and aged:
                             self._freeze_locked(stall=False)
                             break
-                        self._cond.wait(self._flush_interval / 4)
+                        if self._log.sync_due():  # fsync policy INTERVAL, and the writers went quiet
+                            unsynced = self._log
+                            break
+                        self._cond.wait(self._idle_wait_s())
                         _release_if_idle(scratch, idle_from)
                     if self._closing and not self._immutables:
                         return
+                if unsynced is not None:
+                    unsynced.sync_all()  # outside the shard lock: writers go on meanwhile
+                    continue
                 self._flush_oldest(scratch)
         except BaseException as exc:  # noqa: BLE001 - kept and re-raised to writers as ShardError
             self._fail(exc)
+
+    def _idle_wait_s(self) -> float:
+        """How long the idle flusher sleeps between looks: a quarter of the flush interval, or the
+        fsync interval under ``FsyncPolicy.INTERVAL`` if that is shorter."""
+        if self._fsync is FsyncPolicy.INTERVAL:
+            return min(self._flush_interval / 4, self._fsync_interval)
+        return self._flush_interval / 4
 
     def _flush_oldest(self, scratch: Scratch | None = None) -> None:
         """Write the oldest frozen memtable into a tier-0 run.
