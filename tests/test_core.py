@@ -99,6 +99,8 @@ def test_config_defaults_work_without_environment() -> None:
         ("DATAMESH_MAX_PAYLOAD_BYTES", "1e3"),
         ("DATAMESH_CP_REQUIRE_SYNC_REPLICATION", "maybe"),
         ("DATAMESH_CP_COMMIT_TIMEOUT_S", "0"),
+        ("DATAMESH_AP_LSM_FSYNC", "sometimes"),
+        ("DATAMESH_AP_LSM_FSYNC_INTERVAL_S", "0"),
     ],
 )
 def test_config_names_the_bad_variable(variable: str, value: str) -> None:

@@ -62,7 +62,8 @@ def _migrate(args: argparse.Namespace, config: DataMeshConfig) -> int:
 
 def _with_tiers(config: DataMeshConfig) -> Tiers | None:
     # Under the Celery executor the workers own the AP shards: this process only reads them.
-    factory = readonly_engine_for(config.ap_engine) if config.executor == "celery" else engine_for(config.ap_engine)
+    celery = config.executor == "celery"
+    factory = readonly_engine_for(config.ap_engine) if celery else engine_for(config.ap_engine, config)
     tiers = Tiers.open(config, engine_factory=factory)
     if isinstance(tiers, Err):
         print(f"error: {tiers.error}")

@@ -17,6 +17,7 @@ from datamesh.core.envparse import (
     _BadValue,
     _bool,
     _choice,
+    _float_between,
     _fraction,
     _get,
     _int_between,
@@ -34,6 +35,12 @@ DEFAULT_DATA_DIR = "./datamesh-data"
 DEFAULT_AP_SHARDS = 4
 DEFAULT_AP_ENGINE = "sqlite"
 AP_ENGINES = ("sqlite", "lsm")
+#: When an LSM shard's log reaches the disk: every batch before it is acknowledged (``always``), at
+#: most every ``ap_lsm_fsync_interval_s`` (``interval``: a machine crash loses that window), or
+#: when the OS writes it back (``never``).
+DEFAULT_AP_LSM_FSYNC = "always"
+AP_LSM_FSYNC_POLICIES = ("always", "interval", "never")
+DEFAULT_AP_LSM_FSYNC_INTERVAL_S = 0.05
 DEFAULT_INLINE_MAX_BYTES = 64 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 DEFAULT_INGEST_RATE = 10_000.0
@@ -105,6 +112,9 @@ class DataMeshConfig:
     ap_shards: int = DEFAULT_AP_SHARDS
     #: AP shard engine: ``sqlite`` (one keyed table a shard) or ``lsm`` (log + memtable + sorted runs)
     ap_engine: str = DEFAULT_AP_ENGINE
+    #: LSM shards' log fsync policy (``always``, ``interval``, ``never``) and interval
+    ap_lsm_fsync: str = DEFAULT_AP_LSM_FSYNC
+    ap_lsm_fsync_interval_s: float = DEFAULT_AP_LSM_FSYNC_INTERVAL_S
     objects_url: str = ""
     inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
@@ -200,6 +210,13 @@ class DataMeshConfig:
                 ap_dir=_get(env, "DATAMESH_AP_DIR", _optional_path, None),
                 ap_shards=_get(env, "DATAMESH_AP_SHARDS", _int_between(1, 4096), DEFAULT_AP_SHARDS),
                 ap_engine=_get(env, "DATAMESH_AP_ENGINE", _choice(AP_ENGINES), DEFAULT_AP_ENGINE),
+                ap_lsm_fsync=_get(env, "DATAMESH_AP_LSM_FSYNC", _choice(AP_LSM_FSYNC_POLICIES), DEFAULT_AP_LSM_FSYNC),
+                ap_lsm_fsync_interval_s=_get(
+                    env,
+                    "DATAMESH_AP_LSM_FSYNC_INTERVAL_S",
+                    _float_between(0.001, 60.0),
+                    DEFAULT_AP_LSM_FSYNC_INTERVAL_S,
+                ),
                 objects_url=_get(env, "DATAMESH_OBJECTS_URL", _url, ""),
                 inline_max_bytes=_get(
                     env,

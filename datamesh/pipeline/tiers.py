@@ -63,7 +63,7 @@ class Tiers:
             cp.dispose()
             return objects
         try:
-            factory = engine_factory if engine_factory is not None else engine_for(config.ap_engine)
+            factory = engine_factory if engine_factory is not None else engine_for(config.ap_engine, config)
             ap = ContentStore(config.resolved_ap_dir, config.ap_shards, engine_factory=factory)
         except OSError as exc:
             cp.dispose()
@@ -92,12 +92,15 @@ def check_schema(cp: CpDatabase) -> Result[None, StorageError]:
     return Ok(None)
 
 
-def engine_for(name: str) -> EngineFactory:
-    """The AP shard engine named by ``DATAMESH_AP_ENGINE``."""
+def engine_for(name: str, config: DataMeshConfig | None = None) -> EngineFactory:
+    """The AP shard engine named by ``DATAMESH_AP_ENGINE``; LSM shards take their log's fsync
+    policy from ``config`` (``DATAMESH_AP_LSM_FSYNC``, ``DATAMESH_AP_LSM_FSYNC_INTERVAL_S``)."""
     if name == "lsm":
-        from datamesh.storage.ap.lsm import lsm_engine
+        from datamesh.storage.ap.lsm import FsyncPolicy, lsm_engine, lsm_engine_with
 
-        return lsm_engine
+        if config is None:
+            return lsm_engine
+        return lsm_engine_with(FsyncPolicy(config.ap_lsm_fsync), config.ap_lsm_fsync_interval_s)
     return default_engine
 
 

@@ -53,7 +53,7 @@ class Runtime:
     def tiers(self) -> Tiers:
         if self._tiers is None:
             opened = Tiers.open(
-                self.config, engine_factory=fenced_engine(self.token, engine_for(self.config.ap_engine))
+                self.config, engine_factory=fenced_engine(self.token, engine_for(self.config.ap_engine, self.config))
             )
             self._tiers = opened.unwrap()
         return self._tiers

@@ -43,3 +43,22 @@ def test_shards_this_worker_writes_are_read_through_its_writer(tmp_path: Path) -
     assert opened == [writer.shard_path(REGION, 1)]
     index_ap.close()
     writer.close()
+
+
+def test_lsm_shards_take_their_log_fsync_policy_from_the_configuration(tmp_path: Path) -> None:
+    from datamesh.core.config import DataMeshConfig
+    from datamesh.storage.ap.lsm import FsyncPolicy, LsmShard
+
+    # Given a configuration asking LSM shards to sync their logs at most every 0.2 s
+    config = DataMeshConfig.from_env(
+        {"DATAMESH_AP_ENGINE": "lsm", "DATAMESH_AP_LSM_FSYNC": "interval", "DATAMESH_AP_LSM_FSYNC_INTERVAL_S": "0.2"}
+    ).unwrap()
+    # When the AP tier's engine opens a shard, then its log follows that policy
+    shard = engine_for(config.ap_engine, config)(tmp_path / "shard-000")
+    assert isinstance(shard, LsmShard)
+    assert shard._log.policy is FsyncPolicy.INTERVAL and shard._log._interval == 0.2
+    shard.close()
+    # And by default every batch is synced before it is acknowledged
+    default = engine_for("lsm", DataMeshConfig())(tmp_path / "shard-001")
+    assert isinstance(default, LsmShard) and default._log.policy is FsyncPolicy.ALWAYS
+    default.close()

@@ -19,6 +19,7 @@ from datamesh.storage.ap.lsm.shard import (
     DEFAULT_TIER_FANOUT,
     LsmShard,
     lsm_engine,
+    lsm_engine_with,
 )
 from datamesh.storage.ap.lsm.stats import LsmStats, format_stats, read_stats
 
@@ -36,5 +37,6 @@ __all__ = [
     "LsmStats",
     "format_stats",
     "lsm_engine",
+    "lsm_engine_with",
     "read_stats",
 ]

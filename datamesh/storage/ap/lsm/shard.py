@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from datamesh.storage.ap.base import ShardEngine, ShardError
@@ -454,3 +454,12 @@ class LsmShard(ShardMaintenance, ShardEngine):
 def lsm_engine(path: Path) -> ShardEngine:
     """An ``EngineFactory`` for :class:`~datamesh.storage.ap.store.ContentStore`: ``<path>.lsm/``."""
     return LsmShard(path.with_suffix(".lsm"))
+
+
+def lsm_engine_with(fsync: FsyncPolicy, fsync_interval_s: float) -> Callable[[Path], ShardEngine]:
+    """:func:`lsm_engine` with the log's fsync policy and interval."""
+
+    def factory(path: Path) -> ShardEngine:
+        return LsmShard(path.with_suffix(".lsm"), fsync=fsync, fsync_interval_s=fsync_interval_s)
+
+    return factory
