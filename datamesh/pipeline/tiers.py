@@ -96,11 +96,10 @@ def engine_for(name: str, config: DataMeshConfig | None = None) -> EngineFactory
     """The AP shard engine named by ``DATAMESH_AP_ENGINE``; LSM shards take their log's fsync
     policy from ``config`` (``DATAMESH_AP_LSM_FSYNC``, ``DATAMESH_AP_LSM_FSYNC_INTERVAL_S``)."""
     if name == "lsm":
-        from datamesh.storage.ap.lsm import FsyncPolicy, lsm_engine, lsm_engine_with
+        from datamesh.storage.ap.lsm import FsyncPolicy, lsm_engine_with
 
-        if config is None:
-            return lsm_engine
-        return lsm_engine_with(FsyncPolicy(config.ap_lsm_fsync), config.ap_lsm_fsync_interval_s)
+        settings = config if config is not None else DataMeshConfig()
+        return lsm_engine_with(FsyncPolicy(settings.ap_lsm_fsync), settings.ap_lsm_fsync_interval_s)
     return default_engine
 
 

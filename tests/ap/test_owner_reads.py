@@ -47,7 +47,7 @@ def test_shards_this_worker_writes_are_read_through_its_writer(tmp_path: Path) -
 
 def test_lsm_shards_take_their_log_fsync_policy_from_the_configuration(tmp_path: Path) -> None:
     from datamesh.core.config import DataMeshConfig
-    from datamesh.storage.ap.lsm import FsyncPolicy, LsmShard
+    from datamesh.storage.ap.lsm import DEFAULT_FSYNC_INTERVAL_S, FsyncPolicy, LsmShard
 
     # Given a configuration asking LSM shards to sync their logs at most every 0.2 s
     config = DataMeshConfig.from_env(
@@ -61,4 +61,5 @@ def test_lsm_shards_take_their_log_fsync_policy_from_the_configuration(tmp_path:
     # And by default every batch is synced before it is acknowledged
     default = engine_for("lsm", DataMeshConfig())(tmp_path / "shard-001")
     assert isinstance(default, LsmShard) and default._log.policy is FsyncPolicy.ALWAYS
+    assert default._log._interval == DEFAULT_FSYNC_INTERVAL_S  # the configuration's default is the shard's
     default.close()

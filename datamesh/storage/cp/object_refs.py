@@ -62,13 +62,7 @@ def drop_refs(conn: Connection, saga_id: str, *, region: str | None = None) -> l
 
 def forget_unreferenced(conn: Connection, candidates: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """Delete the CP row of each candidate blob no reference holds (its object is left to GC)."""
-    _lock(conn, candidates)
-    left: list[tuple[str, str]] = []
-    for region, content_hash in sorted(set(candidates)):
-        if _references(conn, region, content_hash) == 0:
-            conn.execute(delete(BLOBS).where(BLOBS.c.region == region, BLOBS.c.content_hash == content_hash))
-            left.append((region, content_hash))
-    return left
+    return _drop_unreferenced(conn, candidates, _keep_object)
 
 
 def collect(
@@ -87,14 +81,7 @@ def collect(
             [{"region": r, "content_hash": h, "size": 0, "created_at": utcnow()} for r, h in sorted(set(candidates))],
             ["region", "content_hash"],
         )
-    _lock(conn, candidates)
-    deleted: list[tuple[str, str]] = []
-    for region, content_hash in sorted(set(candidates)):
-        if _references(conn, region, content_hash) == 0:
-            delete_blob(region, content_hash)
-            conn.execute(delete(BLOBS).where(BLOBS.c.region == region, BLOBS.c.content_hash == content_hash))
-            deleted.append((region, content_hash))
-    return deleted
+    return _drop_unreferenced(conn, candidates, delete_blob)
 
 
 def referenced(conn: Connection, region: str, hashes: Sequence[str]) -> set[str]:
@@ -121,6 +108,24 @@ def committed_hashes(conn: Connection, region: str) -> set[str]:
         .distinct()
     )
     return {r.content_hash for r in rows}
+
+
+def _drop_unreferenced(
+    conn: Connection, candidates: Sequence[tuple[str, str]], delete_blob: Callable[[str, str], None]
+) -> list[tuple[str, str]]:
+    """With each candidate's row locked: for those no reference holds, ``delete_blob`` then the row."""
+    _lock(conn, candidates)
+    dropped: list[tuple[str, str]] = []
+    for region, content_hash in sorted(set(candidates)):
+        if _references(conn, region, content_hash) == 0:
+            delete_blob(region, content_hash)
+            conn.execute(delete(BLOBS).where(BLOBS.c.region == region, BLOBS.c.content_hash == content_hash))
+            dropped.append((region, content_hash))
+    return dropped
+
+
+def _keep_object(region: str, content_hash: str) -> None:
+    """The object of a blob whose last reference a compensation dropped: GC's, after its grace period."""
 
 
 def _references(conn: Connection, region: str, content_hash: str) -> int:

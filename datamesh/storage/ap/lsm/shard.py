@@ -451,15 +451,15 @@ class LsmShard(ShardMaintenance, ShardEngine):
             self._lock_fd = None
 
 
-def lsm_engine(path: Path) -> ShardEngine:
-    """An ``EngineFactory`` for :class:`~datamesh.storage.ap.store.ContentStore`: ``<path>.lsm/``."""
-    return LsmShard(path.with_suffix(".lsm"))
-
-
 def lsm_engine_with(fsync: FsyncPolicy, fsync_interval_s: float) -> Callable[[Path], ShardEngine]:
-    """:func:`lsm_engine` with the log's fsync policy and interval."""
+    """An ``EngineFactory`` for :class:`~datamesh.storage.ap.store.ContentStore` (``<path>.lsm/``)
+    whose shards sync their logs by ``fsync`` and ``fsync_interval_s``."""
 
     def factory(path: Path) -> ShardEngine:
         return LsmShard(path.with_suffix(".lsm"), fsync=fsync, fsync_interval_s=fsync_interval_s)
 
     return factory
+
+
+#: :func:`lsm_engine_with` the default fsync policy.
+lsm_engine = lsm_engine_with(DEFAULT_FSYNC, DEFAULT_FSYNC_INTERVAL_S)
