@@ -105,11 +105,22 @@ class Filling:
         else:
             self._data, self.view = fresh
         self._hashing = TrailingHash() if size >= OVERLAP_MIN_BYTES else None
+        #: Bytes filled so far, from the start.
+        self.offset = 0
 
-    def filled(self, offset: int, count: int) -> None:
-        """``count`` bytes from ``offset`` are read: hash them next."""
-        if self._hashing is not None:
-            self._hashing.feed(self.view[offset : offset + count])
+    def read_from(self, readinto: Callable[[memoryview], int], chunk_bytes: int) -> bool:
+        """Fill the rest from ``readinto`` (it reads into the view it is given and returns how many
+        bytes), ``chunk_bytes`` at a time, each chunk handed to the hash once read; ``False`` if
+        ``readinto`` ran dry first.  :attr:`offset` says how far it got, also if ``readinto`` raised,
+        so a cut read can be resumed from there with another source."""
+        while self.offset < self.size:
+            count = readinto(self.view[self.offset : self.offset + chunk_bytes])
+            if not count:
+                return False
+            if self._hashing is not None:
+                self._hashing.feed(self.view[self.offset : self.offset + count])
+            self.offset += count
+        return True
 
     def finish(self) -> tuple[str, bytes]:
         """The digest and the bytes, once every byte is read."""

@@ -425,13 +425,9 @@ class FilesystemObjectStore(ObjectStore[str]):
                 return hashlib.sha256(data).hexdigest(), data
             filling = Filling(size)
             try:
-                offset = 0
-                while offset < size:
-                    count = os.preadv(fd, [filling.view[offset : offset + self.chunk_bytes]], offset)
-                    if not count:  # truncated in place while read (datamesh never does)
-                        raise OSError(errno.EIO, f"object {key} ended at byte {offset} of {size} while read")
-                    filling.filled(offset, count)
-                    offset += count
+                if not filling.read_from(lambda view: os.preadv(fd, [view], filling.offset), self.chunk_bytes):
+                    # truncated in place while read (datamesh never does)
+                    raise OSError(errno.EIO, f"object {key} ended at byte {filling.offset} of {size} while read")
                 return filling.finish()
             finally:
                 filling.end()

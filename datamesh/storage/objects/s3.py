@@ -276,20 +276,15 @@ class S3ObjectStore(ObjectStore[Staged]):
 
         A body cut mid-way is resumed from where it stopped by a ranged GET pinned to the ETag.
         """
-        offset, etag, failures = 0, None, 0
+        etag, failures = None, 0
         filling: Filling | None = None
         try:
             while True:
-                body, etag, length = self._get_body(key, offset, etag)
+                body, etag, length = self._get_body(key, filling.offset if filling else 0, etag)
                 try:
                     filling = filling or Filling(length)
-                    while offset < filling.size:
-                        chunk = filling.view[offset : offset + self.chunk_bytes]
-                        count = body.readinto(chunk)  # type: ignore[arg-type]  # the stub says IO; any writable buffer is read into
-                        if not count:
-                            raise IncompleteReadError(actual_bytes=offset, expected_bytes=filling.size)
-                        filling.filled(offset, count)
-                        offset += count
+                    if not filling.read_from(body.readinto, self.chunk_bytes):  # type: ignore[arg-type]  # any writable buffer is read into
+                        raise IncompleteReadError(actual_bytes=filling.offset, expected_bytes=filling.size)
                     return filling.finish()
                 except _CONNECTION_ERRORS as exc:
                     failures += 1
