@@ -113,17 +113,7 @@ def _not_redrivable(tiers: Tiers, saga_id: str) -> str | None:
         return str(record.error)
     if record.value is None:
         return f"no saga {saga_id}"
-    status = record.value.status
-    if status == SagaStatus.DEAD:
-        return None
-    if status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING) and record.value.lease_expires_at < utcnow():
-        return None
-    if status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
-        return (
-            f"saga {saga_id} is {status.value} and its driver's lease is live until "
-            f"{record.value.lease_expires_at.isoformat()}: only dead or stuck sagas are re-driven"
-        )
-    return f"saga {saga_id} is {status.value}: nothing to re-drive"
+    return sagas.redrive_refusal(record.value, now=utcnow())
 
 
 def _redrive_on_celery(tiers: Tiers, config: DataMeshConfig, saga_id: str) -> int:

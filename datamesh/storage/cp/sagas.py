@@ -155,6 +155,22 @@ def begin_step(
     return status, attempts
 
 
+_STUCK = (SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+
+
+def redrive_refusal(record: SagaRecord, *, now: datetime) -> str | None:
+    """Why :func:`redrive` leaves this saga alone, or ``None`` if it takes it: a dead saga, or a
+    stuck one (running or compensating, its lease expired: no live driver)."""
+    if record.status == SagaStatus.DEAD or (record.status in _STUCK and record.lease_expires_at < now):
+        return None
+    if record.status in _STUCK:
+        return (
+            f"saga {record.saga_id} is {record.status.value} and its driver's lease is live until "
+            f"{record.lease_expires_at.isoformat()}: only dead or stuck sagas are re-driven"
+        )
+    return f"saga {record.saga_id} is {record.status.value}: nothing to re-drive"
+
+
 def redrive(conn: Connection, saga_id: str, *, now: datetime, lease_s: float) -> bool:
     """Give a dead saga, or a stuck one (running or compensating with its lease expired), a fresh
     compensation attempt count and lease; ``False`` for any other saga (a live one is left alone).
@@ -164,7 +180,7 @@ def redrive(conn: Connection, saga_id: str, *, now: datetime, lease_s: float) ->
     finishes the compensation moves it out (see :mod:`datamesh.observability.ledger`).  A stuck saga
     becomes ``compensating``.
     """
-    stuck = [SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]
+    stuck = [status.value for status in _STUCK]  # the same rule as redrive_refusal, atomically
     dead = conn.execute(
         update(SAGAS)
         .where(SAGAS.c.id == saga_id, SAGAS.c.status == SagaStatus.DEAD.value)
