@@ -5,13 +5,16 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
 import signal
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from datamesh.core.errors import IntegrityError, NotFound
+from datamesh.core.filesystems import NAME_COMMITTED_WITH_FILE, filesystem_type, name_committed_with_file
 from datamesh.core.result import Err
 from datamesh.core.types import ContentHash, GeoRegion
 from datamesh.storage.objects import buffers
@@ -158,18 +161,22 @@ def _calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 WAYS = pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "staged"])
 
 
-def _store(root: Path, unnamed: bool) -> FilesystemObjectStore:
-    store = FilesystemObjectStore(root)
+def _store(root: Path, unnamed: bool, folder_fsync: str = "always") -> FilesystemObjectStore:
+    store = FilesystemObjectStore(root, folder_fsync=folder_fsync)
     store._unnamed = unnamed
     return store
+
+
+#: Whether the tests' own folder is on a filesystem whose file fsync commits the file's name.
+NAME_WITH_FILE = name_committed_with_file(Path(tempfile.gettempdir()))
 
 
 @WAYS
 def test_a_small_put_is_linked_then_synced_with_its_folder_and_sealed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
 ) -> None:
-    # Given an empty store (its 256 fan-out folders are made with it)
-    store = _store(tmp_path, unnamed)
+    # Given an empty store that fsyncs a small put's folder on every filesystem
+    store = _store(tmp_path, unnamed, "always")
     calls = _calls(monkeypatch)
     # When a small blob is put
     key = store.put(b"small and new").unwrap().content_hash.hex
@@ -177,6 +184,41 @@ def test_a_small_put_is_linked_then_synced_with_its_folder_and_sealed(
     assert calls[0] == "link" and sorted(calls[1:]) == sorted(["fsync", f"dir {tmp_path}/{key[:2]}"])
     # And it is sealed: its owner-write bit is clear
     assert store.path_of(key).stat().st_mode & 0o777 == 0o400
+
+
+@WAYS
+def test_by_default_a_small_put_skips_the_folder_fsync_only_where_the_file_fsync_commits_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
+) -> None:
+    # Given a store with the default folder_fsync ("auto") on this machine's temporary folder
+    store = _store(tmp_path, unnamed, "auto")
+    assert store.syncs_small_folders is not name_committed_with_file(tmp_path)
+    calls = _calls(monkeypatch)
+    # When a small blob is put
+    key = store.put(b"small and new").unwrap().content_hash.hex
+    # Then it was linked into place before its file's fsync, and its folder was synced only where
+    # that fsync does not commit the new name as well
+    folder = [] if NAME_WITH_FILE else [f"dir {tmp_path}/{key[:2]}"]
+    assert calls[0] == "link" and sorted(calls[1:]) == sorted(["fsync", *folder])
+    assert store.path_of(key).stat().st_mode & 0o777 == 0o400
+
+
+def test_a_store_on_a_filesystem_of_unknown_name_semantics_fsyncs_its_folders(tmp_path: Path) -> None:
+    # Given a folder on tmpfs (not ext4, XFS or btrfs), when it is not on one of those
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or filesystem_type(shm) in NAME_COMMITTED_WITH_FILE:
+        pytest.skip("no tmpfs at /dev/shm on this machine")
+    root = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        # Then the default store there fsyncs a small put's folder, as POSIX asks
+        assert FilesystemObjectStore(root).syncs_small_folders
+    finally:
+        shutil.rmtree(root)
+
+
+def test_an_unknown_folder_fsync_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="folder_fsync must be one of auto, always, got 'sometimes'"):
+        FilesystemObjectStore(tmp_path, folder_fsync="sometimes")
 
 
 @WAYS
@@ -258,9 +300,10 @@ def test_an_unsealed_intact_object_is_synced_and_sealed_by_a_dedup_put(
     calls = _calls(monkeypatch)
     # When the same bytes are put
     stored = store.put(data).unwrap()
-    # Then nothing is written, but the file and its folder are synced before the put counts it stored
+    # Then nothing is written, but the file (and its folder, where the file's fsync does not commit
+    # its name) is synced before the put counts it stored
     assert not stored.written and path.stat().st_ino == inode
-    assert calls == ["fsync", f"dir {path.parent}"]
+    assert calls == ["fsync"] + ([] if NAME_WITH_FILE else [f"dir {path.parent}"])
     assert path.stat().st_mode & 0o777 == 0o400
     # And a later dedup put trusts the sealed file without syncing it again
     calls.clear()
@@ -367,7 +410,8 @@ def test_an_unsealed_object_that_cannot_be_sealed_still_counts_once_verified_and
     calls = _calls(monkeypatch)
     # When the same bytes are put, the put writes nothing: the file was verified and synced
     assert store.put(data).unwrap().written is False
-    assert calls == ["fsync", f"dir {path.parent}"] and path.read_bytes() == data
+    assert calls == ["fsync"] + ([] if NAME_WITH_FILE else [f"dir {path.parent}"])
+    assert path.read_bytes() == data
 
 
 def test_a_new_store_records_one_level_and_makes_its_folders(tmp_path: Path) -> None:

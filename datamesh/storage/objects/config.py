@@ -22,6 +22,9 @@ else in the object store reads the environment.  The variables, with their defau
   ``DATAMESH_S3_RETRY_ATTEMPTS`` (5), ``DATAMESH_S3_RETRY_CAP_S`` (2.0),
   ``DATAMESH_S3_MAX_POOL_CONNECTIONS`` (10), ``DATAMESH_S3_CONNECT_TIMEOUT_S`` (5.0),
   ``DATAMESH_S3_READ_TIMEOUT_S`` (60.0).
+* ``DATAMESH_OBJECTS_FOLDER_FSYNC`` (``auto``) — ``always`` fsyncs a small filesystem put's folder
+  on every filesystem; ``auto`` skips it where the file's fsync commits its name (ext4, XFS, btrfs;
+  see :mod:`datamesh.storage.objects.filesystem`).
 
 Two regions may never share a location, nor may one's location contain another's.
 """
@@ -34,7 +37,7 @@ from pathlib import PurePosixPath
 from typing import TypeVar
 from urllib.parse import parse_qs, unquote, urlparse
 
-from datamesh.core.envparse import _BadValue, _float_between, _get, _int_between
+from datamesh.core.envparse import _BadValue, _choice, _float_between, _get, _int_between
 from datamesh.core.errors import ConfigError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.retry import RetryPolicy
@@ -60,6 +63,8 @@ DEFAULT_S3_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_S3_READ_TIMEOUT_S = 60.0
 
 URL_VARIABLE = "DATAMESH_OBJECTS_URL"
+FOLDER_FSYNC_VARIABLE = "DATAMESH_OBJECTS_FOLDER_FSYNC"
+FOLDER_FSYNC_MODES = ("auto", "always")
 REGIONS_VARIABLE = "DATAMESH_OBJECTS_REGIONS"
 
 T = TypeVar("T")
@@ -149,6 +154,9 @@ class ObjectsSettings:
 
     locations: Mapping[GeoRegion, Location]
     s3: S3Settings = field(default_factory=S3Settings)
+    #: Whether filesystem stores fsync a small put's folder everywhere (``always``) or only where
+    #: the file's fsync does not commit its name (``auto``).
+    folder_fsync: str = "auto"
 
     @classmethod
     def from_url(cls, url: str, *, variable: str = URL_VARIABLE) -> Result[ObjectsSettings, ConfigError]:
@@ -159,7 +167,10 @@ class ObjectsSettings:
     def from_env(cls, environ: Mapping[str, str], *, default_url: str) -> Result[ObjectsSettings, ConfigError]:
         """Read the variables listed in the module docstring; ``Err`` names the first bad one."""
         try:
-            return Ok(cls(locations=_locations(environ, default_url), s3=_s3_settings(environ)))
+            folder_fsync = _get(environ, FOLDER_FSYNC_VARIABLE, _choice(FOLDER_FSYNC_MODES), "auto")
+            return Ok(
+                cls(locations=_locations(environ, default_url), s3=_s3_settings(environ), folder_fsync=folder_fsync)
+            )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))
 

@@ -83,7 +83,7 @@ def _open_one(
 ) -> Result[AnyObjectStore, ConfigError]:
     if location.scheme == "file":
         try:
-            return Ok(FilesystemObjectStore(Path(location.path)))
+            return Ok(FilesystemObjectStore(Path(location.path), folder_fsync=settings.folder_fsync))
         except OSError as exc:
             return Err(
                 ConfigError(region_variable(region), f"cannot create object store folder {location.path}: {exc}")
