@@ -1,9 +1,11 @@
 """Faults: the S3 server goes away mid-run; nothing acknowledged is lost, and a lasting failure is a clear Err.
 
-These tests use their own moto_server (moto keeps objects in memory, so a real restart would wipe
-them: that would test moto, not us).  "Stop and restart" is done two ways that keep the server's
-state: cutting its port (a proxy that closes every connection and refuses new ones: connection
-refused / reset) and freezing the process (SIGSTOP / SIGCONT: requests time out).  Throttling and
+These tests use their own moto_server.  The server is really stopped (SIGTERM, the process exits)
+and started again on the same port: moto keeps objects in memory only, so that test runs moto under
+``moto_persistent.py``, which writes its objects to disk when it stops and loads them when it
+starts, as an S3 server that keeps its data does.  Two more outages keep the process alive:
+cutting its port (a proxy that closes every connection and refuses new ones: connection refused /
+reset) and freezing the process (SIGSTOP / SIGCONT: requests time out).  Throttling and
 server errors come from an HTTP proxy that answers some requests itself with S3's error codes.  A
 permanent failure kills the server for good.
 """
@@ -14,6 +16,8 @@ import http.client
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +37,7 @@ from datamesh.storage.objects import s3 as s3_module
 from datamesh.storage.objects.base import ObjectStore
 from datamesh.storage.objects.s3 import S3ObjectStore, _classify, make_client
 
-from .conftest import TEST_PART_BYTES, MotoServer, free_port, s3_settings, unavailable
+from .conftest import TEST_PART_BYTES, MotoServer, free_port, s3_settings, unavailable, wait_listening
 
 PATIENT_RETRY = RetryPolicy(attempts=30, base_s=0.05, cap_s=0.4)
 
@@ -175,6 +179,84 @@ def test_port_cut_mid_run_loses_no_acknowledged_blob(own_moto: MotoServer, trans
     assert isinstance(store.sweep_staging(older_than=datetime(2999, 1, 1, tzinfo=UTC)), Ok)
     cut.cut()
     store.close()
+
+
+class PersistentMoto:
+    """moto under ``moto_persistent.py``: ``stop`` ends the process, ``start`` runs a new one on the
+    same port that loads what the last one saved."""
+
+    def __init__(self, state: Path) -> None:
+        self.port, self.state, self.log = free_port(), state, state.with_suffix(".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("moto_persistent.py")), str(self.port), str(self.state)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if not wait_listening(self.port, timeout_s=60.0):
+            self.stop()
+            unavailable("moto (persistent) did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+            self.process = None
+
+    def lines(self, marker: str) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if marker in line]
+
+
+def test_server_stopped_and_restarted_mid_run_loses_no_acknowledged_blob(
+    tmp_path: Path, transient_failures: list[str]
+) -> None:
+    # Given an S3 server that keeps its objects across a stop and a start, and a store that is
+    # patient for longer than the server takes to come back
+    server = PersistentMoto(tmp_path / "s3-state")
+    server.start()
+    try:
+        bucket = fresh_bucket(server.endpoint)
+        store = S3ObjectStore.from_settings(s3_settings(server.endpoint, retry=PATIENT_RETRY), bucket, "x")
+        blobs = [os.urandom(TEST_PART_BYTES if i % 6 == 5 else 32 * 1024) for i in range(36)]
+
+        def restart() -> None:
+            server.stop()
+            time.sleep(1.0)
+            server.start()
+
+        # When the server is stopped a third of the way in, from another thread while puts run,
+        # and started again
+        acknowledged: list[ContentHash] = []
+        restarting: threading.Thread | None = None
+        for i, blob in enumerate(blobs):
+            if i == len(blobs) // 3:
+                restarting = threading.Thread(target=restart)
+                restarting.start()
+            acknowledged.append(store.put(blob).unwrap().content_hash)
+        assert restarting is not None
+        restarting.join()
+        # Then the outage was seen and retried, and every put was acknowledged in the end
+        assert transient_failures, "the stop should have been seen and retried"
+        assert acknowledged == [ContentHash.of(b) for b in blobs]
+        # And the server really restarted, from what it had saved
+        saved = [int(line.split()[2]) for line in server.lines("stopped with")]
+        loaded = [int(line.split()[4]) for line in server.lines("serving on")]
+        assert len(loaded) == 2 and loaded[1] == saved[0] > 0
+        # And every acknowledged blob, before the stop and after, is on the restarted server, whole
+        for key in acknowledged:
+            assert isinstance(store.verify(key), Ok), key
+        listed = store.list().unwrap()
+        assert sorted(k.hex for k in listed) == sorted({k.hex for k in acknowledged})
+        store.close()
+    finally:
+        server.stop()
 
 
 def freeze(pid: int) -> None:
