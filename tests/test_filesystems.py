@@ -7,13 +7,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from datamesh.core.filesystems import NAME_COMMITTED_WITH_FILE, filesystem_type, name_committed_with_file
 from datamesh.core.result import Err
 from datamesh.core.types import GeoRegion
 from datamesh.storage.objects.filesystem import FilesystemObjectStore
 from datamesh.storage.objects.router import open_object_stores_from_env
+from tests.conftest import service_missing
 
 
 def _device(path: Path) -> str:
@@ -24,7 +23,7 @@ def _device(path: Path) -> str:
 def test_the_type_is_what_findmnt_reports(tmp_path: Path) -> None:
     findmnt = shutil.which("findmnt")
     if findmnt is None:
-        pytest.skip("findmnt (util-linux) is not installed")
+        service_missing("findmnt", FileNotFoundError("util-linux's findmnt is not on PATH"))
     reported = subprocess.run(
         [findmnt, "-n", "-o", "FSTYPE", "--target", str(tmp_path)], check=True, capture_output=True, text=True
     ).stdout.strip()

@@ -20,6 +20,7 @@ from datamesh.core.types import ContentHash, GeoRegion
 from datamesh.storage.objects import buffers
 from datamesh.storage.objects.filesystem import LEVELS_FILE, FilesystemObjectStore, _fsync_with_folders
 from datamesh.storage.objects.router import open_object_stores
+from tests.conftest import service_missing
 
 
 def test_put_is_idempotent_and_verified(tmp_path: Path) -> None:
@@ -207,7 +208,7 @@ def test_a_store_on_a_filesystem_of_unknown_name_semantics_fsyncs_its_folders(tm
     # Given a folder on tmpfs (not ext4, XFS or btrfs), when it is not on one of those
     shm = Path("/dev/shm")
     if not shm.is_dir() or filesystem_type(shm) in NAME_COMMITTED_WITH_FILE:
-        pytest.skip("no tmpfs at /dev/shm on this machine")
+        service_missing("tmpfs", FileNotFoundError(f"/dev/shm is {filesystem_type(shm) if shm.is_dir() else 'absent'}"))
     root = Path(tempfile.mkdtemp(dir=shm))
     try:
         # Then the default store there fsyncs a small put's folder, as POSIX asks

@@ -3,9 +3,11 @@
 POSIX makes a new name durable only once its folder is fsynced.  Three Linux filesystems commit a
 name made *before* a file's fsync with that fsync, and a store may skip the folder's own fsync there:
 
-* ext4 commits the journal transaction that holds the inode's latest change; linking the file
-  changed its link count in the same transaction as the folder entry (without a journal, ext4's
-  fsync of a new inode syncs its parent folder itself);
+* ext4 with a journal commits the transaction that holds the inode's latest change; linking the
+  file changed its link count in the same transaction as the folder entry.  Without a journal
+  (as on the machines this project is built and tested on), every new folder entry marks its inode
+  ``EXT4_STATE_NEWENTRY`` (``ext4_add_entry``), and the inode's fsync then writes the parent
+  folder too, and the parent's parent while that one is new as well (``ext4_sync_parent``);
 * XFS forces its log up to the inode's latest change, which is logged with the folder entry;
 * btrfs logs a new file's names in its tree log when the file is fsynced.
 

@@ -18,6 +18,7 @@ from datamesh.pipeline.gc import collect_garbage, scrub
 from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
 from datamesh.pipeline.saga import InjectedFault
 from datamesh.pipeline.steps import Step
+from datamesh.storage.cp.sagas import SagaStatus
 from datamesh.storage.objects.config import Location, ObjectsSettings
 from tests.helpers import tier_counts
 from tests.objects.conftest import MotoServer, corrupt, s3_settings
@@ -227,7 +228,8 @@ async def test_permanent_store_failure_compensates_the_saga(objects_config: Data
     broken = objects_config.with_changes(objects=ObjectsSettings(locations=locations, s3=objects_config.objects.s3))  # type: ignore[union-attr]
     created = await IngestionPipeline.create(broken)
     if isinstance(created, Err):  # the filesystem backend notices at start: a clear configuration error
-        assert "DATAMESH_OBJECTS_URL_EU_WEST" in str(created.error)
+        assert eu.scheme == "file" and "DATAMESH_OBJECTS_URL_EU_WEST" in str(created.error)
+        await _a_folder_turned_file_mid_run_compensates_the_saga(objects_config)
         return
     async with created.unwrap() as p:
         request = IngestionRequest(
@@ -238,3 +240,23 @@ async def test_permanent_store_failure_compensates_the_saga(objects_config: Data
         assert result.error.step == Step.STORE_BLOBS and "NoSuchBucket" in result.error.message
         counts = tier_counts(p.tiers, object_regions=(GeoRegion.US_EAST,))  # the EU bucket cannot be listed
         assert counts.stored() == 0 and counts.rows["object_refs"] == 0 and counts.rows["idempotency_keys"] == 0
+
+
+async def _a_folder_turned_file_mid_run_compensates_the_saga(config: DataMeshConfig) -> None:
+    """A filesystem store that breaks after start: the fan-out folder of the payload's key is a file."""
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        payload = big(config, b"blocked ")
+        store: Any = p.tiers.objects.for_region(GeoRegion.EU_WEST).unwrap()
+        folder = store.path_of(ContentHash.of(payload).hex).parent
+        folder.rmdir()
+        folder.write_text("a file where a fan-out folder should be")
+        request = IngestionRequest(
+            entity_id=EntityId.generate(), prompt=b"q", response=payload, geo_region=GeoRegion.EU_WEST
+        )
+        result = await p.ingest(request)
+        assert isinstance(result, Err) and isinstance(result.error, SagaFailed)
+        assert result.error.step == Step.STORE_BLOBS and "Not a directory" in result.error.message
+        counts = tier_counts(p.tiers)
+        assert counts.stored() == 0 and counts.rows["object_refs"] == 0 and counts.rows["idempotency_keys"] == 0
+        assert counts.rows["sagas"] == 1 and store.stale_staging() == []
+        assert (await p.saga_status(result.error.saga_id)).unwrap() == SagaStatus.COMPENSATED

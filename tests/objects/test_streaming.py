@@ -1,7 +1,9 @@
-"""Streaming: a 200 MiB payload goes in and out with memory growth far below its size."""
+"""Streaming: a 200 MiB payload goes in and out with memory growth far below its size, through the
+store itself and through an ingest."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
@@ -12,12 +14,14 @@ from typing import Any
 
 import pytest
 
-from datamesh.core.types import ContentHash
+from datamesh.core.config import DataMeshConfig
+from datamesh.core.types import ContentHash, EntityId, GeoRegion
+from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
 from datamesh.storage.objects.base import ObjectStore
-from datamesh.storage.objects.config import DEFAULT_S3_PART_BYTES
+from datamesh.storage.objects.config import DEFAULT_S3_PART_BYTES, Location, ObjectsSettings
 from datamesh.storage.objects.filesystem import FilesystemObjectStore
 
-from .conftest import MotoServer, make_s3_store
+from .conftest import MotoServer, make_s3_store, s3_settings
 
 MiB = 1024 * 1024
 PAYLOAD_BYTES = 200 * MiB
@@ -100,3 +104,39 @@ def test_200_mib_stream_in_and_out_with_bounded_memory(big_store: ObjectStore[An
     )
     for growth in (put_rss, put_traced, get_rss, get_traced):
         assert growth < MAX_GROWTH_BYTES
+
+
+async def test_ingesting_a_200_mib_payload_adds_far_less_memory_than_the_payload(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, cp_url: str
+) -> None:
+    # Given a pipeline on this backend and a caller holding a 200 MiB response (the seed API takes bytes)
+    if backend == "fs":
+        objects = ObjectsSettings(locations={GeoRegion.EU_WEST: Location("file", str(tmp_path / "objects"))})
+    else:
+        moto: MotoServer = request.getfixturevalue("moto")
+        objects = ObjectsSettings(
+            locations={GeoRegion.EU_WEST: Location("s3", "blobs", bucket=request.getfixturevalue("bucket"))},
+            s3=s3_settings(moto.endpoint, part_bytes=DEFAULT_S3_PART_BYTES, single_put_max_bytes=DEFAULT_S3_PART_BYTES),
+        )
+    config = DataMeshConfig(data_dir=tmp_path / "data", cp_url=cp_url, objects=objects, indexer="off")
+    payload = b"".join(generated(PAYLOAD_BYTES))
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        owner, region = EntityId.generate(), GeoRegion.EU_WEST
+        turn = IngestionRequest(entity_id=owner, prompt=b"q", response=payload, geo_region=region)
+        loop = asyncio.get_running_loop()
+        done: list[Any] = []
+
+        def ingest() -> None:  # measured from a thread while the event loop runs the ingest
+            done.append(asyncio.run_coroutine_threadsafe(p.ingest(turn), loop).result())
+
+        # When it is ingested
+        measuring = asyncio.create_task(asyncio.to_thread(Peak().measure, ingest))
+        rss, traced = await measuring
+        # Then the turn committed with its payload in the object store, whole and verified
+        response = done[0].unwrap()
+        store = p.tiers.objects.for_region(GeoRegion.EU_WEST).unwrap()
+        assert store.verify(ContentHash.of(payload)).unwrap() == PAYLOAD_BYTES
+        assert (await p.get(response.conversation_id)).is_ok()
+        # And the ingest added far less memory than the payload: no whole copy of it was made
+        print(f"\n{backend}: ingest of 200 MiB: RSS +{rss / MiB:.1f} MiB, traced +{traced / MiB:.1f} MiB")
+        assert rss < MAX_GROWTH_BYTES and traced < MAX_GROWTH_BYTES
