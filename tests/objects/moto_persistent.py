@@ -6,7 +6,7 @@ moto keeps objects in memory only, so a plain restart would wipe them.  This ser
 object found in ``STATE_DIR`` before it listens, and on SIGTERM stops listening, lets the requests
 already being served finish (their answers may have acknowledged a put), writes every object to
 ``STATE_DIR`` and exits: the stop and start of a server that keeps its data.  Unfinished multipart
-uploads are not kept.
+uploads are kept too, under their upload ids, with the parts uploaded so far.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from typing import Any
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.s3.models import S3Backend, s3_backends
 from moto.server import DomainDispatcherApplication, create_backend_app
+from moto.utilities.utils import CaseInsensitiveDict
 from werkzeug.serving import make_server
 
 REGION = "us-east-1"
+UPLOADS = ".uploads"  # bucket names never start with a dot
 CLOSE = [("Connection", "close")]
 SHUTTING_DOWN = b"<Error><Code>ServiceUnavailable</Code><Message>shutting down</Message></Error>"
 
@@ -69,12 +71,30 @@ def _name(key: str) -> str:
 
 def load(state: Path) -> int:
     backend, loaded = _backend(), 0
-    for bucket in sorted(p for p in state.iterdir() if p.is_dir()):
+    for bucket in sorted(p for p in state.iterdir() if p.is_dir() and p.name != UPLOADS):
         backend.create_bucket(bucket.name, REGION)
         for item in bucket.iterdir():
             backend.put_object(bucket.name, base64.urlsafe_b64decode(item.name).decode(), item.read_bytes())
             loaded += 1
+    for upload in sorted((state / UPLOADS).glob("*/*")):
+        _load_upload(backend, upload.parent.name, upload)
     return loaded
+
+
+def unfinished(state: Path) -> int:
+    return len(list((state / UPLOADS).glob("*/*")))
+
+
+def _load_upload(backend: S3Backend, bucket: str, folder: Path) -> None:
+    """Recreate an unfinished multipart upload under its old id, with its parts."""
+    key = (folder / "key").read_text()
+    made = backend.create_multipart_upload(bucket, key, CaseInsensitiveDict(), "STANDARD", {}, None, "", "")
+    uploads = backend.get_bucket(bucket).multiparts
+    del uploads[made.id]
+    made.id = folder.name
+    uploads[made.id] = made
+    for part in sorted(folder.glob("part-*"), key=lambda p: int(p.name[5:])):
+        backend.upload_part(bucket, made.id, int(part.name[5:]), part.read_bytes())
 
 
 def save(state: Path) -> int:
@@ -88,6 +108,12 @@ def save(state: Path) -> int:
         for key in list(bucket.keys.values()):
             (folder / _name(key.name)).write_bytes(key.value)
             saved += 1
+        for upload_id, upload in list(bucket.multiparts.items()):
+            kept = fresh / UPLOADS / name / upload_id
+            kept.mkdir(parents=True)
+            (kept / "key").write_text(upload.key_name)
+            for number, part in list(upload.parts.items()):
+                (kept / f"part-{number}").write_bytes(part.value)
     shutil.rmtree(state, ignore_errors=True)
     fresh.rename(state)
     return saved
@@ -102,7 +128,7 @@ def main(port: int, state: Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     serving = threading.Thread(target=server.serve_forever, daemon=True)
     serving.start()
-    print(f"serving on {port} with {loaded} objects loaded", flush=True)
+    print(f"serving on {port} with {loaded} objects loaded, {unfinished(state)} unfinished uploads", flush=True)
     stopping.wait()
     with app.lock:
         app.closed = True  # no new request from here on

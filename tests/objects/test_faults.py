@@ -40,6 +40,7 @@ from datamesh.storage.objects.s3 import S3ObjectStore, _classify, make_client
 from .conftest import TEST_PART_BYTES, MotoServer, free_port, s3_settings, unavailable, wait_listening
 
 PATIENT_RETRY = RetryPolicy(attempts=30, base_s=0.05, cap_s=0.4)
+MiB = 1 << 20
 
 
 class PortCut:
@@ -224,23 +225,31 @@ def test_server_stopped_and_restarted_mid_run_loses_no_acknowledged_blob(
     try:
         bucket = fresh_bucket(server.endpoint)
         store = S3ObjectStore.from_settings(s3_settings(server.endpoint, retry=PATIENT_RETRY), bucket, "x")
-        blobs = [os.urandom(TEST_PART_BYTES if i % 6 == 5 else 32 * 1024) for i in range(36)]
+        # small single PUTs, one-part PUTs, and multipart streams
+        sizes = {0: 32 * 1024, 1: 32 * 1024, 2: TEST_PART_BYTES, 3: 2 * TEST_PART_BYTES + 4096}
+        blobs = [os.urandom(sizes[i % 4]) for i in range(36)]
+        stop_at = len(blobs) // 3 - len(blobs) // 3 % 4 + 3  # a stream
+        restarting = threading.Thread(target=lambda: (time.sleep(1.0), server.start()))
 
-        def restart() -> None:
-            server.stop()
-            time.sleep(1.0)
-            server.start()
+        def chunks(blob: bytes, stop_after: int | None) -> Iterator[bytes]:
+            """The stream's chunks; the server is stopped (all it has saved) once ``stop_after`` were
+            taken, while the upload is unfinished, and started again a second later."""
+            for n, start in enumerate(range(0, len(blob), MiB)):
+                if n == stop_after:
+                    server.stop()
+                    restarting.start()
+                yield blob[start : start + MiB]
 
-        # When the server is stopped a third of the way in, from another thread while puts run,
+        # When the server is stopped a third of the way in, in the middle of a multipart upload,
         # and started again
         acknowledged: list[ContentHash] = []
-        restarting: threading.Thread | None = None
         for i, blob in enumerate(blobs):
-            if i == len(blobs) // 3:
-                restarting = threading.Thread(target=restart)
-                restarting.start()
-            acknowledged.append(store.put(blob).unwrap().content_hash)
-        assert restarting is not None
+            if len(blob) > TEST_PART_BYTES:
+                parts_before_stop = TEST_PART_BYTES // MiB + 2 if i == stop_at else None
+                stored = store.put_stream(chunks(blob, parts_before_stop))
+            else:
+                stored = store.put(blob)
+            acknowledged.append(stored.unwrap().content_hash)
         restarting.join()
         # Then the outage was seen and retried, and every put was acknowledged in the end
         assert transient_failures, "the stop should have been seen and retried"
@@ -249,6 +258,8 @@ def test_server_stopped_and_restarted_mid_run_loses_no_acknowledged_blob(
         saved = [int(line.split()[2]) for line in server.lines("stopped with")]
         loaded = [int(line.split()[4]) for line in server.lines("serving on")]
         assert len(loaded) == 2 and loaded[1] == saved[0] > 0
+        # with the upload that was under way, which went on where it stopped
+        assert server.lines("serving on")[1].endswith(" 1 unfinished uploads")
         # And every acknowledged blob, before the stop and after, is on the restarted server, whole
         for key in acknowledged:
             assert isinstance(store.verify(key), Ok), key
