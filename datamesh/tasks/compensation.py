@@ -108,9 +108,12 @@ def _undo(task: Task, saga_id: str, undo: Any) -> str:
             task.request.chain = None  # nothing left to undo: stop the chain here
             return "skipped"
         done: Result[None, StorageError]
+        name = str(task.name).removeprefix("datamesh.")
         try:
-            RUNTIME.faults(str(task.name).removeprefix("datamesh."), "before")
+            RUNTIME.faults(name, "before")
             done = undo(tiers, SagaPlan.from_json(record.value.plan_json))
+            if isinstance(done, Ok):
+                RUNTIME.faults(name, "after")  # undone but not acknowledged: a fault here runs the undo again
         except Exception as exc:  # noqa: BLE001 - a failing undo is retried and counted, whatever the cause
             done = Err(StorageError("saga", str(task.name), f"{type(exc).__name__}: {exc}", retryable=True))
     else:
