@@ -1,14 +1,18 @@
 """Fault injection inside Celery workers, for tests only (``worker --include tests.celery_hooks``).
 
 Reads ``DATAMESH_TEST_HOOKS_REDIS`` (a Redis URL; nothing in datamesh reads it).  Before and after each
-step the hook looks at two keys: ``dm:test:fault`` = ``step:phase[,step:phase]`` raises there; ``dm:test:delay`` =
-seconds, sleeps a random time up to it (so a kill lands mid-step).
+step (and each undo) the hook looks at four keys: ``dm:test:fault`` = ``step:phase[,step:phase]`` raises
+there; ``dm:test:delay`` = seconds, sleeps a random time up to it (so a kill lands mid-step);
+``dm:test:record`` set, appends ``step:phase`` to the list ``dm:test:trace`` (the order steps ran in);
+``dm:test:crash`` = ``step:phase``, the first worker process to reach that point deletes the key and
+kills itself with SIGKILL (a crash: no errback, the message is not acknowledged).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 
 import redis
@@ -23,13 +27,18 @@ _client = redis.Redis.from_url(_URL) if _URL else None
 def hook(step: str, phase: str) -> None:
     if _client is None:
         return
+    point = f"{step}:{phase}"
     try:
-        fault, delay = _client.mget("dm:test:fault", "dm:test:delay")
+        fault, delay, record, crash = _client.mget("dm:test:fault", "dm:test:delay", "dm:test:record", "dm:test:crash")
+        if record:
+            _client.rpush("dm:test:trace", point)
+        if crash and crash.decode() == point and _client.delete("dm:test:crash"):
+            os.kill(os.getpid(), signal.SIGKILL)
     except redis.RedisError:
         return  # the hooks' Redis is down (the broker restart test): the step runs as it would unhooked
     if delay:
         time.sleep(random.uniform(0, float(delay)))
-    if fault and f"{step}:{phase}" in fault.decode().split(","):
+    if fault and point in fault.decode().split(","):
         raise InjectedFault(f"injected at {phase} {step}")
 
 

@@ -14,6 +14,7 @@ from datamesh.core.config import DataMeshConfig, parse_shards
 from datamesh.core.errors import ConfigError
 from datamesh.core.result import Err
 from datamesh.pipeline.ingestion import IngestionPipeline
+from datamesh.pipeline.tiers import Tiers
 from datamesh.workers import app as app_module
 from datamesh.workers import queues
 from datamesh.workers.app import create_app
@@ -29,6 +30,30 @@ def test_celery_variables_parse() -> None:
     bad = DataMeshConfig.from_env({"DATAMESH_WORKER_REGIONS": "mars"})
     assert isinstance(bad, Err) and bad.error.variable == "DATAMESH_WORKER_REGIONS"
     assert parse_shards("3") == (3,)
+
+
+def test_the_saga_queue_timeout_is_a_positive_number_no_shorter_than_the_lease() -> None:
+    # Given no setting, the queue timeout is ten minutes (the running lease one),
+    default = DataMeshConfig.from_env({}).unwrap()
+    assert (default.saga_queue_timeout_s, default.saga_lease_s) == (600.0, 60.0)
+    assert DataMeshConfig.from_env({"DATAMESH_SAGA_QUEUE_TIMEOUT_S": "90"}).unwrap().saga_queue_timeout_s == 90.0
+    # a value that is not a positive number is refused, naming the variable,
+    for raw in ("0", "-5", "soon", "inf"):
+        bad = DataMeshConfig.from_env({"DATAMESH_SAGA_QUEUE_TIMEOUT_S": raw})
+        assert isinstance(bad, Err) and bad.error.variable == "DATAMESH_SAGA_QUEUE_TIMEOUT_S", raw
+        assert raw in bad.error.message
+    # and so is one shorter than the running lease, from the environment or in a configuration object.
+    short = DataMeshConfig.from_env({"DATAMESH_SAGA_LEASE_S": "120", "DATAMESH_SAGA_QUEUE_TIMEOUT_S": "60"})
+    assert isinstance(short, Err) and short.error.variable == "DATAMESH_SAGA_QUEUE_TIMEOUT_S"
+    assert "DATAMESH_SAGA_LEASE_S" in short.error.message
+    assert DataMeshConfig.from_env({"DATAMESH_SAGA_LEASE_S": "60", "DATAMESH_SAGA_QUEUE_TIMEOUT_S": "60"}).is_ok()
+
+
+def test_tiers_refuse_a_queue_timeout_shorter_than_the_lease(tmp_path: Path) -> None:
+    config = DataMeshConfig(data_dir=tmp_path, saga_lease_s=30.0, saga_queue_timeout_s=10.0)
+    opened = Tiers.open(config)
+    assert isinstance(opened, Err) and isinstance(opened.error, ConfigError)
+    assert opened.error.variable == "DATAMESH_SAGA_QUEUE_TIMEOUT_S"
 
 
 def test_reliability_settings_are_set_and_the_visibility_timeout_checked(tmp_path: Path) -> None:

@@ -151,3 +151,34 @@ async def test_reaper_drives_forward_or_compensates_expired_sagas(config: DataMe
         replay = (await p.ingest_many(forward)).unwrap()
         assert all(r.unwrap().deduplicated for r in replay)  # the forward-driven saga is the first result
         assert reap(p.tiers) == []
+
+
+async def test_compensating_a_compensated_saga_again_changes_nothing(config: DataMeshConfig) -> None:
+    from prometheus_client import REGISTRY
+
+    from datamesh.core.result import Ok
+    from datamesh.observability import ledger
+    from datamesh.pipeline import compensation
+
+    fault = FailAt(Step.COMMIT_CP, "before")
+    async with (await IngestionPipeline.create(config, faults=fault)).unwrap() as p:
+        # Given a saga compensated after every step before its pivot ran,
+        requests = batch_with_blobs(config)
+        failure = (await p.ingest_many(requests)).unwrap()[0].error
+        assert isinstance(failure, SagaFailed)
+        # and the same requests sent again and committed by a new saga (same keys, same blobs),
+        fault.armed = False
+        retried = (await p.ingest_many(requests)).unwrap()
+        assert all(r.is_ok() for r in retried)
+        before, counted = tier_counts(p.tiers), ledger.snapshot(REGISTRY)
+        # when the first saga's compensation runs again, twice (a late duplicate),
+        for _ in range(2):
+            again = compensation.compensate(p.tiers, failure.saga_id, failed_step=failure.step, error="again")
+            assert again == Ok(SagaStatus.COMPENSATED)
+        # then every tier and the ledger are as they were: the new saga's keys, references and
+        # content are untouched, and the same requests are still answered with its turns.
+        assert tier_counts(p.tiers) == before and ledger.snapshot(REGISTRY) == counted
+        assert counts_after_gc(p.tiers).blobs == 2
+        replay = (await p.ingest_many(requests)).unwrap()
+        assert [r.unwrap().conversation_id for r in replay] == [r.unwrap().conversation_id for r in retried]
+        assert all(r.unwrap().deduplicated for r in replay)

@@ -123,7 +123,7 @@ def _redrive_on_celery(tiers: Tiers, config: DataMeshConfig, saga_id: str) -> in
     from datamesh.workers.app import create_app
 
     moved = tiers.cp.run(
-        lambda c: sagas.redrive(c, saga_id, now=utcnow(), lease_s=tiers.lease_s), operation="cli.sagas.retry"
+        lambda c: sagas.redrive(c, saga_id, now=utcnow(), lease_s=tiers.queue_lease_s), operation="cli.sagas.retry"
     )
     if isinstance(moved, Err) or not moved.value:
         print(f"{saga_id}: {moved.error if isinstance(moved, Err) else 'not dead or in flight: nothing to re-drive'}")

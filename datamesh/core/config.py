@@ -51,6 +51,7 @@ DEFAULT_EXECUTOR = "local"
 DEFAULT_TENANT = "default"
 DEFAULT_IDEMPOTENCY_WAIT_S = 30.0
 DEFAULT_SAGA_LEASE_S = 60.0
+DEFAULT_SAGA_QUEUE_TIMEOUT_S = 600.0
 DEFAULT_GATEWAY_HOST = "127.0.0.1"
 DEFAULT_GATEWAY_PORT = 8080
 DEFAULT_GATEWAY_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -125,7 +126,11 @@ class DataMeshConfig:
     executor: str = DEFAULT_EXECUTOR
     tenant: str = DEFAULT_TENANT
     idempotency_wait_s: float = DEFAULT_IDEMPOTENCY_WAIT_S
+    #: A running step's lease (start-to-close): a saga whose step began is reaped this long after
+    #: its last sign of life.  A saga handed to a queue for its next step (Celery executor) waits up
+    #: to ``saga_queue_timeout_s`` instead (schedule-to-start): a long queue is not a dead driver.
     saga_lease_s: float = DEFAULT_SAGA_LEASE_S
+    saga_queue_timeout_s: float = DEFAULT_SAGA_QUEUE_TIMEOUT_S
     gateway_host: str = DEFAULT_GATEWAY_HOST
     gateway_port: int = DEFAULT_GATEWAY_PORT
     gateway_max_body_bytes: int = DEFAULT_GATEWAY_MAX_BODY_BYTES
@@ -258,6 +263,9 @@ class DataMeshConfig:
                     DEFAULT_IDEMPOTENCY_WAIT_S,
                 ),
                 saga_lease_s=_get(env, "DATAMESH_SAGA_LEASE_S", _positive_float, DEFAULT_SAGA_LEASE_S),
+                saga_queue_timeout_s=_get(
+                    env, "DATAMESH_SAGA_QUEUE_TIMEOUT_S", _positive_float, DEFAULT_SAGA_QUEUE_TIMEOUT_S
+                ),
                 gateway_host=_get(env, "DATAMESH_GATEWAY_HOST", str, DEFAULT_GATEWAY_HOST),
                 gateway_port=_get(env, "DATAMESH_GATEWAY_PORT", _int_between(0, 65535), DEFAULT_GATEWAY_PORT),
                 gateway_max_body_bytes=_get(
@@ -339,10 +347,25 @@ class DataMeshConfig:
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))
+        timeouts = check_saga_timeouts(config)
+        if timeouts is not None:
+            return Err(timeouts)
         objects = ObjectsSettings.from_env(env, default_url=config.resolved_objects_url)
         if isinstance(objects, Err):
             return objects
         return Ok(replace(config, objects=objects.value))
+
+
+def check_saga_timeouts(config: DataMeshConfig) -> ConfigError | None:
+    """A saga waiting in a queue must get at least the lease of a running step, or the queue
+    timeout would reap it sooner than a step that began."""
+    if config.saga_queue_timeout_s >= config.saga_lease_s:
+        return None
+    return ConfigError(
+        "DATAMESH_SAGA_QUEUE_TIMEOUT_S",
+        f"{config.saga_queue_timeout_s:g}s is shorter than DATAMESH_SAGA_LEASE_S={config.saga_lease_s:g}s: "
+        "a saga waiting in a queue must get at least a running step's lease",
+    )
 
 
 def _redis_url(raw: str) -> str:

@@ -137,7 +137,7 @@ def undo_store_blobs(tiers: Tiers, plan: SagaPlan, *, region: str | None = None)
         planned = [(b.region, b.content_hash) for b in plan.blobs if region is None or b.region == region]
         object_refs.forget_unreferenced(conn, planned)
         sagas.record_step(
-            conn, plan.saga_id, Step.STORE_BLOBS, StepState.COMPENSATED, now=utcnow(), lease_s=tiers.lease_s
+            conn, plan.saga_id, Step.STORE_BLOBS, StepState.COMPENSATED, now=utcnow(), lease_s=tiers.queue_lease_s
         )
 
     return tiers.cp.run(tx, operation="saga.undo_store_blobs")
@@ -150,7 +150,7 @@ def undo_reserve(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
     def tx(conn: Connection) -> SagaStatus | None:
         now = utcnow()
         idempotency.release(conn, plan.saga_id)
-        sagas.record_step(conn, plan.saga_id, Step.RESERVE, StepState.COMPENSATED, now=now, lease_s=tiers.lease_s)
+        sagas.record_step(conn, plan.saga_id, Step.RESERVE, StepState.COMPENSATED, now=now, lease_s=tiers.queue_lease_s)
         sagas.mark_all_compensated(conn, plan.saga_id, now=now)
         for source in (SagaStatus.COMPENSATING, SagaStatus.DEAD):
             if sagas.transition(conn, plan.saga_id, from_status=(source,), to_status=SagaStatus.COMPENSATED, now=now):
@@ -166,8 +166,11 @@ def undo_reserve(tiers: Tiers, plan: SagaPlan) -> Result[None, StorageError]:
 
 
 def _mark(tiers: Tiers, saga_id: str, step: Step) -> Result[None, StorageError]:
+    """Record an undo done; under the Celery executor the next undo waits in a queue (the queue timeout)."""
     return tiers.cp.run(
-        lambda conn: sagas.record_step(conn, saga_id, step, StepState.COMPENSATED, now=utcnow(), lease_s=tiers.lease_s),
+        lambda conn: sagas.record_step(
+            conn, saga_id, step, StepState.COMPENSATED, now=utcnow(), lease_s=tiers.queue_lease_s
+        ),
         operation=f"saga.{step}.compensated",
     )
 

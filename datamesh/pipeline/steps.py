@@ -121,7 +121,8 @@ def reserve(
         plan = outcome.plan
         if plan.items:
             plan.blobs = blobs_of(plan.items)
-            sagas.create(conn, saga_id, tenant, plan.to_json(), now=now, lease_s=tiers.lease_s)
+            # handed to a queue (Celery) or run at once (in-process): see Tiers.queue_lease_s
+            sagas.create(conn, saga_id, tenant, plan.to_json(), now=now, lease_s=tiers.queue_lease_s)
             idempotency.reserve_many(
                 conn,
                 tenant,
@@ -130,9 +131,9 @@ def reserve(
                 now,
             )
             object_refs.add_refs(conn, saga_id, [(b.region, b.content_hash, b.size) for b in plan.blobs], now)
-            sagas.record_step(conn, saga_id, Step.RESERVE, StepState.DONE, now=now, lease_s=tiers.lease_s)
+            sagas.record_step(conn, saga_id, Step.RESERVE, StepState.DONE, now=now, lease_s=tiers.queue_lease_s)
             if not plan.blobs:  # nothing to store: the step is done with the reservation, saving a commit
-                sagas.record_step(conn, saga_id, Step.STORE_BLOBS, StepState.DONE, now=now, lease_s=tiers.lease_s)
+                sagas.record_step(conn, saga_id, Step.STORE_BLOBS, StepState.DONE, now=now, lease_s=tiers.queue_lease_s)
         return outcome
 
     decided = tiers.cp.run(tx, operation="saga.reserve", retry_unique_violation=True)
@@ -249,9 +250,10 @@ def write_ap_part(
 
     def tx(conn: Connection) -> None:
         now = utcnow()
-        sagas.record_step(conn, plan.saga_id, part, StepState.DONE, now=now, lease_s=tiers.lease_s)
+        # the next part (or the pivot) is published now: the saga waits in its queue
+        sagas.record_step(conn, plan.saga_id, part, StepState.DONE, now=now, lease_s=tiers.queue_lease_s)
         for step in marks:
-            sagas.record_step(conn, plan.saga_id, step, StepState.DONE, now=now, lease_s=tiers.lease_s)
+            sagas.record_step(conn, plan.saga_id, step, StepState.DONE, now=now, lease_s=tiers.queue_lease_s)
 
     return tiers.cp.run(tx, operation="saga.write_ap_part.record").map(lambda _: written)
 
@@ -382,7 +384,9 @@ def _events(saga_id: str, item: ItemPlan, seq: int, shard_path: Any) -> list[tup
 
 
 def _record(tiers: Tiers, saga_id: str, step: Step, state: StepState) -> Result[None, StorageError]:
+    """Record a step done: its successor runs next, from a queue under the Celery executor (whose
+    wait the queue timeout bounds), at once in-process."""
     return tiers.cp.run(
-        lambda conn: sagas.record_step(conn, saga_id, step, state, now=utcnow(), lease_s=tiers.lease_s),
+        lambda conn: sagas.record_step(conn, saga_id, step, state, now=utcnow(), lease_s=tiers.queue_lease_s),
         operation=f"saga.{step}.record",
     )

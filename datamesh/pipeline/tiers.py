@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamesh.core.config import DataMeshConfig
+from datamesh.core.config import DataMeshConfig, check_saga_timeouts
 from datamesh.core.errors import ConfigError, StorageError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.storage.ap.base import ShardEngine, ShardError
@@ -18,23 +18,42 @@ from datamesh.storage.objects.router import ObjectStoreRouter, open_object_store
 
 @dataclass(slots=True)
 class Tiers:
-    """Handles on the CP database, the AP shards and the object stores."""
+    """Handles on the CP database, the AP shards and the object stores.
+
+    ``lease_s`` is the lease of a saga whose step is running (``begin_step``); ``queue_lease_s`` the
+    lease of a saga handed to a queue for its next step (created, a step recorded done, an undo
+    recorded, a compensation enqueued): the queue timeout under the Celery executor, ``lease_s``
+    in-process, where no saga waits in a queue.
+    """
 
     cp: CpDatabase
     ap: ContentStore
     objects: ObjectStoreRouter
     lease_s: float
     inline_max_bytes: int
+    queue_lease_s: float
 
     @classmethod
     def open(
-        cls, config: DataMeshConfig, *, engine_factory: EngineFactory | None = None, auto_migrate: bool | None = None
+        cls,
+        config: DataMeshConfig,
+        *,
+        engine_factory: EngineFactory | None = None,
+        auto_migrate: bool | None = None,
+        queued: bool | None = None,
     ) -> Result[Tiers, ConfigError | StorageError]:
         """Open every tier; SQLite CP databases are migrated to the latest schema on open.
 
         With ``cp_require_sync_replication`` the CP database must commit synchronously to a
-        streaming standby, or nothing opens (RPO=0 is a start condition, not a hope).
+        streaming standby, or nothing opens (RPO=0 is a start condition, not a hope).  ``queued``:
+        sagas wait in queues between their steps (default: under the Celery executor), so a saga
+        handed to a queue gets ``saga_queue_timeout_s`` rather than ``saga_lease_s``.
         """
+        timeouts = check_saga_timeouts(config)
+        if timeouts is not None:
+            return Err(timeouts)
+        queued = config.executor == "celery" if queued is None else queued
+        queue_lease_s = config.saga_queue_timeout_s if queued else config.saga_lease_s
         db = CpDatabase.open(config.resolved_cp_url, commit_timeout_s=config.cp_commit_timeout_s)
         if isinstance(db, Err):
             return db
@@ -68,7 +87,7 @@ class Tiers:
         except OSError as exc:
             cp.dispose()
             return Err(ConfigError("DATAMESH_AP_DIR", f"cannot use {config.resolved_ap_dir}: {exc}"))
-        return Ok(cls(cp, ap, objects.value, config.saga_lease_s, config.inline_max_bytes))
+        return Ok(cls(cp, ap, objects.value, config.saga_lease_s, config.inline_max_bytes, queue_lease_s))
 
     def close(self) -> None:
         self.ap.close()

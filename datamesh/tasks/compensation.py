@@ -61,17 +61,7 @@ def enqueue_compensation(
         return Ok(SagaStatus.COMPENSATED)
     if status not in (SagaStatus.COMPENSATING,):
         return Ok(status)
-    extended = tiers.cp.run(
-        lambda c: sagas.transition(
-            c,
-            saga_id,
-            from_status=(SagaStatus.COMPENSATING,),
-            to_status=SagaStatus.COMPENSATING,
-            now=utcnow(),
-            lease_s=tiers.lease_s,
-        ),
-        operation="saga.compensation_lease",
-    )
+    extended = queue_lease(tiers, saga_id, SagaStatus.COMPENSATING)
     if isinstance(extended, Err):
         return extended
     try:
@@ -79,6 +69,17 @@ def enqueue_compensation(
     except Exception as exc:  # noqa: BLE001 - the broker's failures: the reaper will enqueue again
         return Err(StorageError("broker", "enqueue_compensation", str(exc), retryable=True, cause=repr(exc)))
     return Ok(SagaStatus.COMPENSATING)
+
+
+def queue_lease(tiers: Tiers, saga_id: str, status: SagaStatus) -> Result[bool, StorageError]:
+    """The saga (if still ``status``) is handed to a queue: its lease becomes the queue timeout, so the
+    reaper leaves it alone while its next message waits (``False``: the saga had moved on)."""
+    return tiers.cp.run(
+        lambda c: sagas.transition(
+            c, saga_id, from_status=(status,), to_status=status, now=utcnow(), lease_s=tiers.queue_lease_s
+        ),
+        operation="saga.queue_lease",
+    )
 
 
 @shared_task(bind=True, name=queues.COMPENSATE)
@@ -92,6 +93,7 @@ def compensate_task(self: Task, *, saga_id: str) -> str:
         )
     if record.value is None or record.value.status not in (SagaStatus.COMPENSATING, SagaStatus.DEAD):
         return "skipped"
+    queue_lease(tiers, saga_id, SagaStatus.COMPENSATING)  # failing, the lease it has stands: the reaper backs it up
     compensation_chain(self.app, SagaPlan.from_json(record.value.plan_json)).apply_async()
     return "enqueued"
 
@@ -106,9 +108,12 @@ def _undo(task: Task, saga_id: str, undo: Any) -> str:
             task.request.chain = None  # nothing left to undo: stop the chain here
             return "skipped"
         done: Result[None, StorageError]
+        name = str(task.name).removeprefix("datamesh.")
         try:
-            RUNTIME.faults(str(task.name).removeprefix("datamesh."), "before")
+            RUNTIME.faults(name, "before")
             done = undo(tiers, SagaPlan.from_json(record.value.plan_json))
+            if isinstance(done, Ok):
+                RUNTIME.faults(name, "after")  # undone but not acknowledged: a fault here runs the undo again
         except Exception as exc:  # noqa: BLE001 - a failing undo is retried and counted, whatever the cause
             done = Err(StorageError("saga", str(task.name), f"{type(exc).__name__}: {exc}", retryable=True))
     else:

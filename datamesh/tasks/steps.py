@@ -65,7 +65,7 @@ def begin(task: Task, saga_id: str, step: str) -> int | None:
     return int(attempts)
 
 
-def finish(task: Task, step: str, result: Result[Any, Any], attempts: int) -> None:
+def finish(task: Task, saga_id: str, step: str, result: Result[Any, Any], attempts: int) -> None:
     """Retry a retryable failure with full jitter while the step's deliveries are under the cap."""
     if isinstance(result, Ok):
         RUNTIME.faults(step, "after")
@@ -73,6 +73,8 @@ def finish(task: Task, step: str, result: Result[Any, Any], attempts: int) -> No
     error = result.error
     retryable = isinstance(error, StorageError) and error.retryable
     if retryable and attempts < RUNTIME.config.step_max_deliveries:
+        if error.tier != "cp":  # the CP tier failing, writing the lease would only wait on it again
+            hand_back(saga_id)
         raise task.retry(
             countdown=full_jitter_delay(attempts, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
             max_retries=_MAX_BOUNCES,  # the cap that matters is ``attempts``, counted in the saga log
@@ -80,12 +82,30 @@ def finish(task: Task, step: str, result: Result[Any, Any], attempts: int) -> No
     raise StepFailed(describe(error) if isinstance(error, DataMeshError) else str(error))  # type: ignore[arg-type]
 
 
+def hand_back(saga_id: str) -> None:
+    """The step's message goes back to its queue (a retry): the running saga waits there under the
+    queue timeout, not the running lease.  Best effort: if this write fails too, the running lease
+    stands and the reaper may take the saga when it expires, as it would have before."""
+    tiers = RUNTIME.tiers()
+    tiers.cp.run(
+        lambda c: sagas.transition(
+            c,
+            saga_id,
+            from_status=(SagaStatus.RUNNING,),
+            to_status=SagaStatus.RUNNING,
+            now=utcnow(),
+            lease_s=tiers.queue_lease_s,
+        ),
+        operation="task.hand_back",
+    )
+
+
 def run_step(task: Task, saga_id: str, step: str, fault_step: str, body: Callable[[], Result[Any, Any]]) -> str:
     attempts = begin(task, saga_id, step)
     if attempts is None:
         return "skipped"
     RUNTIME.faults(fault_step, "before")
-    finish(task, fault_step, body(), attempts)
+    finish(task, saga_id, fault_step, body(), attempts)
     return "done"
 
 

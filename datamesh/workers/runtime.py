@@ -53,7 +53,9 @@ class Runtime:
     def tiers(self) -> Tiers:
         if self._tiers is None:
             opened = Tiers.open(
-                self.config, engine_factory=fenced_engine(self.token, engine_for(self.config.ap_engine, self.config))
+                self.config,
+                engine_factory=fenced_engine(self.token, engine_for(self.config.ap_engine, self.config)),
+                queued=True,  # a worker hands every saga it touches to a queue for the next step
             )
             self._tiers = opened.unwrap()
         return self._tiers

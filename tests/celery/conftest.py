@@ -66,6 +66,7 @@ def env_of(config: DataMeshConfig) -> dict[str, str]:
         "DATAMESH_INLINE_MAX_BYTES": str(config.inline_max_bytes),
         "DATAMESH_BROKER_URL": config.broker_url,
         "DATAMESH_SAGA_LEASE_S": str(config.saga_lease_s),
+        "DATAMESH_SAGA_QUEUE_TIMEOUT_S": str(config.saga_queue_timeout_s),
         "DATAMESH_SHARD_LEASE_S": str(config.shard_lease_s),
         "DATAMESH_REAP_INTERVAL_S": str(config.reap_interval_s),
         "DATAMESH_STEP_TIME_LIMIT_S": str(config.step_time_limit_s),
@@ -87,6 +88,8 @@ def celery_config(request: pytest.FixtureRequest, tmp_path: Path, migrated_pg: s
         executor="celery",
         broker_url=redis_url,
         saga_lease_s=3.0,
+        # a lost message (a kill, the broker restart) is reaped well within the tests' waits
+        saga_queue_timeout_s=20.0,
         shard_lease_s=2.0,
         reap_interval_s=1.0,
         step_time_limit_s=20.0,

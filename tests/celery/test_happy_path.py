@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import subprocess
 import sys
@@ -34,8 +33,6 @@ def test_seed_example_runs_on_celery(workers: Workers, celery_config: DataMeshCo
 
 @pytest.mark.parametrize("celery_config", ["sqlite", "lsm"], indirect=True)
 async def test_batches_wait_and_no_wait(workers: Workers, celery_config: DataMeshConfig) -> None:
-    # no reaping here: a lease a loaded 2-core box cannot outrun between two steps
-    celery_config = workers.config = dataclasses.replace(celery_config, saga_lease_s=60.0)
     workers.start("--role", "all")
     workers.wait_ready()
     async with (await IngestionPipeline.create(celery_config)).unwrap() as p:

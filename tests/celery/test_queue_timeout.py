@@ -1,0 +1,162 @@
+"""The queue timeout on the Celery executor: a saga whose next message merely waits in a queue is not
+reaped after the running lease (``DATAMESH_SAGA_LEASE_S``) but only after ``DATAMESH_SAGA_QUEUE_TIMEOUT_S``,
+which still bounds how long a lost message leaves its saga in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import redis
+
+from datamesh.core.config import DataMeshConfig
+from datamesh.core.errors import SagaFailed
+from datamesh.core.result import Err
+from datamesh.core.types import EntityId, GeoRegion
+from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
+from datamesh.pipeline.prepare import prepare
+from datamesh.pipeline.request import validate
+from datamesh.pipeline.steps import Step
+from datamesh.pipeline.tiers import Tiers, readonly_engine_for
+from datamesh.storage.cp import sagas
+from datamesh.storage.cp.sagas import SagaRecord, SagaStatus, StepState
+from datamesh.storage.cp.sql import utcnow
+from datamesh.workers import queues
+from datamesh.workers.executor import CeleryExecutor
+from tests.celery.conftest import Workers, eventually
+from tests.celery.test_kills import settle
+from tests.helpers import counts_after_gc, tier_counts
+
+BURST = 12
+
+
+def records(tiers: Tiers, saga_ids: Iterable[str]) -> list[SagaRecord]:
+    loaded = [tiers.cp.run(lambda c, s=s: sagas.load(c, s), operation="t", write=False).unwrap() for s in saga_ids]
+    assert all(r is not None for r in loaded)
+    return [r for r in loaded if r is not None]
+
+
+async def outwait(tiers: Tiers, saga_ids: Iterable[str], seconds: float) -> None:
+    """Sleep until every saga was last heard from more than ``seconds`` ago."""
+    latest = max(r.updated_at for r in records(tiers, saga_ids))
+    await asyncio.sleep(max(0.0, (latest - utcnow()).total_seconds() + seconds) + 0.5)
+
+
+def waiting_messages(broker: redis.Redis, config: DataMeshConfig) -> dict[str, int]:
+    """Messages waiting in each queue that has any (kombu keeps a Redis list per queue)."""
+    depths = {name: int(broker.llen(name)) for name in queues.all_queues(config.ap_shards)}
+    return {name: depth for name, depth in depths.items() if depth}
+
+
+def with_blob(config: DataMeshConfig, n: int) -> IngestionRequest:
+    big = b"%d" % n + b"B" * (config.inline_max_bytes + 1)
+    return IngestionRequest(
+        entity_id=EntityId.generate(), prompt=b"burst %d" % n, response=big, geo_region=GeoRegion.EU_WEST
+    )
+
+
+async def test_a_burst_waiting_in_queues_longer_than_the_lease_is_not_reaped_and_commits(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    config = workers.config = celery_config.with_changes(saga_lease_s=3.0, saga_queue_timeout_s=600.0)
+    broker = redis.Redis.from_url(redis_url)
+    async with (await IngestionPipeline.create(config)).unwrap() as p:  # its own reaper runs every 1.5 s
+        executor = p._executor
+        assert isinstance(executor, CeleryExecutor)
+        # Given a burst of sagas (each stores a blob, writes AP, commits) enqueued while no worker runs,
+        requests = [with_blob(config, n) for n in range(BURST)]
+        pending = [(await p.ingest(r, wait=False)).unwrap() for r in requests]
+        ids = [r.saga_id for r in pending]
+        assert waiting_messages(broker, config) == {"blobs.eu-west": BURST}
+        # when their first messages have waited longer than the lease and the reaper runs,
+        await outwait(p.tiers, ids, config.saga_lease_s)
+        # then it leaves them all alone;
+        assert executor.reap() == []
+        assert {r.status for r in records(p.tiers, ids)} == {SagaStatus.RUNNING}
+        # when a blobs worker has run their first step and their write_ap messages wait as long,
+        workers.start("--role", "blobs")
+        workers.wait_ready()
+
+        def blobs_stored() -> None:
+            assert all(r.steps.get(Step.STORE_BLOBS) == StepState.DONE for r in records(p.tiers, ids))
+
+        await eventually(blobs_stored, timeout=60.0)
+        assert sum(waiting_messages(broker, config).values()) == BURST
+        await outwait(p.tiers, ids, config.saga_lease_s)
+        # then the reaper leaves them alone again;
+        assert executor.reap() == []
+        assert {r.status for r in records(p.tiers, ids)} == {SagaStatus.RUNNING}
+        # and once the AP and CP workers start, every saga commits and none was compensated.
+        workers.start("--role", "all")
+        workers.wait_ready(count=2)
+        statuses = await settle(p.tiers)
+        assert statuses == {SagaStatus.COMMITTED.value: BURST}, statuses
+        assert all(r.failed_step is None and r.error is None for r in records(p.tiers, ids))
+        for request, response in zip(requests[::4], pending[::4], strict=True):
+            stored = (await p.get(response.conversation_id)).unwrap()
+            assert stored.turns[0].response == request.response
+        await eventually(lambda: _all_stored(p.tiers))
+    broker.close()
+
+
+def _all_stored(tiers: Tiers) -> None:
+    counts = tier_counts(tiers)
+    assert (counts.rows["turns"], counts.ap_rows, counts.blobs) == (BURST, BURST, BURST), counts
+
+
+async def test_a_saga_whose_message_is_lost_is_compensated_after_the_queue_timeout(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    config = workers.config = celery_config.with_changes(saga_lease_s=2.0, saga_queue_timeout_s=4.0)
+    broker = redis.Redis.from_url(redis_url)
+    tiers = Tiers.open(config, engine_factory=readonly_engine_for(config.ap_engine)).unwrap()
+    executor = CeleryExecutor(tiers, config)
+    try:
+        workers.start("--role", "blobs")
+        workers.wait_ready()
+        # Given a saga whose blob a worker stored, its write_ap message waiting in its shard's queue,
+        entity, big = EntityId.generate(), b"L" * (config.inline_max_bytes + 1)
+        requests = [
+            IngestionRequest(entity_id=entity, prompt=b"large", response=big, geo_region=GeoRegion.EU_WEST),
+            IngestionRequest(entity_id=entity, prompt=b"small", response=b"inline", geo_region=GeoRegion.EU_WEST),
+        ]
+        prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(requests)]
+        plan = executor.reserve("default", prepared).unwrap().plan
+        content = {i: (r.prompt, r.response, None) for i, r in enumerate(requests)}
+        blobs = {(i.region, i.response_sha256): big for i in plan.items if i.response_location == "objects"}
+        executor.submit(plan, content, blobs).unwrap()
+
+        def blob_stored() -> None:
+            (record,) = records(tiers, [plan.saga_id])
+            assert record.steps.get(Step.STORE_BLOBS) == StepState.DONE
+
+        await eventually(blob_stored, timeout=60.0)
+        (record,) = records(tiers, [plan.saga_id])
+        assert (record.lease_expires_at - record.updated_at).total_seconds() == config.saga_queue_timeout_s
+        assert tier_counts(tiers).blobs == 1
+        # when that message is lost (as with a broker restarted without persistence),
+        waiting = waiting_messages(broker, config)
+        assert list(waiting.values()) == [1] and next(iter(waiting)).startswith("ap.eu-west.")
+        broker.delete(*waiting)
+        # and the queue timeout has passed (a pool for every role is up to undo it),
+        await outwait(tiers, [plan.saga_id], config.saga_queue_timeout_s)
+        workers.start("--role", "all")
+        workers.wait_ready(count=2)
+        outcomes = executor.reap()
+        # then the reaper compensates the saga: its caller hears it failed for its lease,
+        assert [(o.saga_id, o.action) for o in outcomes] == [(plan.saga_id, SagaStatus.COMPENSATING.value)]
+        failed = executor.wait(plan)
+        assert isinstance(failed, Err) and isinstance(failed.error, SagaFailed), failed
+        assert failed.error.step == "lease" and not failed.error.dead_lettered
+        (record,) = records(tiers, [plan.saga_id])
+        assert record.status == SagaStatus.COMPENSATED and set(record.steps.values()) == {StepState.COMPENSATED}
+        # every tier is clean once garbage collection has run, and no stash is left in the broker.
+        counts = counts_after_gc(tiers)
+        assert counts.stored() == 0 and counts.ap_rows == 0 and counts.blobs == 0, counts
+        assert counts.rows["object_refs"] == 0 and counts.rows["blobs"] == 0
+        assert counts.rows["idempotency_keys"] == 0 and counts.rows["provenance_records"] == 0
+        assert list(broker.scan_iter("dm:saga-parts:*")) == []
+    finally:
+        executor.close()
+        tiers.close()
+        broker.close()
