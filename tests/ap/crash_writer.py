@@ -3,8 +3,9 @@
 Run as ``python crash_writer.py <shard_dir> <first_batch> [<fsync policy>]``; the parent SIGKILLs
 it at a random moment.  It prints ``start <b>`` just before ``put_many`` of batch ``b`` and ``<b>``
 once that call returned (the batch is acknowledged), so a kill that lands with ``start <b>`` as the
-last line hit the child while it was writing ``b``.  Batch ``b`` holds ``BATCH_ROWS`` keys that embed ``b`` (see :func:`batch_items`), so the
-parent can tell from the keys alone which batches are whole, partial or absent.
+last line hit the child while it was writing ``b``.  Batch ``b`` holds ``BATCH_ROWS`` keys that
+embed ``b`` (see :func:`batch_items`), so the parent can tell from the keys alone which batches are
+whole, partial or absent.
 """
 
 from __future__ import annotations
