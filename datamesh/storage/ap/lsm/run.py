@@ -402,6 +402,22 @@ class Run:
             found.extend(zip(keys[start:stop], values[start:stop], strict=True))
         return found
 
+    def blocks(self, *, blocks_per_fetch: int = 16) -> Iterator[Block]:
+        """Every block in key order, read through this handle (pin the run while iterating).
+
+        Unlike :func:`iter_blocks`, which opens the file by name, this reads a run that was deleted
+        after the handle was opened: a reader in another process cannot stop the writer's
+        compactions from deleting the runs it has pinned, only keep the files open.
+        """
+        for start in range(0, len(self.index), blocks_per_fetch):
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT data, checksum FROM blocks WHERE id >= ? AND id < ? ORDER BY id",
+                    (start, start + blocks_per_fetch),
+                ).fetchall()
+            for data, checksum in rows:
+                yield _decode_block(data, checksum, str(self.path))
+
     def acquire(self) -> None:
         with self._lock:
             self._refs += 1
@@ -426,7 +442,8 @@ class Run:
 
 
 def iter_blocks(path: Path, *, blocks_per_fetch: int = 16) -> Iterator[Block]:
-    """Every block of a run in key order, on a private connection (for merges and full scans)."""
+    """Every block of a run in key order, on a private connection opened by name (for the writer's
+    merges: only the writer deletes runs, and not one it is reading).  Readers use :meth:`Run.blocks`."""
     db = _connect_immutable(path)
     try:
         check_format(path, db)
