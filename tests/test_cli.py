@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -146,6 +147,104 @@ def test_demo_on_the_lsm_engine_and_ap_stats(tmp_path: Path) -> None:
     assert list((tmp_path / "datamesh-data" / "ap" / "eu-west").glob("shard-*.lsm"))
     stats = run(["-m", "datamesh", "ap", "stats"], tmp_path, DATAMESH_AP_ENGINE="lsm")
     assert stats.returncode == 0 and "shard-" in stats.stdout, stats.stdout + stats.stderr
+
+
+def _parse_size(text: str) -> tuple[float, float]:
+    """``"3.4MiB"`` as (bytes, how far the rounded figure may be from the true one)."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale, 0.051 * scale
+    raise AssertionError(f"not a size: {text!r}")
+
+
+class StatsRow(NamedTuple):
+    memtable: tuple[float, float]
+    levels: dict[int, int]
+    run_bytes: tuple[float, float]
+    pending: int
+    w_amp: float
+    s_amp: float
+
+
+def _stats_rows(stdout: str) -> dict[str, StatsRow]:
+    """``ap stats`` rows by shard: memtable and run bytes, runs per level, pending, W-amp, S-amp."""
+    rows: dict[str, StatsRow] = {}
+    for line in stdout.splitlines():
+        fields = line.split()
+        if not fields or not fields[0].endswith(".lsm"):
+            continue
+        name, memtable, *levels, run_bytes, pending, w_amp, s_amp = fields
+        per_level = [level.removeprefix("L").split(":") for level in levels if level != "-"]
+        rows[name] = StatsRow(
+            memtable=_parse_size(memtable),
+            levels={int(level): int(count) for level, count in per_level},
+            run_bytes=_parse_size(run_bytes),
+            pending=int(pending),
+            w_amp=float(w_amp),
+            s_amp=float(s_amp),
+        )
+    return rows
+
+
+def test_ap_stats_reports_each_shards_memtable_runs_pending_compaction_and_amplification(tmp_path: Path) -> None:
+    from collections import Counter
+
+    from datamesh.storage.ap.lsm import DEFAULT_TIER_FANOUT, LsmShard
+    from datamesh.storage.ap.lsm.log import FILE_HEADER
+    from datamesh.storage.ap.lsm.manifest import load_manifest
+
+    def rows(count: int, seed: int) -> list[tuple[bytes, bytes]]:
+        return [(seed.to_bytes(4, "big") + i.to_bytes(12, "big"), bytes([i % 251]) * 200) for i in range(count)]
+
+    ap = tmp_path / "ap" / "eu-west"
+    fanout = DEFAULT_TIER_FANOUT  # what `ap stats` assumes, as every deployed shard uses it
+    # Given shard 000 with fanout + 1 flushed tier-0 runs (a tier merge due) and 40 writes still only
+    # in its log, held open by this process as a running writer would,
+    pending = LsmShard(ap / "shard-000.lsm", memtable_bytes=1 << 30, background=False)
+    for n in range(fanout + 1):
+        pending.put_many(rows(300, n))
+        pending.flush()
+    unflushed = rows(40, 1000)
+    pending.put_many(unflushed)
+    # and shard 001 whose fanout runs were merged into one tier-1 run, then closed (nothing unflushed),
+    merged = LsmShard(ap / "shard-001.lsm", memtable_bytes=1 << 30, background=False)
+    for n in range(fanout):
+        merged.put_many(rows(300, n))
+        merged.flush()
+    assert merged.wait_for_compactions()
+    merged.close()
+    try:
+        # when `ap stats` runs in another process,
+        out = run(["-m", "datamesh", "ap", "stats", "--dir", str(tmp_path / "ap")], tmp_path)
+        unflushed_on_disk = sum(log.stat().st_size - len(FILE_HEADER) for log in (ap / "shard-000.lsm").glob("*.log"))
+        manifests = {name: load_manifest(ap / name) for name in ("shard-000.lsm", "shard-001.lsm")}
+    finally:
+        pending.close()
+    assert out.returncode == 0, out.stdout + out.stderr
+    stats = _stats_rows(out.stdout)
+    assert set(stats) == {"eu-west/shard-000.lsm", "eu-west/shard-001.lsm"}, out.stdout
+    first, second = stats["eu-west/shard-000.lsm"], stats["eu-west/shard-001.lsm"]
+    # then each shard's runs per level and run bytes are the manifest's,
+    for row, name in ((first, "shard-000.lsm"), (second, "shard-001.lsm")):
+        manifest = manifests[name]
+        assert manifest is not None
+        assert row.levels == dict(Counter(run.level for run in manifest.runs)), out.stdout
+        on_disk = sum(run.file_bytes for run in manifest.runs)
+        shown, rounding = row.run_bytes
+        assert on_disk > 0 and abs(shown - on_disk) <= rounding, (row, on_disk)
+    assert first.levels == {0: fanout + 1} and second.levels == {1: 1}
+    # the memtable is the unflushed log's records: at least the 40 writes' keys and values, 0 when flushed,
+    assert unflushed_on_disk >= sum(len(k) + len(v) for k, v in unflushed)
+    shown, rounding = first.memtable
+    assert unflushed_on_disk > 0 and abs(shown - unflushed_on_disk) <= rounding, (first, unflushed_on_disk)
+    assert second.memtable[0] == 0
+    # one tier merge is due in the first shard and none in the merged one,
+    assert first.pending == 1 and second.pending == 0
+    # every byte was written at least twice (log, then run) and the merge wrote it again,
+    assert first.w_amp >= 2.0 and second.w_amp > first.w_amp, out.stdout
+    # and the disk holds at least the payload.
+    assert first.s_amp >= 1.0 and second.s_amp >= 1.0, out.stdout
+    assert "memtable: bytes of records in unflushed logs" in out.stdout
 
 
 async def test_sagas_retry_redrives_only_dead_or_stuck_sagas(tmp_path: Path) -> None:

@@ -11,7 +11,15 @@ from datamesh.storage.ap.lsm import format_stats
 
 
 def register(sub: Any) -> None:
-    parser = sub.add_parser("ap", help="AP tier operations: stats of the LSM shards")
+    parser = sub.add_parser(
+        "ap",
+        help="AP tier operations: stats of the LSM shards",
+        description=(
+            "stats: per LSM shard, read from its files (safe beside running writers): memtable (bytes of"
+            " records in the unflushed logs, as a writer in another process cannot be asked), runs per"
+            " level, run bytes, pending tier merges, write and space amplification"
+        ),
+    )
     parser.add_argument("action", choices=["stats"])
     parser.add_argument("--dir", type=Path, default=None, help="AP folder (default: DATAMESH_AP_DIR)")
     parser.set_defaults(handler=run)

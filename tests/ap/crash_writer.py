@@ -1,8 +1,11 @@
 """Child process of the crash test: writes numbered batches forever, printing each acknowledged one.
 
-Run as ``python crash_writer.py <shard_dir> <first_batch>``; the parent SIGKILLs it at a random
-moment.  Batch ``b`` holds ``BATCH_ROWS`` keys that embed ``b`` (see :func:`batch_items`), so the
-parent can tell from the keys alone which batches are whole, partial or absent.
+Run as ``python crash_writer.py <shard_dir> <first_batch> [<fsync policy>]``; the parent SIGKILLs
+it at a random moment.  It prints ``start <b>`` just before ``put_many`` of batch ``b`` and ``<b>``
+once that call returned (the batch is acknowledged), so a kill that lands with ``start <b>`` as the
+last line hit the child while it was writing ``b``.  Batch ``b`` holds ``BATCH_ROWS`` keys that
+embed ``b`` (see :func:`batch_items`), so the parent can tell from the keys alone which batches are
+whole, partial or absent.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ def batch_items(batch: int) -> list[tuple[bytes, bytes]]:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from datamesh.storage.ap.lsm import LsmShard
+    from datamesh.storage.ap.lsm import DEFAULT_FSYNC, FsyncPolicy, LsmShard
 
-    shard = LsmShard(Path(sys.argv[1]), **SHARD_OPTIONS)  # type: ignore[arg-type]
+    policy = FsyncPolicy(sys.argv[3]) if len(sys.argv) > 3 else DEFAULT_FSYNC
+    shard = LsmShard(Path(sys.argv[1]), fsync=policy, **SHARD_OPTIONS)  # type: ignore[arg-type]
     batch = int(sys.argv[2])
     print("ready", flush=True)
     while True:
+        print(f"start {batch}", flush=True)
         shard.put_many(batch_items(batch))
         print(batch, flush=True)
         batch += 1

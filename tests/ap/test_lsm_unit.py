@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import struct
 import threading
 import time
@@ -564,3 +565,28 @@ def test_a_merge_input_read_with_drop_cache_drops_only_pages_behind_the_reader(
     count = len(dropped)
     assert sum(len(chunk) for chunk in iter_columns(path, 16, entries_per_chunk=500)) == len(keys)
     assert len(dropped) == count
+
+
+def test_a_reader_scans_runs_a_compaction_deleted_after_it_pinned_them(tmp_path: Path) -> None:
+    from datamesh.storage.ap.lsm.run import iter_blocks
+
+    # Given a reader in another process (here: a read-only handle) that pinned a run of 20 blocks,
+    # and a writer whose compaction then deleted the file (readers cannot hold a writer off),
+    writer = RunWriter(tmp_path / "00000001.sqlite3", block_entries=8)
+    keys = _keys(160)
+    values: list[bytes | None] = [k * 4 for k in keys]
+    writer.add(keys, values)
+    writer.finish()
+    run = Run(tmp_path / "00000001.sqlite3")
+    run.acquire()
+    (tmp_path / "00000001.sqlite3").unlink()
+    # when it scans the run, then it reads every block through the handle it holds,
+    scanned = [
+        (k, v) for block_keys, block_values in run.blocks() for k, v in zip(block_keys, block_values, strict=True)
+    ]
+    assert scanned == list(zip(keys, values, strict=True))
+    # where opening the run again by name (what ``iter_all`` once did) fails.
+    with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+        next(iter_blocks(tmp_path / "00000001.sqlite3"))
+    run.release()
+    run.release()

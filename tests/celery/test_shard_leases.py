@@ -74,6 +74,7 @@ def test_tokens_stay_above_the_fence_when_redis_lost_its_counter(redis_url: str)
     client.close()
 
 
+@pytest.mark.parametrize("celery_config", ["sqlite", "lsm"], indirect=True)
 async def test_a_second_worker_takes_the_shards_when_the_owner_dies(
     workers: Workers, celery_config: DataMeshConfig
 ) -> None:

@@ -1,14 +1,20 @@
 """Sorted runs: immutable SQLite files (WAL mode) of packed, checksummed blocks with a sparse index.
 
-Why blocks: a run stored as one SQLite row per key costs a B-tree insert and a Python-to-SQLite
-call per key; packing ``block_entries`` sorted entries into one row makes SQLite store a few large
-rows instead, gives every block a checksum, and halves the rows a merge must step through.
-Measured (``bench/bench_lsm.py`` prints it first): with the journal off both are close, e.g.
-~300k rows/s for a row per key against ~350k rows/s for blocks of 64 (blocks of 256 were no
-faster, and make a point lookup read and checksum 4x the bytes), and a row-per-key run in WAL mode
-with ``synchronous=NORMAL`` wrote ~165k rows/s.  The table is keyed by each block's first key, so
-the B-tree over ``first_key`` *is* the sparse index; a copy of that column is held in memory to
-find a block with one ``bisect``.
+What is stored: one SQLite row per *block* of ``block_entries`` sorted entries (sized to fill the
+pages, :func:`fit_block_entries`: 72 entries of 16+200 bytes), in a rowid table whose key ``id`` is
+the block's number in key order.  Each row also holds the block's first and last key, its entry
+count and a checksum of its data.  The sparse index is the ``first_key`` column read into memory
+(or handed over by the writer that built the run): a point lookup finds its block with one
+``bisect`` over it and fetches that block by ``id``.  SQLite has no index on ``first_key``.
+
+Why blocks: a run stored as one SQLite row per key caps the flush near the rate at which SQLite
+appends rows (a B-tree insert and a Python-to-SQLite call per key); packing sorted blocks of
+entries per row, with a sparse index, is one way past it, and it was chosen by measuring both
+(``bench/bench_lsm.py`` measures a row per key against packed blocks at the start of each run).
+Measured: with the journal off both are close, e.g. ~300k rows/s for a row per key against
+~350k rows/s for blocks of 64 (blocks of 256 were no faster, and make a point lookup read and
+checksum 4x the bytes), and a row-per-key run in WAL mode with ``synchronous=NORMAL`` wrote ~165k
+rows/s.  Blocks also give every block a checksum and leave a merge far fewer rows to step through.
 
 Layout of ``NNNNNNNN.sqlite3`` (format 3)::
 
@@ -396,6 +402,22 @@ class Run:
             found.extend(zip(keys[start:stop], values[start:stop], strict=True))
         return found
 
+    def blocks(self, *, blocks_per_fetch: int = 16) -> Iterator[Block]:
+        """Every block in key order, read through this handle (pin the run while iterating).
+
+        Unlike :func:`iter_blocks`, which opens the file by name, this reads a run that was deleted
+        after the handle was opened: a reader in another process cannot stop the writer's
+        compactions from deleting the runs it has pinned, only keep the files open.
+        """
+        for start in range(0, len(self.index), blocks_per_fetch):
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT data, checksum FROM blocks WHERE id >= ? AND id < ? ORDER BY id",
+                    (start, start + blocks_per_fetch),
+                ).fetchall()
+            for data, checksum in rows:
+                yield _decode_block(data, checksum, str(self.path))
+
     def acquire(self) -> None:
         with self._lock:
             self._refs += 1
@@ -420,7 +442,8 @@ class Run:
 
 
 def iter_blocks(path: Path, *, blocks_per_fetch: int = 16) -> Iterator[Block]:
-    """Every block of a run in key order, on a private connection (for merges and full scans)."""
+    """Every block of a run in key order, on a private connection opened by name (for the writer's
+    merges: only the writer deletes runs, and not one it is reading).  Readers use :meth:`Run.blocks`."""
     db = _connect_immutable(path)
     try:
         check_format(path, db)

@@ -42,7 +42,7 @@ from datamesh.storage.ap.lsm.manifest import Manifest, RunMeta
 from datamesh.storage.ap.lsm.memtable import MISSING, Memtable
 from datamesh.storage.ap.lsm.reader import reload_runs
 from datamesh.storage.ap.lsm.recovery import file_path, recover
-from datamesh.storage.ap.lsm.run import Block, Run, iter_blocks
+from datamesh.storage.ap.lsm.run import Block, Run
 from datamesh.storage.ap.lsm.stats import LOG_SUFFIX, RUN_SUFFIX, LsmStats, build_stats, logs_bytes
 from datamesh.storage.ap.sqlite_shard import prefix_upper_bound, take_writer_lock
 
@@ -341,7 +341,7 @@ class LsmShard(ShardMaintenance, ShardEngine):
                 items = memtable.range_items(b"", None)
                 streams.append(iter([([k for k, _ in items], [v for _, v in items])]) if items else iter(()))
         try:
-            streams.extend(iter_blocks(run.path) for run in runs)
+            streams.extend(run.blocks() for run in runs)  # through the pinned handles, not by name
             yield from merge_blocks(streams, drop_tombstones=True)
         finally:
             for run in runs:

@@ -1,8 +1,10 @@
 """Operational statistics of LSM shards, live (``LsmShard.stats()``) or read from disk.
 
 :func:`format_stats` is what ``python -m datamesh ap stats`` prints for a data directory: it reads
-each shard's manifest and log sizes, so it works while writers run in other processes (the
-memtable of a running writer is reported as the bytes of its unflushed logs).
+each shard's manifest and log sizes, so it works while writers run in other processes.  It cannot
+see a writer's memory, so its ``memtable`` column is the bytes of the records in the shard's
+unflushed logs (the logs the manifest still needs, without their file headers): what the writer's
+memtables hold, as encoded in the log, and 0 once everything is flushed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamesh.storage.ap.lsm.compaction import pending_compactions
+from datamesh.storage.ap.lsm.log import FILE_HEADER
 from datamesh.storage.ap.lsm.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 LOG_SUFFIX = ".log"
@@ -94,15 +97,17 @@ def build_stats(
     )
 
 
-def logs_bytes(shard_dir: Path, *, min_log: int = 0) -> int:
-    """Bytes in the shard's logs numbered ``min_log`` or above.  A log the flusher removes while
-    they are listed (it does so outside the shard lock) counts as the empty log it has become."""
+def logs_bytes(shard_dir: Path, *, min_log: int = 0, records_only: bool = False) -> int:
+    """Bytes in the shard's logs numbered ``min_log`` or above (``records_only``: without each log's
+    file header, so logs holding no record count 0).  A log the flusher removes while they are
+    listed (it does so outside the shard lock) counts as the empty log it has become."""
     total = 0
     for log in shard_dir.glob(f"*{LOG_SUFFIX}") if shard_dir.exists() else ():
         if int(log.stem.split("-")[-1]) < min_log:
             continue
         with contextlib.suppress(FileNotFoundError):
-            total += log.stat().st_size
+            size = log.stat().st_size
+            total += max(0, size - len(FILE_HEADER)) if records_only else size
     return total
 
 
@@ -116,7 +121,7 @@ def read_stats(shard_dir: Path, *, fanout: int) -> LsmStats | None:
         shard_dir,
         manifest,
         fanout=fanout,
-        memtable_bytes=log_bytes,
+        memtable_bytes=logs_bytes(shard_dir, min_log=manifest.min_log, records_only=True),
         memtable_entries=-1,
         immutable_memtables=-1,
         log_bytes=log_bytes,
@@ -145,6 +150,11 @@ def format_stats(data_dir: Path, *, fanout: int | None = None) -> str:
         )
     if not shards:
         lines.append(f"(no LSM shards under {data_dir})")
+    else:
+        lines.append(
+            "memtable: bytes of records in unflushed logs, read from disk; pending: tier merges due"
+            f" at fanout {fanout or DEFAULT_TIER_FANOUT}; W-amp, S-amp: write and space amplification"
+        )
     return "\n".join(lines)
 
 
