@@ -9,7 +9,8 @@ commit; SQLite: WAL with synchronous=FULL; RocksDB: WriteBatch with sync=True). 
 * acknowledged rows/s: rows / time spent inside the write call (log + memtable for the LSM);
 * sustained rows/s: rows / wall time including flushes, compaction and the final drain
   (key/value generation excluded for every engine alike);
-* a growth curve: aggregate rows/s over each tenth of the run, to see if the rate stays flat;
+* a growth curve: aggregate rows/s over each tenth of the run (of its rows, or of its time budget
+  for an engine the budget stops first), to see if the rate stays flat;
 * the longest write call (the worst stall a writer saw) and the LSM's own stall counters;
 * point lookups (present keys) and prefix scans (2-byte prefixes) per second, after the writes;
 * write amplification (LSM: bytes written to log + runs / user bytes) and space amplification
@@ -217,8 +218,11 @@ def run_shard(
         result.rows += len(items)
         if len(result.sample) < 20000:
             result.sample.extend(items[i][0] for i in range(0, len(items), 997))
-        if result.rows % step == 0:
-            result.checkpoints.append((result.rows, time.perf_counter() - started - result.gen_seconds))
+        now = time.perf_counter() - started - result.gen_seconds
+        last = result.checkpoints[-1][1] if result.checkpoints else 0.0
+        # a tenth of the rows, or of the budget for an engine the budget stops first
+        if result.rows % step == 0 or now - last >= budget_s / CHECKPOINTS:
+            result.checkpoints.append((result.rows, now))
     d0 = time.perf_counter()
     store.drain()
     result.drain_seconds = time.perf_counter() - d0

@@ -140,3 +140,19 @@ async def test_ingesting_a_200_mib_payload_adds_far_less_memory_than_the_payload
         # And the ingest added far less memory than the payload: no whole copy of it was made
         print(f"\n{backend}: ingest of 200 MiB: RSS +{rss / MiB:.1f} MiB, traced +{traced / MiB:.1f} MiB")
         assert rss < MAX_GROWTH_BYTES and traced < MAX_GROWTH_BYTES
+
+
+def test_a_large_single_put_sends_its_bytes_without_a_copy(request: pytest.FixtureRequest) -> None:
+    # Given an S3 store that sends up to 100 MiB as one PUT (the default), and 64 MiB held by the caller
+    moto: MotoServer = request.getfixturevalue("moto")
+    store = make_s3_store(moto, request.getfixturevalue("bucket"), single_put_max_bytes=100 * MiB)
+    payload = b"".join(generated(64 * MiB))
+    # When it is put, once, then again (the key exists: the server refuses the conditional PUT)
+    first_rss, first_traced = Peak().measure(lambda: store.put(payload).unwrap())
+    again: list[Any] = []
+    _, again_traced = Peak().measure(lambda: again.append(store.put(payload).unwrap()))
+    # Then it was stored whole in one PUT, written once, and the PUT never held a copy of the payload
+    assert store.verify(ContentHash.of(payload)).unwrap() == 64 * MiB and again[0].written is False
+    print(f"\nsingle PUT of 64 MiB: RSS +{first_rss / MiB:.1f} MiB, traced +{first_traced / MiB:.1f} MiB")
+    assert first_traced < 8 * MiB and again_traced < 8 * MiB
+    store.close()

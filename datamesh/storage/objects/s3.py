@@ -77,6 +77,9 @@ T = TypeVar("T")
 STAGING_DIR = ".staging"
 #: Parts of one stream in flight at most: a stream's memory stays a few parts (the 200 MiB test).
 STREAM_PARTS_IN_FLIGHT = 2
+#: A single PUT body this large is sent as a window on the caller's bytes (see ``_put_single``);
+#: smaller ones go as ``bytes``, sparing them the round trip of ``Expect: 100-continue``.
+WINDOW_MIN_BYTES = 1024 * 1024
 
 #: Error codes S3 (and compatible servers) use for "slow down" and transient server trouble.
 RETRYABLE_CODES = frozenset(
@@ -377,20 +380,28 @@ class S3ObjectStore(ObjectStore[Staged]):
         """One PUT with S3 checking the SHA-256; with ``if_absent``, ``False`` when the key exists.
 
         ``If-None-Match: *`` makes the existence check and the write one request.  A server that
-        ignores the header overwrites the key with identical bytes, which is harmless.
+        ignores the header overwrites the key with identical bytes, which is harmless.  A body of
+        :data:`WINDOW_MIN_BYTES` or more goes as a window on ``data`` (:class:`PartBody`): botocore
+        does not copy it, and sends it after ``Expect: 100-continue``, so a server can refuse an
+        existing key before the bytes cross the wire.
         """
         checksum = base64.b64encode(bytes.fromhex(key)).decode("ascii")
         condition = {"IfNoneMatch": "*"} if if_absent else {}
-        try:
-            self._call(
-                lambda: self.client.put_object(
-                    Bucket=self.bucket,
-                    Key=self.key_of(key),
-                    Body=data,
-                    ChecksumSHA256=checksum,
-                    **condition,  # type: ignore[arg-type]
-                )
+        window = PartBody(memoryview(data)) if len(data) >= WINDOW_MIN_BYTES else None
+
+        def send() -> None:
+            if window is not None:
+                window.seek(0)  # a retry sends the body from its start
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=self.key_of(key),
+                Body=data if window is None else cast("IO[bytes]", window),
+                ChecksumSHA256=checksum,
+                **condition,  # type: ignore[arg-type]
             )
+
+        try:
+            self._call(send)
         except ClientError as exc:
             if if_absent and (_code(exc) == "PreconditionFailed" or _status(exc) == 412):
                 return False
