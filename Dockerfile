@@ -6,5 +6,9 @@ COPY alembic ./alembic
 COPY datamesh ./datamesh
 RUN pip install --no-cache-dir '.[full]'
 ENV PYTHONUNBUFFERED=1
+# The data folder and every volume's mount point under it belong to the user the services run as:
+# a new named volume takes the owner of the folder it is mounted on, and beat writes its schedule here.
+RUN mkdir -p /var/lib/datamesh/ap/eu-west /var/lib/datamesh/ap/us-east /var/lib/datamesh/index \
+    && chown -R nobody:nogroup /var/lib/datamesh
 USER nobody
 CMD ["python", "-m", "datamesh", "--help"]

@@ -8,6 +8,7 @@ parsed by the project's own command line.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,23 @@ def test_one_index_writer_and_read_only_readers(compose: dict[str, Any]) -> None
     assert "index:/var/lib/datamesh/index" in services["worker-index"]["volumes"]
     for name in ("gateway-1", "gateway-2"):  # gateways search the indexes read-only
         assert "index:/var/lib/datamesh/index:ro" in services[name]["volumes"]
+
+
+def test_the_image_user_owns_the_data_folder_and_every_mount_point_under_it(compose: dict[str, Any]) -> None:
+    # Given the image's user and the folders its RUN lines make and hand over to that user
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    user = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)[-1]
+    made = {m for line in re.findall(r"mkdir -p ([^&\n]+)", dockerfile) for m in line.split()}
+    made |= {str(parent) for m in made for parent in Path(m).parents}  # mkdir -p makes the parents too
+    owned = re.findall(rf"chown -R {user}:\S+ (\S+)", dockerfile)
+    data_dir = compose["x-datamesh"]["environment"]["DATAMESH_DATA_DIR"]
+    # Then the data folder is the user's, and every volume a datamesh service mounts under it is
+    # mounted on a folder the image made there (a new named volume takes that folder's owner)
+    assert data_dir in owned
+    for name, service in compose["services"].items():
+        if service.get("image") != "datamesh:latest":
+            continue
+        for volume in service.get("volumes", []):
+            target = volume.split(":")[1]
+            if target.startswith(data_dir):
+                assert target in made | {data_dir}, (name, target)
