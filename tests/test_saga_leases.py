@@ -188,3 +188,22 @@ def test_a_worker_hands_sagas_to_queues_whatever_the_executor_setting(config: Da
         assert (RUNTIME.tiers().lease_s, RUNTIME.tiers().queue_lease_s) == (LEASE_S, QUEUE_S)
     finally:
         RUNTIME.close()
+
+
+def test_on_celery_a_saga_that_could_not_be_published_gets_the_running_lease(
+    config: DataMeshConfig, celery_tiers: Tiers
+) -> None:
+    from datamesh.workers.executor import CeleryExecutor
+
+    tiers = celery_tiers
+    # Given a saga reserved under the Celery executor (the queue timeout) and a broker nobody listens on
+    plan, content, blobs = reserved(tiers, requests_with_a_blob(config))
+    assert lease_of(tiers, plan.saga_id) == QUEUE_S
+    unreachable = config.with_changes(executor="celery", broker_url="redis://127.0.0.1:1/0")
+    executor = CeleryExecutor(tiers, unreachable)
+    # when its chain cannot be published, the caller gets a retryable error
+    submitted = executor.submit(plan, content, blobs)
+    assert isinstance(submitted, Err) and submitted.error.retryable and plan.saga_id in submitted.error.message
+    # and, as nothing waits in a queue for it, the reaper takes it after the running lease, not the
+    # queue timeout (its idempotency keys are held until then)
+    assert lease_of(tiers, plan.saga_id) == LEASE_S and reaped_after(tiers, plan.saga_id, LEASE_S + 1)

@@ -176,14 +176,14 @@ def _mark(tiers: Tiers, saga_id: str, step: Step) -> Result[None, StorageError]:
 
 
 def _count_attempt(tiers: Tiers, saga_id: str) -> None:
-    tiers.cp.run(
-        lambda conn: sagas.transition(
-            conn,
-            saga_id,
-            from_status=(SagaStatus.COMPENSATING,),
-            to_status=SagaStatus.COMPENSATING,
-            now=utcnow(),
-            count_attempt=True,
-        ),
-        operation="saga.count_attempt",
-    )
+    """Count a failed compensation attempt of a compensating saga, or of a dead one being re-driven
+    (``sagas retry`` keeps it dead, attempts reset, until its compensation completes)."""
+
+    def tx(conn: Connection) -> None:
+        for status in (SagaStatus.COMPENSATING, SagaStatus.DEAD):
+            if sagas.transition(
+                conn, saga_id, from_status=(status,), to_status=status, now=utcnow(), count_attempt=True
+            ):
+                return
+
+    tiers.cp.run(tx, operation="saga.count_attempt")

@@ -26,6 +26,7 @@ from datamesh.pipeline.steps import Committed, ReserveOutcome, Step, reserve
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import FINAL_STATUSES, SagaStatus
+from datamesh.storage.cp.sql import utcnow
 from datamesh.workers import queues
 from datamesh.workers.runtime import DONE_KEY
 
@@ -69,8 +70,9 @@ class CeleryExecutor:
     def submit(
         self, plan: SagaPlan, content: Content, blobs: Mapping[tuple[str, str], bytes]
     ) -> Result[None, StorageError]:
-        """Stash the saga's content and publish its chain; an unpublished saga is left to the reaper
-        (its lease expires)."""
+        """Stash the saga's content and publish its chain; an unpublished saga is left to the reaper,
+        with the short running lease rather than the queue timeout it was reserved with (nothing
+        waits in a queue for it, and its idempotency keys stay held until it is reaped)."""
         from datamesh.tasks.codec import STASH_TTL_S, saga_chain, stash_key
 
         try:
@@ -82,6 +84,17 @@ class CeleryExecutor:
                 pipe.execute()
             steps.apply_async(link_error=self.app.signature(queues.STEP_FAILED))
         except Exception as exc:  # noqa: BLE001 - kombu/redis failures after their retries: one boundary
+            self.tiers.cp.run(
+                lambda c: sagas.transition(
+                    c,
+                    plan.saga_id,
+                    from_status=(SagaStatus.RUNNING,),
+                    to_status=SagaStatus.RUNNING,
+                    now=utcnow(),
+                    lease_s=self.tiers.lease_s,
+                ),
+                operation="saga.unpublished",
+            )
             return Err(
                 StorageError(
                     "broker", "submit", f"could not enqueue saga {plan.saga_id}: {exc}", retryable=True, cause=repr(exc)

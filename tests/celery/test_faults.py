@@ -18,7 +18,7 @@ from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.steps import Step
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus, StepState
-from tests.celery.conftest import Workers
+from tests.celery.conftest import Workers, eventually
 from tests.helpers import counts_after_gc, real_requests, tier_counts
 from tests.test_saga_faults import FAULT_POINTS, FailAt, batch_with_blobs
 
@@ -178,6 +178,19 @@ async def test_compensation_that_keeps_failing_is_dead_lettered_then_redriven(
 
         # `sagas --dead` lists it;
         assert failure.saga_id in cli("sagas", "--dead")
+        # re-driven while the cause remains, it counts its attempts again and stops at the limit, dead
+        # (not retried for ever), and the ledger counts it dead once;
+        assert "compensation enqueued" in cli("sagas", "retry", failure.saga_id)
+
+        def redrive_gave_up() -> None:
+            record = p.tiers.cp.run(lambda c: sagas.load(c, failure.saga_id), write=False).unwrap()
+            assert record is not None and record.status == SagaStatus.DEAD and record.attempts == 2, record
+
+        await eventually(redrive_gave_up)
+        assert failure.saga_id in cli("sagas", "--dead")
+        redrive_gave_up()  # still at the limit a CLI run later: no undo ran again
+        again = _ledger(before, multiproc)
+        assert (again.dead_letter, again.in_flight, again.compensated) == (4, 0, 0), again
         # once the cause is fixed, `sagas retry ID` re-drives it to compensated and every tier is clean.
         control.delete("dm:test:fault")
         assert "compensation enqueued" in cli("sagas", "retry", failure.saga_id)
