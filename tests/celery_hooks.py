@@ -5,7 +5,8 @@ step (and each undo) the hook looks at four keys: ``dm:test:fault`` = ``step:pha
 there; ``dm:test:delay`` = seconds, sleeps a random time up to it (so a kill lands mid-step);
 ``dm:test:record`` set, appends ``step:phase`` to the list ``dm:test:trace`` (the order steps ran in);
 ``dm:test:crash`` = ``step:phase``, the first worker process to reach that point deletes the key and
-kills itself with SIGKILL (a crash: no errback, the message is not acknowledged).
+kills itself with SIGKILL (a crash: no errback, the message is not acknowledged);
+``dm:test:stall`` = ``step:phase=seconds``, sleeps exactly that long there (a slow, live step).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def hook(step: str, phase: str) -> None:
         return
     point = f"{step}:{phase}"
     try:
-        fault, delay, record, crash = _client.mget("dm:test:fault", "dm:test:delay", "dm:test:record", "dm:test:crash")
+        fault, delay, record, crash, stall = _client.mget(
+            "dm:test:fault", "dm:test:delay", "dm:test:record", "dm:test:crash", "dm:test:stall"
+        )
         if record:
             _client.rpush("dm:test:trace", point)
         if crash and crash.decode() == point and _client.delete("dm:test:crash"):
@@ -38,6 +41,8 @@ def hook(step: str, phase: str) -> None:
         return  # the hooks' Redis is down (the broker restart test): the step runs as it would unhooked
     if delay:
         time.sleep(random.uniform(0, float(delay)))
+    if stall and stall.decode().partition("=")[0] == point:
+        time.sleep(float(stall.decode().partition("=")[2]))
     if fault and point in fault.decode().split(","):
         raise InjectedFault(f"injected at {phase} {step}")
 

@@ -207,3 +207,26 @@ def test_on_celery_a_saga_that_could_not_be_published_gets_the_running_lease(
     # and, as nothing waits in a queue for it, the reaper takes it after the running lease, not the
     # queue timeout (its idempotency keys are held until then)
     assert lease_of(tiers, plan.saga_id) == LEASE_S and reaped_after(tiers, plan.saga_id, LEASE_S + 1)
+
+
+def test_a_heartbeat_moves_a_running_lease_out_and_never_shortens_a_queue_timeout(
+    config: DataMeshConfig, celery_tiers: Tiers
+) -> None:
+    tiers = celery_tiers
+    # Given a saga whose step began in a worker (the running lease)
+    plan, _, _ = reserved(tiers, requests_with_a_blob(config))
+    begin(plan.saga_id, Step.STORE_BLOBS)
+    before = tiers.cp.run(lambda c: sagas.load(c, plan.saga_id), operation="t", write=False).unwrap()
+    assert before is not None
+    # when the step's heartbeat beats a second later, the lease runs a full lease from the beat
+    later = before.updated_at + timedelta(seconds=1)
+    assert tiers.cp.run(
+        lambda c: sagas.renew_lease(c, plan.saga_id, now=later, lease_s=LEASE_S), operation="t"
+    ).unwrap()
+    assert lease_of(tiers, plan.saga_id) == LEASE_S and not reaped_after(tiers, plan.saga_id, LEASE_S - 0.5)
+    # and once the step handed the saga to a queue (the queue timeout), a late beat changes nothing
+    queue_lease(tiers, plan.saga_id, SagaStatus.RUNNING).unwrap()
+    assert not tiers.cp.run(
+        lambda c: sagas.renew_lease(c, plan.saga_id, now=utcnow(), lease_s=LEASE_S), operation="t"
+    ).unwrap()
+    assert lease_of(tiers, plan.saga_id) == QUEUE_S

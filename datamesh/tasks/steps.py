@@ -8,8 +8,10 @@ full-jitter backoff and anything else into a failure, which fires the chain's er
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -104,9 +106,36 @@ def run_step(task: Task, saga_id: str, step: str, fault_step: str, body: Callabl
     attempts = begin(task, saga_id, step)
     if attempts is None:
         return "skipped"
-    RUNTIME.faults(fault_step, "before")
-    finish(task, saga_id, fault_step, body(), attempts)
+    with heartbeat(saga_id):
+        RUNTIME.faults(fault_step, "before")
+        result = body()
+    finish(task, saga_id, fault_step, result, attempts)
     return "done"
+
+
+@contextlib.contextmanager
+def heartbeat(saga_id: str) -> Iterator[None]:
+    """Renew the running saga's lease every third of it while the step runs, so a live step that
+    takes longer than the lease (up to the task's time limit) is not taken for a dead one.  The
+    beats stop with the process: a killed worker's saga is reaped one lease after its last beat.
+    Best effort: a beat that fails leaves the lease as it was."""
+    tiers = RUNTIME.tiers()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(tiers.lease_s / 3):
+            tiers.cp.run(
+                lambda c: sagas.renew_lease(c, saga_id, now=utcnow(), lease_s=tiers.lease_s),
+                operation="task.heartbeat",
+            )
+
+    beating = threading.Thread(target=beat, name=f"datamesh-heartbeat-{saga_id}", daemon=True)
+    beating.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beating.join()
 
 
 def hold_shard(task: Task, region: str, shard: int) -> None:

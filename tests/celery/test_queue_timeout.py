@@ -160,3 +160,35 @@ async def test_a_saga_whose_message_is_lost_is_compensated_after_the_queue_timeo
         executor.close()
         tiers.close()
         broker.close()
+
+
+async def test_a_live_step_slower_than_the_lease_keeps_its_saga_through_the_reaper(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    config = workers.config = celery_config.with_changes(saga_lease_s=3.0, saga_queue_timeout_s=600.0)
+    control = redis.Redis.from_url(redis_url)
+    # Given a worker whose store_blobs step runs three times as long as the running lease
+    control.set("dm:test:stall", f"store_blobs:before={3 * config.saga_lease_s}")
+    workers.start("--role", "all", hooks_redis=redis_url)
+    workers.wait_ready()
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        executor = p._executor
+        assert isinstance(executor, CeleryExecutor)
+        pending = (await p.ingest(with_blob(config, 0), wait=False)).unwrap()
+
+        def storing() -> None:
+            (record,) = records(p.tiers, [pending.saga_id])
+            started = [step for step, state in record.steps.items() if state == StepState.RUNNING]
+            assert any(step.startswith(Step.STORE_BLOBS) for step in started), record.steps
+
+        await eventually(storing, timeout=60.0)
+        # when the reaper runs all through the step, well past the lease,
+        reaped: list[object] = []
+        for _ in range(int(2 * config.saga_lease_s)):
+            reaped += executor.reap()
+            await asyncio.sleep(1.0)
+        # then it never takes the saga (the step's heartbeat renews the lease), and the saga commits
+        assert reaped == []
+        statuses = await settle(p.tiers)
+        assert statuses == {SagaStatus.COMMITTED.value: 1}, (statuses, records(p.tiers, [pending.saga_id]))
+    control.close()

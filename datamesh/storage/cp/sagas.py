@@ -105,6 +105,20 @@ _EXTEND_LEASE = (
     .where(SAGAS.c.id == bindparam("sid"))
     .values(lease_expires_at=bindparam("lease"), updated_at=bindparam("now"))
 )
+
+
+def renew_lease(conn: Connection, saga_id: str, *, now: datetime, lease_s: float) -> bool:
+    """A running step's heartbeat: move a running saga's lease out to ``now + lease_s``, never back
+    (a step that just handed the saga to a queue gave it the longer queue timeout)."""
+    lease = now + timedelta(seconds=lease_s)
+    moved = conn.execute(
+        update(SAGAS)
+        .where(SAGAS.c.id == saga_id, SAGAS.c.status == SagaStatus.RUNNING.value, SAGAS.c.lease_expires_at < lease)
+        .values(lease_expires_at=lease, updated_at=now)
+    )
+    return bool(moved.rowcount)
+
+
 _STEP_UPSERTS: dict[str, Any] = {}
 
 
