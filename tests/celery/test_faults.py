@@ -183,7 +183,7 @@ async def test_compensation_that_keeps_failing_is_dead_lettered_then_redriven(
         assert "compensation enqueued" in cli("sagas", "retry", failure.saga_id)
 
         def redrive_gave_up() -> None:
-            record = p.tiers.cp.run(lambda c: sagas.load(c, failure.saga_id), write=False).unwrap()
+            record = p.tiers.cp.run(lambda c: sagas.load(c, failure.saga_id), operation="t", write=False).unwrap()
             assert record is not None and record.status == SagaStatus.DEAD and record.attempts == 2, record
 
         await eventually(redrive_gave_up)
