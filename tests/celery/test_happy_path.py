@@ -13,6 +13,8 @@ from datamesh.core.config import DataMeshConfig
 from datamesh.core.types import EntityId, GeoRegion
 from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
 from datamesh.storage.cp import sagas
+from datamesh.workers.app import create_app
+from datamesh.workers.queues import COMMIT_CP, WRITE_AP
 from tests.celery.conftest import ROOT, Workers, env_of, eventually
 from tests.helpers import real_requests, tier_counts
 from tests.test_cli import SEED
@@ -26,9 +28,12 @@ def test_seed_example_runs_on_celery(workers: Workers, celery_config: DataMeshCo
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(celery_config)}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", SEED], env=env, capture_output=True, text=True, timeout=120)
-    # then it ingests through the workers.
+    # then it ingests, and through the workers: they ran its write_ap and commit_cp tasks.
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Ingested: "), out.stdout + out.stderr
+    stats = create_app(celery_config, load_celeryconfig=False).control.inspect(timeout=2.0).stats() or {}
+    runs = {name: sum(s.get("total", {}).get(name, 0) for s in stats.values()) for name in (WRITE_AP, COMMIT_CP)}
+    assert runs[WRITE_AP] >= 1 and runs[COMMIT_CP] >= 1, runs
 
 
 @pytest.mark.parametrize("celery_config", ["sqlite", "lsm"], indirect=True)
