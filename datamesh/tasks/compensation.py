@@ -158,8 +158,8 @@ def undo_write_ap_task(self: Task, *, saga_id: str, region: str, shard: int) -> 
 
 @shared_task(bind=True, name=queues.UNDO_STORE_BLOBS)
 def undo_store_blobs_task(self: Task, *, saga_id: str, region: str) -> str:
-    if not RUNTIME.serves(region):
-        raise self.retry(countdown=1.0, max_retries=1000)
+    if not RUNTIME.serves(region):  # a misrouted message goes back to its region's queue
+        raise self.retry(countdown=1.0, max_retries=1000, queue=queues.blobs_queue(region))
     return _undo(self, saga_id, lambda tiers, plan: compensation.undo_store_blobs(tiers, plan, region=region))
 
 

@@ -189,8 +189,8 @@ def unstash(saga_id: str, part: str) -> Result[Any, StorageError]:
 
 @shared_task(bind=True, name=queues.STORE_BLOBS)
 def store_blobs_task(self: Task, *, saga_id: str, tenant: str, region: str, part: str) -> str:
-    if not RUNTIME.serves(region):
-        raise self.retry(countdown=1.0, max_retries=_MAX_BOUNCES)
+    if not RUNTIME.serves(region):  # a misrouted message goes back to its region's queue
+        raise self.retry(countdown=1.0, max_retries=_MAX_BOUNCES, queue=queues.blobs_queue(region))
 
     def body() -> Result[Any, Any]:
         stashed = unstash(saga_id, part)

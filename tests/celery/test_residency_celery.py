@@ -7,8 +7,8 @@ from typing import Any
 from celery.app.routes import prepare as prepare_routes
 
 from datamesh.core.config import DataMeshConfig
-from datamesh.core.types import GeoRegion
-from datamesh.pipeline.ingestion import IngestionPipeline
+from datamesh.core.types import ContentHash, GeoRegion
+from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
 from datamesh.storage.ap.store import shard_for
 from datamesh.workers import queues
 from datamesh.workers.executor import CeleryExecutor
@@ -20,8 +20,13 @@ REGIONS = (GeoRegion.EU_WEST, GeoRegion.US_EAST)
 
 def _ap_runs(executor: CeleryExecutor) -> dict[str, int]:
     """How many ``write_ap`` runs each worker node reports (its own count since it started)."""
+    return _runs(executor, queues.WRITE_AP)
+
+
+def _runs(executor: CeleryExecutor, task: str) -> dict[str, int]:
+    """How many runs of ``task`` each worker node reports (its own count since it started)."""
     stats = executor.app.control.inspect(timeout=1.0).stats() or {}
-    return {node.split(".", 1)[0]: s.get("total", {}).get(queues.WRITE_AP, 0) for node, s in stats.items()}
+    return {node.split(".", 1)[0]: s.get("total", {}).get(task, 0) for node, s in stats.items()}
 
 
 def _parts(requests: list[Any], shards: int) -> int:
@@ -67,3 +72,25 @@ async def test_each_regions_content_is_written_by_its_own_workers_even_when_misr
         for request, result in zip(more_us, stored, strict=True):
             turn = (await p.get(result.unwrap().conversation_id)).unwrap().turns[0]
             assert turn.response == request.response
+
+        # When a US saga's blob write is misrouted onto the EU blobs queue
+        def misroute_blobs(name: str, args: Any, kwargs: Any, options: Any, **kw: Any) -> Any:
+            if name == queues.STORE_BLOBS and kwargs.get("region") == "us-east":
+                return {"queue": queues.blobs_queue("eu-west")}
+            return real_route(name, args, kwargs, options, **kw)
+
+        large = b"us only " * (celery_config.inline_max_bytes // 8 + 1)
+        owner = real_requests(1, region=GeoRegion.US_EAST)[0].entity_id
+        turn_request = IngestionRequest(entity_id=owner, prompt=b"q", response=large, geo_region=GeoRegion.US_EAST)
+        router.routes[:] = prepare_routes((misroute_blobs,))
+        try:
+            blob_turn = (await p.ingest(turn_request)).unwrap()
+        finally:
+            router.routes[:] = kept
+        # Then the EU pool sends it back to the US queue, and the blob lands in the US store only
+        key = ContentHash.of(large)
+        assert p.tiers.objects.for_region(GeoRegion.US_EAST).unwrap().exists(key).unwrap()
+        assert not p.tiers.objects.for_region(GeoRegion.EU_WEST).unwrap().exists(key).unwrap()
+        assert (await p.get(blob_turn.conversation_id)).unwrap().turns[0].response == large
+        blob_runs = _runs(executor, queues.STORE_BLOBS)
+        assert blob_runs["eu"] >= 1 and blob_runs["us"] >= 1, blob_runs
