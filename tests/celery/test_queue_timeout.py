@@ -5,6 +5,8 @@ which still bounds how long a lost message leaves its saga in flight."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterable
 
 import redis
@@ -23,9 +25,9 @@ from datamesh.storage.cp.sagas import SagaRecord, SagaStatus, StepState
 from datamesh.storage.cp.sql import utcnow
 from datamesh.workers import queues
 from datamesh.workers.executor import CeleryExecutor
-from tests.celery.conftest import Workers, eventually
+from tests.celery.conftest import Workers, eventually, pool_children
 from tests.celery.test_kills import settle
-from tests.helpers import counts_after_gc, tier_counts
+from tests.helpers import counts_after_gc, real_requests, tier_counts
 
 BURST = 12
 
@@ -191,4 +193,49 @@ async def test_a_live_step_slower_than_the_lease_keeps_its_saga_through_the_reap
         assert reaped == []
         statuses = await settle(p.tiers)
         assert statuses == {SagaStatus.COMMITTED.value: 1}, (statuses, records(p.tiers, [pending.saga_id]))
+    control.close()
+
+
+async def test_beat_compensates_a_saga_whose_whole_worker_died_mid_step(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    config = workers.config = celery_config.with_changes(saga_lease_s=3.0, saga_queue_timeout_s=600.0)
+    control = redis.Redis.from_url(redis_url)
+    # Given a worker node stuck inside a saga's write_ap step (its message reserved, not acknowledged)
+    control.set("dm:test:stall", "write_ap:before=120")
+    first = workers.start("--role", "all", "--name", "doomed", hooks_redis=redis_url)
+    workers.wait_ready()
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        request = real_requests(1)[0]
+        pending = (await p.ingest(request, wait=False)).unwrap()
+
+        def writing() -> None:
+            (record,) = records(p.tiers, [pending.saga_id])
+            started = [step for step, state in record.steps.items() if state == StepState.RUNNING]
+            assert any(step.startswith(Step.WRITE_AP) for step in started), record.steps
+
+        await eventually(writing, timeout=60.0)
+    # (the pipeline is closed: its own reaper no longer runs, only beat's will)
+    # when the whole node dies, main process and pool, and another node and beat start
+    for pid in [*pool_children(first.pid), first.pid]:
+        os.kill(pid, signal.SIGKILL)
+    first.wait()
+    control.delete("dm:test:stall")
+    workers.start("--role", "all", "--name", "survivor")
+    workers.start_beat()
+    # then beat's reaper finds the saga once its lease ran out and has it compensated, long before
+    # the broker would redeliver the dead node's message (the visibility timeout), and every tier is
+    # clean
+    tiers = Tiers.open(config, engine_factory=readonly_engine_for(config.ap_engine)).unwrap()
+    try:
+
+        def compensated() -> None:
+            (record,) = records(tiers, [pending.saga_id])
+            assert record.status == SagaStatus.COMPENSATED and record.failed_step == "lease", record
+
+        await eventually(compensated, timeout=config.visibility_timeout_s / 2)
+        counts = counts_after_gc(tiers)
+        assert counts.stored() == 0 and counts.rows["idempotency_keys"] == 0, counts
+    finally:
+        tiers.close()
     control.close()
