@@ -164,6 +164,13 @@ async def test_a_saga_whose_message_is_lost_is_compensated_after_the_queue_timeo
         broker.close()
 
 
+def begun(tiers: Tiers, saga_id: str, step: Step) -> None:
+    """Asserts that a part of ``step`` of the saga has begun in a worker and not finished."""
+    (record,) = records(tiers, [saga_id])
+    started = [name for name, state in record.steps.items() if state == StepState.RUNNING]
+    assert any(name.startswith(step) for name in started), record.steps
+
+
 async def test_a_live_step_slower_than_the_lease_keeps_its_saga_through_the_reaper(
     workers: Workers, celery_config: DataMeshConfig, redis_url: str
 ) -> None:
@@ -178,12 +185,7 @@ async def test_a_live_step_slower_than_the_lease_keeps_its_saga_through_the_reap
         assert isinstance(executor, CeleryExecutor)
         pending = (await p.ingest(with_blob(config, 0), wait=False)).unwrap()
 
-        def storing() -> None:
-            (record,) = records(p.tiers, [pending.saga_id])
-            started = [step for step, state in record.steps.items() if state == StepState.RUNNING]
-            assert any(step.startswith(Step.STORE_BLOBS) for step in started), record.steps
-
-        await eventually(storing, timeout=60.0)
+        await eventually(lambda: begun(p.tiers, pending.saga_id, Step.STORE_BLOBS), timeout=60.0)
         # when the reaper runs all through the step, well past the lease,
         reaped: list[object] = []
         for _ in range(int(2 * config.saga_lease_s)):
@@ -199,7 +201,7 @@ async def test_a_live_step_slower_than_the_lease_keeps_its_saga_through_the_reap
 async def test_beat_compensates_a_saga_whose_whole_worker_died_mid_step(
     workers: Workers, celery_config: DataMeshConfig, redis_url: str
 ) -> None:
-    config = workers.config = celery_config.with_changes(saga_lease_s=3.0, saga_queue_timeout_s=600.0)
+    config = workers.config = celery_config.with_changes(saga_lease_s=3.0)
     control = redis.Redis.from_url(redis_url)
     # Given a worker node stuck inside a saga's write_ap step (its message reserved, not acknowledged)
     control.set("dm:test:stall", "write_ap:before=120")
@@ -209,12 +211,7 @@ async def test_beat_compensates_a_saga_whose_whole_worker_died_mid_step(
         request = real_requests(1)[0]
         pending = (await p.ingest(request, wait=False)).unwrap()
 
-        def writing() -> None:
-            (record,) = records(p.tiers, [pending.saga_id])
-            started = [step for step, state in record.steps.items() if state == StepState.RUNNING]
-            assert any(step.startswith(Step.WRITE_AP) for step in started), record.steps
-
-        await eventually(writing, timeout=60.0)
+        await eventually(lambda: begun(p.tiers, pending.saga_id, Step.WRITE_AP), timeout=60.0)
     # (the pipeline is closed: its own reaper no longer runs, only beat's will)
     # when the whole node dies, main process and pool, and another node and beat start
     for pid in [*pool_children(first.pid), first.pid]:
