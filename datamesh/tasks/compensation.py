@@ -75,9 +75,7 @@ def queue_lease(tiers: Tiers, saga_id: str, status: SagaStatus) -> Result[bool, 
     """The saga (if still ``status``) is handed to a queue: its lease becomes the queue timeout, so the
     reaper leaves it alone while its next message waits (``False``: the saga had moved on)."""
     return tiers.cp.run(
-        lambda c: sagas.transition(
-            c, saga_id, from_status=(status,), to_status=status, now=utcnow(), lease_s=tiers.queue_lease_s
-        ),
+        lambda c: sagas.relet(c, saga_id, status, now=utcnow(), lease_s=tiers.queue_lease_s),
         operation="saga.queue_lease",
     )
 

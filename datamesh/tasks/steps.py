@@ -90,14 +90,7 @@ def hand_back(saga_id: str) -> None:
     stands and the reaper may take the saga when it expires, as it would have before."""
     tiers = RUNTIME.tiers()
     tiers.cp.run(
-        lambda c: sagas.transition(
-            c,
-            saga_id,
-            from_status=(SagaStatus.RUNNING,),
-            to_status=SagaStatus.RUNNING,
-            now=utcnow(),
-            lease_s=tiers.queue_lease_s,
-        ),
+        lambda c: sagas.relet(c, saga_id, SagaStatus.RUNNING, now=utcnow(), lease_s=tiers.queue_lease_s),
         operation="task.hand_back",
     )
 

@@ -85,14 +85,7 @@ class CeleryExecutor:
             steps.apply_async(link_error=self.app.signature(queues.STEP_FAILED))
         except Exception as exc:  # noqa: BLE001 - kombu/redis failures after their retries: one boundary
             self.tiers.cp.run(
-                lambda c: sagas.transition(
-                    c,
-                    plan.saga_id,
-                    from_status=(SagaStatus.RUNNING,),
-                    to_status=SagaStatus.RUNNING,
-                    now=utcnow(),
-                    lease_s=self.tiers.lease_s,
-                ),
+                lambda c: sagas.relet(c, plan.saga_id, SagaStatus.RUNNING, now=utcnow(), lease_s=self.tiers.lease_s),
                 operation="saga.unpublished",
             )
             return Err(

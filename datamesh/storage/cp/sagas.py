@@ -107,6 +107,11 @@ _EXTEND_LEASE = (
 )
 
 
+def relet(conn: Connection, saga_id: str, status: SagaStatus, *, now: datetime, lease_s: float) -> bool:
+    """Give a saga still in ``status`` the lease ``now + lease_s`` (``False``: it had moved on)."""
+    return transition(conn, saga_id, from_status=(status,), to_status=status, now=now, lease_s=lease_s)
+
+
 def renew_lease(conn: Connection, saga_id: str, *, now: datetime, lease_s: float) -> bool:
     """A running step's heartbeat: move a running saga's lease out to ``now + lease_s``, never back
     (a step that just handed the saga to a queue gave it the longer queue timeout)."""
