@@ -69,7 +69,7 @@ def assert_consistent(tiers: Tiers) -> None:
 @pytest.mark.parametrize("celery_config", ["sqlite", "lsm"], indirect=True)
 async def test_workers_killed_mid_step(workers: Workers, celery_config: DataMeshConfig, redis_url: str) -> None:
     control = redis.Redis.from_url(redis_url)
-    control.set("dm:test:delay", "0.12")  # each step sleeps up to 0.12 s before and after: kills land inside
+    control.set("dm:test:delay", "0.25")  # each step sleeps up to 0.25 s before and after: kills land inside
     main = workers.start("--role", "all", hooks_redis=redis_url)
     workers.start_beat()
     workers.wait_ready()
