@@ -66,6 +66,7 @@ def test_reliability_settings_are_set_and_the_visibility_timeout_checked(tmp_pat
         "datamesh.tasks.compensation",
         "datamesh.tasks.reaper",
         "datamesh.tasks.index",
+        "datamesh.tasks.erasure",
     }
 
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from time import sleep
 
 import pytest
+from sqlalchemy import select
 
 from datamesh.core.config import DataMeshConfig
-from datamesh.core.errors import AccessDenied, NotFound
+from datamesh.core.errors import AccessDenied, NotFound, StorageError
 from datamesh.core.principal import Principal, Role
-from datamesh.core.result import Err
+from datamesh.core.result import Err, Ok
 from datamesh.core.types import ConversationId, EntityId, GeoRegion
+from datamesh.pipeline import erasure, indexer
 from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
-from datamesh.storage.cp import conversations, provenance
+from datamesh.storage.cp import conversations, index_outbox, provenance
 from tests.helpers import alpaca, real_requests, tier_counts
 
 
@@ -166,3 +169,55 @@ async def test_the_indexer_recheck_names_erased_and_absent_conversations_only(pi
         pipeline.tiers.cp.run(lambda conn: conversations.not_active(conn, []), operation="t", write=False).unwrap()
         == set()
     )
+
+
+async def test_a_drain_that_hands_the_ap_deletes_off_leaves_the_row_to_the_shard_owner(
+    pipeline: IngestionPipeline,
+) -> None:
+    def outbox() -> list[int]:
+        rows = pipeline.tiers.cp.run(
+            lambda conn: [r.id for r in conn.execute(select(index_outbox.OUTBOX))], operation="test", write=False
+        )
+        return rows.unwrap()
+
+    # Given two indexed conversations of one entity
+    requests = real_requests(2, entities=1)
+    ids = [r.unwrap().conversation_id for r in (await pipeline.ingest_many(requests)).unwrap()]
+    (await pipeline.flush_index()).unwrap()
+    entity, region = requests[0].entity_id, GeoRegion.EU_WEST
+    index = pipeline.indexes.region(region).unwrap()
+    assert index.count().unwrap() == 2 and len(pipeline.tiers.ap.scan_entity(region, entity).unwrap()) == 2
+    # and a drain that hands AP deletes to the shards' owners (as the Celery index worker does),
+    # whose hand-off messages are lost
+    handed: list[tuple[str, int]] = []
+    settings = indexer.IndexerSettings(
+        lease_s=0.3, hand_off_ap=lambda row, shard: handed.append((row.key, shard)) or Ok(None)
+    )
+    # When one conversation is erased and the drain runs
+    erasure.erase_conversation(pipeline.tiers, Principal.local_default(pipeline.config.tenant), ids[0]).unwrap()
+    report = indexer.drain_once(pipeline.tiers, pipeline.indexes, settings).unwrap()
+    # then its index entry is gone, its AP deletes are handed to its shard, and its row stays owed
+    shard = pipeline.tiers.ap.shard_of(entity)
+    assert (report.claimed, report.done, report.handed_off, report.removed_turns) == (1, 0, 1, 1)
+    assert handed == [(str(ids[0]), shard)] and index.count().unwrap() == 1
+    assert len(pipeline.tiers.ap.scan_entity(region, entity).unwrap()) == 2
+    # and while its lease runs, no drain hands it off again; once it lapses, the next drain does
+    assert indexer.drain_once(pipeline.tiers, pipeline.indexes, settings).unwrap().claimed == 0
+    sleep(0.4)
+    assert indexer.drain_once(pipeline.tiers, pipeline.indexes, settings).unwrap().handed_off == 1
+    assert handed == [(str(ids[0]), shard)] * 2
+    # When the owner's deletes fail, the row records why and comes due again later
+    failed = Err(StorageError("ap", "delete_many", "disk on fire", retryable=True))
+    [row_id] = outbox()
+    assert indexer.settle_handed_off(pipeline.tiers, settings, row_id, failed).unwrap().failed == 1
+    errors = pipeline.tiers.cp.run(lambda c: index_outbox.last_errors(c), operation="test", write=False).unwrap()
+    assert errors == [(index_outbox.ERASE_CONVERSATION, str(ids[0]), 1, str(failed.error))]
+    # When the owner deletes the content and settles the row
+    key = str(ids[0])
+    deleted = indexer.erase_ap_content(pipeline.tiers, region, index_outbox.ERASE_CONVERSATION, key)
+    assert deleted == Ok(1)
+    assert indexer.settle_handed_off(pipeline.tiers, settings, row_id, deleted).unwrap().done == 1
+    # then the outbox is empty, the other conversation's content is kept, and a duplicate changes nothing
+    assert outbox() == [] and len(pipeline.tiers.ap.scan_entity(region, entity).unwrap()) == 1
+    duplicate = indexer.settle_handed_off(pipeline.tiers, settings, row_id, deleted).unwrap()
+    assert (duplicate.claimed, duplicate.done, duplicate.failed) == (0, 0, 0)

@@ -12,7 +12,9 @@ by turn id; removals and AP deletes of missing keys are no-ops), so redelivery i
   from the CP tier and the embedding from the AP record (or the configured embedder).  Turns of
   conversations no longer active are skipped, and after indexing the CP status is checked again,
   so an erasure that commits while a batch is being indexed cannot leave its turns searchable.
-* ``erase_conversation`` / ``erase_entity``: delete the AP content and remove the index entries.
+* ``erase_conversation`` / ``erase_entity``: remove the index entries, then delete the AP content,
+  here or, where other processes write the AP shards (Celery), by handing the deletes to the
+  shard's owner (``IndexerSettings.hand_off_ap``), which settles the row.
 
 Rows are handled in outbox order; consecutive ``add`` rows are indexed with one ``add_many``.
 In local mode :class:`~datamesh.pipeline.ingestion.IngestionPipeline` runs :func:`drain_once`
@@ -22,7 +24,7 @@ in a background task; a Celery task calls the same function (see the README).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
@@ -60,18 +62,27 @@ class DrainReport:
     failed: int = 0
     indexed_turns: int = 0
     removed_turns: int = 0
+    #: erase rows whose AP deletes went to the shard's owner (see ``IndexerSettings.hand_off_ap``)
+    handed_off: int = 0
     errors: list[Error] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IndexerSettings:
-    """How the indexer claims and retries: ``batch`` rows per pass, leased for ``lease_s``."""
+    """How the indexer claims and retries: ``batch`` rows per pass, leased for ``lease_s``.
+
+    ``hand_off_ap``: where the AP shards are written by other processes (Celery workers), an erase
+    row's AP deletes are handed to the shard's owner with ``hand_off_ap(row, shard)`` instead of
+    being run here; the row stays leased and the owner completes it (:func:`settle_handed_off`).
+    If the hand-off is lost, the lease lapses and the next drain hands the row off again.
+    """
 
     batch: int = DEFAULT_BATCH
     lease_s: float = DEFAULT_LEASE_S
     backoff_base_s: float = DEFAULT_BACKOFF_BASE_S
     backoff_cap_s: float = DEFAULT_BACKOFF_CAP_S
     embedder: Embedder | None = None
+    hand_off_ap: Callable[[OutboxRow, int], Result[None, Error]] | None = None
 
 
 def drain_once(
@@ -114,7 +125,11 @@ def drain_once(
             continue
         _add_group(tiers, indexes, settings, pending_adds, report)
         pending_adds = []
-        _settle(tiers, settings, _erase(tiers, indexes, row, report), [row], report)
+        erased = _erase(tiers, indexes, settings, row, report)
+        if isinstance(erased, Err):
+            _settle(tiers, settings, erased, [row], report)
+        elif erased.value:  # done here (not handed off: the shard's owner settles that row)
+            _settle(tiers, settings, Ok(None), [row], report)
     _add_group(tiers, indexes, settings, pending_adds, report)
     _observe_depth(tiers)
     return Ok(report)
@@ -162,6 +177,24 @@ def _settle(
     report.errors.append(error)
     log.warning("index outbox rows %s failed (attempt %d): %s", ids, attempts + 1, error)
     tiers.cp.run(lambda conn: index_outbox.fail(conn, ids, str(error), retry_at), operation="index.fail")
+
+
+def settle_handed_off(
+    tiers: Tiers, settings: IndexerSettings, row_id: int, outcome: Result[int, Error]
+) -> Result[DrainReport, StorageError]:
+    """Settle an erase row whose AP deletes the shard's owner ran: delete it when they succeeded,
+    or record the failure and push it back with backoff (the next drain hands it off again).
+
+    The report says what happened: ``done``/``failed``, or neither when the row was gone already
+    (a duplicate hand-off).  Should settling itself fail, the row's lease lapses and it is redone.
+    """
+    found = tiers.cp.run(lambda conn: index_outbox.get(conn, row_id), operation="index.handed_off", write=False)
+    if isinstance(found, Err):
+        return found
+    report = DrainReport(claimed=0 if found.value is None else 1)
+    if found.value is not None:
+        _settle(tiers, settings, Ok(None) if isinstance(outcome, Ok) else outcome, [found.value], report)
+    return Ok(report)
 
 
 # ---- add ---------------------------------------------------------------------------------------
@@ -285,71 +318,98 @@ def _text(data: bytes) -> str:
 # ---- erase -------------------------------------------------------------------------------------
 
 
-def _erase(tiers: Tiers, indexes: RegionalIndexes, row: OutboxRow, report: DrainReport) -> Result[None, Error]:
-    region = GeoRegion(row.region)
-    if row.op == index_outbox.ERASE_CONVERSATION:
-        removed = erase_conversation_content(tiers, indexes, region, row.key)
-    elif row.op == index_outbox.ERASE_ENTITY:
-        removed = erase_entity_content(tiers, indexes, region, row.key)
-    else:
+def _erase(
+    tiers: Tiers, indexes: RegionalIndexes, settings: IndexerSettings, row: OutboxRow, report: DrainReport
+) -> Result[bool, Error]:
+    """Remove the row's index entries, then delete its AP content here or hand the deletes to the
+    shard's owner; ``Ok(False)`` when handed off (the row stays leased; the owner completes it)."""
+    if row.op not in (index_outbox.ERASE_CONVERSATION, index_outbox.ERASE_ENTITY):
         return Err(ValidationError("op", f"unknown index outbox op {row.op!r}"))
+    region = GeoRegion(row.region)
+    removed = erase_index_entries(indexes, region, row.op, row.key)
     if isinstance(removed, Err):
         return removed
     report.removed_turns += removed.value
-    return Ok(None)
+    if settings.hand_off_ap is None:
+        deleted = erase_ap_content(tiers, region, row.op, row.key)
+        return deleted if isinstance(deleted, Err) else Ok(True)
+    shard = ap_shard_of(tiers, row.op, row.key)
+    if isinstance(shard, Err):
+        return shard
+    if shard.value is None:  # the conversation is not in the CP tier: no AP content to delete
+        return Ok(True)
+    handed = settings.hand_off_ap(row, shard.value)
+    if isinstance(handed, Err):
+        return handed
+    report.handed_off += 1
+    return Ok(False)
 
 
-def erase_conversation_content(
-    tiers: Tiers, indexes: RegionalIndexes, region: GeoRegion, conversation_id: str
-) -> Result[int, Error]:
-    """Delete one conversation's index entries, then its AP content; returns index entries removed.
+def erase_index_entries(indexes: RegionalIndexes, region: GeoRegion, op: str, key: str) -> Result[int, Error]:
+    """Remove the index entries of conversation or entity ``key`` in ``region``; returns entries removed.
 
-    Index entries go first: they are what a search could still show, and they need only the index
-    writer, while the AP deletes need the shards' writer (retried on the row if it fails).
+    They go before the AP content: they are what a search could still show, and they need only the
+    index writer, while the AP deletes need the shard's writer (retried on the row if they fail).
     """
+    index = indexes.region(region)
+    if isinstance(index, Err):
+        return index
+    if op == index_outbox.ERASE_CONVERSATION:
+        removed = index.value.remove_conversations([ConversationId.parse(key).unwrap()])
+    else:
+        removed = index.value.remove_entity(EntityId.parse(key).unwrap())
+    return Err(removed.error) if isinstance(removed, Err) else Ok(removed.value)
 
-    def tx(conn: Connection) -> tuple[conversations.ConversationRow | None, list[conversations.TurnRow]]:
-        row = conversations.get_many(conn, [conversation_id]).get(conversation_id)
-        return row, conversations.turns_of(conn, conversation_id)
 
-    found = tiers.cp.run(tx, operation="index.erase_lookup", write=False)
+def ap_shard_of(tiers: Tiers, op: str, key: str) -> Result[int | None, Error]:
+    """The AP shard holding the content of conversation or entity ``key`` (an entity's records all
+    live in one shard); ``None`` for a conversation the CP tier does not know."""
+    if op == index_outbox.ERASE_ENTITY:
+        return Ok(tiers.ap.shard_of(EntityId.parse(key).unwrap()))
+    found = tiers.cp.run(
+        lambda conn: conversations.get_many(conn, [key]).get(key), operation="index.erase_shard", write=False
+    )
     if isinstance(found, Err):
         return found
-    row, turns = found.value
-    index = indexes.region(region)
-    if isinstance(index, Err):
-        return index
-    removed = index.value.remove_conversations([ConversationId.parse(conversation_id).unwrap()])
-    if isinstance(removed, Err):
-        return Err(removed.error)
-    if row is not None and turns:
-        deleted = tiers.ap.delete_many(region, [_key(row.entity_id, t) for t in turns])
-        if isinstance(deleted, Err):
-            return deleted
-    return Ok(removed.value)
+    if found.value is None:
+        return Ok(None)
+    return Ok(tiers.ap.shard_of(EntityId.parse(found.value.entity_id).unwrap()))
 
 
-def erase_entity_content(
-    tiers: Tiers, indexes: RegionalIndexes, region: GeoRegion, entity_id: str
-) -> Result[int, Error]:
-    """Delete one entity's index entries in ``region``, then every AP record of it (see above)."""
-    entity = EntityId.parse(entity_id).unwrap()
-    index = indexes.region(region)
-    if isinstance(index, Err):
-        return index
-    removed = index.value.remove_entity(entity)
-    if isinstance(removed, Err):
-        return Err(removed.error)
+def erase_ap_content(tiers: Tiers, region: GeoRegion, op: str, key: str) -> Result[int, Error]:
+    """Delete every AP record of conversation or entity ``key`` in ``region``; returns keys deleted.
+
+    Runs where the shard is written (``tiers.ap`` is its writer): that writer sees every acknowledged
+    record, unflushed ones included, so nothing written before the erasure is missed.
+    """
+    if op == index_outbox.ERASE_CONVERSATION:
+
+        def tx(conn: Connection) -> tuple[conversations.ConversationRow | None, list[conversations.TurnRow]]:
+            return conversations.get_many(conn, [key]).get(key), conversations.turns_of(conn, key)
+
+        found = tiers.cp.run(tx, operation="index.erase_lookup", write=False)
+        if isinstance(found, Err):
+            return found
+        row, turns = found.value
+        if row is None or not turns:
+            return Ok(0)
+        return _deleted(tiers.ap.delete_many(region, [_key(row.entity_id, t) for t in turns]))
+    entity = EntityId.parse(key).unwrap()
+    total = 0
     while True:  # a scan sees a snapshot; repeat until the entity's prefix is empty
         scanned = tiers.ap.scan_entity(region, entity, limit=1000)
         if isinstance(scanned, Err):
             return scanned
         if not scanned.value:
-            break
+            return Ok(total)
         deleted = tiers.ap.delete_many(region, [k for k, _ in scanned.value])
         if isinstance(deleted, Err):
             return deleted
-    return Ok(removed.value)
+        total += len(scanned.value)
+
+
+def _deleted(outcome: Result[int, StorageError]) -> Result[int, Error]:
+    return Err(outcome.error) if isinstance(outcome, Err) else Ok(outcome.value)
 
 
 # ---- status and rebuild ------------------------------------------------------------------------
@@ -461,9 +521,11 @@ __all__ = [
     "OutboxStatus",
     "documents_of_saga",
     "drain_once",
-    "erase_conversation_content",
-    "erase_entity_content",
+    "ap_shard_of",
+    "erase_ap_content",
+    "erase_index_entries",
     "index_documents",
     "outbox_status",
     "rebuild_region",
+    "settle_handed_off",
 ]

@@ -8,20 +8,27 @@ every ``commit_cp`` that committed turns, by the pipeline after an erasure, and 
 stay until indexed (:func:`datamesh.pipeline.indexer.drain_once` pushes a failed row back with
 backoff), and a drain whose rows failed or whose outbox was unreadable retries with backoff.  A
 drain is idempotent; redelivered or duplicate drains find nothing due.
+
+An erase row's index entries are removed here; its AP deletes are handed to the shard's owner
+(:mod:`datamesh.tasks.erasure`), since this worker does not write the AP shards.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from collections.abc import Iterable
 
 from celery import Celery, Task, shared_task
 
-from datamesh.core.result import Err
+from datamesh.core.errors import Error, StorageError
+from datamesh.core.result import Err, Ok, Result
 from datamesh.core.retry import full_jitter_delay
 from datamesh.core.types import GeoRegion
 from datamesh.observability import logs
 from datamesh.pipeline.indexer import drain_once
+from datamesh.storage.cp.index_outbox import OutboxRow
 from datamesh.workers import queues
 from datamesh.workers.runtime import RUNTIME
 
@@ -55,6 +62,16 @@ def _retry(task: Task, reason: str, limit: int = _MAX_RETRIES) -> BaseException 
     return retry
 
 
+def hand_off_ap(app: Celery, row: OutboxRow, shard: int) -> Result[None, Error]:
+    """Publish an erase row's AP deletes to the shard's queue (``delete_ap``, run by its owner)."""
+    kwargs = {"region": row.region, "shard": shard, "row_id": row.id, "op": row.op, "key": row.key}
+    try:
+        app.send_task(queues.DELETE_AP, kwargs=kwargs)
+    except Exception as exc:  # noqa: BLE001 - kombu/redis failures after their retries: one boundary
+        return Err(StorageError("broker", "delete_ap", f"could not publish the AP deletes: {exc}", retryable=True))
+    return Ok(None)
+
+
 @shared_task(bind=True, name=queues.INDEX_DRAIN)
 def index_drain_task(self: Task, region: str | None = None) -> dict[str, int]:
     """Drain the index outbox of ``region`` (``None``: publish one drain per region and return)."""
@@ -63,7 +80,7 @@ def index_drain_task(self: Task, region: str | None = None) -> dict[str, int]:
         return {}
     if not RUNTIME.serves(region):  # published to a queue this worker should not consume: put it back
         raise self.retry(countdown=1.0, max_retries=_MAX_BOUNCES, queue=queues.index_queue(region))
-    settings = RUNTIME.index_settings()
+    settings = dataclasses.replace(RUNTIME.index_settings(), hand_off_ap=functools.partial(hand_off_ap, self.app))
     totals = {"claimed": 0, "done": 0, "failed": 0, "indexed_turns": 0, "removed_turns": 0}
     deadline = time.monotonic() + RUNTIME.config.step_time_limit_s / 2
     while True:

@@ -24,7 +24,13 @@ from datamesh.workers.runtime import RUNTIME
 #: Every task module: every worker imports all of them, whatever queues it consumes, so an errback
 #: or a compensation published by any worker is known to every other (a worker that does not know
 #: a task name rejects the message).
-TASK_MODULES = ("datamesh.tasks.steps", "datamesh.tasks.compensation", "datamesh.tasks.reaper", "datamesh.tasks.index")
+TASK_MODULES = (
+    "datamesh.tasks.steps",
+    "datamesh.tasks.compensation",
+    "datamesh.tasks.reaper",
+    "datamesh.tasks.index",
+    "datamesh.tasks.erasure",
+)
 
 
 def reliability_settings(config: DataMeshConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@
     cp                    CP commits, compensation claims, undo_reserve, the reaper (global tier)
     blobs.<region>        object-store writes and their undo, by the region's blob workers
     ap.<region>.<shard>   one queue per AP shard and region (``ap.eu-west.3``): a shard has one writer
+                          (its saga writes and undos, and an erasure's deletes)
     index.<region>        index outbox drains of the region, by its one index worker (the index's writer)
 
 A region's content is only published to that region's queues, so only workers started for the
@@ -29,6 +30,7 @@ UNDO_STORE_BLOBS = "datamesh.undo_store_blobs"
 UNDO_RESERVE = "datamesh.undo_reserve"
 REAP = "datamesh.reap"
 INDEX_DRAIN = "datamesh.index_drain"
+DELETE_AP = "datamesh.delete_ap"
 
 ROLES = ("all", "cp", "blobs", "ap", "index")
 
@@ -51,7 +53,7 @@ def route(
     """Celery router (``task_routes``): region and shard come from the task's keyword arguments."""
     if name in (STORE_BLOBS, UNDO_STORE_BLOBS):
         return {"queue": blobs_queue(kwargs["region"])}
-    if name in (WRITE_AP, UNDO_WRITE_AP):
+    if name in (WRITE_AP, UNDO_WRITE_AP, DELETE_AP):
         return {"queue": ap_queue(kwargs["region"], int(kwargs["shard"]))}
     if name == INDEX_DRAIN and kwargs.get("region"):  # without a region: fanned out from the cp queue
         return {"queue": index_queue(kwargs["region"])}

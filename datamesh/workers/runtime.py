@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from datamesh.pipeline.saga import FaultHook, _no_faults
 from datamesh.pipeline.tiers import Tiers, engine_for, readonly_engine_for
 from datamesh.storage.ap.base import ShardEngine
 from datamesh.storage.ap.fenced import fenced_engine, read_fence
-from datamesh.storage.ap.store import ContentStore, EngineFactory, shard_for
+from datamesh.storage.ap.store import ContentStore, EngineFactory
 from datamesh.storage.cp.sagas import FINAL_STATUSES
 from datamesh.storage.index import MiniLMEmbedder, RegionalIndexes
 from datamesh.workers.leases import ShardLeases
@@ -69,8 +69,8 @@ class Runtime:
     def index_tiers(self) -> Tiers:
         """The tiers the index drains use: AP content read without the shards' writer locks.
 
-        An index worker reads turns of shards other processes write; only an erasure's AP deletes
-        are writes, and they go through this process's own fenced AP tier (see :class:`_IndexAp`).
+        An index worker reads turns of shards other processes write, and writes none: an erasure's
+        AP deletes go to the shards' owners (:mod:`datamesh.tasks.erasure`).
         """
         if self._index_tiers is None:
             tiers = self.tiers()
@@ -78,10 +78,7 @@ class Runtime:
                 self.config.resolved_ap_dir,
                 self.config.ap_shards,
                 writer=tiers.ap,
-                role=self.config.worker_role,
                 reader=readonly_engine_for(self.config.ap_engine),
-                hold=self.hold_for_erasure,
-                let_go=self.let_go_after_erasure,
             )
             self._index_tiers = dataclasses.replace(tiers, ap=ap)
         return self._index_tiers
@@ -153,87 +150,32 @@ class Runtime:
         self._leases = None
         self._redis = None
 
-    def hold_for_erasure(self, region: str, shard: int) -> str | None:
-        """Take (or renew) the shard's lease and open it for writing, for an erasure's AP deletes run
-        by the index drain; the reason when another live worker owns the shard.
-
-        A write task does the same on its way in (:func:`datamesh.tasks.steps.hold_shard`); an
-        erasure comes from the index queue, maybe long after this process last wrote the shard, when
-        its lease has lapsed: without taking it again the deletes would be refused for ever.
-        """
-        token, _wait = self.leases().acquire(region, shard)
-        if token is None:
-            return f"shard {region}/{shard} is written by another worker now"
-        opened = self.tiers().ap.open_shard(GeoRegion(region), shard)
-        if isinstance(opened, Err):
-            self.leases().forget(region, shard)
-            return opened.error.message
-        return None
-
-    def let_go_after_erasure(self, region: str, shard: int) -> None:
-        """After an erasure's deletes: a shard this worker was not started for goes back to its
-        owner at once (its file closed, its lease released) instead of when the lease expires."""
-        if self.config.worker_shards and shard not in self.config.worker_shards:
-            self.tiers().ap.close_shard(GeoRegion(region), shard)
-            with contextlib.suppress(redis.RedisError):
-                self.leases().release(region, shard)
-
     def _fence_of(self, region: str, shard: int) -> int:
         return read_fence(self.tiers().ap.shard_path_for(region, shard).with_suffix(".fence"))
 
 
 class _IndexAp(ContentStore):
     """AP reads without writer locks (read-only shards), or through this worker's own writer where
-    it has the shard open; deletes through the worker's writer tier.
+    it has the shard open; no writes.
 
     A shard this process writes is read through its writer, which sees the newest writes at once
     (read-your-writes, memtable included), so an index drain that runs where the turns were written
     never waits for a flush; other shards are read as their owners last flushed them, waiting for
-    keys not visible yet (``readonly_engine_for``).
-
-    The deletes are an erasure's.  In an ``all`` worker they take each shard's lease first
-    (``hold``), as a write task would, and give back shards the worker was not started for
-    (``let_go``); where another live worker holds a lease, or in a worker of another role, they
-    fail retryably and the outbox row is retried.
+    keys not visible yet (``readonly_engine_for``).  An erasure's deletes are not made here: the
+    index drain hands them to the shards' owners (``IndexerSettings.hand_off_ap``).
     """
 
-    def __init__(
-        self,
-        root: Path,
-        shard_count: int,
-        *,
-        writer: ContentStore,
-        role: str,
-        reader: EngineFactory,
-        hold: Callable[[str, int], str | None],
-        let_go: Callable[[str, int], None],
-    ) -> None:
+    def __init__(self, root: Path, shard_count: int, *, writer: ContentStore, reader: EngineFactory) -> None:
         super().__init__(root, shard_count, engine_factory=reader)
         self._writer = writer
-        self._role = role
-        self._hold = hold
-        self._let_go = let_go
 
     def _engine(self, region: GeoRegion, shard: int) -> ShardEngine:
         owned = self._writer.open_engine(region, shard)
         return owned if owned is not None else super()._engine(region, shard)
 
     def delete_many(self, region: GeoRegion, keys: Sequence[bytes]) -> Result[int, StorageError]:
-        if self._role != "all":  # never take a shard's writer lock from a worker that does not own shards
-            message = "an erasure's AP deletes need a worker that writes the AP shards (--role all)"
-            return Err(StorageError("ap", "delete_many", message, retryable=True))
-        shards = sorted({shard_for(key[:16], self.shard_count) for key in keys})
-        held: list[int] = []
-        try:
-            for shard in shards:
-                refused = self._hold(region.value, shard)
-                if refused is not None:
-                    return Err(StorageError("ap", "delete_many", refused, retryable=True))
-                held.append(shard)
-            return self._writer.delete_many(region, keys)
-        finally:
-            for shard in held:
-                self._let_go(region.value, shard)
+        message = "the index worker does not write AP shards: their owners run an erasure's deletes (delete_ap)"
+        return Err(StorageError("ap", "delete_many", message))
 
 
 #: The worker process's runtime (configured by the Celery app; tasks read it).

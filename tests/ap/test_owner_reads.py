@@ -32,9 +32,7 @@ def test_shards_this_worker_writes_are_read_through_its_writer(tmp_path: Path) -
         opened.append(path)
         return readonly_engine_for("lsm")(path)
 
-    index_ap = _IndexAp(
-        tmp_path, 2, writer=writer, role="all", reader=reader, hold=lambda r, s: None, let_go=lambda r, s: None
-    )
+    index_ap = _IndexAp(tmp_path, 2, writer=writer, reader=reader)
     # When an index drain reads every turn
     found = index_ap.get_many(REGION, keys).unwrap()
     # Then all are found: shard 0's unflushed turns through the writer, with no read-only handle

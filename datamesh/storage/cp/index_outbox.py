@@ -5,7 +5,8 @@ again), deleted when their work is done, and pushed back with the error when it 
 
 * ``add``: index the turns that saga ``key`` committed in ``region``;
 * ``erase_conversation`` / ``erase_entity``: delete the AP content and index entries of
-  conversation / entity ``key`` in ``region`` (written by erasure).
+  conversation / entity ``key`` in ``region`` (written by erasure).  Under Celery the index worker
+  removes the index entries and hands the AP deletes to the shard's owner, which deletes the row.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ def claim(
             .values(next_attempt_at=now + timedelta(seconds=lease_s))
         )
     return rows
+
+
+def get(conn: Connection, row_id: int) -> OutboxRow | None:
+    r = conn.execute(select(OUTBOX).where(OUTBOX.c.id == row_id)).first()
+    return None if r is None else OutboxRow(r.id, r.op, r.key, r.region, r.tenant, r.attempts, as_utc(r.enqueued_at))
 
 
 def complete(conn: Connection, ids: Sequence[int]) -> None:
