@@ -8,6 +8,7 @@ a request id and trace context, and never a 500.
 from __future__ import annotations
 
 import base64
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -281,6 +282,14 @@ def test_redis_down_fails_closed_or_open_by_configuration(
             assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limiter_unavailable"
         assert c.get("/readyz").status_code == (503 if mode == "closed" else 200)
         assert s.process.poll() is None
+    if mode == "closed":  # a server error is always in the access log (successes are sampled)
+        logged = [json.loads(line) for line in s.output().splitlines() if line.startswith("{")]
+        assert any(
+            rec["logger"] == "datamesh.gateway.access"
+            and rec["level"] == "WARNING"
+            and "POST /v1/conversations 503" in rec["message"]
+            for rec in logged
+        ), s.output()[-2000:]
 
 
 def test_pipeline_backpressure_is_503_with_retry_after_and_nothing_unpersisted_is_accepted(

@@ -84,8 +84,14 @@ class GatewayMiddleware:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(method, route, str(status[0])).inc()
             self.metrics.latency.labels(method, route).observe(elapsed)
-            access_log.info(
-                "%s %s %d %.1fms", method, scope.get("path"), status[0], elapsed * 1000, extra={"route": route}
+            access_log.log(  # a server error is always logged, whatever the level of successes
+                logging.WARNING if status[0] >= 500 else logging.INFO,
+                "%s %s %d %.1fms",
+                method,
+                scope.get("path"),
+                status[0],
+                elapsed * 1000,
+                extra={"route": route},
             )
             if status[0] >= 500:
                 tracing.set_error(f"HTTP {status[0]}")
