@@ -49,8 +49,14 @@ def test_the_combined_limit_holds_across_instances(two_instances: tuple[str, lis
     raw = access.issue_key("scale", "client").unwrap().raw
     clients = [httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {raw}"}, timeout=30) for s in servers]
 
+    retryable: list[str] = []
+
     def post(i: int) -> tuple[int, int]:
-        return i % 2, clients[i % 2].post("/v1/conversations", json=turn()).status_code
+        response = clients[i % 2].post("/v1/conversations", json=turn())
+        if response.status_code == 503:  # admitted, then a tier was briefly unavailable (a loaded box)
+            assert "Retry-After" in response.headers, response.text
+            retryable.append(response.text)
+        return i % 2, response.status_code
 
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -60,7 +66,10 @@ def test_the_combined_limit_holds_across_instances(two_instances: tuple[str, lis
             c.close()
     codes = Counter(code for _, code in results)
     per_instance = Counter(instance for instance, code in results if code == 201)
-    assert codes == {201: BURST, 429: 2 * BURST}, codes
+    # Exactly BURST requests got a token: accepted, or (rarely) admitted and then refused retryably;
+    # every other one was limited.
+    assert codes[429] == 2 * BURST and codes[201] + codes[503] == BURST, (codes, retryable)
+    assert codes[201] >= BURST - 2, (codes, retryable)
     assert per_instance[0] > 0 and per_instance[1] > 0  # both instances served accepted requests
 
     access.revoke_key(raw.split("_")[1]).unwrap()
