@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from datamesh.core.types import ContentHash, uuid7_text
@@ -22,16 +23,24 @@ class Prepared:
     digest: str
     key: str
 
-    def to_item(self, *, inline_max_bytes: int, shard_count: int) -> ItemPlan:
+    @property
+    def new_ids(self) -> int:
+        """How many fresh ids :meth:`to_item` takes: the turn's, and the conversation's if it starts one."""
+        return 2 if self.request.conversation_id is None else 1
+
+    def to_item(self, *, inline_max_bytes: int, shard_count: int, ids: Iterator[str] | None = None) -> ItemPlan:
+        """The saga item; its new ids come from ``ids`` (e.g. :func:`uuid7_texts` made for a batch,
+        the conversation's before the turn's), or are made here."""
         r = self.request
         new = r.conversation_id is None
+        next_id = uuid7_text if ids is None else ids.__next__
         return ItemPlan(
             index=self.index,
             idempotency_key=self.key,
             request_sha256=self.digest,
-            conversation_id=uuid7_text() if r.conversation_id is None else str(r.conversation_id),
+            conversation_id=next_id() if r.conversation_id is None else str(r.conversation_id),
             new_conversation=new,
-            turn_id=uuid7_text(),
+            turn_id=next_id(),
             entity_id=str(r.entity_id),
             region=r.region.value,
             shard=shard_for(r.entity_id.value.bytes, shard_count),

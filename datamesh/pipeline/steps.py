@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 
 from datamesh.core.errors import IdempotencyConflict, NotFound, StorageError, ValidationError
 from datamesh.core.result import Err, Ok, Result
-from datamesh.core.types import ContentHash, GeoRegion, SagaId
+from datamesh.core.types import ContentHash, GeoRegion, SagaId, uuid7_texts
 from datamesh.observability import ledger
 from datamesh.observability.instrument import saga_step
 from datamesh.pipeline.plan import LOCATION_AP, ItemPlan, SagaPlan
@@ -101,6 +101,7 @@ def reserve(
         )
         outcome = ReserveOutcome(SagaPlan(saga_id, tenant, [], []), {}, [], {})
         seen: dict[str, Prepared] = {}
+        accepted: list[Prepared] = []
         for p in prepared:
             state = states.get(p.key)
             earlier = seen.get(p.key)
@@ -117,7 +118,11 @@ def reserve(
                 outcome.rejected[p.index] = problem
             else:
                 seen[p.key] = p
-                outcome.plan.items.append(p.to_item(inline_max_bytes=tiers.inline_max_bytes, shard_count=shard_count))
+                accepted.append(p)
+        ids = iter(uuid7_texts(sum(p.new_ids for p in accepted)))  # in item order, as one by one
+        outcome.plan.items.extend(
+            p.to_item(inline_max_bytes=tiers.inline_max_bytes, shard_count=shard_count, ids=ids) for p in accepted
+        )
         plan = outcome.plan
         if plan.items:
             plan.blobs = blobs_of(plan.items)
