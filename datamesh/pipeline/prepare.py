@@ -22,6 +22,8 @@ class Prepared:
     response_hash: ContentHash
     digest: str
     key: str
+    entity_id: str
+    """``str(request.entity_id)``, made once (the digest and the plan item both need it)"""
 
     @property
     def new_ids(self) -> int:
@@ -41,7 +43,7 @@ class Prepared:
             conversation_id=next_id() if r.conversation_id is None else str(r.conversation_id),
             new_conversation=new,
             turn_id=next_id(),
-            entity_id=str(r.entity_id),
+            entity_id=self.entity_id,
             region=r.region.value,
             shard=shard_for(r.entity_id.value.bytes, shard_count),
             prompt_sha256=self.prompt_hash.hex,
@@ -58,8 +60,9 @@ class Prepared:
 def prepare(index: int, request: ValidRequest) -> Prepared:
     prompt_hash = ContentHash.of(request.prompt)
     response_hash = ContentHash.of(request.response)
-    digest = request_digest(request, prompt_hash.hex, response_hash.hex)
-    return Prepared(index, request, prompt_hash, response_hash, digest, idempotency_key(request, digest))
+    entity = str(request.entity_id)
+    digest = request_digest(request, prompt_hash.hex, response_hash.hex, entity_id=entity)
+    return Prepared(index, request, prompt_hash, response_hash, digest, idempotency_key(request, digest), entity)
 
 
 def blobs_of(items: list[ItemPlan]) -> list[BlobPlan]:
