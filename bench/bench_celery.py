@@ -1,5 +1,5 @@
-"""End-to-end ingest through Celery with 1, 2 and 4 worker processes, next to the local executor and a
-raw baseline, in the same run.
+"""End-to-end ingest through Celery with 1, 2 and 4 worker processes, next to the local executor and
+raw baselines, in the same run.
 
     python bench/bench_celery.py [--processes 1,2,4] [--batch-sizes 100,1000,5000] [--turns 10000]
                                  [--ap-engine sqlite|lsm]
@@ -13,14 +13,29 @@ outputs in ../shared/data, fresh entity ids per batch so nothing is deduplicated
   Rate = turns committed / wall time; ``+indexed`` = the same turns / the time until the index
   outbox is empty again (committed and searchable); latency = one ``ingest_many`` call, enqueue to commit.
 * local: the in-process executor on the same CP database, same batches, same concurrency.
-* raw: the same rows with no saga: one PostgreSQL ``executemany`` of the metadata and one SQLite
-  ``executemany`` of the content per batch, sequential — the floor of the work a batch does.
+* raw: the same rows with no saga, sequential batches, each durable (its making — ids, SHA-256
+  hashes — included); each baseline has its own table and content store:
+
+  - ``raw executemany``: SQLAlchemy ``text()`` ``executemany`` of the metadata (with psycopg2 that is
+    one round trip a row: a weak floor, kept for comparison with earlier runs) and one SQLite
+    ``executemany`` of the content (WAL, synchronous=FULL) a batch;
+  - ``raw COPY+sqlite``: one ``COPY ... FROM STDIN`` of the metadata a batch (psycopg2
+    ``copy_expert`` on the raw DBAPI connection) and the same SQLite content write;
+  - ``raw COPY+lsm`` (only with ``--ap-engine lsm``): the same ``COPY``, the content into one of the
+    project's LSM shards (``engine_for("lsm")``, the default log fsync) with one ``put_many`` a batch.
+
+  After the table, each celery/local rate is printed as a share of the strong floor for the chosen
+  AP engine (``raw COPY+sqlite``, or ``raw COPY+lsm``) at the same batch size.
+
+Use ``--broker`` to pick a Redis database nobody else uses: it is flushed at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import io
 import os
 import sqlite3
 import subprocess
@@ -39,6 +54,7 @@ from sqlalchemy import create_engine, text
 from bench.bench_ingest import load_rows, pct, requests_for
 from datamesh.core.config import DataMeshConfig
 from datamesh.pipeline.ingestion import IngestionPipeline
+from datamesh.pipeline.tiers import engine_for
 from datamesh.storage.cp import migrate
 from datamesh.storage.cp.database import CpDatabase
 from datamesh.workers.app import create_app
@@ -47,6 +63,9 @@ ROOT = Path(__file__).resolve().parents[1]
 Row = tuple[str, float, float | None, float, float]
 """label, conv/s committed, conv/s committed and indexed (None: no index), p50 ms, p99 ms"""
 DRAIN_TIMEOUT_S = 600.0
+RAW_VARIANTS = {"sqlite": ("executemany", "copy+sqlite"), "lsm": ("executemany", "copy+sqlite", "copy+lsm")}
+"""raw baselines run per ``--ap-engine``; the last is the floor the ratios are taken against"""
+RAW_LABELS = {"executemany": "raw executemany", "copy+sqlite": "raw COPY+sqlite", "copy+lsm": "raw COPY+lsm"}
 
 
 async def run_batches(
@@ -138,48 +157,96 @@ def backlog_of(pg_url: str) -> Callable[[], int]:
     return owed
 
 
-def raw_baseline(root: Path, pg_url: str, rows: list[tuple[bytes, bytes]], size: int, turns: int) -> Row:
+def _raw_batch(
+    rows: list[tuple[bytes, bytes]], size: int
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[str, str, str, str]]]:
+    """One batch of the raw baselines: content items (16-byte id, prompt + response) and metadata rows
+    (id, entity, SHA-256 of the prompt and of the response); the hashing is part of the floor."""
+    picked = [rows[i % len(rows)] for i in range(size)]
+    ids = [uuid.uuid4() for _ in picked]
+    items = [(i.bytes, p + r) for i, (p, r) in zip(ids, picked, strict=True)]
+    meta = [
+        (str(i), str(uuid.uuid4()), hashlib.sha256(p).hexdigest(), hashlib.sha256(r).hexdigest())
+        for i, (p, r) in zip(ids, picked, strict=True)
+    ]
+    return items, meta
+
+
+def _sqlite_content(path: Path) -> tuple[Callable[[list[tuple[bytes, bytes]]], None], Callable[[], None]]:
+    """A plain SQLite content table (WAL, synchronous=FULL): one ``executemany`` transaction a batch."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB) WITHOUT ROWID")
+
+    def write(items: list[tuple[bytes, bytes]]) -> None:
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO kv VALUES (?, ?)", items)
+        db.execute("COMMIT")
+
+    return write, db.close
+
+
+def _lsm_content(path: Path) -> tuple[Callable[[list[tuple[bytes, bytes]]], None], Callable[[], None]]:
+    """One of the project's LSM shards, opened as the pipeline opens them (``engine_for("lsm")``, the
+    default log fsync policy): one durable ``put_many`` a batch."""
+    shard = engine_for("lsm", DataMeshConfig())(path)
+    return shard.put_many, shard.close
+
+
+def raw_baseline(root: Path, pg_url: str, rows: list[tuple[bytes, bytes]], size: int, turns: int, variant: str) -> Row:
+    """The same rows as a batch of the pipeline, with no saga, sequential batches, each durable.
+
+    ``variant``: ``executemany`` (SQLAlchemy ``text()`` executemany of the metadata, one round trip a
+    row with psycopg2, and one SQLite ``executemany`` of the content), ``copy+sqlite`` (one
+    ``COPY ... FROM STDIN`` of the metadata through the raw psycopg2 connection, the same SQLite
+    content write) or ``copy+lsm`` (the same ``COPY``, the content into an LSM shard's ``put_many``).
+    Each variant has its own PostgreSQL table and content store.  Time includes making the batch
+    (ids, hashes); it excludes the final close (an LSM shard's last memtable flush).
+    """
+    table = "raw_turns_" + variant.replace("+", "_")
     engine = create_engine(pg_url)
     with engine.begin() as conn:
         conn.execute(
             text(
-                "CREATE TABLE IF NOT EXISTS raw_turns"
+                f"CREATE TABLE IF NOT EXISTS {table}"
                 " (id uuid PRIMARY KEY, entity uuid, prompt_sha text, response_sha text)"
             )
         )
-    db = sqlite3.connect(root / "raw.sqlite3", isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB) WITHOUT ROWID")
-    import hashlib
-
+    content = root / f"raw-{variant.replace('+', '-')}"
+    if variant.endswith("lsm"):
+        write_content, close_content = _lsm_content(content)
+    else:
+        write_content, close_content = _sqlite_content(content.with_suffix(".sqlite3"))
+    raw = engine.raw_connection() if variant.startswith("copy") else None
     batches = max(1, turns // size)
     lat = []
     t0 = time.perf_counter()
-    for _ in range(batches):
-        started = time.perf_counter()
-        picked = [rows[i % len(rows)] for i in range(size)]
-        ids = [uuid.uuid4() for _ in picked]
-        meta = [
-            {
-                "id": str(i),
-                "entity": str(uuid.uuid4()),
-                "p": hashlib.sha256(p).hexdigest(),
-                "r": hashlib.sha256(r).hexdigest(),
-            }
-            for i, (p, r) in zip(ids, picked, strict=True)
-        ]
-        db.execute("BEGIN")
-        db.executemany(
-            "INSERT INTO kv VALUES (?, ?)", [(i.bytes, p + r) for i, (p, r) in zip(ids, picked, strict=True)]
-        )
-        db.execute("COMMIT")
-        with engine.begin() as conn:
-            conn.execute(text("INSERT INTO raw_turns VALUES (CAST(:id AS uuid), CAST(:entity AS uuid), :p, :r)"), meta)
-        lat.append((time.perf_counter() - started) * 1000)
-    wall = time.perf_counter() - t0
-    db.close()
-    engine.dispose()
+    try:
+        for _ in range(batches):
+            started = time.perf_counter()
+            items, meta = _raw_batch(rows, size)
+            write_content(items)
+            if raw is None:
+                with engine.begin() as conn:
+                    conn.execute(
+                        text(f"INSERT INTO {table} VALUES (CAST(:id AS uuid), CAST(:entity AS uuid), :p, :r)"),
+                        [{"id": i, "entity": e, "p": p, "r": r} for i, e, p, r in meta],
+                    )
+            else:
+                # uuids and hex digests need no COPY text escaping
+                buffer = io.StringIO("".join(f"{i}\t{e}\t{p}\t{r}\n" for i, e, p, r in meta))
+                cursor = raw.cursor()
+                cursor.copy_expert(f"COPY {table} (id, entity, prompt_sha, response_sha) FROM STDIN", buffer)
+                cursor.close()
+                raw.commit()
+            lat.append((time.perf_counter() - started) * 1000)
+        wall = time.perf_counter() - t0
+    finally:
+        close_content()
+        if raw is not None:
+            raw.close()
+        engine.dispose()
     return (f"batch {size:5d} x{batches:3d}, sequential", size * batches / wall, None, pct(lat, 0.5), pct(lat, 0.99))
 
 
@@ -220,10 +287,10 @@ async def main() -> None:
         db.dispose()
         return url
 
-    results: list[tuple[str, Row]] = []
+    results: list[tuple[str, int, Row]] = []
 
-    def report(who: str, row: Row) -> None:
-        results.append((who, row))
+    def report(who: str, size: int, row: Row) -> None:
+        results.append((who, size, row))
         indexed = f"{row[2]:9.0f}" if row[2] is not None else f"{'-':>9}"
         print(f"{who:16} {row[0]:44} {row[1]:9.0f} {indexed} {row[3]:9.1f} {row[4]:9.1f}", flush=True)
 
@@ -264,7 +331,7 @@ async def main() -> None:
                         for size in sizes:
                             clients = max(2, 2 * processes)
                             row = await run_batches(p, rows, size, max(args.turns, size * clients), clients, backlog)
-                            report(f"celery {processes} proc", row)
+                            report(f"celery {processes} proc", size, row)
                 finally:
                     workers.terminate()  # a warm shutdown: running tasks finish, LSM memtables are flushed
                     try:
@@ -286,10 +353,21 @@ async def main() -> None:
             async with (await IngestionPipeline.create(local)).unwrap() as p:
                 await run_batches(p, rows, 100, 200, 1, backlog)
                 for size in sizes:
-                    report("local executor", await run_batches(p, rows, size, max(args.turns, size * 2), 2, backlog))
+                    row = await run_batches(p, rows, size, max(args.turns, size * 2), 2, backlog)
+                    report("local executor", size, row)
             raw_url = fresh_schema("raw")
+            for variant in RAW_VARIANTS[args.ap_engine]:
+                for size in sizes:
+                    row = raw_baseline(root, raw_url, rows, size, max(args.turns, size), variant)
+                    report(RAW_LABELS[variant], size, row)
+            floor = RAW_LABELS[RAW_VARIANTS[args.ap_engine][-1]]
+            print(f"\nconv/s committed as a share of {floor!r} (the strong floor), same batch size:")
             for size in sizes:
-                report("raw baseline", raw_baseline(root, raw_url, rows, size, max(args.turns, size)))
+                best = next(r[1] for who, n, r in results if who == floor and n == size)
+                shares = [
+                    f"{who} {r[1] / best:.0%}" for who, n, r in results if n == size and not who.startswith("raw")
+                ]
+                print(f"  batch {size:5d}: " + ", ".join(shares))
     finally:
         with admin.connect() as conn:
             for schema in schemas:

@@ -6,7 +6,8 @@ Runs ``IngestionPipeline.ingest_many`` over batches of the real AlpacaEval rows 
 (``--pg``; a fresh schema per run, dropped at the end), with the background indexer off, then
 drains the index outbox with ``indexer.drain_once`` in this thread.  CPU is measured with
 ``time.thread_time`` (the thread doing the work) and ``time.process_time``, steadier than wall time on a
-shared machine; the PostgreSQL server's CPU is the utime+stime of this run's backends (``/proc``).
+shared machine; the PostgreSQL server's CPU is the utime+stime of this run's backends (``/proc``; the
+run's connections are told apart by ``application_name``).
 
 Parts: ``caller`` is everything of ``ingest_many`` outside the saga steps (validation, hashing,
 idempotency keys, responses); ``reserve`` / ``write_ap`` / ``commit_cp`` are the saga steps
@@ -66,10 +67,14 @@ def wrap(module: Any, name: str, part: str) -> None:
     setattr(module, name, timed_fn)
 
 
-def backend_cpu(engine: Any) -> float:
-    """CPU seconds used so far by every PostgreSQL backend of this run's schema (its connections)."""
+def backend_cpu(engine: Any, run: str) -> float:
+    """CPU seconds used so far by this run's PostgreSQL backends: its connections carry the run's
+    name as ``application_name`` (other users' backends on the same database are not counted; a
+    backend of theirs that exits between two samples made the difference negative)."""
     with engine.connect() as conn:
-        pids = [r[0] for r in conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()"))]
+        pids = [
+            r[0] for r in conn.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = :a"), {"a": run})
+        ]
     total = 0.0
     for pid in pids:
         try:
@@ -88,7 +93,7 @@ async def one_run(
     admin = create_engine(pg, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{pg}?options=-csearch_path%3D{schema}"
+    url = f"{pg}?options=-csearch_path%3D{schema}&application_name={schema}"
     db = CpDatabase.open(url).unwrap()
     migrate.upgrade(db).unwrap()
     db.dispose()
@@ -111,7 +116,7 @@ async def one_run(
                         return run_batch(*args, **kwargs)
 
                 p._run_batch = timed_batch  # type: ignore[method-assign]
-                pg_start = backend_cpu(admin)
+                pg_start = backend_cpu(admin, schema)
                 proc0 = time.process_time()
                 for _ in range(batches):
                     reqs = requests_for(rows, batch)
@@ -119,7 +124,7 @@ async def one_run(
                         done = (await p.ingest_many(reqs)).unwrap()
                     assert all(d.is_ok() for d in done), next(d for d in done if d.is_err())
                 cpu["ingest (process)"] = time.process_time() - proc0
-                pg_mid = backend_cpu(admin)
+                pg_mid = backend_cpu(admin, schema)
                 cpu["pg server: ingest"] = pg_mid - pg_start
                 settings = indexer.IndexerSettings(batch=config.index_batch)
                 proc0 = time.process_time()
@@ -135,7 +140,7 @@ async def one_run(
                         if report.claimed == 0:
                             break
                 cpu["index (process)"] = time.process_time() - proc0
-                cpu["pg server: index"] = backend_cpu(admin) - pg_mid
+                cpu["pg server: index"] = backend_cpu(admin, schema) - pg_mid
         out = dict(cpu)
     finally:
         with admin.connect() as conn:

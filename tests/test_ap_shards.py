@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from datamesh.core.errors import StorageError
 from datamesh.core.result import Err
 from datamesh.core.types import ContentHash, ConversationId, EntityId, GeoRegion, SagaId, TurnId
 from datamesh.storage.ap.base import ShardError
-from datamesh.storage.ap.record import Payload, RecordFormatError, TurnContent, turn_key
+from datamesh.storage.ap.record import Payload, RecordFormatError, TurnContent, encode_turn, turn_head, turn_key
 from datamesh.storage.ap.sqlite_shard import SqliteShard
 from datamesh.storage.ap.store import ContentStore, shard_for
 
@@ -77,3 +78,28 @@ def test_truncated_record_is_rejected() -> None:
     record = TurnContent(SagaId.generate(), Payload(inline=b"a"), Payload(inline=b"b")).encode()
     with pytest.raises(RecordFormatError):
         TurnContent.decode(record[:-3])
+
+
+def test_record_bytes_follow_the_documented_layout() -> None:
+    # version | saga id | prompt part | response part | embedding dim | f32s; part = kind | u32 length | bytes
+    saga = SagaId.generate()
+    ref = ContentHash.of(b"large")
+    expected = (
+        bytes([1])
+        + saga.value.bytes
+        + struct.pack("<BI", 0, 2)
+        + b"pp"
+        + struct.pack("<BI", 1, 32)
+        + bytes.fromhex(ref.hex)
+        + struct.pack("<I", 2)
+        + struct.pack("<2f", 0.5, -2.0)
+    )
+    record = TurnContent(saga, Payload(inline=b"pp"), Payload(ref=ref), (0.5, -2.0))
+    assert record.encode() == expected
+    # the saga steps' path: inline payloads as bare bytes, the saga's head made once
+    assert encode_turn(turn_head(saga), b"pp", Payload(ref=ref), (0.5, -2.0)) == expected
+    assert TurnContent.decode(expected) == record
+    plain = encode_turn(turn_head(saga), b"", bytearray(b"r"), None)
+    head = bytes([1]) + saga.value.bytes
+    assert plain == head + struct.pack("<BI", 0, 0) + struct.pack("<BI", 0, 1) + b"r" + bytes(4)
+    assert TurnContent.decode(plain) == TurnContent(saga, Payload(inline=b""), Payload(inline=b"r"))

@@ -13,7 +13,7 @@ from datamesh.core import errors
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.result import Err, Ok, UnwrapError
 from datamesh.core.retry import RetryPolicy, call_with_retry, full_jitter_delay
-from datamesh.core.types import ContentHash, ConversationId, EntityId, GeoRegion, uuid7, uuid7_text
+from datamesh.core.types import ContentHash, ConversationId, EntityId, GeoRegion, uuid7, uuid7_text, uuid7_texts
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -143,6 +143,18 @@ def test_uuid7_text_is_the_canonical_form_and_ordered() -> None:
     # Given ids made as text in a burst (many share a millisecond), interleaved with UUID ones
     texts = [uuid7_text() if n % 2 else str(uuid7()) for n in range(5000)]
     # Then each is a canonical version-7 UUID string, and they sort in creation order, all distinct
+    assert all(
+        str(uuid.UUID(t)) == t and uuid.UUID(t).version == 7 and uuid.UUID(t).variant == uuid.RFC_4122 for t in texts
+    )
+    assert texts == sorted(texts) and len(set(texts)) == len(texts)
+
+
+def test_uuid7_texts_of_a_batch_are_as_if_made_one_by_one() -> None:
+    # Given batches of ids (one of them large enough to run the counter over) between single ones
+    texts: list[str] = []
+    for n in [*range(7), 9000, 0, 3]:
+        texts += [*uuid7_texts(n), uuid7_text(), str(uuid7())]
+    # Then every id is a canonical version-7 UUID string, in creation order, all distinct
     assert all(
         str(uuid.UUID(t)) == t and uuid.UUID(t).version == 7 and uuid.UUID(t).variant == uuid.RFC_4122 for t in texts
     )

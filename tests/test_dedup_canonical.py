@@ -42,3 +42,5 @@ def test_canonical_request_matches_json_dumps(
     built = canonical_request(request, "a" * 64, "b" * 64)
     # Then it is byte for byte what json.dumps gives
     assert built == _reference(request, "a" * 64, "b" * 64)
+    # and the same when the caller hands over the entity id's text it made already
+    assert canonical_request(request, "a" * 64, "b" * 64, entity_id=str(request.entity_id)) == built

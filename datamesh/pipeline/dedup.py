@@ -17,15 +17,20 @@ DERIVED_PREFIX = "sha256:"
 _ascii = json.encoder.encode_basestring_ascii
 
 
-def request_digest(request: ValidRequest, prompt_sha256: str, response_sha256: str) -> str:
-    """SHA-256 over a canonical encoding of the request's defining fields."""
-    sha = hashlib.sha256(canonical_request(request, prompt_sha256, response_sha256).encode())
+def request_digest(
+    request: ValidRequest, prompt_sha256: str, response_sha256: str, *, entity_id: str | None = None
+) -> str:
+    """SHA-256 over a canonical encoding of the request's defining fields (``entity_id``: the text of
+    ``request.entity_id``, when the caller has made it already)."""
+    sha = hashlib.sha256(canonical_request(request, prompt_sha256, response_sha256, entity_id=entity_id).encode())
     if request.embedding is not None:
         sha.update(struct.pack(f"<{len(request.embedding)}d", *request.embedding))
     return sha.hexdigest()
 
 
-def canonical_request(request: ValidRequest, prompt_sha256: str, response_sha256: str) -> str:
+def canonical_request(
+    request: ValidRequest, prompt_sha256: str, response_sha256: str, *, entity_id: str | None = None
+) -> str:
     """``json.dumps`` of the defining fields with sorted keys, compact separators and ASCII escapes.
 
     Spelled out in key order because it runs once per ingested turn; a test checks it against
@@ -35,7 +40,7 @@ def canonical_request(request: ValidRequest, prompt_sha256: str, response_sha256
     metadata = json.dumps(sorted(request.metadata.items()), separators=(",", ":")) if request.metadata else "[]"
     return '{"conversation":%s,"entity":%s,"metadata":%s,"prompt":%s,"region":%s,"response":%s}' % (  # noqa: UP031
         conversation,
-        _ascii(str(request.entity_id)),
+        _ascii(str(request.entity_id) if entity_id is None else entity_id),
         metadata,
         _ascii(prompt_sha256),
         _ascii(request.region.value),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from datamesh.core.types import ContentHash, uuid7_text
@@ -21,18 +22,28 @@ class Prepared:
     response_hash: ContentHash
     digest: str
     key: str
+    entity_id: str
+    """``str(request.entity_id)``, made once (the digest and the plan item both need it)"""
 
-    def to_item(self, *, inline_max_bytes: int, shard_count: int) -> ItemPlan:
+    @property
+    def new_ids(self) -> int:
+        """How many fresh ids :meth:`to_item` takes: the turn's, and the conversation's if it starts one."""
+        return 2 if self.request.conversation_id is None else 1
+
+    def to_item(self, *, inline_max_bytes: int, shard_count: int, ids: Iterator[str] | None = None) -> ItemPlan:
+        """The saga item; its new ids come from ``ids`` (e.g. :func:`uuid7_texts` made for a batch,
+        the conversation's before the turn's), or are made here."""
         r = self.request
         new = r.conversation_id is None
+        next_id = uuid7_text if ids is None else ids.__next__
         return ItemPlan(
             index=self.index,
             idempotency_key=self.key,
             request_sha256=self.digest,
-            conversation_id=uuid7_text() if r.conversation_id is None else str(r.conversation_id),
+            conversation_id=next_id() if r.conversation_id is None else str(r.conversation_id),
             new_conversation=new,
-            turn_id=uuid7_text(),
-            entity_id=str(r.entity_id),
+            turn_id=next_id(),
+            entity_id=self.entity_id,
             region=r.region.value,
             shard=shard_for(r.entity_id.value.bytes, shard_count),
             prompt_sha256=self.prompt_hash.hex,
@@ -49,8 +60,9 @@ class Prepared:
 def prepare(index: int, request: ValidRequest) -> Prepared:
     prompt_hash = ContentHash.of(request.prompt)
     response_hash = ContentHash.of(request.response)
-    digest = request_digest(request, prompt_hash.hex, response_hash.hex)
-    return Prepared(index, request, prompt_hash, response_hash, digest, idempotency_key(request, digest))
+    entity = str(request.entity_id)
+    digest = request_digest(request, prompt_hash.hex, response_hash.hex, entity_id=entity)
+    return Prepared(index, request, prompt_hash, response_hash, digest, idempotency_key(request, digest), entity)
 
 
 def blobs_of(items: list[ItemPlan]) -> list[BlobPlan]:

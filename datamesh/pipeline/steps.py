@@ -22,13 +22,13 @@ from sqlalchemy.engine import Connection
 
 from datamesh.core.errors import IdempotencyConflict, NotFound, StorageError, ValidationError
 from datamesh.core.result import Err, Ok, Result
-from datamesh.core.types import ContentHash, GeoRegion, SagaId
+from datamesh.core.types import ContentHash, GeoRegion, SagaId, uuid7_texts
 from datamesh.observability import ledger
 from datamesh.observability.instrument import saga_step
 from datamesh.pipeline.plan import LOCATION_AP, ItemPlan, SagaPlan
 from datamesh.pipeline.prepare import Prepared, blobs_of
 from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.ap.record import Payload, TurnContent, turn_key_of
+from datamesh.storage.ap.record import Payload, encode_turn, turn_head, turn_key_of
 from datamesh.storage.cp import conversations, idempotency, index_outbox, object_refs, provenance, sagas
 from datamesh.storage.cp.provenance import ProvenanceKind
 from datamesh.storage.cp.sagas import SagaStatus, StepState
@@ -101,6 +101,7 @@ def reserve(
         )
         outcome = ReserveOutcome(SagaPlan(saga_id, tenant, [], []), {}, [], {})
         seen: dict[str, Prepared] = {}
+        accepted: list[Prepared] = []
         for p in prepared:
             state = states.get(p.key)
             earlier = seen.get(p.key)
@@ -117,7 +118,11 @@ def reserve(
                 outcome.rejected[p.index] = problem
             else:
                 seen[p.key] = p
-                outcome.plan.items.append(p.to_item(inline_max_bytes=tiers.inline_max_bytes, shard_count=shard_count))
+                accepted.append(p)
+        ids = iter(uuid7_texts(sum(p.new_ids for p in accepted)))  # in item order, as one by one
+        outcome.plan.items.extend(
+            p.to_item(inline_max_bytes=tiers.inline_max_bytes, shard_count=shard_count, ids=ids) for p in accepted
+        )
         plan = outcome.plan
         if plan.items:
             plan.blobs = blobs_of(plan.items)
@@ -199,17 +204,17 @@ def ap_records(
     plan: SagaPlan, content: Mapping[int, tuple[bytes, bytes, tuple[float, ...] | None]]
 ) -> dict[str, list[tuple[bytes, bytes]]]:
     """The AP key/value pairs of a plan, grouped by region."""
-    saga = SagaId.parse(plan.saga_id).unwrap()
+    head = turn_head(SagaId.parse(plan.saga_id).unwrap())
     by_region: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
     for item in plan.items:
         prompt, response, embedding = content[item.index]
-        record = TurnContent(
-            saga,
-            _payload(prompt, item.prompt_location, item.prompt_sha256),
-            _payload(response, item.response_location, item.response_sha256),
+        record = encode_turn(  # TurnContent(...).encode(), inline payloads passed as they are
+            head,
+            prompt if item.prompt_location == LOCATION_AP else Payload(ref=ContentHash(item.prompt_sha256)),
+            response if item.response_location == LOCATION_AP else Payload(ref=ContentHash(item.response_sha256)),
             embedding,
         )
-        by_region[item.region].append((_key(item), record.encode()))
+        by_region[item.region].append((_key(item), record))
     return by_region
 
 
@@ -261,10 +266,6 @@ def write_ap_part(
 def mark_done(tiers: Tiers, saga_id: str, step: Step) -> Result[None, StorageError]:
     """Record a step done that had nothing to do (``store_blobs`` of a plan without blobs)."""
     return _record(tiers, saga_id, step, StepState.DONE)
-
-
-def _payload(data: bytes, location: str, sha256: str) -> Payload:
-    return Payload(inline=data) if location == LOCATION_AP else Payload(ref=ContentHash(sha256))
 
 
 def _key(item: ItemPlan) -> bytes:

@@ -23,6 +23,7 @@ _REF = 1
 _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<B16s")
 _PART = struct.Struct("<BI")
+_NO_EMBEDDING = _U32.pack(0)
 
 
 class RecordFormatError(ValueError):
@@ -51,16 +52,7 @@ class TurnContent:
     embedding: tuple[float, ...] | None = None
 
     def encode(self) -> bytes:
-        parts = [
-            _HEAD.pack(VERSION, self.saga_id.value.bytes),
-            _encode_part(self.prompt),
-            _encode_part(self.response),
-        ]
-        dim = len(self.embedding) if self.embedding else 0
-        parts.append(_U32.pack(dim))
-        if self.embedding:
-            parts.append(struct.pack(f"<{dim}f", *self.embedding))
-        return b"".join(parts)
+        return encode_turn(turn_head(self.saga_id), self.prompt, self.response, self.embedding)
 
     @classmethod
     def decode(cls, data: bytes) -> TurnContent:
@@ -84,6 +76,35 @@ class TurnContent:
             response,
             tuple(embedding) if embedding else None,
         )
+
+
+def turn_head(saga_id: SagaId) -> bytes:
+    """The leading bytes of every record of ``saga_id`` (version and saga id), for :func:`encode_turn`."""
+    return _HEAD.pack(VERSION, saga_id.value.bytes)
+
+
+def encode_turn(
+    head: bytes,
+    prompt: Payload | bytes,
+    response: Payload | bytes,
+    embedding: tuple[float, ...] | None,
+) -> bytes:
+    """``TurnContent(saga_id, prompt, response, embedding).encode()`` with ``head = turn_head(saga_id)``,
+    where a payload given as bytes is inline: a saga step encodes its batch without a
+    :class:`Payload` and a :class:`TurnContent` per turn (and the saga's head once)."""
+    pieces = [head]
+    for part in (prompt, response):
+        if isinstance(part, Payload):
+            pieces.append(_encode_part(part))
+        else:
+            pieces.append(_PART.pack(_INLINE, len(part)))
+            pieces.append(part)
+    if embedding:
+        pieces.append(_U32.pack(len(embedding)))
+        pieces.append(struct.pack(f"<{len(embedding)}f", *embedding))
+    else:
+        pieces.append(_NO_EMBEDDING)
+    return b"".join(pieces)
 
 
 def turn_key(entity: EntityId, conversation: ConversationId, turn: TurnId) -> bytes:
