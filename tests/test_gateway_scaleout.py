@@ -34,6 +34,8 @@ def two_instances(tmp_path: Path) -> Iterator[tuple[str, list[Server]]]:
             "DATAMESH_RATE_LIMIT_KEY_BURST": str(BURST),
             "DATAMESH_RATE_LIMIT_KEY_RATE": "0.001",
             "DATAMESH_GATEWAY_AUTH_CACHE_S": "0.5",
+            # Local-mode instances with folders of their own: neither could index the other's turns.
+            "DATAMESH_INDEXER": "off",
         }
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
