@@ -49,6 +49,10 @@ CREATE INDEX IF NOT EXISTS docs_conversation ON docs(conversation_id);
 CREATE INDEX IF NOT EXISTS docs_entity ON docs(entity_id);
 """
 _FTS = f'CREATE VIRTUAL TABLE IF NOT EXISTS fts_{{n}} USING fts5(prompt, response, tokenize="{TOKENIZER}")'
+#: FTS5's in-memory buffer of terms written in a transaction, flushed to a new segment when full
+#: (SQLite's default: 1 MiB).  A bigger buffer makes fewer, larger segments, so a big batch costs
+#: far less merging; it is a persistent setting of each table, and memory only while writing.
+FTS_HASH_BYTES = 16 * 1024 * 1024
 
 SNIPPET_OPEN = "["
 SNIPPET_CLOSE = "]"
@@ -107,12 +111,26 @@ class FullTextStore:
             self._db.executescript(_SCHEMA)
         self._data_version = self._version()
         self._tenants: dict[str, int] = self._load_tenants()
+        if not readonly:
+            self._configure_tables()
 
     def _version(self) -> int:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def _load_tenants(self) -> dict[str, int]:
         return {name: int(n) for n, name in self._db.execute("SELECT id, name FROM tenants")}
+
+    def _configure_tables(self) -> None:
+        """Give tables made before :data:`FTS_HASH_BYTES` was set (or changed) that setting."""
+        stale = [
+            n
+            for n in self._tenants.values()
+            if self._db.execute(f"SELECT v FROM fts_{n}_config WHERE k = 'hashsize'").fetchone() != (FTS_HASH_BYTES,)
+        ]
+        if stale:
+            with self._tx() as db:
+                for n in stale:
+                    db.execute(f"INSERT INTO fts_{n}(fts_{n}, rank) VALUES ('hashsize', ?)", (FTS_HASH_BYTES,))
 
     def changed(self) -> bool:
         """Whether another connection committed since the last call (then the tenants are re-read)."""
@@ -130,6 +148,7 @@ class FullTextStore:
         if n is None:
             n = int(db.execute("INSERT INTO tenants(name) VALUES (?)", (tenant,)).lastrowid or 0)
             db.execute(_FTS.format(n=n))
+            db.execute(f"INSERT INTO fts_{n}(fts_{n}, rank) VALUES ('hashsize', ?)", (FTS_HASH_BYTES,))
             self._tenants[tenant] = n
         return f"fts_{n}"
 
