@@ -283,6 +283,10 @@ def documents_of(
     if isinstance(content, Err):
         return content
     docs: list[IndexDocument] = []
+    # One id object per entity and per conversation of the batch (their turns share it): fewer
+    # UUIDs parsed, and fewer long-lived objects for the garbage collector to trace.
+    entities: dict[str, EntityId] = {}
+    conversation_ids: dict[str, ConversationId] = {}
     for s, key in zip(live, keys, strict=True):
         raw = content.value.get(key)
         if raw is None:
@@ -291,12 +295,19 @@ def documents_of(
         if isinstance(verified, Err):
             return verified
         prompt_bytes, response_bytes, embedding = verified.value
+        # ids as the CP tier stores them (canonical): no pattern check per id
+        entity = entities.get(s.entity_id)
+        if entity is None:
+            entity = entities[s.entity_id] = EntityId(UUID(s.entity_id))
+        conversation = conversation_ids.get(s.conversation_id)
+        if conversation is None:
+            conversation = conversation_ids[s.conversation_id] = ConversationId(UUID(s.conversation_id))
         docs.append(
-            IndexDocument(  # ids as the CP tier stores them (canonical): no pattern check per id
-                ConversationId(UUID(s.conversation_id)),
+            IndexDocument(
+                conversation,
                 TurnId(UUID(s.turn_id)),
                 s.tenant,
-                EntityId(UUID(s.entity_id)),
+                entity,
                 region,
                 s.created_at,
                 _text(prompt_bytes),

@@ -49,6 +49,10 @@ CREATE INDEX IF NOT EXISTS docs_conversation ON docs(conversation_id);
 CREATE INDEX IF NOT EXISTS docs_entity ON docs(entity_id);
 """
 _FTS = f'CREATE VIRTUAL TABLE IF NOT EXISTS fts_{{n}} USING fts5(prompt, response, tokenize="{TOKENIZER}")'
+#: FTS5's in-memory buffer of terms written in a transaction, flushed to a new segment when full
+#: (SQLite's default: 1 MiB).  A bigger buffer makes fewer, larger segments, so a big batch costs
+#: far less merging; it is a persistent setting of each table, and memory only while writing.
+FTS_HASH_BYTES = 16 * 1024 * 1024
 
 SNIPPET_OPEN = "["
 SNIPPET_CLOSE = "]"
@@ -56,8 +60,8 @@ SNIPPET_TOKENS = 16
 PREVIEW_CHARS = 160
 _LOOKUP_CHUNK = 500  # turn ids per IN (...) lookup, under SQLite's variable limit
 _INSERT_DOC = (
-    "INSERT INTO docs(turn_id, conversation_id, tenant, entity_id, created_us, preview, embedding)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO docs(id, turn_id, conversation_id, tenant, entity_id, created_us, preview, embedding)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -107,12 +111,26 @@ class FullTextStore:
             self._db.executescript(_SCHEMA)
         self._data_version = self._version()
         self._tenants: dict[str, int] = self._load_tenants()
+        if not readonly:
+            self._configure_tables()
 
     def _version(self) -> int:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def _load_tenants(self) -> dict[str, int]:
         return {name: int(n) for n, name in self._db.execute("SELECT id, name FROM tenants")}
+
+    def _configure_tables(self) -> None:
+        """Give tables made before :data:`FTS_HASH_BYTES` was set (or changed) that setting."""
+        stale = [
+            n
+            for n in self._tenants.values()
+            if self._db.execute(f"SELECT v FROM fts_{n}_config WHERE k = 'hashsize'").fetchone() != (FTS_HASH_BYTES,)
+        ]
+        if stale:
+            with self._tx() as db:
+                for n in stale:
+                    db.execute(f"INSERT INTO fts_{n}(fts_{n}, rank) VALUES ('hashsize', ?)", (FTS_HASH_BYTES,))
 
     def changed(self) -> bool:
         """Whether another connection committed since the last call (then the tenants are re-read)."""
@@ -130,6 +148,7 @@ class FullTextStore:
         if n is None:
             n = int(db.execute("INSERT INTO tenants(name) VALUES (?)", (tenant,)).lastrowid or 0)
             db.execute(_FTS.format(n=n))
+            db.execute(f"INSERT INTO fts_{n}(fts_{n}, rank) VALUES ('hashsize', ?)", (FTS_HASH_BYTES,))
             self._tenants[tenant] = n
         return f"fts_{n}"
 
@@ -147,41 +166,60 @@ class FullTextStore:
     def upsert(self, docs: Sequence[IndexDocument], embeddings: Sequence[bytes | None]) -> tuple[list[int], list[int]]:
         """Insert or replace ``docs`` (keyed by turn id) in one transaction.
 
-        Returns the new rowids (in order) and the rowids of replaced documents.
+        Returns the new rowids (in order) and the rowids of replaced documents.  Rowids are the ones
+        AUTOINCREMENT would give one insert at a time (``sqlite_sequence`` + 1, + 2, ...: this
+        transaction is the only writer), so the rows go in with one ``executemany`` per table.  A
+        document given twice in one call keeps its last copy; the earlier copy's rowid is reported
+        as replaced and never written.
         """
-        rowids: list[int] = []
-        replaced: list[int] = []
+        if len(embeddings) != len(docs):
+            raise ValueError(f"{len(docs)} documents but {len(embeddings)} embeddings")
         turn_ids = [str(doc.turn_id) for doc in docs]  # each id made text once
         with self._tx() as db:
             present = self._present(db, turn_ids)
-            execute = db.execute
-            for doc, turn_id, blob in zip(docs, turn_ids, embeddings, strict=True):
+            tables = {tenant: self._table(db, tenant) for tenant in dict.fromkeys(doc.tenant for doc in docs)}
+            seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'docs'").fetchone()
+            first = (0 if seq is None else int(seq[0])) + 1
+            rowids = list(range(first, first + len(docs)))
+            replaced: list[int] = []
+            stale: list[tuple[int, str]] = []  # documents indexed before this call, to delete first
+            superseded: set[int] = set()  # positions of earlier copies of a turn given twice in this call
+            for i, (turn_id, doc) in enumerate(zip(turn_ids, docs, strict=True)):
                 old = present.get(turn_id)
                 if old is not None:
-                    execute(f"DELETE FROM {self._table(db, old[1])} WHERE rowid = ?", (old[0],))
-                    execute("DELETE FROM docs WHERE id = ?", (old[0],))
-                    replaced.append(int(old[0]))
-                rowid = int(
-                    execute(
-                        _INSERT_DOC,
-                        (
-                            turn_id,
-                            str(doc.conversation_id),
-                            doc.tenant,
-                            str(doc.entity_id),
-                            to_micros(doc.created_at),
-                            " ".join(doc.response[: PREVIEW_CHARS * 2].split())[:PREVIEW_CHARS],
-                            blob,
-                        ),
-                    ).lastrowid
-                    or 0
-                )
-                execute(
-                    f"INSERT INTO {self._table(db, doc.tenant)}(rowid, prompt, response) VALUES (?, ?, ?)",
-                    (rowid, segment(doc.prompt), segment(doc.response)),
-                )
-                rowids.append(rowid)
-                present[turn_id] = (rowid, doc.tenant)  # a second copy in this call replaces this one
+                    replaced.append(old[0])
+                    if old[0] >= first:
+                        superseded.add(old[0] - first)
+                    else:
+                        stale.append(old)
+                present[turn_id] = (first + i, doc.tenant)
+            for rowid, tenant in stale:
+                db.execute(f"DELETE FROM {self._table(db, tenant)} WHERE rowid = ?", (rowid,))
+            if stale:
+                db.executemany("DELETE FROM docs WHERE id = ?", [(rowid,) for rowid, _ in stale])
+            kept = [i for i in range(len(docs)) if i not in superseded] if superseded else range(len(docs))
+            db.executemany(
+                _INSERT_DOC,
+                [
+                    (
+                        first + i,
+                        turn_ids[i],
+                        str(docs[i].conversation_id),
+                        docs[i].tenant,
+                        str(docs[i].entity_id),
+                        to_micros(docs[i].created_at),
+                        " ".join(docs[i].response[: PREVIEW_CHARS * 2].split())[:PREVIEW_CHARS],
+                        embeddings[i],
+                    )
+                    for i in kept
+                ],
+            )
+            by_tenant: dict[str, list[tuple[int, str, str]]] = {}
+            for i in kept:  # rowids ascending per table: FTS5 appends to its pending segment
+                doc = docs[i]
+                by_tenant.setdefault(doc.tenant, []).append((first + i, segment(doc.prompt), segment(doc.response)))
+            for tenant, rows in by_tenant.items():
+                db.executemany(f"INSERT INTO {tables[tenant]}(rowid, prompt, response) VALUES (?, ?, ?)", rows)
         return rowids, replaced
 
     @staticmethod
