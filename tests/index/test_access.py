@@ -11,6 +11,8 @@ import pytest
 from datamesh.core.errors import StorageError, ValidationError
 from datamesh.core.types import EntityId, GeoRegion
 from datamesh.storage.index import IndexConfig, RegionalIndexes, SearchIndex
+from datamesh.storage.index.document import AccessFilter
+from datamesh.storage.index.fulltext import FullTextStore
 from tests.index.conftest import DIM, T0, make_doc, random_vector
 
 
@@ -130,3 +132,24 @@ def test_bad_documents_and_arguments_are_validation_errors(index: SearchIndex) -
 def test_a_second_writer_is_refused_with_a_retryable_storage_error(index: SearchIndex) -> None:
     second = SearchIndex.open(index.directory.parent, GeoRegion.EU_WEST, config=index.config)
     assert isinstance(second.error, StorageError) and second.error.retryable
+
+
+def test_a_rolled_back_transaction_never_lets_two_tenants_share_a_full_text_table(tmp_path: Path) -> None:
+    store = FullTextStore(tmp_path / "text.sqlite3", synchronous="NORMAL")
+    # Given a transaction that made tenant-a's table and then failed (a disk error, say)
+    with pytest.raises(RuntimeError), store._tx() as db:
+        store._table(db, "tenant-a")
+        raise RuntimeError("write failed")
+    # When tenant-b and then tenant-a index a turn each
+    b = make_doc("bravo secret words", tenant="tenant-b")
+    a = make_doc("alpha public words", tenant="tenant-a")
+    store.upsert([b], [None])
+    store.upsert([a], [None])
+    # then each has a table of its own, and neither finds the other's words
+    tables = dict(store._db.execute("SELECT name, id FROM tenants").fetchall())
+    assert len(set(tables.values())) == 2 and store._tenants == tables
+    for tenant, own, other in (("tenant-a", "alpha", "bravo"), ("tenant-b", "bravo", "alpha")):
+        allowed = AccessFilter(tenant=tenant)
+        assert [h.turn_id for h in store.search(own, allowed, 10)] == [str((a if tenant == "tenant-a" else b).turn_id)]
+        assert store.search(other, allowed, 10) == []
+    store.close()

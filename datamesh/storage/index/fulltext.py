@@ -161,6 +161,9 @@ class FullTextStore:
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
+                # A tenant table made in this transaction is gone with it: forget its number, or the
+                # next new tenant (given the same number) would share that tenant's table.
+                self._tenants = self._load_tenants()
                 raise
 
     def upsert(self, docs: Sequence[IndexDocument], embeddings: Sequence[bytes | None]) -> tuple[list[int], list[int]]:
