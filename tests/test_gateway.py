@@ -310,6 +310,9 @@ def test_pipeline_backpressure_is_503_with_retry_after_and_nothing_unpersisted_i
     assert all(int(a.headers["retry-after"]) >= 1 for a in answers[2:])
     assert answers[2].json()["error"]["type"] == "backpressure"
     assert batch.status_code == 503
+    # and each refusal's cause is logged, not only its status
+    causes = [line for line in s.output().splitlines() if "answering 503 backpressure" in line]
+    assert len(causes) == 4 and all('"level":"WARNING"' in line for line in causes), s.output()[-2000:]
     engine = create_engine(cp)
     with engine.connect() as conn:
         stored = conn.execute(

@@ -37,7 +37,9 @@ from datamesh.core.errors import (
     describe,
 )
 from datamesh.gateway.schemas import ErrorBody, ErrorOut
-from datamesh.observability import context
+from datamesh.observability import context, logs
+
+log = logs.logger(__name__)
 
 
 class ApiError(Exception):
@@ -106,6 +108,8 @@ def classify(error: Error) -> tuple[int, ErrorBody]:
 
 def api_error(error: Error) -> ApiError:
     status, body = classify(error)
+    if status >= 500:  # the cause of a server error is always logged (the access line has only the status)
+        log.warning("answering %d %s: %s", status, body.type, body.message)
     return ApiError(status, body.type, body.message, field=body.field, retry_after_s=body.retry_after_s)
 
 
