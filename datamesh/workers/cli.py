@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from types import FrameType
 from typing import Any
 
@@ -96,6 +97,9 @@ def worker_commands(args: argparse.Namespace, config: DataMeshConfig) -> list[tu
     return commands
 
 
+_POOL_POLL_S = 0.5
+
+
 def run_worker(args: argparse.Namespace, config: DataMeshConfig) -> int:
     commands = worker_commands(args, config)
     if args.metrics_port is not None:
@@ -109,16 +113,33 @@ def run_worker(args: argparse.Namespace, config: DataMeshConfig) -> int:
         argv, extra = commands[0]
         os.execvpe(argv[0], argv, {**os.environ, **extra})
     children = [subprocess.Popen(argv, env={**os.environ, **extra}) for argv, extra in commands]
+    stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(_POOL_POLL_S)
+    lost = not stopping  # a worker of the pool exited by itself (crashed, killed, OOM)
+    if lost:
+        # Stop the rest, so the whole pool exits and its supervisor (a container's restart policy,
+        # systemd) starts it again: a pool left half-alive would leave the dead worker's shard
+        # queues without a consumer for as long as it runs.
+        dead = [
+            f"{argv[argv.index('-n') + 1]} ({child.returncode})"
+            for child, (argv, _) in zip(children, commands, strict=True)
+            if child.poll() is not None
+        ]
+        print(f"datamesh worker: {', '.join(dead)} exited; stopping the pool", file=sys.stderr, flush=True)
+        forward(signal.SIGTERM, None)
     codes = [child.wait() for child in children]
-    return max(codes, default=0)
+    return max(max(codes, default=0), 1 if lost else 0)
 
 
 def run_beat(args: argparse.Namespace, config: DataMeshConfig) -> int:
