@@ -8,6 +8,7 @@ under ``CI=true``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -124,7 +125,8 @@ class Workers:
             "tests.celery_hooks",
             *args,
         ]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
+        # A session (and process group) of its own: teardown stops every process the worker made.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -133,7 +135,7 @@ class Workers:
         full["PYTHONPATH"] = str(ROOT)
         log = open(self.log_dir / f"worker-beat-{len(self.procs)}.log", "wb")  # noqa: SIM115
         cmd = [sys.executable, "-m", "datamesh", "beat", "--loglevel", "INFO"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -164,6 +166,10 @@ class Workers:
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+            # Whatever the worker left behind (pool children, an embedded beat: a SIGKILLed main
+            # process orphans them) would go on consuming and publishing on the next test's broker.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
