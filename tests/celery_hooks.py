@@ -6,6 +6,8 @@ there; ``dm:test:delay`` = seconds, sleeps a random time up to it (so a kill lan
 ``dm:test:record`` set, appends ``step:phase`` to the list ``dm:test:trace`` (the order steps ran in);
 ``dm:test:crash`` = ``step:phase``, the first worker process to reach that point deletes the key and
 kills itself with SIGKILL (a crash: no errback, the message is not acknowledged);
+``dm:test:crash_always`` = ``step:phase``, every worker process that reaches that point kills itself
+(a message that crashes its worker on every delivery);
 ``dm:test:stall`` = ``step:phase=seconds``, sleeps exactly that long there (a slow, live step).
 """
 
@@ -30,12 +32,14 @@ def hook(step: str, phase: str) -> None:
         return
     point = f"{step}:{phase}"
     try:
-        fault, delay, record, crash, stall = _client.mget(
-            "dm:test:fault", "dm:test:delay", "dm:test:record", "dm:test:crash", "dm:test:stall"
+        fault, delay, record, crash, always, stall = _client.mget(
+            "dm:test:fault", "dm:test:delay", "dm:test:record", "dm:test:crash", "dm:test:crash_always", "dm:test:stall"
         )
         if record:
             _client.rpush("dm:test:trace", point)
         if crash and crash.decode() == point and _client.delete("dm:test:crash"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if always and always.decode() == point:
             os.kill(os.getpid(), signal.SIGKILL)
     except redis.RedisError:
         return  # the hooks' Redis is down (the broker restart test): the step runs as it would unhooked

@@ -97,50 +97,70 @@ def compensate_task(self: Task, *, saga_id: str) -> str:
 
 
 def _undo(task: Task, saga_id: str, undo: Any) -> str:
+    """Run one undo of the saga's compensation chain, counting it against the saga's attempts.
+
+    The attempt is counted before the undo runs and given back when it succeeds, so an undo that
+    never reports back counts too: a worker killed on every delivery (``task_reject_on_worker_lost``
+    redelivers the message each time) or the task time limit.  Past DATAMESH_COMPENSATION_ATTEMPTS
+    the saga is dead-lettered and the chain stops; ``sagas retry ID`` re-drives it.
+    """
     tiers = RUNTIME.tiers()
-    record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.undo.load", write=False)
-    if isinstance(record, Ok) and record.value is None:
-        return "skipped"
-    if isinstance(record, Ok) and record.value is not None:
-        if record.value.status in (SagaStatus.COMMITTED, SagaStatus.COMPENSATED):
+    loaded = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.undo.load", write=False)
+    if isinstance(loaded, Ok):
+        if loaded.value is None:
+            return "skipped"
+        if loaded.value.status in (SagaStatus.COMMITTED, SagaStatus.COMPENSATED):
             task.request.chain = None  # nothing left to undo: stop the chain here
             return "skipped"
-        done: Result[None, StorageError]
-        name = str(task.name).removeprefix("datamesh.")
-        try:
-            RUNTIME.faults(name, "before")
-            done = undo(tiers, SagaPlan.from_json(record.value.plan_json))
-            if isinstance(done, Ok):
-                RUNTIME.faults(name, "after")  # undone but not acknowledged: a fault here runs the undo again
-        except Exception as exc:  # noqa: BLE001 - a failing undo is retried and counted, whatever the cause
-            done = Err(StorageError("saga", str(task.name), f"{type(exc).__name__}: {exc}", retryable=True))
-    else:
-        assert isinstance(record, Err)
-        done = record
-    if isinstance(done, Ok):
-        return "done"
-    # Count the failed attempt; past the limit the saga is dead-lettered and the chain stops.
-    compensation._count_attempt(tiers, saga_id)
-    attempts = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.undo.attempts", write=False)
-    count = attempts.value.attempts if isinstance(attempts, Ok) and attempts.value is not None else 0
-    if count >= RUNTIME.config.compensation_attempts:
-        dead = tiers.cp.run(
-            lambda c: sagas.transition(
-                c,
-                saga_id,
-                from_status=(SagaStatus.RUNNING, SagaStatus.COMPENSATING),
-                to_status=SagaStatus.DEAD,
-                now=utcnow(),
-                error=f"compensation kept failing: {describe(done.error)}",
-            ),
-            operation="saga.dead_letter",
+    started = tiers.cp.run(lambda c: sagas.start_undo(c, saga_id, now=utcnow()), operation="task.undo.start")
+    if isinstance(loaded, Err) or loaded.value is None or isinstance(started, Err) or started.value is None:
+        # the CP tier is unreachable: nothing was counted, try again later (the reaper backs this up)
+        raise task.retry(
+            countdown=full_jitter_delay(task.request.retries + 1, base_s=_BASE_S, cap_s=_CAP_S), max_retries=None
         )
-        if isinstance(dead, Ok) and dead.value:  # counted once: by the process whose transition moved it
-            compensation._count_dead(tiers, saga_id)
-        RUNTIME.notify(saga_id, SagaStatus.DEAD.value)
-        task.request.chain = None
-        return "dead"
+    record = loaded.value
+    name = str(task.name).removeprefix("datamesh.")
+    count = started.value[1]
+    limit = RUNTIME.config.compensation_attempts
+    if count > limit:
+        # The earlier deliveries of this undo never reported back: its worker died, or it ran out of time.
+        lost = f"{name} did not finish in {limit} attempts (its worker was lost or it timed out)"
+        return _dead_letter(task, tiers, saga_id, lost)
+    done: Result[None, StorageError]
+    try:
+        RUNTIME.faults(name, "before")
+        done = undo(tiers, SagaPlan.from_json(record.plan_json))
+        if isinstance(done, Ok):
+            RUNTIME.faults(name, "after")  # undone but not acknowledged: a fault here runs the undo again
+    except Exception as exc:  # noqa: BLE001 - a failing undo is retried and counted, whatever the cause
+        done = Err(StorageError("saga", str(task.name), f"{type(exc).__name__}: {exc}", retryable=True))
+    if isinstance(done, Ok):
+        # best effort: failing, the attempt stays counted (one fewer left), which is the safe side
+        tiers.cp.run(lambda c: sagas.undo_succeeded(c, saga_id, now=utcnow()), operation="task.undo.succeeded")
+        return "done"
+    if count >= limit:
+        return _dead_letter(task, tiers, saga_id, f"compensation kept failing: {describe(done.error)}")
     raise task.retry(countdown=full_jitter_delay(count + 1, base_s=_BASE_S, cap_s=_CAP_S), max_retries=None)
+
+
+def _dead_letter(task: Task, tiers: Tiers, saga_id: str, error: str) -> str:
+    """Move the saga to ``dead`` and stop its compensation chain; counted once, by the process that moved it."""
+    dead = tiers.cp.run(
+        lambda c: sagas.transition(
+            c,
+            saga_id,
+            from_status=(SagaStatus.RUNNING, SagaStatus.COMPENSATING),
+            to_status=SagaStatus.DEAD,
+            now=utcnow(),
+            error=error,
+        ),
+        operation="saga.dead_letter",
+    )
+    if isinstance(dead, Ok) and dead.value:
+        compensation._count_dead(tiers, saga_id)
+    RUNTIME.notify(saga_id, SagaStatus.DEAD.value)
+    task.request.chain = None
+    return "dead"
 
 
 @shared_task(bind=True, name=queues.UNDO_WRITE_AP)

@@ -154,3 +154,62 @@ async def runs_reach(executor: CeleryExecutor, before: dict[str, int], more: dic
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"tasks not run: {runs} (before {before}, expected {more} more)")
+
+
+async def test_an_undo_that_kills_its_worker_on_every_delivery_is_dead_lettered_then_redriven(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.celery.conftest import ROOT, env_of
+
+    control = redis.Redis.from_url(redis_url)
+    control.set("dm:test:record", "1")
+    # Given a saga failing at its pivot, whose first undo kills its worker on every delivery (the
+    # message is redelivered each time: acks late, rejected on a lost worker), three attempts allowed,
+    limit = 3
+    workers.config = config = celery_config.with_changes(compensation_attempts=limit)
+    control.set("dm:test:fault", "commit_cp:before")
+    control.set("dm:test:crash_always", "undo_write_ap:before")
+    workers.start("--role", "all", hooks_redis=redis_url)
+    workers.wait_ready()
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        requests = batch_with_blobs(config)
+        # when it is ingested,
+        results = (await p.ingest_many(requests)).unwrap()
+        # then the caller hears that the saga failed and was dead-lettered (not left compensating),
+        failure = results[0].error
+        assert isinstance(failure, SagaFailed) and failure.step == "commit_cp" and failure.dead_lettered, failure
+        record = p.tiers.cp.run(lambda c: sagas.load(c, failure.saga_id), operation="t", write=False).unwrap()
+        assert record is not None and record.status == SagaStatus.DEAD, record
+        assert record.error is not None and "undo_write_ap did not finish in 3 attempts" in record.error, record.error
+        # after exactly the allowed deliveries of that undo, each one crashing its worker (the next
+        # delivery found the attempts spent and ran nothing),
+        undos = [entry for entry in trace_of(control) if entry.startswith("undo_")]
+        assert undos == ["undo_write_ap:before"] * limit, undos
+        assert record.attempts == limit + 1
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(config)}
+        env["PYTHONPATH"] = str(ROOT)
+
+        def cli(*args: str) -> str:
+            out = subprocess.run(
+                [sys.executable, "-m", "datamesh", *args], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert out.returncode == 0, out.stdout + out.stderr
+            return out.stdout
+
+        # and `sagas --dead` lists it.
+        assert failure.saga_id in cli("sagas", "--dead")
+        # Once the crash is fixed, `sagas retry ID` re-drives it to compensated, and every tier is clean.
+        control.delete("dm:test:crash_always")
+        assert "compensation enqueued" in cli("sagas", "retry", failure.saga_id)
+        for _ in range(200):
+            if (await p.saga_status(failure.saga_id)).unwrap() == SagaStatus.COMPENSATED:
+                break
+            await asyncio.sleep(0.1)
+        assert_compensated_once(p.tiers, failure.saga_id)
+        undone = p.tiers.cp.run(lambda c: sagas.load(c, failure.saga_id), operation="t", write=False).unwrap()
+        assert undone is not None and undone.attempts == 0, undone
+    control.close()

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy import Table, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -172,6 +172,36 @@ def begin_step(
             .values(lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
         )
     return status, attempts
+
+
+_UNDOING = (SagaStatus.COMPENSATING.value, SagaStatus.DEAD.value)
+
+
+def start_undo(conn: Connection, saga_id: str, *, now: datetime) -> tuple[SagaStatus, int] | None:
+    """Count a compensation attempt *before* it runs; returns the saga's status and its attempts.
+
+    Counted first so that an undo which never reports back (its worker killed on every delivery,
+    or stopped by the task time limit) still spends the saga's attempts and ends dead-lettered; an
+    undo that succeeds gives its attempt back (:func:`undo_succeeded`).  Only a compensating or
+    dead (re-driven) saga is counted; ``None`` when the saga does not exist.
+    """
+    conn.execute(
+        update(SAGAS)
+        .where(SAGAS.c.id == saga_id, SAGAS.c.status.in_(_UNDOING))
+        .values(attempts=SAGAS.c.attempts + 1, updated_at=now)
+    )
+    row = conn.execute(select(SAGAS.c.status, SAGAS.c.attempts).where(SAGAS.c.id == saga_id)).first()
+    return (SagaStatus(row.status), int(row.attempts)) if row else None
+
+
+def undo_succeeded(conn: Connection, saga_id: str, *, now: datetime) -> None:
+    """Give back the attempt :func:`start_undo` counted, never below zero (a re-drive may have reset
+    it), whatever the status: the last undo moves the saga to ``compensated`` before it returns."""
+    conn.execute(
+        update(SAGAS)
+        .where(SAGAS.c.id == saga_id)
+        .values(attempts=case((SAGAS.c.attempts > 0, SAGAS.c.attempts - 1), else_=0), updated_at=now)
+    )
 
 
 _STUCK = (SagaStatus.RUNNING, SagaStatus.COMPENSATING)
