@@ -213,3 +213,33 @@ async def test_an_undo_that_kills_its_worker_on_every_delivery_is_dead_lettered_
         undone = p.tiers.cp.run(lambda c: sagas.load(c, failure.saga_id), operation="t", write=False).unwrap()
         assert undone is not None and undone.attempts == 0, undone
     control.close()
+
+
+async def test_an_undo_that_keeps_hitting_the_time_limit_is_dead_lettered(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    control = redis.Redis.from_url(redis_url)
+    control.set("dm:test:record", "1")
+    # Given a saga failing at its pivot, whose first undo hangs past the task time limit every time
+    # (the worker kills it; no errback, the compensation chain stops there), two attempts allowed,
+    limit = 2
+    workers.config = config = celery_config.with_changes(
+        compensation_attempts=limit, step_time_limit_s=3.0, saga_queue_timeout_s=4.0
+    )
+    control.set("dm:test:fault", "commit_cp:before")
+    control.set("dm:test:stall", "undo_write_ap:before=60")
+    workers.start("--role", "all", hooks_redis=redis_url)
+    workers.wait_ready()
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        # when it is ingested,
+        results = (await p.ingest_many(batch_with_blobs(config))).unwrap()
+        # then the reaper re-drives the stopped compensation until its attempts are spent, and the
+        # caller hears that the saga was dead-lettered (not left compensating),
+        failure = results[0].error
+        assert isinstance(failure, SagaFailed) and failure.dead_lettered, failure
+        record = p.tiers.cp.run(lambda c: sagas.load(c, failure.saga_id), operation="t", write=False).unwrap()
+        assert record is not None and record.status == SagaStatus.DEAD, record
+        assert record.error is not None and "undo_write_ap did not finish in 2 attempts" in record.error, record.error
+        undos = [entry for entry in trace_of(control) if entry.startswith("undo_")]
+        assert undos == ["undo_write_ap:before"] * limit, undos
+    control.close()
