@@ -171,12 +171,18 @@ def _settle(
     else:
         error = outcome.error
     attempts = max(r.attempts for r in rows)
-    delay = min(settings.backoff_cap_s, settings.backoff_base_s * 2.0 ** min(attempts, 30))
+    delay = backoff_s(settings, attempts)
     retry_at = now + timedelta(seconds=random.uniform(delay / 2, delay))
     report.failed += len(rows)
     report.errors.append(error)
     log.warning("index outbox rows %s failed (attempt %d): %s", ids, attempts + 1, error)
     tiers.cp.run(lambda conn: index_outbox.fail(conn, ids, str(error), retry_at), operation="index.fail")
+
+
+def backoff_s(settings: IndexerSettings, attempts: int) -> float:
+    """The longest wait before a row that failed ``attempts`` times is due again (it waits a random
+    time between half of this and this)."""
+    return min(settings.backoff_cap_s, settings.backoff_base_s * 2.0 ** min(attempts, 30))
 
 
 def settle_handed_off(

@@ -42,14 +42,13 @@ def delete_ap_task(self: Task, *, region: str, shard: int, row_id: int, op: str,
         deleted = indexer.erase_ap_content(tiers, GeoRegion(region), op, key)
     except Exception as exc:  # noqa: BLE001 - whatever failed is recorded on the row, which is retried
         deleted = Err(StorageError("ap", "delete_ap", f"{type(exc).__name__}: {exc}", retryable=True))
-    settings = indexer.IndexerSettings()
+    settings = indexer.IndexerSettings()  # the backoff's defaults; no embedder on an AP worker
     settled = indexer.settle_handed_off(tiers, settings, row_id, deleted)
     if isinstance(settled, Err) or settled.value.failed:
         # Come back once the row is due again: its index drain hands it off anew (beat's periodic
         # drains would too, later).
         attempts = row.value.attempts + 1 if isinstance(row, Ok) and row.value is not None else 1
-        countdown = min(settings.backoff_cap_s, settings.backoff_base_s * 2.0 ** min(attempts, 30))
-        enqueue_index_drains(self.app, [region], countdown=countdown)
+        enqueue_index_drains(self.app, [region], countdown=indexer.backoff_s(settings, attempts))
         reason = settled.error if isinstance(settled, Err) else settled.value.errors[-1]
         log.warning("erasure AP deletes of %s %s on %s/%d failed: %s", op, key, region, shard, reason)
         return "failed"

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -187,6 +188,12 @@ async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+def runs_per_node(app: Any, task: str) -> dict[str, int]:
+    """How many runs of ``task`` each worker node (by ``--name``) reports, its own count since it started."""
+    stats = app.control.inspect(timeout=1.0).stats() or {}
+    return {node.split(".", 1)[0]: s.get("total", {}).get(task, 0) for node, s in stats.items()}
 
 
 def pool_children(pid: int) -> list[int]:

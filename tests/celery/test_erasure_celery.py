@@ -15,7 +15,7 @@ from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.storage.cp import conversations
 from datamesh.workers import queues
 from datamesh.workers.executor import CeleryExecutor
-from tests.celery.conftest import Workers, eventually
+from tests.celery.conftest import Workers, eventually, runs_per_node
 from tests.helpers import real_requests
 
 REGION = GeoRegion.EU_WEST
@@ -33,14 +33,6 @@ def ap_keys(p: IngestionPipeline, entity: EntityId) -> int:
 def indexed(p: IngestionPipeline) -> int:
     """Turns in the region's index (one per conversation here)."""
     return p.indexes.region(REGION).unwrap().count().unwrap()
-
-
-def ap_runs(p: IngestionPipeline, task: str) -> dict[str, int]:
-    """Runs of ``task`` per worker node (by ``--name``), each node's own count since it started."""
-    executor = p._executor
-    assert isinstance(executor, CeleryExecutor)
-    stats = executor.app.control.inspect(timeout=1.0).stats() or {}
-    return {node.split(".", 1)[0]: s.get("total", {}).get(task, 0) for node, s in stats.items()}
 
 
 def statuses(p: IngestionPipeline, ids: list[ConversationId]) -> dict[str, str]:
@@ -99,7 +91,9 @@ async def test_a_split_deployment_erases_ap_content_through_the_shard_owners(
         kept = {str(cid) for cid, r in zip(ids, requests + more, strict=True) if r.entity_id == second}
         assert {cid for cid, s in statuses(p, ids).items() if s == conversations.ACTIVE} == kept
         # and the deletes ran on the AP workers, never on the index worker
-        runs = ap_runs(p, queues.DELETE_AP)
+        executor = p._executor
+        assert isinstance(executor, CeleryExecutor)
+        runs = runs_per_node(executor.app, queues.DELETE_AP)
         assert runs["ap2"] >= 2 and runs["index"] == runs["cp"] == runs["blobs"] == 0, runs
 
 

@@ -12,7 +12,7 @@ from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
 from datamesh.storage.ap.store import shard_for
 from datamesh.workers import queues
 from datamesh.workers.executor import CeleryExecutor
-from tests.celery.conftest import Workers
+from tests.celery.conftest import Workers, runs_per_node
 from tests.helpers import real_requests
 
 REGIONS = (GeoRegion.EU_WEST, GeoRegion.US_EAST)
@@ -20,13 +20,7 @@ REGIONS = (GeoRegion.EU_WEST, GeoRegion.US_EAST)
 
 def _ap_runs(executor: CeleryExecutor) -> dict[str, int]:
     """How many ``write_ap`` runs each worker node reports (its own count since it started)."""
-    return _runs(executor, queues.WRITE_AP)
-
-
-def _runs(executor: CeleryExecutor, task: str) -> dict[str, int]:
-    """How many runs of ``task`` each worker node reports (its own count since it started)."""
-    stats = executor.app.control.inspect(timeout=1.0).stats() or {}
-    return {node.split(".", 1)[0]: s.get("total", {}).get(task, 0) for node, s in stats.items()}
+    return runs_per_node(executor.app, queues.WRITE_AP)
 
 
 def _parts(requests: list[Any], shards: int) -> int:
@@ -92,5 +86,5 @@ async def test_each_regions_content_is_written_by_its_own_workers_even_when_misr
         assert p.tiers.objects.for_region(GeoRegion.US_EAST).unwrap().exists(key).unwrap()
         assert not p.tiers.objects.for_region(GeoRegion.EU_WEST).unwrap().exists(key).unwrap()
         assert (await p.get(blob_turn.conversation_id)).unwrap().turns[0].response == large
-        blob_runs = _runs(executor, queues.STORE_BLOBS)
+        blob_runs = runs_per_node(executor.app, queues.STORE_BLOBS)
         assert blob_runs["eu"] >= 1 and blob_runs["us"] >= 1, blob_runs
