@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from celery.exceptions import Retry
+from sqlalchemy import update
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.result import Err
-from datamesh.pipeline.steps import Step
+from datamesh.pipeline.saga import ReapOutcome
+from datamesh.pipeline.steps import Step, store_blobs, write_ap
 from datamesh.pipeline.tiers import Tiers
+from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus
+from datamesh.storage.cp.sql import utcnow
+from datamesh.tasks.codec import stash_key
 from datamesh.tasks.compensation import enqueue_compensation, undo_write_ap_task
+from datamesh.tasks.reaper import reap_distributed
 from datamesh.tasks.steps import hold_shard, write_ap_task
 from datamesh.workers import queues
 from datamesh.workers.app import create_app
@@ -98,5 +105,30 @@ def test_a_compensation_that_could_not_be_published_leaves_its_saga_to_the_reape
         broker.close()
         assert lease_of(tiers, plan.saga_id) == QUEUE_S and not reaped_after(tiers, plan.saga_id, LEASE_S + 1)
     finally:
+        RUNTIME.close()
+        tiers.close()
+
+
+def test_a_broker_down_does_not_stop_the_reaper_committing_a_saga(
+    config: DataMeshConfig, lease_redis: OwnRedis
+) -> None:
+    celery = config.with_changes(executor="celery", broker_url=lease_redis.url, saga_lease_s=LEASE_S)
+    tiers = Tiers.open(celery).unwrap()
+    app = create_app(celery, load_celeryconfig=False)
+    broker = redis.Redis.from_url(lease_redis.url)
+    try:
+        # Given a saga stashed in the broker, run up to the pivot, whose lease expired
+        plan, content, blobs = reserved(tiers, requests_with_a_blob(config))
+        broker.hset(stash_key(plan.saga_id), "part", b"{}")
+        store_blobs(tiers, plan, blobs).unwrap()
+        write_ap(tiers, plan, content).unwrap()
+        expired = utcnow() - timedelta(seconds=1)
+        tiers.cp.run(lambda c: c.execute(update(sagas.SAGAS).values(lease_expires_at=expired)), operation="t").unwrap()
+        # when the broker is down as the reaper commits it,
+        lease_redis.kill()
+        # then the commit stands and is reported (dropping the stash is best effort: it expires)
+        assert reap_distributed(app, tiers, broker) == [ReapOutcome(plan.saga_id, SagaStatus.COMMITTED.value)]
+    finally:
+        broker.close()
         RUNTIME.close()
         tiers.close()
