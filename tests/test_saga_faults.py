@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.engine import Connection
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import SagaFailed
 from datamesh.core.result import Err
+from datamesh.core.retry import RetryPolicy
 from datamesh.core.types import EntityId, GeoRegion
 from datamesh.pipeline.ingestion import IngestionPipeline, IngestionRequest
 from datamesh.pipeline.saga import InjectedFault, reap
 from datamesh.pipeline.steps import Step
+from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp import sagas
+from datamesh.storage.cp.database import CpDatabase
 from datamesh.storage.cp.sagas import SagaStatus
 from datamesh.storage.cp.sql import utcnow
 from tests.helpers import counts_after_gc, real_requests, tier_counts
@@ -182,3 +187,102 @@ async def test_compensating_a_compensated_saga_again_changes_nothing(config: Dat
         replay = (await p.ingest_many(requests)).unwrap()
         assert [r.unwrap().conversation_id for r in replay] == [r.unwrap().conversation_id for r in retried]
         assert all(r.unwrap().deduplicated for r in replay)
+
+
+#: PL/pgSQL bodies of a trigger that makes the pivot's own transaction fail, in real PostgreSQL.
+PIVOT_FAILURES = {
+    # transient: the CP tier re-runs it up to its bound, then reports a retryable error
+    "serialization-failure": "RAISE EXCEPTION 'pivot conflicted' USING ERRCODE = 'serialization_failure';",
+    # transient: the server drops the pivot's connection under it
+    "connection-dropped": "PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NEW;",
+    # permanent: an error no retry changes
+    "check-violation": "RAISE EXCEPTION 'pivot refused' USING ERRCODE = 'check_violation';",
+}
+
+
+def fail_pivots(tiers: Tiers, body: str) -> None:
+    """Every transaction that moves a saga to ``committed`` (the pivot) runs ``body`` first."""
+
+    def install(conn: Connection) -> None:
+        conn.execute(text(f"CREATE FUNCTION fail_pivot() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {body} END $$"))
+        conn.execute(
+            text(
+                "CREATE TRIGGER fail_pivot BEFORE UPDATE ON sagas FOR EACH ROW"
+                " WHEN (NEW.status = 'committed') EXECUTE FUNCTION fail_pivot()"
+            )
+        )
+
+    tiers.cp.run(install, operation="t").unwrap()
+
+
+def heal_pivots(tiers: Tiers) -> None:
+    tiers.cp.run(lambda c: c.execute(text("DROP TRIGGER fail_pivot ON sagas")), operation="t").unwrap()
+
+
+class StopBeforePivot(BaseException):
+    """Stands for the saga's driver dying just before ``commit_cp``: not caught by its failure handling."""
+
+
+def stop_before_pivot(step: str, phase: str) -> None:
+    if (step, phase) == (Step.COMMIT_CP, "before"):
+        raise StopBeforePivot()
+
+
+async def stranded_before_the_pivot(p: IngestionPipeline, requests: list[IngestionRequest]) -> str:
+    """Ingest ``requests`` with a driver that dies just before the pivot (``stop_before_pivot``), and
+    expire its lease: the reaper's to commit.  Returns the saga's id."""
+    with pytest.raises(StopBeforePivot):
+        await p.ingest_many(requests)
+    far = utcnow() + timedelta(days=1)
+    (saga_id,) = p.tiers.cp.run(lambda c: sagas.expired(c, now=far), operation="t", write=False).unwrap()
+    p.tiers.cp.run(
+        lambda c: c.execute(update(sagas.SAGAS).values(lease_expires_at=utcnow() - timedelta(seconds=1))), operation="t"
+    ).unwrap()
+    return str(saga_id)
+
+
+def status_of(tiers: Tiers, saga_id: str) -> SagaStatus | None:
+    return tiers.cp.run(lambda c: sagas.status_of(c, saga_id), operation="t", write=False).unwrap()
+
+
+@pytest.mark.parametrize("failure", ["serialization-failure", "connection-dropped"])
+async def test_reaper_leaves_a_saga_whose_pivot_failed_transiently_for_its_next_pass(
+    pg_cp_url: str, tmp_path: Path, failure: str
+) -> None:
+    config = DataMeshConfig(data_dir=tmp_path / "data", cp_url=pg_cp_url, reap_interval_s=3600.0)
+    async with (await IngestionPipeline.create(config, faults=stop_before_pivot)).unwrap() as p:
+        # Given a saga whose driver died with every step before the pivot done, its lease expired,
+        requests = real_requests(3)
+        saga_id = await stranded_before_the_pivot(p, requests)
+        # and a PostgreSQL where the pivot's transaction fails transiently (the CP tier's retry
+        # bound kept short, so it gives up on the first conflict it cannot get past)
+        fail_pivots(p.tiers, PIVOT_FAILURES[failure])
+        impatient = dataclasses.replace(
+            p.tiers, cp=CpDatabase(p.tiers.cp.engine, policy=RetryPolicy(attempts=2, base_s=0.001, cap_s=0.001))
+        )
+        # When the reaper runs
+        (outcome,) = reap(impatient)
+        # Then it reports the error and leaves the saga running, nothing undone, for its next pass
+        assert outcome.saga_id == saga_id and outcome.action.startswith("error: commit_cp"), outcome
+        assert status_of(p.tiers, saga_id) == SagaStatus.RUNNING
+        assert tier_counts(p.tiers).ap_rows == 3
+        # And once PostgreSQL lets the pivot through, the next pass commits the saga: the requests'
+        # first result, which a replay gets
+        heal_pivots(p.tiers)
+        assert [(o.saga_id, o.action) for o in reap(p.tiers)] == [(saga_id, SagaStatus.COMMITTED.value)]
+        replay = (await p.ingest_many(requests)).unwrap()
+        assert all(r.unwrap().deduplicated for r in replay)
+        assert reap(p.tiers) == []
+
+
+async def test_reaper_compensates_a_saga_whose_pivot_failed_for_good(pg_cp_url: str, tmp_path: Path) -> None:
+    config = DataMeshConfig(data_dir=tmp_path / "data", cp_url=pg_cp_url, reap_interval_s=3600.0)
+    async with (await IngestionPipeline.create(config, faults=stop_before_pivot)).unwrap() as p:
+        # Given a saga stranded just before the pivot, and a PostgreSQL that refuses its pivot
+        # with an error no retry changes
+        saga_id = await stranded_before_the_pivot(p, real_requests(3))
+        fail_pivots(p.tiers, PIVOT_FAILURES["check-violation"])
+        # When the reaper runs, then it compensates the saga, as it did before
+        assert [(o.saga_id, o.action) for o in reap(p.tiers)] == [(saga_id, SagaStatus.COMPENSATED.value)]
+        counts = counts_after_gc(p.tiers)
+        assert counts.stored() == 0 and counts.ap_rows == 0 and counts.rows["idempotency_keys"] == 0

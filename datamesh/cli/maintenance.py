@@ -140,10 +140,16 @@ def _reap(args: argparse.Namespace, config: DataMeshConfig) -> int:
         return 2
     try:
         if config.executor == "celery":
+            import redis
+
             from datamesh.tasks.reaper import reap_distributed
             from datamesh.workers.app import create_app
 
-            outcomes = reap_distributed(create_app(config, load_celeryconfig=False), tiers)
+            broker = redis.Redis.from_url(config.broker_url, socket_timeout=10)
+            try:
+                outcomes = reap_distributed(create_app(config, load_celeryconfig=False), tiers, broker)
+            finally:
+                broker.close()
         else:
             outcomes = reap(tiers)
         for outcome in outcomes:

@@ -6,8 +6,9 @@ pivot in reverse order and reports ``SagaFailed``.  The Celery executor runs the
 functions as tasks.
 
 :func:`reap` finds sagas whose lease expired (their driver died) and drives each forward, when
-every pre-pivot step is recorded done, or into compensation.  It is safe to run anywhere, any
-number of times at once: the pivot only commits a running saga and compensation is idempotent.
+every pre-pivot step is recorded done, or into compensation; a pivot that fails transiently is left
+for the next pass, never compensated.  It is safe to run anywhere, any number of times at once: the
+pivot only commits a running saga and compensation is idempotent.
 """
 
 from __future__ import annotations
@@ -203,6 +204,14 @@ def _reap_one(tiers: Tiers, saga_id: str, compensate: Compensator) -> ReapOutcom
         committed = commit_cp(tiers, SagaPlan.from_json(saga.plan_json))
         if isinstance(committed, Ok):
             return ReapOutcome(saga_id, "committed")
+        error = committed.error
+        if isinstance(error, StorageError) and error.retryable:
+            # A pivot that failed this way may still commit (a serialization failure, a dropped
+            # connection, a commit in doubt): leave the saga running, its lease expired, for the next
+            # pass rather than throw it away.  Any reaper may take it then; the pivot commits only a
+            # running saga and the claim takes only a running one, so reapers running at once still
+            # agree on one outcome.
+            return ReapOutcome(saga_id, f"error: commit_cp: {describe(error)}")
     outcome = compensate(tiers, saga_id, saga.failed_step or "lease", saga.error or "lease expired")
     if isinstance(outcome, Err):
         return ReapOutcome(saga_id, f"error: {outcome.error}")

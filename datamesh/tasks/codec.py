@@ -10,8 +10,9 @@ of JSON, ~2.5 times its content, encoded and decoded again at every step).
 
 The stash is as durable as the messages (the same Redis).  A worker that dies mid-step gets the same
 message again (acks_late) and reads the same field.  The hash is deleted when the saga reaches a
-final state (:meth:`~datamesh.workers.runtime.Runtime.notify`) and expires after
-:data:`STASH_TTL_S` otherwise; a step whose field is gone fails, and its saga is compensated.
+final state, by the task or the reaper that settles it (:func:`~datamesh.workers.runtime.announce`),
+and expires after :data:`STASH_TTL_S` otherwise; a step whose field is gone fails, and its saga is
+compensated.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from celery import Celery, Task, current_app, shared_task
 from datamesh.core.errors import StorageError, describe
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.retry import full_jitter_delay
+from datamesh.observability import logs
 from datamesh.pipeline import compensation
 from datamesh.pipeline.plan import SagaPlan
 from datamesh.pipeline.tiers import Tiers
@@ -34,6 +35,7 @@ from datamesh.workers.runtime import RUNTIME
 
 _BASE_S = 0.05
 _CAP_S = 2.0
+log = logs.logger(__name__)
 
 
 @shared_task(name=queues.STEP_FAILED)
@@ -51,7 +53,11 @@ def enqueue_compensation(
 ) -> Result[SagaStatus, StorageError]:
     """Claim a running saga for compensation and enqueue ``compensate``; a committed saga stays.
 
-    If this fails (CP or broker down) the saga keeps its expiring lease and the reaper tries again.
+    The claim gives the saga the short running lease; only once ``compensate`` is published does it
+    get the queue timeout (the message waits in a queue).  So if this fails (CP or broker down) the
+    saga keeps the short lease and the reaper tries again soon, rather than after the queue timeout.
+    If the lease cannot be extended after publishing, the reaper may enqueue ``compensate`` a second
+    time: harmless, compensation is idempotent.
     """
     claimed = compensation.claim(tiers, saga_id, failed_step=failed_step, error=error)
     if isinstance(claimed, Err):
@@ -61,13 +67,13 @@ def enqueue_compensation(
         return Ok(SagaStatus.COMPENSATED)
     if status not in (SagaStatus.COMPENSATING,):
         return Ok(status)
-    extended = queue_lease(tiers, saga_id, SagaStatus.COMPENSATING)
-    if isinstance(extended, Err):
-        return extended
     try:
         app.signature(queues.COMPENSATE, kwargs={"saga_id": saga_id}).apply_async()
     except Exception as exc:  # noqa: BLE001 - the broker's failures: the reaper will enqueue again
         return Err(StorageError("broker", "enqueue_compensation", str(exc), retryable=True, cause=repr(exc)))
+    extended = queue_lease(tiers, saga_id, SagaStatus.COMPENSATING)
+    if isinstance(extended, Err):
+        log.warning("saga %s: compensation enqueued, lease not extended: %s", saga_id, extended.error)
     return Ok(SagaStatus.COMPENSATING)
 
 

@@ -19,16 +19,27 @@ from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp.sagas import FINAL_STATUSES
 from datamesh.tasks.compensation import enqueue_compensation
 from datamesh.workers import queues
-from datamesh.workers.runtime import RUNTIME
+from datamesh.workers.runtime import RUNTIME, announce
 
 
-def reap_distributed(app: Celery, tiers: Tiers, *, limit: int = 100) -> list[ReapOutcome]:
-    """One reaper pass for the Celery executor (also what ``python -m datamesh reap`` runs then)."""
-    return reap(
+def reap_distributed(app: Celery, tiers: Tiers, broker: redis.Redis, *, limit: int = 100) -> list[ReapOutcome]:
+    """One reaper pass for the Celery executor: beat's task, the pipeline's own reaper and
+    ``python -m datamesh reap`` all run this.
+
+    A saga the pass settles (it commits one here, or finds one committed) is announced on ``broker``
+    as the ``commit_cp`` task would have: its waiter wakes and its stash is deleted, rather than left
+    to its TTL (that task's message is lost or late, or the reaper would not have had the saga).  A
+    compensation is enqueued here and announced by its last undo, as on the normal path.
+    """
+    outcomes = reap(
         tiers,
         limit=limit,
         compensate=lambda t, saga_id, step, error: enqueue_compensation(app, t, saga_id, failed_step=step, error=error),
     )
+    for outcome in outcomes:
+        if outcome.action in FINAL_STATUSES:
+            announce(broker, outcome.saga_id, outcome.action)  # best effort: a Redis error is swallowed
+    return outcomes
 
 
 def observe_queue_depths(client: redis.Redis, shard_count: int) -> dict[tuple[str, str], int]:
@@ -55,8 +66,5 @@ def reap_task() -> list[list[str]]:
     if RUNTIME.config.broker_url.startswith(("redis://", "rediss://", "unix://")):
         with contextlib.suppress(redis.RedisError):  # a gauge, never a reason to skip the reaper
             observe_queue_depths(RUNTIME.redis(), RUNTIME.config.ap_shards)
-    outcomes = reap_distributed(current_app, RUNTIME.tiers())
-    for outcome in outcomes:
-        if outcome.action in FINAL_STATUSES:
-            RUNTIME.notify(outcome.saga_id, outcome.action)
+    outcomes = reap_distributed(current_app, RUNTIME.tiers(), RUNTIME.redis())
     return [[o.saga_id, o.action] for o in outcomes]

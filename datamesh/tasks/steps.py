@@ -135,7 +135,16 @@ def hold_shard(task: Task, region: str, shard: int) -> None:
     """Residency and single writer: this worker serves the region and holds the shard's lease."""
     if not RUNTIME.serves(region):
         raise task.retry(countdown=1.0, max_retries=_MAX_BOUNCES, queue=queues.ap_queue(region, shard))
-    token, wait_s = RUNTIME.leases().acquire(region, shard)
+    try:
+        token, wait_s = RUNTIME.leases().acquire(region, shard)
+    except redis.RedisError:
+        # A broker blip, not the step failing: put the message back with full jitter (bounded like
+        # the other bounces) before ``begin``, so no delivery is counted and the saga is not
+        # compensated for it.  A lease we held stays trusted only until its local deadline.
+        raise task.retry(
+            countdown=full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
+            max_retries=_MAX_BOUNCES,
+        ) from None
     if token is None:
         # Another live worker owns the shard: release our own hold on its file (the shard's writer
         # lock) and put the message back; the owner (or whoever takes the shard when the lease

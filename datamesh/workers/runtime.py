@@ -109,20 +109,8 @@ class Runtime:
         return not self.config.worker_regions or region in self.config.worker_regions
 
     def notify(self, saga_id: str, status: str) -> None:
-        """Wake a caller waiting for the saga (a hint only: the saga log in CP is the record); at a
-        final state, drop the saga's stashed content (no step will read it again; it expires anyway)."""
-        from datamesh.tasks.codec import stash_key
-
-        try:
-            key = DONE_KEY.format(saga_id)
-            pipe = self.redis().pipeline()
-            pipe.lpush(key, status)
-            pipe.expire(key, _DONE_TTL_S)
-            if status in FINAL_STATUSES:
-                pipe.delete(stash_key(saga_id))
-            pipe.execute()
-        except redis.RedisError:
-            pass  # the caller falls back to polling the saga log
+        """:func:`announce` the saga's status on this worker's broker."""
+        announce(self.redis(), saga_id, status)
 
     def after_fork(self) -> None:
         """In a new child: drop connections inherited from the parent without closing the parent's."""
@@ -152,6 +140,27 @@ class Runtime:
 
     def _fence_of(self, region: str, shard: int) -> int:
         return read_fence(self.tiers().ap.shard_path_for(region, shard).with_suffix(".fence"))
+
+
+def announce(client: redis.Redis, saga_id: str, status: str) -> None:
+    """Wake a caller waiting for the saga (a hint only: the saga log in CP is the record); at a
+    final state, drop the saga's stashed content (no step will read it again; it expires anyway).
+
+    Whoever settles a saga calls it: the step and undo tasks, and the reaper, wherever it runs.
+    Best effort: on a Redis error the caller falls back to polling the saga log and the stash
+    expires after its TTL."""
+    from datamesh.tasks.codec import stash_key
+
+    try:
+        key = DONE_KEY.format(saga_id)
+        pipe = client.pipeline()
+        pipe.lpush(key, status)
+        pipe.expire(key, _DONE_TTL_S)
+        if status in FINAL_STATUSES:
+            pipe.delete(stash_key(saga_id))
+        pipe.execute()
+    except redis.RedisError:
+        pass
 
 
 class _IndexAp(ContentStore):

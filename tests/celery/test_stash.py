@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -13,12 +16,18 @@ from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import SagaFailed
 from datamesh.core.result import Err
 from datamesh.pipeline.ingestion import IngestionPipeline
+from datamesh.pipeline.saga import ReapOutcome
 from datamesh.pipeline.steps import Step
+from datamesh.pipeline.tiers import Tiers, readonly_engine_for
 from datamesh.storage.cp import sagas
-from datamesh.storage.cp.sagas import SagaStatus
-from tests.celery.conftest import Workers
+from datamesh.storage.cp.sagas import SagaStatus, StepState
+from datamesh.workers.executor import CeleryExecutor
+from datamesh.workers.runtime import DONE_KEY
+from tests.celery.conftest import ROOT, Workers, env_of, eventually
+from tests.celery.test_queue_timeout import outwait, records
 from tests.helpers import counts_after_gc, tier_counts
 from tests.test_saga_faults import batch_with_blobs
+from tests.test_saga_leases import requests_with_a_blob, reserved
 
 
 async def test_messages_name_their_stashed_content_which_is_dropped_when_the_saga_commits(
@@ -83,3 +92,53 @@ async def test_a_step_whose_stashed_content_is_gone_fails_and_its_saga_is_compen
         assert counts.rows["idempotency_keys"] == 0 and counts.rows["object_refs"] == 0
         record = p.tiers.cp.run(lambda c: sagas.load(c, failure.saga_id), operation="t").unwrap()
         assert record is not None and record.status == SagaStatus.COMPENSATED
+
+
+def reap_with_cli(config: DataMeshConfig) -> list[ReapOutcome]:
+    """``python -m datamesh reap``, as an operator runs it, and the outcomes it prints."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(config)}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "datamesh", "reap"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return [ReapOutcome(*line.split(" ", 1)) for line in done.stdout.splitlines()[:-1]]
+
+
+@pytest.mark.parametrize("reaper", ["pipeline", "cli"])
+async def test_a_saga_the_reaper_commits_has_its_stash_dropped(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str, reaper: str
+) -> None:
+    config = workers.config = celery_config.with_changes(saga_lease_s=2.0, saga_queue_timeout_s=4.0)
+    broker = redis.Redis.from_url(redis_url)
+    tiers = Tiers.open(config, engine_factory=readonly_engine_for(config.ap_engine)).unwrap()
+    executor = CeleryExecutor(tiers, config)
+    try:
+        # Given workers for the blobs and AP steps but none for cp, and a saga they have run up to
+        # the pivot: its commit_cp message waits in the cp queue, its stash still in the broker,
+        workers.start("--role", "blobs")
+        workers.start("--role", "ap")
+        workers.wait_ready(count=2)
+        plan, content, blobs = reserved(tiers, requests_with_a_blob(config))
+        executor.submit(plan, content, blobs).unwrap()
+
+        def written() -> None:
+            (record,) = records(tiers, [plan.saga_id])
+            assert record.steps.get(Step.WRITE_AP) == StepState.DONE, record.steps
+
+        await eventually(written, timeout=60.0)
+        assert broker.exists(codec.stash_key(plan.saga_id)) == 1
+        # when the queue timeout has passed and the reaper (the pipeline's own, or an operator's
+        # ``python -m datamesh reap``) drives the saga forward,
+        await outwait(tiers, [plan.saga_id], config.saga_queue_timeout_s)
+        outcomes = executor.reap() if reaper == "pipeline" else reap_with_cli(config)
+        assert outcomes == [ReapOutcome(plan.saga_id, SagaStatus.COMMITTED.value)]
+        # then the saga's stash is gone from the broker, and its waiter was woken as the commit_cp
+        # task would have woken it
+        assert broker.exists(codec.stash_key(plan.saga_id)) == 0
+        assert broker.lrange(DONE_KEY.format(plan.saga_id), 0, -1) == [SagaStatus.COMMITTED.value.encode()]
+        assert len(executor.wait(plan).unwrap()) == len(plan.items)
+    finally:
+        executor.close()
+        tiers.close()
+        broker.close()
