@@ -1,11 +1,21 @@
-"""Deployment settings of the datamesh Celery app, read from the environment (``DATAMESH_*``).
+"""Deployment settings of the datamesh Celery processes (workers, beat, Flower), read from the environment.
 
-``celery -A datamesh.workers.app`` (workers, beat, Flower) and ``python -m datamesh serve`` load this
+``celery -A datamesh.workers.app`` (what ``python -m datamesh worker | beat | flower`` run) loads this
 module when it is importable (a checkout, the docker image): every Celery setting defined here
-replaces the one datamesh computes.  As shipped it defines exactly what
-``datamesh.workers.app.deployment_settings`` computes from the environment; edit it, or set the
-variables, to point a deployment at its broker.  The reliability settings (acks_late,
-reject_on_worker_lost, prefetch, visibility timeout) are not here: they live with their reasons in
+replaces the one datamesh computes, in those processes only.  The gateway, ``ingest``, the CLI and
+every Redis client of datamesh (payload stashes, shard leases) never read it.
+
+So the broker, the queues and the routes are not set here: every process takes them from the same
+place, the ``DATAMESH_*`` variables (the broker from ``DATAMESH_BROKER_URL``, the queues from
+``DATAMESH_AP_SHARDS``).  To point a deployment at its broker, set ``DATAMESH_BROKER_URL`` for every
+process.  A ``broker_url`` (or ``broker_read_url``, ``broker_write_url``, ``task_queues``,
+``task_default_queue``, ``task_routes``) added here that differs from what the variables give is
+refused when the Celery app is built (a configuration error naming both values), rather than
+splitting workers and callers across two brokers (``datamesh.workers.app.SHARED_SETTINGS``).
+
+What may be set here is what only the Celery processes use: the settings below, and any other Celery
+setting that is not a reliability one.  The reliability settings (acks_late, reject_on_worker_lost,
+prefetch, visibility timeout) are not here: they live with their reasons in
 ``datamesh.workers.app.reliability_settings`` and a deployment cannot weaken them.
 """
 
@@ -16,16 +26,8 @@ from datamesh.workers.app import deployment_settings
 
 _settings = deployment_settings(DataMeshConfig.from_env().unwrap())
 
-#: DATAMESH_BROKER_URL: Redis with AOF on and ``maxmemory-policy noeviction`` in production.
-broker_url = _settings["broker_url"]
 #: DATAMESH_RESULT_BACKEND: empty by default; results are never the record (the saga log is).
 result_backend = _settings["result_backend"]
-#: Every queue: ``cp``, ``blobs.<region>``, ``ap.<region>.<shard>`` (DATAMESH_AP_SHARDS per region),
-#: ``index.<region>``.
-task_queues = _settings["task_queues"]
-task_default_queue = _settings["task_default_queue"]
-#: Routing by task name, region and shard (``datamesh.workers.queues.route``).
-task_routes = _settings["task_routes"]
 #: Celery beat runs the reaper every DATAMESH_REAP_INTERVAL_S and drains every region's index
 #: outbox every DATAMESH_INDEX_INTERVAL_S.
 beat_schedule = _settings["beat_schedule"]

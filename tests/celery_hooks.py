@@ -6,8 +6,9 @@ there; ``dm:test:delay`` = seconds, sleeps a random time up to it (so a kill lan
 ``dm:test:record`` set, appends ``step:phase`` to the list ``dm:test:trace`` (the order steps ran in);
 ``dm:test:crash`` = ``step:phase``, the first worker process to reach that point deletes the key and
 kills itself with SIGKILL (a crash: no errback, the message is not acknowledged);
-``dm:test:crash_always`` = ``step:phase``, every worker process that reaches that point kills itself
-(a message that crashes its worker on every delivery);
+``dm:test:crash_always`` = ``step:phase``, every worker process that reaches that point, on every
+delivery, adds one to ``dm:test:crashes`` and kills itself with SIGKILL (a poison message, which
+``task_reject_on_worker_lost`` would redeliver for ever but for DATAMESH_STEP_MAX_DELIVERIES);
 ``dm:test:stall`` = ``step:phase=seconds``, sleeps exactly that long there (a slow, live step).
 """
 
@@ -32,14 +33,15 @@ def hook(step: str, phase: str) -> None:
         return
     point = f"{step}:{phase}"
     try:
-        fault, delay, record, crash, always, stall = _client.mget(
+        fault, delay, record, crash, crash_always, stall = _client.mget(
             "dm:test:fault", "dm:test:delay", "dm:test:record", "dm:test:crash", "dm:test:crash_always", "dm:test:stall"
         )
         if record:
             _client.rpush("dm:test:trace", point)
         if crash and crash.decode() == point and _client.delete("dm:test:crash"):
             os.kill(os.getpid(), signal.SIGKILL)
-        if always and always.decode() == point:
+        if crash_always and crash_always.decode() == point:
+            _client.incr("dm:test:crashes")  # counted before the kill: the test knows how often the step ran
             os.kill(os.getpid(), signal.SIGKILL)
     except redis.RedisError:
         return  # the hooks' Redis is down (the broker restart test): the step runs as it would unhooked

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,15 @@ from celery import Celery
 from datamesh.cli.main import build_parser
 from datamesh.core.config import DataMeshConfig, parse_shards
 from datamesh.core.errors import ConfigError
-from datamesh.core.result import Err
+from datamesh.core.result import Err, Result
 from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.tiers import Tiers
 from datamesh.workers import app as app_module
 from datamesh.workers import queues
 from datamesh.workers.app import create_app
 from datamesh.workers.cli import worker_commands
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_celery_variables_parse() -> None:
@@ -73,10 +77,10 @@ def test_reliability_settings_are_set_and_the_visibility_timeout_checked(tmp_pat
 def test_a_deployment_file_overrides_the_computed_settings_but_not_the_reliability_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a deployment file that moves the broker and the default queue, and tries to weaken acks
+    # Given a deployment file that moves settings only the Celery processes use, and tries to weaken acks
     (tmp_path / "site_celery.py").write_text(
-        "broker_url = 'redis://broker.example:6380/4'\n"
-        "task_default_queue = 'elsewhere'\n"
+        "result_backend = 'redis://results.example:6380/4'\n"
+        "worker_max_tasks_per_child = 100\n"
         "task_acks_late = False\n"
         "not_a_celery_setting = 1\n"
     )
@@ -85,32 +89,105 @@ def test_a_deployment_file_overrides_the_computed_settings_but_not_the_reliabili
     # When the app is built from a configuration that says otherwise
     conf = create_app(DataMeshConfig(broker_url="redis://127.0.0.1:6379/0")).conf
     # Then the file's deployment settings win, the reliability settings do not move
-    assert conf.broker_url == "redis://broker.example:6380/4" and conf.task_default_queue == "elsewhere"
+    assert conf.result_backend == "redis://results.example:6380/4" and conf.worker_max_tasks_per_child == 100
     assert conf.task_acks_late is True and "not_a_celery_setting" not in conf
+    assert conf.broker_url == "redis://127.0.0.1:6379/0"
 
 
-def test_the_shipped_celeryconfig_is_what_datamesh_computes_from_the_environment(
+def test_a_deployment_file_cannot_move_the_broker_or_the_queues_the_callers_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = DataMeshConfig(broker_url="redis://:secret@queue.example:6379/2")
+    computed = create_app(config, load_celeryconfig=False)
+    file_settings = app_module.deployment_file_settings  # the real one (create_app's is patched below)
+    # Given a deployment file that points the workers at another broker than DATAMESH_BROKER_URL
+    # (which the executor, the CLI and the stash and lease Redis clients use: they never read the file),
+    (tmp_path / "moved_broker.py").write_text("broker_url = 'redis://:hunter2@other.example:6380/4'\n")
+    # when the Celery app is built with it,
+    loaded = file_settings(computed, "moved_broker")
+    # then it is a configuration error naming both brokers (passwords masked) and the variable to set,
+    assert isinstance(loaded, Err) and loaded.error.variable == "DATAMESH_BROKER_URL"
+    message = loaded.error.message
+    assert "moved_broker.broker_url" in message and "redis://:**@other.example:6380/4" in message
+    assert "redis://:**@queue.example:6379/2" in message and "secret" not in message and "hunter2" not in message
+    monkeypatch.setattr(app_module, "deployment_file_settings", _loading("moved_broker"))
+    with pytest.raises(ValueError, match="configuration error in DATAMESH_BROKER_URL"):
+        create_app(config)
+    # and so is a read or write broker, or queues and routes the callers would not publish to;
+    moved = {
+        "broker_read_url": "broker_read_url = 'redis://other.example:6380/4'",
+        "broker_write_url": "broker_write_url = 'redis://other.example:6380/4'",
+        "task_default_queue": "task_default_queue = 'elsewhere'",
+        "task_queues": "from kombu import Queue\ntask_queues = [Queue('cp')]",
+        "task_routes": "task_routes = ({'datamesh.commit_cp': {'queue': 'elsewhere'}},)",
+    }
+    for n, (setting, text) in enumerate(moved.items()):
+        (tmp_path / f"moved_{n}.py").write_text(text + "\n")
+        refused = file_settings(computed, f"moved_{n}")
+        assert isinstance(refused, Err) and f"moved_{n}.{setting} is" in refused.error.message, (setting, refused)
+    assert "['cp']" in file_settings(computed, "moved_3").unwrap_err().message
+    # a file that repeats what the variables give (the file as shipped before) is accepted.
+    (tmp_path / "same_broker.py").write_text(
+        "broker_url = 'redis://:secret@queue.example:6379/2'\ntask_default_queue = 'cp'\n"
+    )
+    assert file_settings(computed, "same_broker").unwrap() == {
+        "broker_url": "redis://:secret@queue.example:6379/2",
+        "task_default_queue": "cp",
+    }
+
+
+def test_a_worker_whose_celeryconfig_moves_the_broker_refuses_to_start(tmp_path: Path) -> None:
+    # Given a celeryconfig.py (the first on the worker's path) that sets another broker than DATAMESH_BROKER_URL,
+    (tmp_path / "celeryconfig.py").write_text("broker_url = 'redis://127.0.0.1:1/9'\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}
+    env.update(PYTHONPATH=str(ROOT), DATAMESH_EXECUTOR="celery", DATAMESH_BROKER_URL="redis://127.0.0.1:2/0")
+    env["DATAMESH_DATA_DIR"] = str(tmp_path / "data")
+    # when `python -m datamesh worker` starts (it runs `celery -A datamesh.workers.app worker`),
+    done = subprocess.run(
+        [sys.executable, "-m", "datamesh", "worker", "--role", "cp"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # then it exits at once, before any connection, naming the file's broker and the variable's.
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "configuration error in DATAMESH_BROKER_URL: celeryconfig.broker_url is 'redis://127.0.0.1:1/9'" in (
+        done.stderr
+    ), done.stderr
+    assert "'redis://127.0.0.1:2/0'" in done.stderr
+
+
+def test_the_shipped_celeryconfig_sets_only_what_the_celery_processes_alone_use(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given deployment variables in the environment
     monkeypatch.setenv("DATAMESH_BROKER_URL", "redis://queue.example:6379/2")
     monkeypatch.setenv("DATAMESH_AP_SHARDS", "3")
     monkeypatch.delitem(sys.modules, "celeryconfig", raising=False)
+    config = DataMeshConfig.from_env().unwrap()
     # When the repository's celeryconfig.py is loaded by the app
-    loaded = app_module.deployment_file_settings(Celery("probe"))
-    expected = app_module.deployment_settings(DataMeshConfig.from_env().unwrap())
-    # Then it sets every deployment setting (the index drains' schedules too), as computed
-    assert set(loaded) == set(expected) and loaded["broker_url"] == "redis://queue.example:6379/2"
-    assert loaded["beat_schedule"] == expected["beat_schedule"]
-    assert [q.name for q in loaded["task_queues"]] == [q.name for q in expected["task_queues"]]
-    assert "ap.eu-west.2" in [q.name for q in loaded["task_queues"]]
+    loaded = app_module.deployment_file_settings(Celery("probe")).unwrap()
+    expected = app_module.deployment_settings(config)
+    # Then it sets the result backend and the beat schedules (the index drains' too), as computed,
+    assert set(loaded) == {"result_backend", "beat_schedule"}
+    assert loaded["beat_schedule"] == expected["beat_schedule"] and loaded["result_backend"] is None
+    # and none of the settings the callers share: a worker built with it and the executor's app
+    # (which never loads it) agree on the broker and the queues.
+    assert not set(loaded) & set(app_module.SHARED_SETTINGS)
+    worker, caller = create_app(config).conf, create_app(config, load_celeryconfig=False).conf
+    assert worker.broker_url == caller.broker_url == "redis://queue.example:6379/2"
+    assert [q.name for q in worker.task_queues] == [q.name for q in caller.task_queues]
+    assert "ap.eu-west.2" in [q.name for q in worker.task_queues]
     monkeypatch.delitem(sys.modules, "celeryconfig", raising=False)
 
 
 def _loading(module: str) -> Any:
     real = app_module.deployment_file_settings
 
-    def load(app: Celery, _: str = "celeryconfig") -> dict[str, Any]:
+    def load(app: Celery, _: str = "celeryconfig") -> Result[dict[str, Any], ConfigError]:
         return real(app, module)
 
     return load

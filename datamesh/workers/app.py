@@ -4,7 +4,9 @@
 :func:`reliability_settings`, each with its reason, and nothing overrides them.  Deployment settings
 (broker, result backend, queues, routes, beat) are computed from the configuration
 (:func:`deployment_settings`); when :mod:`celeryconfig` at the top of the repository is importable
-(a checkout, the docker image), each setting it defines replaces the computed one.
+(a checkout, the docker image), the Celery processes (workers, beat, Flower) apply the settings it
+defines over the computed ones, but a setting the callers share (:data:`SHARED_SETTINGS`: the broker,
+the queues, the routes) must be what the configuration computes: the callers never read the file.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown
 from kombu.entity import Queue
+from kombu.utils.url import maybe_sanitize_url
 
 from datamesh.core.config import DataMeshConfig
+from datamesh.core.errors import ConfigError, describe
+from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import GeoRegion
 from datamesh.workers import queues, telemetry
 from datamesh.workers.runtime import RUNTIME
@@ -110,30 +115,82 @@ def deployment_settings(config: DataMeshConfig) -> dict[str, Any]:
 
 
 def create_app(config: DataMeshConfig, *, load_celeryconfig: bool = True) -> Celery:
+    """The datamesh Celery app; ``load_celeryconfig`` applies the deployment file (the Celery processes).
+
+    Raises ``ValueError`` for an unsafe visibility timeout or a deployment file that sets a shared
+    setting (:data:`SHARED_SETTINGS`) to something the configuration does not compute.
+    """
     app = Celery("datamesh", include=list(TASK_MODULES))
     app.conf.update(deployment_settings(config))
     if load_celeryconfig:
-        app.conf.update(deployment_file_settings(app))  # the file's settings win over the defaults
+        loaded = deployment_file_settings(app)
+        if isinstance(loaded, Err):
+            raise ValueError(describe(loaded.error))
+        app.conf.update(loaded.value)  # the file's settings win over the defaults
     app.conf.update(reliability_settings(config))  # never overridden by a deployment file
     app.conf.imports = list(TASK_MODULES)
     RUNTIME.configure(config)
     return app
 
 
-def deployment_file_settings(app: Celery, module: str = "celeryconfig") -> dict[str, Any]:
-    """The Celery settings ``module`` defines (``{}`` when it is not importable).
+#: The deployment settings that the processes which never load ``celeryconfig`` read too, with the
+#: configuration they come from.  The pipeline's executor (the gateway, ``ingest``), the CLI
+#: (``sagas retry``, ``reap``) and every Redis client of datamesh (payload stashes, shard leases, the
+#: waiters' wake-ups) take the broker from DATAMESH_BROKER_URL; the queues and routes decide where
+#: both sides publish and what the workers consume (``-Q`` is computed too).  A file that moved one
+#: of these for the Celery processes alone would split the system: workers on one broker or queue,
+#: callers on another, and sagas waiting for messages nobody receives.
+SHARED_SETTINGS = {
+    "broker_url": "DATAMESH_BROKER_URL",
+    "broker_read_url": "DATAMESH_BROKER_URL",
+    "broker_write_url": "DATAMESH_BROKER_URL",
+    "task_queues": "DATAMESH_AP_SHARDS",
+    "task_default_queue": "datamesh.workers.queues",
+    "task_routes": "datamesh.workers.queues",
+}
+
+
+def deployment_file_settings(app: Celery, module: str = "celeryconfig") -> Result[dict[str, Any], ConfigError]:
+    """The Celery settings ``module`` defines (none when it is not importable), or the first shared
+    setting it sets to something other than ``app`` computed (``Err`` naming both values).
 
     Applied as changes, not with ``config_from_object``: Celery ranks a configuration object below
-    every ``conf.update``, so the file would never win over the settings computed here.
+    every ``conf.update``, so the file would never win over the settings computed here.  A shared
+    setting equal to the computed one (the file as shipped before, a copy of it) is accepted.
     """
     try:
         loaded = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name != module:
             raise  # the file exists but imports something missing: say so, do not run without it
-        return {}
+        return Ok({})
     known = set(app.conf.keys())
-    return {name: value for name, value in vars(loaded).items() if name in known}
+    settings = {name: value for name, value in vars(loaded).items() if name in known}
+    for name, source in SHARED_SETTINGS.items():
+        if name in settings and settings[name] != app.conf[name]:
+            return Err(_shared_setting_moved(module, name, source, settings[name], app.conf[name]))
+    return Ok(settings)
+
+
+def _shared_setting_moved(module: str, name: str, source: str, wanted: Any, computed: Any) -> ConfigError:
+    if source == "DATAMESH_BROKER_URL":
+        shown_wanted, shown_computed = maybe_sanitize_url(wanted), maybe_sanitize_url(computed)
+        fix = f"set {source} for every process (workers, beat, Flower, gateway, CLI) and remove {name} from it"
+    else:
+        shown_wanted, shown_computed = _shown(wanted), _shown(computed)
+        fix = f"remove {name} from it (it comes from {source} in every process)"
+    return ConfigError(
+        source if source.startswith("DATAMESH_") else f"{module}.{name}",
+        f"{module}.{name} is {shown_wanted!r} but {source} gives {shown_computed!r}; only the Celery"
+        f" processes read {module}.py, so the callers would use the other value: {fix}",
+    )
+
+
+def _shown(value: Any) -> Any:
+    """Queues by name (their reprs say little and are long)."""
+    if isinstance(value, list | tuple) and value and all(isinstance(q, Queue) for q in value):
+        return [q.name for q in value]
+    return value
 
 
 @celeryd_init.connect
@@ -162,7 +219,10 @@ def _default_app() -> Celery:
     config = DataMeshConfig.from_env()
     if config.is_err():
         raise SystemExit(f"error: {config.error}")
-    return create_app(config.unwrap())
+    try:
+        return create_app(config.unwrap())
+    except ValueError as exc:  # an unsafe visibility timeout, a deployment file moving a shared setting
+        raise SystemExit(f"error: {exc}") from exc
 
 
 def __getattr__(name: str) -> Celery:

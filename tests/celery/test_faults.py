@@ -1,4 +1,4 @@
-"""Failures on the Celery executor: a step failing on purpose, killed workers, a duplicated message."""
+"""Failures on the Celery executor: a step failing on purpose, killed workers, a poison message, a duplicate."""
 
 from __future__ import annotations
 
@@ -205,4 +205,67 @@ async def test_compensation_that_keeps_failing_is_dead_lettered_then_redriven(
         # and the ledger moves the 4 turns from dead-lettered to compensated.
         undone = _ledger(before, multiproc)
         assert (undone.dead_letter, undone.in_flight, undone.compensated) == (0, 0, 4), undone
+    control.close()
+
+
+async def test_a_step_that_kills_its_worker_on_every_delivery_is_capped_and_compensated(
+    workers: Workers, celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    from sqlalchemy import select
+
+    from tests.celery.test_kills import assert_consistent
+
+    cap = 3
+    control = redis.Redis.from_url(redis_url)
+    # Given a write_ap step that SIGKILLs its pool process on every delivery (a poison message, which
+    # acks_late and reject_on_worker_lost put back on its queue each time), and 3 deliveries allowed,
+    # and a running lease longer than the gap between two deliveries: the worker's main process may
+    # notice a dead pool process only on its pool-maintenance tick (every 5 s), so under the suite's
+    # 3 s lease the reaper could take the saga between two deliveries, before the cap.
+    config = workers.config = celery_config.with_changes(step_max_deliveries=cap, saga_lease_s=20.0)
+    control.set("dm:test:crash_always", f"{Step.WRITE_AP}:before")
+    main = workers.start("--role", "all", hooks_redis=redis_url)
+    workers.wait_ready()
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        # when a batch with inline and object-store payloads in two regions is ingested (nothing but
+        # the cap can end this saga: no beat runs, so no reaper),
+        results = (await p.ingest_many(batch_with_blobs(config))).unwrap()
+        # then every item reports the saga failed at write_ap, the cap named in the error, not dead-lettered,
+        assert all(isinstance(r, Err) and isinstance(r.error, SagaFailed) for r in results), results[0]
+        failure = results[0].error
+        assert isinstance(failure, SagaFailed) and failure.step == Step.WRITE_AP and not failure.dead_lettered
+        assert f"delivered {cap + 1} times (cap {cap})" in failure.message, failure
+        # the step ran (and killed its process) on exactly `cap` deliveries, and the saga log counted
+        # one delivery more: the one that begin() failed before the step ran (count > cap fails);
+        assert int(control.get("dm:test:crashes") or 0) == cap
+        attempts = dict(
+            p.tiers.cp.run(
+                lambda c: c.execute(
+                    select(sagas.STEPS.c.step, sagas.STEPS.c.attempts).where(sagas.STEPS.c.saga_id == failure.saga_id)
+                ).all(),
+                operation="t",
+                write=False,
+            ).unwrap()
+        )
+        # (a delivery is counted under its part, ``write_ap.<region>.<shard>``; the chain stopped at the first)
+        parts = {step: n for step, n in attempts.items() if step.startswith(f"{Step.WRITE_AP}.")}
+        assert list(parts.values()) == [cap + 1], attempts
+        blob_parts = [n for step, n in attempts.items() if step.startswith(f"{Step.STORE_BLOBS}.")]
+        assert blob_parts == [1, 1], attempts  # the steps before it ran once each
+        # the saga is compensated (not left running), every step it began undone,
+        record = p.tiers.cp.run(lambda c: sagas.load(c, failure.saga_id), operation="t", write=False).unwrap()
+        assert record is not None and record.status == SagaStatus.COMPENSATED and record.failed_step == Step.WRITE_AP
+        assert set(record.steps.values()) == {StepState.COMPENSATED}, record.steps
+        # every tier is clean once garbage collection has run, the stash is gone from the broker,
+        assert tier_counts(p.tiers).rows["object_refs"] == 0
+        counts = counts_after_gc(p.tiers)
+        assert counts.stored() == 0 and counts.ap_rows == 0 and counts.blobs == 0, counts
+        assert counts.rows["idempotency_keys"] == 0 and counts.rows["provenance_records"] == 0
+        assert list(control.scan_iter("dm:saga-parts:*")) == []
+        # and the worker survived its pool process's deaths: with the poison gone, the same requests commit.
+        control.delete("dm:test:crash_always")
+        assert main.poll() is None
+        retried = (await p.ingest_many(batch_with_blobs(config))).unwrap()
+        assert all(r.is_ok() for r in retried), retried[0]
+        await eventually(lambda: assert_consistent(p.tiers))
     control.close()
