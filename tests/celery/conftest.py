@@ -172,6 +172,15 @@ class Workers:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
+    def kill(self) -> None:
+        """SIGKILL every process the workers made, at once: a test's teardown, its checks done (a
+        warm shutdown, :meth:`stop`, takes ~3 s per test and nothing reads what it would flush)."""
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+
 
 async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
     """Re-run ``check`` (an assertion) until it passes or ``timeout`` is spent (then its error stands).
@@ -209,4 +218,4 @@ def pool_children(pid: int) -> list[int]:
 def workers(celery_config: DataMeshConfig, tmp_path: Path) -> Iterator[Workers]:
     running = Workers(celery_config, tmp_path)
     yield running
-    running.stop()
+    running.kill()
