@@ -7,10 +7,11 @@ fails them (a green CI run must have exercised every tier).
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -19,6 +20,9 @@ from datamesh.core.config import DataMeshConfig
 from datamesh.core.result import Err
 from datamesh.storage.cp import migrate
 from datamesh.storage.cp.database import CpDatabase
+
+if TYPE_CHECKING:
+    from tests.celery.test_broker_restart import OwnRedis
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_URL = os.environ.get("DATAMESH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -84,3 +88,18 @@ def cp_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def config(tmp_path: Path, cp_url: str) -> DataMeshConfig:
     return DataMeshConfig(data_dir=tmp_path / "data", cp_url=cp_url)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A ``redis-server`` of the test's own on a spare port, with docker-compose.yml's broker settings
+    (for tests that kill, cut or restart the broker; never the shared server)."""
+    from tests.celery.test_broker_restart import OwnRedis
+
+    if shutil.which("redis-server") is None:
+        service_missing("redis-server binary", FileNotFoundError("redis-server"))
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.kill()

@@ -9,10 +9,7 @@ running lease, so the reaper enqueues it again soon, not after the queue timeout
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,39 +33,27 @@ from datamesh.workers import queues
 from datamesh.workers.app import create_app
 from datamesh.workers.runtime import RUNTIME
 from tests.celery.test_broker_restart import OwnRedis
-from tests.conftest import service_missing
 from tests.test_saga_leases import LEASE_S, QUEUE_S, begin, lease_of, reaped_after, requests_with_a_blob, reserved
-
-
-@pytest.fixture
-def lease_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    if shutil.which("redis-server") is None:
-        service_missing("redis-server binary", FileNotFoundError("redis-server"))
-    server = OwnRedis(tmp_path)
-    server.start()
-    yield server
-    if server.proc is not None and server.proc.poll() is None:
-        server.kill()
 
 
 @pytest.mark.parametrize("task", [write_ap_task, undo_write_ap_task], ids=["write_ap", "undo_write_ap"])
 def test_a_redis_blip_while_holding_a_shard_retries_the_task_instead_of_failing_it(
-    config: DataMeshConfig, lease_redis: OwnRedis, task: Any
+    config: DataMeshConfig, own_redis: OwnRedis, task: Any
 ) -> None:
     # Given a worker runtime whose broker Redis holds the lease of a shard it writes
-    RUNTIME.configure(config.with_changes(executor="celery", broker_url=lease_redis.url))
+    RUNTIME.configure(config.with_changes(executor="celery", broker_url=own_redis.url))
     try:
         hold_shard(task, "eu-west", 0)
         token = RUNTIME.token("eu-west", 0)
         assert token is not None
         # When that Redis goes away and a task of the shard tries to hold it again
-        lease_redis.kill()
+        own_redis.kill()
         # Then the task is retried (its message goes back to the queue; no delivery was counted,
         # since hold_shard runs before the step begins), not failed into a compensation
         with pytest.raises(Retry):
             hold_shard(task, "eu-west", 0)
         # And once Redis is back, the worker holds the shard again, with a token never lower
-        lease_redis.start()
+        own_redis.start()
         hold_shard(task, "eu-west", 0)
         again = RUNTIME.token("eu-west", 0)
         assert again is not None and again >= token
@@ -77,10 +62,10 @@ def test_a_redis_blip_while_holding_a_shard_retries_the_task_instead_of_failing_
 
 
 def test_a_compensation_that_could_not_be_published_leaves_its_saga_to_the_reaper_soon(
-    config: DataMeshConfig, lease_redis: OwnRedis
+    config: DataMeshConfig, own_redis: OwnRedis
 ) -> None:
     celery = config.with_changes(
-        executor="celery", broker_url=lease_redis.url, saga_lease_s=LEASE_S, saga_queue_timeout_s=QUEUE_S
+        executor="celery", broker_url=own_redis.url, saga_lease_s=LEASE_S, saga_queue_timeout_s=QUEUE_S
     )
     tiers = Tiers.open(celery).unwrap()
     app = create_app(celery, load_celeryconfig=False)
@@ -88,7 +73,7 @@ def test_a_compensation_that_could_not_be_published_leaves_its_saga_to_the_reape
         # Given a saga whose store_blobs step began in a worker and failed, and a broker gone away
         plan, _, _ = reserved(tiers, requests_with_a_blob(config))
         begin(plan.saga_id, Step.STORE_BLOBS)
-        lease_redis.kill()
+        own_redis.kill()
         # When the errback (or the reaper) claims it for compensation and cannot publish ``compensate``
         failed = enqueue_compensation(app, tiers, plan.saga_id, failed_step=Step.STORE_BLOBS, error="boom")
         # Then the caller hears a retryable broker error, and the saga keeps the short running lease:
@@ -97,10 +82,10 @@ def test_a_compensation_that_could_not_be_published_leaves_its_saga_to_the_reape
         assert lease_of(tiers, plan.saga_id) == LEASE_S and reaped_after(tiers, plan.saga_id, LEASE_S + 1)
         # And when the broker is back and the reaper enqueues it again, ``compensate`` waits in the
         # cp queue and the saga waits for it under the queue timeout
-        lease_redis.start()
+        own_redis.start()
         again = enqueue_compensation(app, tiers, plan.saga_id, failed_step="lease", error="lease expired")
         assert again.unwrap() == SagaStatus.COMPENSATING
-        broker = redis.Redis.from_url(lease_redis.url)
+        broker = redis.Redis.from_url(own_redis.url)
         assert broker.llen(queues.CP_QUEUE) == 1
         broker.close()
         assert lease_of(tiers, plan.saga_id) == QUEUE_S and not reaped_after(tiers, plan.saga_id, LEASE_S + 1)
@@ -109,13 +94,11 @@ def test_a_compensation_that_could_not_be_published_leaves_its_saga_to_the_reape
         tiers.close()
 
 
-def test_a_broker_down_does_not_stop_the_reaper_committing_a_saga(
-    config: DataMeshConfig, lease_redis: OwnRedis
-) -> None:
-    celery = config.with_changes(executor="celery", broker_url=lease_redis.url, saga_lease_s=LEASE_S)
+def test_a_broker_down_does_not_stop_the_reaper_committing_a_saga(config: DataMeshConfig, own_redis: OwnRedis) -> None:
+    celery = config.with_changes(executor="celery", broker_url=own_redis.url, saga_lease_s=LEASE_S)
     tiers = Tiers.open(celery).unwrap()
     app = create_app(celery, load_celeryconfig=False)
-    broker = redis.Redis.from_url(lease_redis.url)
+    broker = redis.Redis.from_url(own_redis.url)
     try:
         # Given a saga stashed in the broker, run up to the pivot, whose lease expired
         plan, content, blobs = reserved(tiers, requests_with_a_blob(config))
@@ -125,7 +108,7 @@ def test_a_broker_down_does_not_stop_the_reaper_committing_a_saga(
         expired = utcnow() - timedelta(seconds=1)
         tiers.cp.run(lambda c: c.execute(update(sagas.SAGAS).values(lease_expires_at=expired)), operation="t").unwrap()
         # when the broker is down as the reaper commits it,
-        lease_redis.kill()
+        own_redis.kill()
         # then the commit stands and is reported (dropping the stash is best effort: it expires)
         assert reap_distributed(app, tiers, broker) == [ReapOutcome(plan.saga_id, SagaStatus.COMMITTED.value)]
     finally:

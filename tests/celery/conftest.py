@@ -199,6 +199,15 @@ async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None
             await asyncio.sleep(0.2)
 
 
+def run_cli(config: DataMeshConfig, *args: str) -> str:
+    """``python -m datamesh ARGS`` in a subprocess that sees ``config``; its output (it must succeed)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(config)}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-m", "datamesh", *args], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
 def runs_per_node(app: Any, task: str) -> dict[str, int]:
     """How many runs of ``task`` each worker node (by ``--name``) reports, its own count since it started."""
     stats = app.control.inspect(timeout=1.0).stats() or {}

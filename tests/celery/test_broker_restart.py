@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 import yaml
 
@@ -36,7 +33,6 @@ from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus
 from tests.celery.conftest import ROOT, Workers
 from tests.celery.test_kills import assert_consistent, settle
-from tests.conftest import service_missing
 from tests.helpers import real_requests
 
 
@@ -108,17 +104,6 @@ class OwnRedis:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    if shutil.which("redis-server") is None:
-        service_missing("redis-server binary", FileNotFoundError("redis-server"))
-    server = OwnRedis(tmp_path)
-    server.start()
-    yield server
-    if server.proc is not None and server.proc.poll() is None:
-        server.kill()
 
 
 async def test_broker_restart_loses_no_acknowledged_ingest(

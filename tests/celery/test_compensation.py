@@ -8,6 +8,7 @@ The workers' test hook (``tests/celery_hooks.py``) records each step and undo as
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import redis
@@ -24,7 +25,7 @@ from datamesh.storage.cp.sagas import SagaStatus, StepState
 from datamesh.tasks.codec import compensation_chain
 from datamesh.workers import queues
 from datamesh.workers.executor import CeleryExecutor
-from tests.celery.conftest import Workers
+from tests.celery.conftest import Workers, run_cli
 from tests.celery.test_faults import _ledger
 from tests.helpers import TierCounts, counts_after_gc, tier_counts
 from tests.test_saga_faults import batch_with_blobs
@@ -159,11 +160,6 @@ async def runs_reach(executor: CeleryExecutor, before: dict[str, int], more: dic
 async def test_an_undo_that_kills_its_worker_on_every_delivery_is_dead_lettered_then_redriven(
     workers: Workers, celery_config: DataMeshConfig, redis_url: str
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from tests.celery.conftest import ROOT, env_of
 
     control = redis.Redis.from_url(redis_url)
     control.set("dm:test:record", "1")
@@ -190,16 +186,7 @@ async def test_an_undo_that_kills_its_worker_on_every_delivery_is_dead_lettered_
         undos = [entry for entry in trace_of(control) if entry.startswith("undo_")]
         assert undos == ["undo_write_ap:before"] * limit, undos
         assert record.attempts == limit + 1
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(config)}
-        env["PYTHONPATH"] = str(ROOT)
-
-        def cli(*args: str) -> str:
-            out = subprocess.run(
-                [sys.executable, "-m", "datamesh", *args], env=env, capture_output=True, text=True, timeout=60
-            )
-            assert out.returncode == 0, out.stdout + out.stderr
-            return out.stdout
-
+        cli = functools.partial(run_cli, config)
         # and `sagas --dead` lists it.
         assert failure.saga_id in cli("sagas", "--dead")
         # Once the crash is fixed, `sagas retry ID` re-drives it to compensated, and every tier is clean.

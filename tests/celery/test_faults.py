@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.steps import Step
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus, StepState
-from tests.celery.conftest import Workers, eventually
+from tests.celery.conftest import Workers, eventually, run_cli
 from tests.helpers import counts_after_gc, real_requests, tier_counts
 from tests.test_saga_faults import FAULT_POINTS, FailAt, batch_with_blobs
 
@@ -138,11 +139,6 @@ def _ledger(before: ledger.Ledger, multiproc: Path) -> ledger.Ledger:
 async def test_compensation_that_keeps_failing_is_dead_lettered_then_redriven(
     workers: Workers, celery_config: DataMeshConfig, redis_url: str, tmp_path: Path
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from tests.celery.conftest import ROOT, env_of
 
     control = redis.Redis.from_url(redis_url)
     # Given a step that fails and an undo of it that keeps failing, with two compensation attempts allowed,
@@ -166,16 +162,7 @@ async def test_compensation_that_keeps_failing_is_dead_lettered_then_redriven(
         # and the no-loss ledger holds its 4 turns as dead-lettered, none in flight;
         dead = _ledger(before, multiproc)
         assert (dead.accepted, dead.dead_letter, dead.in_flight, dead.compensated) == (4, 4, 0, 0), dead
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(celery_config)}
-        env["PYTHONPATH"] = str(ROOT)
-
-        def cli(*args: str) -> str:
-            out = subprocess.run(
-                [sys.executable, "-m", "datamesh", *args], env=env, capture_output=True, text=True, timeout=60
-            )
-            assert out.returncode == 0, out.stdout + out.stderr
-            return out.stdout
-
+        cli = functools.partial(run_cli, celery_config)
         # `sagas --dead` lists it;
         assert failure.saga_id in cli("sagas", "--dead")
         # re-driven while the cause remains, it counts its attempts again and stops at the limit, dead

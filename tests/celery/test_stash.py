@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -23,7 +20,7 @@ from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus, StepState
 from datamesh.workers.executor import CeleryExecutor
 from datamesh.workers.runtime import DONE_KEY
-from tests.celery.conftest import ROOT, Workers, env_of, eventually
+from tests.celery.conftest import Workers, eventually, run_cli
 from tests.celery.test_queue_timeout import outwait, records
 from tests.helpers import counts_after_gc, tier_counts
 from tests.test_saga_faults import batch_with_blobs
@@ -96,13 +93,7 @@ async def test_a_step_whose_stashed_content_is_gone_fails_and_its_saga_is_compen
 
 def reap_with_cli(config: DataMeshConfig) -> list[ReapOutcome]:
     """``python -m datamesh reap``, as an operator runs it, and the outcomes it prints."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(config)}
-    env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run(
-        [sys.executable, "-m", "datamesh", "reap"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return [ReapOutcome(*line.split(" ", 1)) for line in done.stdout.splitlines()[:-1]]
+    return [ReapOutcome(*line.split(" ", 1)) for line in run_cli(config, "reap").splitlines()[:-1]]
 
 
 @pytest.mark.parametrize("reaper", ["pipeline", "cli"])
