@@ -44,7 +44,8 @@ class StepFailed(Exception):
 
 
 def begin(task: Task, saga_id: str, step: str) -> int | None:
-    """Count this delivery of the saga step; ``None`` when the saga is not running (a late duplicate).
+    """Count this delivery of the saga step; ``None`` when the saga is not running or the step is
+    done already (a late duplicate: the chain goes on, the step's work is not redone).
 
     Returns the step's delivery count from the saga log: that count, not Celery's ``retries`` (which
     also counts re-queues of a message whose shard another worker held), is the redelivery cap.
@@ -59,12 +60,12 @@ def begin(task: Task, saga_id: str, step: str) -> int | None:
             countdown=full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
             max_retries=_MAX_BOUNCES,
         )
-    status, attempts = begun.value
-    if status != SagaStatus.RUNNING:
-        return None
-    if attempts > RUNTIME.config.step_max_deliveries:
-        raise StepFailed(f"{step} delivered {attempts} times (cap {RUNTIME.config.step_max_deliveries})")
-    return int(attempts)
+    delivery = begun.value
+    if delivery.status != SagaStatus.RUNNING or delivery.done:
+        return None  # a saga that moved on, or a step that already succeeded: a late duplicate
+    if delivery.attempts > RUNTIME.config.step_max_deliveries:
+        raise StepFailed(f"{step} delivered {delivery.attempts} times (cap {RUNTIME.config.step_max_deliveries})")
+    return delivery.attempts
 
 
 def finish(task: Task, saga_id: str, step: str, result: Result[Any, Any], attempts: int) -> None:

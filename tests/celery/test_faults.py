@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+from sqlalchemy import select
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import SagaFailed
@@ -19,7 +20,7 @@ from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.steps import Step
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus, StepState
-from tests.celery.conftest import Workers, eventually, run_cli
+from tests.celery.conftest import Workers, eventually, run_cli, runs_per_node
 from tests.helpers import counts_after_gc, real_requests, tier_counts
 from tests.test_saga_faults import FAULT_POINTS, FailAt, batch_with_blobs
 
@@ -256,3 +257,87 @@ async def test_a_step_that_kills_its_worker_on_every_delivery_is_capped_and_comp
         assert all(r.is_ok() for r in retried), retried[0]
         await eventually(lambda: assert_consistent(p.tiers))
     control.close()
+
+
+async def test_a_late_duplicate_of_a_step_that_succeeded_neither_counts_nor_fails_the_saga(
+    workers: Workers, celery_config: DataMeshConfig
+) -> None:
+    from celery.signals import before_task_publish
+
+    from datamesh.pipeline.prepare import prepare
+    from datamesh.pipeline.request import validate
+    from datamesh.workers.executor import CeleryExecutor
+
+    # Given a cap of one delivery per step, and AP workers but no cp worker yet (the pivot waits),
+    workers.config = config = celery_config.with_changes(step_max_deliveries=1)
+    workers.start("--role", "ap")
+    workers.wait_ready()
+    published: list[dict[str, Any]] = []
+
+    def capture(body: Any, exchange: str, routing_key: str, headers: dict[str, Any], **kw: Any) -> None:
+        published.append({"body": body, "exchange": exchange, "routing_key": routing_key, "headers": dict(headers)})
+
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        executor = p._executor
+        assert isinstance(executor, CeleryExecutor)
+        requests = real_requests(5)
+        prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(requests)]
+        plan = executor.reserve("default", prepared).unwrap().plan
+        content = {i: (r.prompt, r.response, None) for i, r in enumerate(requests)}
+        before_task_publish.connect(capture, weak=False)
+        try:
+            executor.submit(plan, content, {}).unwrap()
+        finally:
+            before_task_publish.disconnect(capture)
+        (first,) = published
+        assert first["headers"]["task"] == "datamesh.write_ap" and not plan.blobs
+
+        def load() -> sagas.SagaRecord:
+            record = p.tiers.cp.run(lambda c: sagas.load(c, plan.saga_id), operation="t", write=False).unwrap()
+            assert record is not None
+            return record
+
+        # and a saga whose AP writes all succeeded (each part delivered once),
+        await eventually(lambda: _assert(load().steps.get(Step.WRITE_AP) == StepState.DONE), timeout=60)
+        parts = {s: n for s, n in _attempts(p, plan.saga_id).items() if s.startswith("write_ap.")}
+        assert parts and set(parts.values()) == {1}, parts
+        # when its first step's message is delivered again while the pivot still waits (the message
+        # carries the rest of the chain: every write_ap part runs a second time),
+        with executor.app.producer_or_acquire() as producer:
+            producer.publish(
+                first["body"],
+                exchange=first["exchange"],
+                routing_key=first["routing_key"],
+                headers=first["headers"],
+                serializer="json",
+            )
+        writes = len({(i.region, i.shard) for i in plan.items})
+        await eventually(lambda: _equal(runs_per_node(executor.app, "datamesh.write_ap"), {"ap": 2 * writes}))
+        # then the duplicates neither count a delivery nor trip the cap: the saga is still running,
+        assert load().status == SagaStatus.RUNNING
+        assert {s: n for s, n in _attempts(p, plan.saga_id).items() if s.startswith("write_ap.")} == parts
+        # and once a cp worker runs, it commits: one conversation per request.
+        workers.start("--role", "cp")
+        committed = executor.wait(plan).unwrap()
+        assert len(committed) == 5
+        counts = tier_counts(p.tiers)
+        assert counts.rows["conversations"] == 5 and counts.ap_rows == 5
+
+
+def _assert(condition: bool) -> None:
+    assert condition
+
+
+def _equal(got: object, want: object) -> None:
+    assert got == want, got
+
+
+def _attempts(p: IngestionPipeline, saga_id: str) -> dict[str, int]:
+    """Each step row's delivery count in the saga log."""
+    steps = sagas.STEPS
+    rows = p.tiers.cp.run(
+        lambda c: c.execute(select(steps.c.step, steps.c.attempts).where(steps.c.saga_id == saga_id)).all(),
+        operation="t",
+        write=False,
+    ).unwrap()
+    return {row.step: int(row.attempts) for row in rows}

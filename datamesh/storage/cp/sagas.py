@@ -139,19 +139,32 @@ def _step_upsert(dialect_name: str) -> Any:
     return stmt
 
 
-def begin_step(
-    conn: Connection, saga_id: str, step: str, *, now: datetime, lease_s: float
-) -> tuple[SagaStatus | None, int]:
-    """Count one more delivery of ``step`` and extend the lease; returns the saga's status and the count.
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What :func:`begin_step` found: the saga's status (``None``: no such saga), the step's delivery
+    count, and whether the step was already done (a late duplicate: nothing counted)."""
+
+    status: SagaStatus | None
+    attempts: int
+    done: bool = False
+
+
+def begin_step(conn: Connection, saga_id: str, step: str, *, now: datetime, lease_s: float) -> Delivery:
+    """Count one more delivery of ``step`` and extend the lease.
 
     The count is the redelivery cap's input: a message that keeps killing its worker is redelivered
-    (``task_reject_on_worker_lost``) and would otherwise loop for ever.  A step already ``done`` keeps
-    its state; the count still grows.
+    (``task_reject_on_worker_lost``) and would otherwise loop for ever.  A step already ``done`` is
+    not counted: a late duplicate of a step that succeeded must never trip the cap (and fail, and
+    compensate, a saga whose steps all succeeded); it has nothing left to do.
     """
     status = status_of(conn, saga_id)
     if status is None:
-        return None, 0
-    row = conn.execute(select(STEPS.c.attempts).where(STEPS.c.saga_id == saga_id, STEPS.c.step == step)).first()
+        return Delivery(None, 0)
+    row = conn.execute(
+        select(STEPS.c.attempts, STEPS.c.state).where(STEPS.c.saga_id == saga_id, STEPS.c.step == step)
+    ).first()
+    if row is not None and row.state == StepState.DONE.value:
+        return Delivery(status, int(row.attempts or 0), done=True)
     if row is None:
         conn.execute(
             STEPS.insert(),
@@ -171,7 +184,7 @@ def begin_step(
             .where(SAGAS.c.id == saga_id)
             .values(lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
         )
-    return status, attempts
+    return Delivery(status, attempts)
 
 
 _UNDOING = (SagaStatus.COMPENSATING.value, SagaStatus.DEAD.value)
