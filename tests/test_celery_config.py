@@ -19,7 +19,7 @@ from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.tiers import Tiers
 from datamesh.workers import app as app_module
 from datamesh.workers import queues
-from datamesh.workers.app import create_app
+from datamesh.workers.app import create_app, deployment_settings
 from datamesh.workers.cli import worker_commands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,6 +206,24 @@ def test_routing_by_role_region_and_shard() -> None:
     assert queues.route(queues.COMMIT_CP, (), {"saga_id": "x"}, {}) == {"queue": "cp"}
     assert queues.route(queues.INDEX_DRAIN, (), {"region": "eu-west"}, {}) == {"queue": "index.eu-west"}
     assert queues.route(queues.INDEX_DRAIN, (), {}, {}) == {"queue": "cp"}
+
+
+def test_the_reaper_has_a_queue_of_its_own_that_cp_workers_consume() -> None:
+    # Beat's reaper passes expire after one interval: behind a long cp backlog they would all expire
+    # unrun, so they go to the reaper queue, which every cp (and all-roles) worker consumes too.
+    assert queues.route(queues.REAP, (), {}, {}) == {"queue": "reaper"}
+    schedule = deployment_settings(DataMeshConfig())["beat_schedule"]["reap-expired-sagas"]
+    assert schedule["task"] == queues.REAP and schedule["options"]["queue"] == "reaper"
+    for role in ("cp", "all"):
+        args = build_parser().parse_args(["worker", "--role", role])
+        (argv, _), *_ = worker_commands(args, DataMeshConfig())
+        assert {"cp", "reaper"} <= set(argv[argv.index("-Q") + 1].split(",")), (role, argv)
+
+
+def test_an_ap_pool_with_more_processes_than_shards_is_refused() -> None:
+    args = build_parser().parse_args(["worker", "--role", "ap", "--shards", "0-1", "--processes", "3"])
+    with pytest.raises(ValueError, match="--processes 3 is more than the 2 AP shards"):
+        worker_commands(args, DataMeshConfig())
 
 
 def test_index_queues_have_one_consumer_process() -> None:

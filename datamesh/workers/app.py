@@ -98,7 +98,7 @@ def deployment_settings(config: DataMeshConfig) -> dict[str, Any]:
             "reap-expired-sagas": {
                 "task": queues.REAP,
                 "schedule": config.reap_interval_s,
-                "options": {"queue": queues.CP_QUEUE, "expires": config.reap_interval_s},
+                "options": {"queue": queues.REAPER_QUEUE, "expires": config.reap_interval_s},
             },
             # Index work never depends on one message: every region's outbox is drained periodically.
             **{

@@ -67,6 +67,9 @@ def worker_commands(args: argparse.Namespace, config: DataMeshConfig) -> list[tu
     processes = max(1, args.processes)
     prefix = args.name or f"{args.role}.{os.getpid()}"
     sharded = args.role in ("all", "ap") and processes > 1
+    if sharded and processes > len(shards):
+        # each process of an AP pool owns shards of its own: a process with none would consume nothing
+        raise ValueError(f"--processes {processes} is more than the {len(shards)} AP shards this pool owns")
     groups = [shards[i::processes] for i in range(processes)] if sharded else [shards]
     commands = []
     for n, owned in enumerate(groups):
@@ -101,7 +104,11 @@ _POOL_POLL_S = 0.5
 
 
 def run_worker(args: argparse.Namespace, config: DataMeshConfig) -> int:
-    commands = worker_commands(args, config)
+    try:
+        commands = worker_commands(args, config)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.metrics_port is not None:
         # The pool's processes write their metrics to one directory; this process serves them merged.
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="datamesh-metrics-")

@@ -1,6 +1,9 @@
 """Queue names and routing: one place decides where every task goes.
 
-    cp                    CP commits, compensation claims, undo_reserve, the reaper (global tier)
+    cp                    CP commits, compensation claims, undo_reserve (global tier)
+    reaper                beat's reaper passes, consumed by the cp workers: a queue of its own, so a
+                          long cp backlog never holds a reap back past its expiry (the reaper is what
+                          settles the sagas that backlog's dead workers left)
     blobs.<region>        object-store writes and their undo, by the region's blob workers
     ap.<region>.<shard>   one queue per AP shard and region (``ap.eu-west.3``): a shard has one writer
                           (its saga writes and undos, and an erasure's deletes)
@@ -18,6 +21,7 @@ from typing import Any
 from datamesh.core.types import GeoRegion
 
 CP_QUEUE = "cp"
+REAPER_QUEUE = "reaper"
 
 # Task names (stable: they are in messages on the broker).
 STORE_BLOBS = "datamesh.store_blobs"
@@ -55,6 +59,8 @@ def route(
         return {"queue": blobs_queue(kwargs["region"])}
     if name in (WRITE_AP, UNDO_WRITE_AP, DELETE_AP):
         return {"queue": ap_queue(kwargs["region"], int(kwargs["shard"]))}
+    if name == REAP:
+        return {"queue": REAPER_QUEUE}
     if name == INDEX_DRAIN and kwargs.get("region"):  # without a region: fanned out from the cp queue
         return {"queue": index_queue(kwargs["region"])}
     return {"queue": CP_QUEUE}
@@ -69,7 +75,7 @@ def queues_for(role: str, regions: Iterable[str], shards: Iterable[int], *, inde
     regions, shards = list(regions), list(shards)
     names: list[str] = []
     if role in ("all", "cp"):
-        names.append(CP_QUEUE)
+        names += [CP_QUEUE, REAPER_QUEUE]
     if role in ("all", "blobs"):
         names += [blobs_queue(r) for r in regions]
     if role in ("all", "ap"):
