@@ -7,7 +7,9 @@ lower than one it has seen (:mod:`datamesh.storage.ap.fenced`).  When the owner 
 and another worker takes the shard with a higher token.
 
 Tokens must only grow, even if Redis loses its data: the acquirer passes the highest token the shard
-has seen and the counter jumps past it.
+has seen and the counter jumps past it; and a worker records a token it takes in the shard's fence at
+once (``fence_to``), before it writes, so a token taken but never written with is not issued twice
+should Redis lose its counter.
 """
 
 from __future__ import annotations
@@ -57,11 +59,20 @@ class _Held:
 class ShardLeases:
     """The leases one worker holds; ``owner`` names the worker node (stable across child restarts)."""
 
-    def __init__(self, client: redis.Redis, owner: str, *, ttl_s: float, fence_of: Callable[[str, int], int]) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        owner: str,
+        *,
+        ttl_s: float,
+        fence_of: Callable[[str, int], int],
+        fence_to: Callable[[str, int, int], None] | None = None,
+    ) -> None:
         self._client = client
         self.owner = owner
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self._fence_of = fence_of
+        self._fence_to = fence_to
         self._held: dict[tuple[str, int], _Held] = {}
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
@@ -69,13 +80,16 @@ class ShardLeases:
     def acquire(self, region: str, shard: int) -> tuple[int | None, float]:
         """Take or renew the lease: ``(token, 0)``, or ``(None, seconds until it may be free)``."""
         started = time.monotonic()
+        fence = self._fence_of(region, shard)
         token, wait_ms = self._acquire(
             keys=[f"dm:lease:ap:{region}:{shard}", f"dm:fence:ap:{region}:{shard}"],
-            args=[self.owner, self.ttl_ms, self._fence_of(region, shard)],
+            args=[self.owner, self.ttl_ms, fence],
         )
         if int(token) <= 0:
             self._held.pop((region, shard), None)
             return None, max(0.05, int(wait_ms) / 1000)
+        if int(token) > fence and self._fence_to is not None:
+            self._fence_to(region, shard, int(token))  # before any write with it: see the module's note
         # Trust the lease locally for less than its TTL, counted from before the request was sent.
         self._held[(region, shard)] = _Held(int(token), started + self.ttl_ms / 1000 * 0.8)
         return int(token), 0.0

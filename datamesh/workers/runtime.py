@@ -24,7 +24,7 @@ from datamesh.pipeline.indexer import IndexerSettings
 from datamesh.pipeline.saga import FaultHook, _no_faults
 from datamesh.pipeline.tiers import Tiers, engine_for, readonly_engine_for
 from datamesh.storage.ap.base import ShardEngine
-from datamesh.storage.ap.fenced import fenced_engine, read_fence
+from datamesh.storage.ap.fenced import advance_fence, fenced_engine, read_fence
 from datamesh.storage.ap.store import ContentStore, EngineFactory
 from datamesh.storage.cp.sagas import FINAL_STATUSES
 from datamesh.storage.index import MiniLMEmbedder, RegionalIndexes
@@ -97,7 +97,11 @@ class Runtime:
     def leases(self) -> ShardLeases:
         if self._leases is None:
             self._leases = ShardLeases(
-                self.redis(), self.node, ttl_s=self.config.shard_lease_s, fence_of=self._fence_of
+                self.redis(),
+                self.node,
+                ttl_s=self.config.shard_lease_s,
+                fence_of=self._fence_of,
+                fence_to=self._fence_to,
             )
         return self._leases
 
@@ -140,6 +144,11 @@ class Runtime:
 
     def _fence_of(self, region: str, shard: int) -> int:
         return read_fence(self.tiers().ap.shard_path_for(region, shard).with_suffix(".fence"))
+
+    def _fence_to(self, region: str, shard: int, token: int) -> None:
+        path = self.tiers().ap.shard_path_for(region, shard).with_suffix(".fence")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        advance_fence(path, token)
 
 
 def announce(client: redis.Redis, saga_id: str, status: str) -> None:

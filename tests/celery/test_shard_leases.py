@@ -12,7 +12,7 @@ import redis
 from datamesh.core.config import DataMeshConfig
 from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.storage.ap.base import ShardError
-from datamesh.storage.ap.fenced import FencedShard, read_fence
+from datamesh.storage.ap.fenced import FencedShard, advance_fence, read_fence
 from datamesh.storage.ap.sqlite_shard import SqliteShard
 from datamesh.workers.leases import ShardLeases
 from tests.celery.conftest import Workers, eventually, pool_children
@@ -71,6 +71,35 @@ def test_tokens_stay_above_the_fence_when_redis_lost_its_counter(redis_url: str)
     token, _ = leases.acquire("us-east", 3)
     assert token is not None and token > 41
     leases.release_all()
+    client.close()
+
+
+def test_a_token_taken_but_never_written_with_is_not_issued_again_after_redis_lost_its_data(
+    redis_url: str, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    fence = tmp_path / "shard-003.fence"
+    a, b = (
+        ShardLeases(
+            client,
+            owner,
+            ttl_s=5.0,
+            fence_of=lambda r, s: read_fence(fence),
+            fence_to=lambda r, s, token: advance_fence(fence, token),
+        )
+        for owner in ("worker-a", "worker-b")
+    )
+    # Given a worker that took a shard's lease and has not written yet,
+    first, _ = a.acquire("us-east", 3)
+    assert first is not None
+    # when Redis loses its data (lease and counter) and another worker takes the shard,
+    client.flushdb()
+    second, _ = b.acquire("us-east", 3)
+    # then the second token is above the first (the first was recorded in the fence as it was
+    # taken), so the shard refuses the first worker's writes rather than taking both.
+    assert second is not None and second > first, (first, second)
+    assert read_fence(fence) == second
+    b.release_all()
     client.close()
 
 
