@@ -77,6 +77,23 @@ def enqueue_compensation(
     return Ok(SagaStatus.COMPENSATING)
 
 
+def redrive_compensation(
+    app: Celery, tiers: Tiers, saga_id: str, *, failed_step: str, error: str
+) -> Result[SagaStatus, StorageError]:
+    """The reaper's compensator: a running saga is claimed and compensated (:func:`enqueue_compensation`);
+    a compensating one (its compensation never reported back) is enqueued again, and dead-lettered
+    once it was re-driven more than DATAMESH_COMPENSATION_ATTEMPTS times with none of its undos
+    starting (an undo that starts counts its own attempts)."""
+    counted = tiers.cp.run(lambda c: sagas.count_redrive(c, saga_id, now=utcnow()), operation="saga.count_redrive")
+    if isinstance(counted, Err):
+        return counted
+    if counted.value is not None and counted.value[0] == SagaStatus.COMPENSATING:
+        limit = RUNTIME.config.compensation_attempts
+        if counted.value[1] > limit:
+            return _dead_letter_saga(tiers, saga_id, f"compensation enqueued {limit + 1} times and never started")
+    return enqueue_compensation(app, tiers, saga_id, failed_step=failed_step, error=error)
+
+
 def queue_lease(tiers: Tiers, saga_id: str, status: SagaStatus) -> Result[bool, StorageError]:
     """The saga (if still ``status``) is handed to a queue: its lease becomes the queue timeout, so the
     reaper leaves it alone while its next message waits (``False``: the saga had moved on)."""
@@ -150,7 +167,16 @@ def _undo(task: Task, saga_id: str, undo: Any) -> str:
 
 
 def _dead_letter(task: Task, tiers: Tiers, saga_id: str, error: str) -> str:
-    """Move the saga to ``dead`` and stop its compensation chain; counted once, by the process that moved it."""
+    """Move the saga to ``dead`` and stop its compensation chain."""
+    _dead_letter_saga(tiers, saga_id, error)
+    RUNTIME.notify(saga_id, SagaStatus.DEAD.value)
+    task.request.chain = None
+    return "dead"
+
+
+def _dead_letter_saga(tiers: Tiers, saga_id: str, error: str) -> Result[SagaStatus, StorageError]:
+    """Move a running or compensating saga to ``dead``; counted in the ledger once, by the process
+    whose transition moved it."""
     dead = tiers.cp.run(
         lambda c: sagas.transition(
             c,
@@ -162,11 +188,11 @@ def _dead_letter(task: Task, tiers: Tiers, saga_id: str, error: str) -> str:
         ),
         operation="saga.dead_letter",
     )
-    if isinstance(dead, Ok) and dead.value:
+    if isinstance(dead, Err):
+        return dead
+    if dead.value:
         compensation._count_dead(tiers, saga_id)
-    RUNTIME.notify(saga_id, SagaStatus.DEAD.value)
-    task.request.chain = None
-    return "dead"
+    return Ok(SagaStatus.DEAD)
 
 
 @shared_task(bind=True, name=queues.UNDO_WRITE_AP)

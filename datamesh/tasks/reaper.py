@@ -17,7 +17,7 @@ from datamesh.observability import metrics
 from datamesh.pipeline.saga import ReapOutcome, reap
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp.sagas import FINAL_STATUSES
-from datamesh.tasks.compensation import enqueue_compensation
+from datamesh.tasks.compensation import redrive_compensation
 from datamesh.workers import queues
 from datamesh.workers.runtime import RUNTIME, announce
 
@@ -34,7 +34,7 @@ def reap_distributed(app: Celery, tiers: Tiers, broker: redis.Redis, *, limit: i
     outcomes = reap(
         tiers,
         limit=limit,
-        compensate=lambda t, saga_id, step, error: enqueue_compensation(app, t, saga_id, failed_step=step, error=error),
+        compensate=lambda t, saga_id, step, error: redrive_compensation(app, t, saga_id, failed_step=step, error=error),
     )
     for outcome in outcomes:
         if outcome.action in FINAL_STATUSES:

@@ -236,3 +236,41 @@ async def test_beat_compensates_a_saga_whose_whole_worker_died_mid_step(
     finally:
         tiers.close()
     control.close()
+
+
+async def test_a_compensation_nobody_runs_is_redriven_a_bounded_number_of_times_then_dead_lettered(
+    celery_config: DataMeshConfig, redis_url: str
+) -> None:
+    from datamesh.tasks.compensation import enqueue_compensation
+    from tests.celery.conftest import run_cli
+
+    limit = 2
+    config = celery_config.with_changes(saga_lease_s=0.5, saga_queue_timeout_s=0.5, compensation_attempts=limit)
+    broker = redis.Redis.from_url(redis_url)
+    tiers = Tiers.open(config, engine_factory=readonly_engine_for(config.ap_engine)).unwrap()
+    executor = CeleryExecutor(tiers, config)
+    try:
+        # Given a saga claimed for compensation whose compensation never runs (no worker consumes
+        # its queues: an outage of the pools, or its messages lost),
+        prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(real_requests(2))]
+        plan = executor.reserve("default", prepared).unwrap().plan
+        assert enqueue_compensation(executor.app, tiers, plan.saga_id, failed_step="t", error="t").unwrap() == (
+            SagaStatus.COMPENSATING
+        )
+        # when the reaper finds its lease expired, pass after pass,
+        actions = []
+        for _ in range(limit + 1):
+            await outwait(tiers, [plan.saga_id], config.saga_queue_timeout_s)
+            actions += [o.action for o in executor.reap() if o.saga_id == plan.saga_id]
+        # then it enqueues the compensation again, each time counted, until the attempts are spent:
+        # the saga is dead-lettered (listed by `sagas --dead`), not enqueued again for ever.
+        assert actions == ["compensating"] * limit + ["dead"], actions
+        (record,) = records(tiers, [plan.saga_id])
+        assert record.status == SagaStatus.DEAD and "enqueued 3 times and never started" in (record.error or "")
+        assert broker.llen(queues.CP_QUEUE) == 1 + limit  # the first compensate and the re-drives
+        await outwait(tiers, [plan.saga_id], config.saga_queue_timeout_s)
+        assert [o for o in executor.reap() if o.saga_id == plan.saga_id] == []
+        assert plan.saga_id in run_cli(config, "sagas", "--dead")
+    finally:
+        executor.close()
+        tiers.close()

@@ -203,8 +203,36 @@ def start_undo(conn: Connection, saga_id: str, *, now: datetime) -> tuple[SagaSt
         .where(SAGAS.c.id == saga_id, SAGAS.c.status.in_(_UNDOING))
         .values(attempts=SAGAS.c.attempts + 1, updated_at=now)
     )
+    _reset_redrives(conn, saga_id)
     row = conn.execute(select(SAGAS.c.status, SAGAS.c.attempts).where(SAGAS.c.id == saga_id)).first()
     return (SagaStatus(row.status), int(row.attempts)) if row else None
+
+
+#: The saga-log row counting a compensating saga's re-drives since one of its undos last started.
+REDRIVES_STEP = "compensation.redrives"
+
+
+def count_redrive(conn: Connection, saga_id: str, *, now: datetime) -> tuple[SagaStatus, int] | None:
+    """Count a compensating saga's re-drive by the reaper; its status and the re-drives since one of
+    its undos last started (:func:`start_undo` resets the count).
+
+    The reaper re-drives a compensating saga when its lease ran out: its compensation never reported
+    back.  An undo that started has counted its own attempt; one that never starts (its messages
+    lost, or waiting on a queue nobody consumes) counts only here, so that it too ends dead-lettered
+    instead of being enqueued again every queue timeout for ever.  Any other saga is left as it is.
+    """
+    status = status_of(conn, saga_id)
+    if status != SagaStatus.COMPENSATING:
+        return None if status is None else (status, 0)
+    where = (STEPS.c.saga_id == saga_id, STEPS.c.step == REDRIVES_STEP)
+    row = conn.execute(select(STEPS.c.attempts).where(*where)).first()
+    redrives = 1 if row is None else int(row.attempts or 0) + 1
+    if row is None:
+        values = {"saga_id": saga_id, "step": REDRIVES_STEP, "state": StepState.RUNNING.value, "updated_at": now}
+        conn.execute(STEPS.insert(), {**values, "attempts": redrives})
+    else:
+        conn.execute(update(STEPS).where(*where).values(attempts=redrives, updated_at=now))
+    return status, redrives
 
 
 def undo_succeeded(conn: Connection, saga_id: str, *, now: datetime) -> None:
@@ -249,6 +277,7 @@ def redrive(conn: Connection, saga_id: str, *, now: datetime, lease_s: float) ->
         .values(attempts=0, lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
     )
     if dead.rowcount == 1:
+        _reset_redrives(conn, saga_id)
         return True
     result = conn.execute(
         update(SAGAS)
@@ -260,7 +289,14 @@ def redrive(conn: Connection, saga_id: str, *, now: datetime, lease_s: float) ->
             updated_at=now,
         )
     )
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    _reset_redrives(conn, saga_id)
+    return True
+
+
+def _reset_redrives(conn: Connection, saga_id: str) -> None:
+    conn.execute(update(STEPS).where(STEPS.c.saga_id == saga_id, STEPS.c.step == REDRIVES_STEP).values(attempts=0))
 
 
 def mark_all_compensated(conn: Connection, saga_id: str, *, now: datetime) -> None:
