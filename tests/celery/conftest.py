@@ -107,6 +107,7 @@ class Workers:
     config: DataMeshConfig
     log_dir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    killed: list[subprocess.Popen[bytes]] = field(default_factory=list)  # nodes a test killed on purpose
 
     def start(self, *args: str, hooks_redis: str | None = None, **env: str) -> subprocess.Popen[bytes]:
         full = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(self.config)}
@@ -114,7 +115,7 @@ class Workers:
         if hooks_redis:
             full["DATAMESH_TEST_HOOKS_REDIS"] = hooks_redis
         full.update(env)
-        log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        log = open(self.log_dir / f"worker-{len(self.procs) + len(self.killed)}.log", "wb")  # noqa: SIM115
         cmd = [
             sys.executable,
             "-m",
@@ -134,7 +135,7 @@ class Workers:
     def start_beat(self) -> subprocess.Popen[bytes]:
         full = {**{k: v for k, v in os.environ.items() if not k.startswith("DATAMESH_")}, **env_of(self.config)}
         full["PYTHONPATH"] = str(ROOT)
-        log = open(self.log_dir / f"worker-beat-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        log = open(self.log_dir / f"worker-beat-{len(self.procs) + len(self.killed)}.log", "wb")  # noqa: SIM115
         cmd = [sys.executable, "-m", "datamesh", "beat", "--loglevel", "INFO"]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
@@ -171,6 +172,15 @@ class Workers:
             # process orphans them) would go on consuming and publishing on the next test's broker.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+    def kill_node(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL one worker node's whole process group (its main process and pool, at once: no warm
+        shutdown, the messages it had taken stay unacknowledged in the broker until the visibility
+        timeout) and forget it, so that :meth:`wait_ready` does not take its exit for a failure."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self.procs.remove(proc)
+        self.killed.append(proc)
 
     def kill(self) -> None:
         """SIGKILL every process the workers made, at once: a test's teardown, its checks done (a
