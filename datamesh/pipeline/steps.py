@@ -174,9 +174,13 @@ def _target_problem(p: Prepared, targets: Mapping[str, conversations.Conversatio
 
 @saga_step("store_blobs")
 def store_blobs(
-    tiers: Tiers, plan: SagaPlan, blobs: Mapping[tuple[str, str], bytes]
+    tiers: Tiers, plan: SagaPlan, blobs: Mapping[tuple[str, str], bytes], *, part: str | None = None
 ) -> Result[int, StorageError | NotFound]:
-    """Put every planned blob into its region's store (a blob already present is not rewritten)."""
+    """Put every planned blob into its region's store (a blob already present is not rewritten).
+
+    With ``part`` (the distributed executor stores each region's blobs in a task of its own), that
+    part is recorded done with the step, so a late duplicate of it is recognised and skipped.
+    """
     if not plan.blobs:
         return Ok(0)  # recorded done by reserve
     written = 0
@@ -197,7 +201,15 @@ def store_blobs(
                 )
             )
         written += int(put.value.written)
-    return _record(tiers, plan.saga_id, Step.STORE_BLOBS, StepState.DONE).map(lambda _: written)
+    if part is None:
+        return _record(tiers, plan.saga_id, Step.STORE_BLOBS, StepState.DONE).map(lambda _: written)
+
+    def tx(conn: Connection) -> None:
+        now = utcnow()
+        for step in (part, Step.STORE_BLOBS):
+            sagas.record_step(conn, plan.saga_id, step, StepState.DONE, now=now, lease_s=tiers.queue_lease_s)
+
+    return tiers.cp.run(tx, operation="saga.store_blobs.record").map(lambda _: written)
 
 
 def ap_records(

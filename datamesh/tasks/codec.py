@@ -78,8 +78,9 @@ def saga_chain(
     """``store_blobs`` per region → ``write_ap`` per shard → ``commit_cp``, as immutable signatures,
     and the stash their messages name: ``{field: JSON payload}`` for the saga's hash at :func:`stash_key`.
 
-    Steps run one after another; ``store_blobs`` and ``write_ap`` are recorded done by their last
-    part only, so the reaper never drives forward a saga with a part missing.
+    Steps run one after another.  ``write_ap`` is recorded done by its last part only, so the reaper
+    never drives forward a saga with a part missing; ``store_blobs`` by each region's part (harmless:
+    every blob part runs before the first ``write_ap`` part).  Each part records itself done too.
     """
     sigs: list[Signature] = []
     stash: dict[str, bytes] = {}

@@ -201,7 +201,7 @@ def store_blobs_task(self: Task, *, saga_id: str, tenant: str, region: str, part
             return stashed
         blobs = stashed.value
         plan = SagaPlan(saga_id, tenant, [], [BlobPlan(region, h, int(size)) for h, size, _ in blobs])
-        return store_blobs(RUNTIME.tiers(), plan, {(region, h): unb64(b) for h, _, b in blobs})
+        return store_blobs(RUNTIME.tiers(), plan, {(region, h): unb64(b) for h, _, b in blobs}, part=part)
 
     return run_step(self, saga_id, part, Step.STORE_BLOBS, body)
 
