@@ -17,9 +17,11 @@ from datamesh.core.errors import SagaFailed
 from datamesh.core.result import Err
 from datamesh.observability import ledger
 from datamesh.pipeline.ingestion import IngestionPipeline
+from datamesh.pipeline.plan import SagaPlan
 from datamesh.pipeline.steps import Step
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus, StepState
+from datamesh.workers.executor import CeleryExecutor
 from tests.celery.conftest import Workers, eventually, run_cli, runs_per_node
 from tests.helpers import counts_after_gc, real_requests, tier_counts
 from tests.test_saga_faults import FAULT_POINTS, FailAt, batch_with_blobs
@@ -73,43 +75,16 @@ async def test_failure_at_each_step_is_compensated_by_the_workers(
 async def test_the_same_messages_delivered_twice_make_one_conversation(
     workers: Workers, celery_config: DataMeshConfig
 ) -> None:
-    from celery.signals import before_task_publish
-
-    from datamesh.pipeline.prepare import prepare
-    from datamesh.pipeline.request import validate
-    from datamesh.workers.executor import CeleryExecutor
-
     workers.start("--role", "all")
     workers.wait_ready()
-    published: list[dict[str, Any]] = []
-
-    def capture(body: Any, exchange: str, routing_key: str, headers: dict[str, Any], **kw: Any) -> None:
-        published.append({"body": body, "exchange": exchange, "routing_key": routing_key, "headers": dict(headers)})
-
     async with (await IngestionPipeline.create(celery_config)).unwrap() as p:
         executor = p._executor
         assert isinstance(executor, CeleryExecutor)
-        requests = real_requests(5)
-        prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(requests)]
-        plan = executor.reserve("default", prepared).unwrap().plan
-        content = {i: (r.prompt, r.response, None) for i, r in enumerate(requests)}
         # Given a saga's first message captured as it is published,
-        before_task_publish.connect(capture, weak=False)
-        try:
-            executor.submit(plan, content, {}).unwrap()
-        finally:
-            before_task_publish.disconnect(capture)
-        (first,) = published
+        plan, first = submit_capturing_first_message(p, real_requests(5))
         # and the very same message (same task id, same body, the rest of the chain in it) sent again,
         # as a redelivery would: every step of the saga then runs twice, under the same task ids,
-        with executor.app.producer_or_acquire() as producer:
-            producer.publish(
-                first["body"],
-                exchange=first["exchange"],
-                routing_key=first["routing_key"],
-                headers=first["headers"],
-                serializer="json",
-            )
+        publish_again(p, first)
         committed = executor.wait(plan).unwrap()
         # when both deliveries of every step have run (the workers' own counts say so),
         once = {"datamesh.write_ap": len({(i.region, i.shard) for i in plan.items}), "datamesh.commit_cp": 1}
@@ -262,34 +237,14 @@ async def test_a_step_that_kills_its_worker_on_every_delivery_is_capped_and_comp
 async def test_a_late_duplicate_of_a_step_that_succeeded_neither_counts_nor_fails_the_saga(
     workers: Workers, celery_config: DataMeshConfig
 ) -> None:
-    from celery.signals import before_task_publish
-
-    from datamesh.pipeline.prepare import prepare
-    from datamesh.pipeline.request import validate
-    from datamesh.workers.executor import CeleryExecutor
-
     # Given a cap of one delivery per step, and AP workers but no cp worker yet (the pivot waits),
     workers.config = config = celery_config.with_changes(step_max_deliveries=1)
     workers.start("--role", "ap")
     workers.wait_ready()
-    published: list[dict[str, Any]] = []
-
-    def capture(body: Any, exchange: str, routing_key: str, headers: dict[str, Any], **kw: Any) -> None:
-        published.append({"body": body, "exchange": exchange, "routing_key": routing_key, "headers": dict(headers)})
-
     async with (await IngestionPipeline.create(config)).unwrap() as p:
         executor = p._executor
         assert isinstance(executor, CeleryExecutor)
-        requests = real_requests(5)
-        prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(requests)]
-        plan = executor.reserve("default", prepared).unwrap().plan
-        content = {i: (r.prompt, r.response, None) for i, r in enumerate(requests)}
-        before_task_publish.connect(capture, weak=False)
-        try:
-            executor.submit(plan, content, {}).unwrap()
-        finally:
-            before_task_publish.disconnect(capture)
-        (first,) = published
+        plan, first = submit_capturing_first_message(p, real_requests(5))
         assert first["headers"]["task"] == "datamesh.write_ap" and not plan.blobs
 
         def load() -> sagas.SagaRecord:
@@ -303,14 +258,7 @@ async def test_a_late_duplicate_of_a_step_that_succeeded_neither_counts_nor_fail
         assert parts and set(parts.values()) == {1}, parts
         # when its first step's message is delivered again while the pivot still waits (the message
         # carries the rest of the chain: every write_ap part runs a second time),
-        with executor.app.producer_or_acquire() as producer:
-            producer.publish(
-                first["body"],
-                exchange=first["exchange"],
-                routing_key=first["routing_key"],
-                headers=first["headers"],
-                serializer="json",
-            )
+        publish_again(p, first)
         writes = len({(i.region, i.shard) for i in plan.items})
         await eventually(lambda: _equal(runs_per_node(executor.app, "datamesh.write_ap"), {"ap": 2 * writes}))
         # then the duplicates neither count a delivery nor trip the cap: the saga is still running,
@@ -341,3 +289,44 @@ def _attempts(p: IngestionPipeline, saga_id: str) -> dict[str, int]:
         write=False,
     ).unwrap()
     return {row.step: int(row.attempts) for row in rows}
+
+
+def submit_capturing_first_message(p: IngestionPipeline, requests: list[Any]) -> tuple[SagaPlan, dict[str, Any]]:
+    """Reserve and submit a saga for ``requests`` (no blobs) under the Celery executor; its plan and
+    its first message as it was published (body, exchange, routing key, headers)."""
+    from celery.signals import before_task_publish
+
+    from datamesh.pipeline.prepare import prepare
+    from datamesh.pipeline.request import validate
+
+    executor = p._executor
+    assert isinstance(executor, CeleryExecutor)
+    published: list[dict[str, Any]] = []
+
+    def capture(body: Any, exchange: str, routing_key: str, headers: dict[str, Any], **kw: Any) -> None:
+        published.append({"body": body, "exchange": exchange, "routing_key": routing_key, "headers": dict(headers)})
+
+    prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(requests)]
+    plan = executor.reserve("default", prepared).unwrap().plan
+    content = {i: (r.prompt, r.response, None) for i, r in enumerate(requests)}
+    before_task_publish.connect(capture, weak=False)
+    try:
+        executor.submit(plan, content, {}).unwrap()
+    finally:
+        before_task_publish.disconnect(capture)
+    (first,) = published
+    return plan, first
+
+
+def publish_again(p: IngestionPipeline, message: dict[str, Any]) -> None:
+    """Send the very same message again (same task id, same body), as a redelivery would."""
+    executor = p._executor
+    assert isinstance(executor, CeleryExecutor)
+    with executor.app.producer_or_acquire() as producer:
+        producer.publish(
+            message["body"],
+            exchange=message["exchange"],
+            routing_key=message["routing_key"],
+            headers=message["headers"],
+            serializer="json",
+        )
