@@ -203,13 +203,7 @@ def store_blobs(
         written += int(put.value.written)
     if part is None:
         return _record(tiers, plan.saga_id, Step.STORE_BLOBS, StepState.DONE).map(lambda _: written)
-
-    def tx(conn: Connection) -> None:
-        now = utcnow()
-        for step in (part, Step.STORE_BLOBS):
-            sagas.record_step(conn, plan.saga_id, step, StepState.DONE, now=now, lease_s=tiers.queue_lease_s)
-
-    return tiers.cp.run(tx, operation="saga.store_blobs.record").map(lambda _: written)
+    return _record_done(tiers, plan.saga_id, [part, Step.STORE_BLOBS], "store_blobs").map(lambda _: written)
 
 
 def ap_records(
@@ -265,14 +259,19 @@ def write_ap_part(
             return put
         written += put.value
 
+    return _record_done(tiers, plan.saga_id, [part, *marks], "write_ap_part").map(lambda _: written)
+
+
+def _record_done(tiers: Tiers, saga_id: str, steps: Sequence[str], name: str) -> Result[None, StorageError]:
+    """Record a part and the steps it completes done, in one transaction.  The next part (or the
+    pivot) is published now: the saga waits in its queue, under the queue timeout."""
+
     def tx(conn: Connection) -> None:
         now = utcnow()
-        # the next part (or the pivot) is published now: the saga waits in its queue
-        sagas.record_step(conn, plan.saga_id, part, StepState.DONE, now=now, lease_s=tiers.queue_lease_s)
-        for step in marks:
-            sagas.record_step(conn, plan.saga_id, step, StepState.DONE, now=now, lease_s=tiers.queue_lease_s)
+        for step in steps:
+            sagas.record_step(conn, saga_id, step, StepState.DONE, now=now, lease_s=tiers.queue_lease_s)
 
-    return tiers.cp.run(tx, operation="saga.write_ap_part.record").map(lambda _: written)
+    return tiers.cp.run(tx, operation=f"saga.{name}.record")
 
 
 def mark_done(tiers: Tiers, saga_id: str, step: Step) -> Result[None, StorageError]:

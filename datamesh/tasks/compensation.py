@@ -20,7 +20,6 @@ from celery import Celery, Task, current_app, shared_task
 
 from datamesh.core.errors import StorageError, describe
 from datamesh.core.result import Err, Ok, Result
-from datamesh.core.retry import full_jitter_delay
 from datamesh.observability import logs
 from datamesh.pipeline import compensation
 from datamesh.pipeline.plan import SagaPlan
@@ -29,12 +28,10 @@ from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus
 from datamesh.storage.cp.sql import utcnow
 from datamesh.tasks.codec import compensation_chain
-from datamesh.tasks.steps import hold_shard
+from datamesh.tasks.steps import hold_shard, retry_delay
 from datamesh.workers import queues
 from datamesh.workers.runtime import RUNTIME
 
-_BASE_S = 0.05
-_CAP_S = 2.0
 log = logs.logger(__name__)
 
 
@@ -109,9 +106,7 @@ def compensate_task(self: Task, *, saga_id: str) -> str:
     tiers = RUNTIME.tiers()
     record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="task.compensate.load", write=False)
     if isinstance(record, Err):
-        raise self.retry(
-            countdown=full_jitter_delay(self.request.retries + 1, base_s=_BASE_S, cap_s=_CAP_S), max_retries=None
-        )
+        raise self.retry(countdown=retry_delay(self.request.retries + 1), max_retries=None)
     if record.value is None or record.value.status not in (SagaStatus.COMPENSATING, SagaStatus.DEAD):
         return "skipped"
     queue_lease(tiers, saga_id, SagaStatus.COMPENSATING)  # failing, the lease it has stands: the reaper backs it up
@@ -138,9 +133,7 @@ def _undo(task: Task, saga_id: str, undo: Any) -> str:
     started = tiers.cp.run(lambda c: sagas.start_undo(c, saga_id, now=utcnow()), operation="task.undo.start")
     if isinstance(loaded, Err) or loaded.value is None or isinstance(started, Err) or started.value is None:
         # the CP tier is unreachable: nothing was counted, try again later (the reaper backs this up)
-        raise task.retry(
-            countdown=full_jitter_delay(task.request.retries + 1, base_s=_BASE_S, cap_s=_CAP_S), max_retries=None
-        )
+        raise task.retry(countdown=retry_delay(task.request.retries + 1), max_retries=None)
     record = loaded.value
     name = str(task.name).removeprefix("datamesh.")
     count = started.value[1]
@@ -163,7 +156,7 @@ def _undo(task: Task, saga_id: str, undo: Any) -> str:
         return "done"
     if count >= limit:
         return _dead_letter(task, tiers, saga_id, f"compensation kept failing: {describe(done.error)}")
-    raise task.retry(countdown=full_jitter_delay(count + 1, base_s=_BASE_S, cap_s=_CAP_S), max_retries=None)
+    raise task.retry(countdown=retry_delay(count + 1), max_retries=None)
 
 
 def _dead_letter(task: Task, tiers: Tiers, saga_id: str, error: str) -> str:

@@ -34,6 +34,13 @@ from datamesh.workers.runtime import RUNTIME
 
 _RETRY_BASE_S = 0.05
 _RETRY_CAP_S = 2.0
+
+
+def retry_delay(attempt: int) -> float:
+    """Full-jitter backoff of the saga's step and compensation tasks before their ``attempt``-th try."""
+    return full_jitter_delay(attempt, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S)
+
+
 log = logs.logger(__name__)
 
 _MAX_BOUNCES = 1000  # re-queues of a message whose shard another worker holds, or that reached a wrong region
@@ -57,7 +64,7 @@ def begin(task: Task, saga_id: str, step: str) -> int | None:
     if isinstance(begun, Err):
         # the CP tier is unreachable: nothing was counted, try again later (the reaper backs this up)
         raise task.retry(
-            countdown=full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
+            countdown=retry_delay(task.request.retries + 1),
             max_retries=_MAX_BOUNCES,
         )
     delivery = begun.value
@@ -79,7 +86,7 @@ def finish(task: Task, saga_id: str, step: str, result: Result[Any, Any], attemp
         if error.tier != "cp":  # the CP tier failing, writing the lease would only wait on it again
             hand_back(saga_id)
         raise task.retry(
-            countdown=full_jitter_delay(attempts, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
+            countdown=retry_delay(attempts),
             max_retries=_MAX_BOUNCES,  # the cap that matters is ``attempts``, counted in the saga log
         )
     raise StepFailed(describe(error) if isinstance(error, DataMeshError) else str(error))  # type: ignore[arg-type]
@@ -143,7 +150,7 @@ def hold_shard(task: Task, region: str, shard: int) -> None:
         # the other bounces) before ``begin``, so no delivery is counted and the saga is not
         # compensated for it.  A lease we held stays trusted only until its local deadline.
         raise task.retry(
-            countdown=full_jitter_delay(task.request.retries + 1, base_s=_RETRY_BASE_S, cap_s=_RETRY_CAP_S),
+            countdown=retry_delay(task.request.retries + 1),
             max_retries=_MAX_BOUNCES,
         ) from None
     if token is None:

@@ -142,11 +142,14 @@ class Runtime:
         self._leases = None
         self._redis = None
 
+    def _fence_path(self, region: str, shard: int) -> Path:
+        return self.tiers().ap.shard_path_for(region, shard).with_suffix(".fence")
+
     def _fence_of(self, region: str, shard: int) -> int:
-        return read_fence(self.tiers().ap.shard_path_for(region, shard).with_suffix(".fence"))
+        return read_fence(self._fence_path(region, shard))
 
     def _fence_to(self, region: str, shard: int, token: int) -> None:
-        path = self.tiers().ap.shard_path_for(region, shard).with_suffix(".fence")
+        path = self._fence_path(region, shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         advance_fence(path, token)
 

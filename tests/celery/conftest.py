@@ -24,8 +24,10 @@ import redis
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.result import Err
+from datamesh.pipeline.tiers import Tiers, readonly_engine_for
 from datamesh.storage.cp import migrate
 from datamesh.storage.cp.database import CpDatabase
+from datamesh.workers.executor import CeleryExecutor
 from tests.conftest import service_missing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,6 +209,19 @@ async def eventually(check: Callable[[], object], timeout: float = 10.0) -> None
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+@contextlib.contextmanager
+def caller(config: DataMeshConfig) -> Iterator[tuple[Tiers, CeleryExecutor]]:
+    """A Celery-mode caller without a pipeline (no reaper of its own): its tiers, with the AP shards
+    read-only as such a caller opens them, and its executor; both closed at the end."""
+    tiers = Tiers.open(config, engine_factory=readonly_engine_for(config.ap_engine)).unwrap()
+    executor = CeleryExecutor(tiers, config)
+    try:
+        yield tiers, executor
+    finally:
+        executor.close()
+        tiers.close()
 
 
 def run_cli(config: DataMeshConfig, *args: str) -> str:

@@ -25,7 +25,7 @@ from datamesh.storage.cp.sagas import SagaRecord, SagaStatus, StepState
 from datamesh.storage.cp.sql import utcnow
 from datamesh.workers import queues
 from datamesh.workers.executor import CeleryExecutor
-from tests.celery.conftest import Workers, eventually, pool_children
+from tests.celery.conftest import Workers, caller, eventually, pool_children
 from tests.celery.test_kills import settle
 from tests.helpers import counts_after_gc, real_requests, tier_counts
 
@@ -113,9 +113,7 @@ async def test_a_saga_whose_message_is_lost_is_compensated_after_the_queue_timeo
 ) -> None:
     config = workers.config = celery_config.with_changes(saga_lease_s=2.0, saga_queue_timeout_s=4.0)
     broker = redis.Redis.from_url(redis_url)
-    tiers = Tiers.open(config, engine_factory=readonly_engine_for(config.ap_engine)).unwrap()
-    executor = CeleryExecutor(tiers, config)
-    try:
+    with caller(config) as (tiers, executor):
         workers.start("--role", "blobs")
         workers.wait_ready()
         # Given a saga whose blob a worker stored, its write_ap message waiting in its shard's queue,
@@ -160,10 +158,7 @@ async def test_a_saga_whose_message_is_lost_is_compensated_after_the_queue_timeo
         assert counts.rows["object_refs"] == 0 and counts.rows["blobs"] == 0
         assert counts.rows["idempotency_keys"] == 0 and counts.rows["provenance_records"] == 0
         assert list(broker.scan_iter("dm:saga-parts:*")) == []
-    finally:
-        executor.close()
-        tiers.close()
-        broker.close()
+    broker.close()
 
 
 def begun(tiers: Tiers, saga_id: str, step: Step) -> None:
@@ -249,9 +244,7 @@ async def test_a_compensation_nobody_runs_is_redriven_a_bounded_number_of_times_
     limit = 2
     config = celery_config.with_changes(saga_lease_s=0.5, saga_queue_timeout_s=0.5, compensation_attempts=limit)
     broker = redis.Redis.from_url(redis_url)
-    tiers = Tiers.open(config, engine_factory=readonly_engine_for(config.ap_engine)).unwrap()
-    executor = CeleryExecutor(tiers, config)
-    try:
+    with caller(config) as (tiers, executor):
         # Given a saga claimed for compensation whose compensation never runs (no worker consumes
         # its queues: an outage of the pools, or its messages lost),
         prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(real_requests(2))]
@@ -273,6 +266,3 @@ async def test_a_compensation_nobody_runs_is_redriven_a_bounded_number_of_times_
         await outwait(tiers, [plan.saga_id], config.saga_queue_timeout_s)
         assert [o for o in executor.reap() if o.saga_id == plan.saga_id] == []
         assert plan.saga_id in run_cli(config, "sagas", "--dead")
-    finally:
-        executor.close()
-        tiers.close()

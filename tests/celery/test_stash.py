@@ -15,12 +15,10 @@ from datamesh.core.result import Err
 from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.saga import ReapOutcome
 from datamesh.pipeline.steps import Step
-from datamesh.pipeline.tiers import Tiers, readonly_engine_for
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus, StepState
-from datamesh.workers.executor import CeleryExecutor
 from datamesh.workers.runtime import DONE_KEY
-from tests.celery.conftest import Workers, eventually, run_cli
+from tests.celery.conftest import Workers, caller, eventually, run_cli
 from tests.celery.test_queue_timeout import outwait, records
 from tests.helpers import counts_after_gc, tier_counts
 from tests.test_saga_faults import batch_with_blobs
@@ -102,9 +100,7 @@ async def test_a_saga_the_reaper_commits_has_its_stash_dropped(
 ) -> None:
     config = workers.config = celery_config.with_changes(saga_lease_s=2.0, saga_queue_timeout_s=4.0)
     broker = redis.Redis.from_url(redis_url)
-    tiers = Tiers.open(config, engine_factory=readonly_engine_for(config.ap_engine)).unwrap()
-    executor = CeleryExecutor(tiers, config)
-    try:
+    with caller(config) as (tiers, executor):
         # Given workers for the blobs and AP steps but none for cp, and a saga they have run up to
         # the pivot: its commit_cp message waits in the cp queue, its stash still in the broker,
         workers.start("--role", "blobs")
@@ -129,7 +125,4 @@ async def test_a_saga_the_reaper_commits_has_its_stash_dropped(
         assert broker.exists(codec.stash_key(plan.saga_id)) == 0
         assert broker.lrange(DONE_KEY.format(plan.saga_id), 0, -1) == [SagaStatus.COMMITTED.value.encode()]
         assert len(executor.wait(plan).unwrap()) == len(plan.items)
-    finally:
-        executor.close()
-        tiers.close()
-        broker.close()
+    broker.close()
