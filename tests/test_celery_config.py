@@ -233,10 +233,14 @@ def test_index_queues_have_one_consumer_process() -> None:
     assert [(argv[argv.index("-Q") + 1], argv[argv.index("-c") + 1]) for argv, _ in commands] == [
         ("index.eu-west", "1")
     ]
-    # and in a sharded all-roles pool only the first worker consumes the index queues.
+    # and a sharded all-roles pool gives them a process of its own, so no shard's saga steps wait
+    # behind an index drain.
     args = build_parser().parse_args(["worker", "--role", "all", "--region", "eu-west", "--processes", "2"])
-    consumed = [argv[argv.index("-Q") + 1].split(",") for argv, _ in worker_commands(args, DataMeshConfig(ap_shards=2))]
-    assert "index.eu-west" in consumed[0] and not any(q.startswith("index.") for q in consumed[1])
+    commands = worker_commands(args, DataMeshConfig(ap_shards=2))
+    consumed = [argv[argv.index("-Q") + 1].split(",") for argv, _ in commands]
+    assert consumed[2] == ["index.eu-west"] and commands[2][1]["DATAMESH_WORKER_ROLE"] == "index"
+    assert not any(q.startswith("index.") for q in consumed[0] + consumed[1])
+    assert {"ap.eu-west.0", "ap.eu-west.1"} == {q for q in consumed[0] + consumed[1] if q.startswith("ap.")}
 
 
 def test_an_ap_pool_deals_its_shards_to_one_consumer_each() -> None:

@@ -5,7 +5,7 @@
 the regions' ``index.<region>`` queues (index outbox drains: this process is the regions' index writer);
 ``--role all`` everything of its regions (one box).  With ``--processes N`` an AP (or all) pool is N Celery
 workers of one process each, the shards dealt round-robin between them, so each shard queue has one
-consumer (the index queues go to the first of them); a ``cp`` or ``blobs`` pool is one Celery worker with N
+consumer, plus one process for the index queues; a ``cp`` or ``blobs`` pool is one Celery worker with N
 processes; an ``index`` pool is always one process (a region's index has one writer).  Each run is ``celery -A
 datamesh.workers.app worker`` with the queues and ``DATAMESH_WORKER_*`` set for it.
 """
@@ -71,16 +71,22 @@ def worker_commands(args: argparse.Namespace, config: DataMeshConfig) -> list[tu
         # each process of an AP pool owns shards of its own: a process with none would consume nothing
         raise ValueError(f"--processes {processes} is more than the {len(shards)} AP shards this pool owns")
     groups = [shards[i::processes] for i in range(processes)] if sharded else [shards]
+    # (role, shards) per Celery worker.  A sharded all-roles pool gives the index queues a process of
+    # its own: an index drain runs for seconds, and behind it, in a process that also owns shards,
+    # those shards' saga steps would wait (a region's index has one writer, so one process).
+    specs = [(args.role, owned) for owned in groups]
+    if sharded and args.role == "all":
+        specs.append(("index", []))
     commands = []
-    for n, owned in enumerate(groups):
-        names = queues.queues_for(args.role, regions, owned, index=n == 0)
+    for n, (role, owned) in enumerate(specs):
+        names = queues.queues_for(role, regions, owned, index=not sharded)
         argv = [
             *CELERY,
             "worker",
             "-Q",
             ",".join(names),
             "-c",
-            "1" if sharded or args.role == "index" else str(processes),
+            "1" if sharded or role == "index" else str(processes),
             "-n",
             f"{prefix}.{n}@%h",
             "--loglevel",
@@ -92,7 +98,7 @@ def worker_commands(args: argparse.Namespace, config: DataMeshConfig) -> list[tu
         if args.beat and n == 0:
             argv += ["-B", "-s", str(config.data_dir / f"celerybeat-schedule-{os.getpid()}")]
         env = {
-            "DATAMESH_WORKER_ROLE": args.role,
+            "DATAMESH_WORKER_ROLE": role,
             "DATAMESH_WORKER_REGIONS": ",".join(regions),
             "DATAMESH_WORKER_SHARDS": ",".join(map(str, owned)),
         }

@@ -32,7 +32,7 @@ def test_pool_metrics_are_served_merged(workers: Workers, celery_config: DataMes
     # Given a two-process pool started with --metrics-port,
     port = free_port()
     workers.start("--role", "all", "--processes", "2", "--metrics-port", str(port))
-    workers.wait_ready(count=2)
+    workers.wait_ready(count=3)  # two shard owners and the index process
 
     # when a batch is ingested through it,
     async def ingest() -> None:
