@@ -151,7 +151,7 @@ class CeleryExecutor:
     def reap(self) -> list[ReapOutcome]:
         from datamesh.tasks.reaper import reap_distributed
 
-        return reap_distributed(self.app, self.tiers, self._redis)
+        return reap_distributed(self.app, self.tiers, self._redis, pivot_attempts=self.config.reaper_pivot_attempts)
 
     def close(self) -> None:
         self._redis.close()
