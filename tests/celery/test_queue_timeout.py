@@ -266,3 +266,27 @@ async def test_a_compensation_nobody_runs_is_redriven_a_bounded_number_of_times_
         await outwait(tiers, [plan.saga_id], config.saga_queue_timeout_s)
         assert [o for o in executor.reap() if o.saga_id == plan.saga_id] == []
         assert plan.saga_id in run_cli(config, "sagas", "--dead")
+
+
+def test_a_caller_that_stops_waiting_is_told_the_saga_is_in_flight_and_how_to_follow_it(
+    celery_config: DataMeshConfig,
+) -> None:
+    from datamesh.core.errors import StorageError
+
+    config = celery_config.with_changes(saga_wait_s=0.5, saga_queue_timeout_s=600.0, reap_interval_s=30.0)
+    with caller(config) as (tiers, executor):
+        # Given a reserved saga whose chain never reaches a worker (its message lost: none published)
+        prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(real_requests(2))]
+        plan = executor.reserve("default", prepared).unwrap().plan
+        # When its caller's wait (DATAMESH_SAGA_WAIT_S) runs out
+        waited = executor.wait(plan)
+        # Then the answer is a retryable error, not a failure, naming the saga, when the reaper settles
+        # it (queue timeout + one reap interval) and how to follow it
+        assert isinstance(waited, Err) and isinstance(waited.error, StorageError) and waited.error.retryable
+        message = waited.error.message
+        assert f"saga {plan.saga_id} is still in flight after 0.5s" in message and "has not failed" in message
+        assert "reaper will drive it forward or compensate it within 630s" in message
+        assert f"saga_status('{plan.saga_id}')" in message and "idempotency keys" in message
+        # and the saga is indeed still running, for the reaper to settle after its queue timeout
+        (record,) = records(tiers, [plan.saga_id])
+        assert record.status == SagaStatus.RUNNING and record.lease_expires_at > utcnow()
