@@ -1,7 +1,8 @@
 """The saga log: a row per saga and a row per step, written with the step's own CP writes.
 
 Statuses: ``running`` → ``committed`` (the pivot committed) or ``running`` → ``compensating`` →
-``compensated`` (or ``dead`` after too many failed compensation attempts).  The pivot only commits
+``compensated`` (or ``dead`` after too many failed compensation attempts), or ``running`` → ``dead``
+when the reaper's re-runs of the pivot kept failing retryably (re-driven back to ``running``).  The pivot only commits
 a ``running`` saga and compensation only claims a ``running`` one, so the two can never both win.
 """
 
