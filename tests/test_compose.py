@@ -116,3 +116,91 @@ def test_the_image_user_owns_the_data_folder_and_every_mount_point_under_it(comp
             target = volume.split(":")[1]
             if target.startswith(data_dir):
                 assert target in made | {data_dir}, (name, target)
+
+
+def test_the_cp_url_names_both_servers_and_asks_for_the_writable_one(compose: dict[str, Any]) -> None:
+    from sqlalchemy.engine import make_url
+
+    from datamesh.core.config import DataMeshConfig
+    from datamesh.storage.cp.database import normalize_url
+
+    env = compose["x-datamesh"]["environment"]
+    # Given the compose file's CP URL, as every datamesh service reads it
+    config = DataMeshConfig.from_env({"DATAMESH_CP_URL": env["DATAMESH_CP_URL"]}).unwrap()
+    url = make_url(normalize_url(config.resolved_cp_url))
+    # Then it is psycopg2's multi-host form: the primary first, then the synchronous standby a
+    # failover promotes, and each connection keeps only a server that accepts writes
+    assert url.drivername == "postgresql+psycopg2" and url.host is None and url.database == "datamesh"
+    hosts = url.query["host"]
+    assert isinstance(hosts, tuple) and list(hosts) == ["postgres-primary:5432", "postgres-standby:5432"]
+    assert url.query["target_session_attrs"] == "read-write"
+    services = compose["services"]
+    assert {"postgres-primary", "postgres-standby"} == {h.split(":")[0] for h in hosts} & set(services)
+
+
+def test_rpo_zero_is_required_and_migrate_waits_for_the_standby(compose: dict[str, Any]) -> None:
+    from datamesh.core.config import DataMeshConfig
+
+    services = compose["services"]
+    env = compose["x-datamesh"]["environment"]
+    # Given the shared environment, every long-running datamesh service requires synchronous replication
+    assert DataMeshConfig.from_env(env).unwrap().cp_require_sync_replication
+    long_running = [n for n, s in services.items() if s.get("image") == "datamesh:latest" and n != "migrate"]
+    for name in long_running:
+        service_env = services[name].get("environment", env)
+        assert service_env["DATAMESH_CP_REQUIRE_SYNC_REPLICATION"] == "true", name
+        # and starts after the one-shot migration,
+        assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}, name
+    # which starts once the standby streams (its commits wait for it), by the standby's healthcheck
+    assert services["migrate"]["depends_on"]["postgres-standby"] == {"condition": "service_healthy"}
+    check = " ".join(services["postgres-standby"]["healthcheck"]["test"])
+    assert "pg_stat_wal_receiver" in check
+    # and the application's user may read the replication state the flag checks (pg_monitor)
+    mounts = services["postgres-primary"]["volumes"]
+    assert "./deploy/postgres/initdb:/docker-entrypoint-initdb.d:ro" in mounts
+    grants = "\n".join(p.read_text() for p in (ROOT / "deploy" / "postgres" / "initdb").glob("*.sql"))
+    assert "GRANT pg_monitor TO datamesh;" in grants
+    assert services["postgres-primary"]["environment"]["POSTGRESQL_INITSCRIPTS_USERNAME"] == "postgres"
+
+
+def test_flower_needs_its_password_from_the_environment(compose: dict[str, Any]) -> None:
+    command = compose["services"]["flower"]["command"]
+    auth = command[command.index("--basic-auth") + 1]
+    # a required variable (`${VAR:?message}`): compose refuses to start without it, and nothing in
+    # the file is a password for Flower
+    assert re.fullmatch(r"admin:\$\{FLOWER_PASSWORD:\?[^}]+\}", auth), auth
+    readme = (ROOT / "README.md").read_text()
+    assert "`FLOWER_PASSWORD`" in readme
+
+
+def test_a_multi_host_cp_url_skips_a_server_that_is_down(pg_cp_url: str, tmp_path: Path) -> None:
+    import socket
+
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from datamesh.core.config import DataMeshConfig
+    from datamesh.pipeline.tiers import Tiers
+
+    # Given a port nothing listens on (bound, then closed) and the real PostgreSQL on 127.0.0.1:5432,
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    real = make_url(pg_cp_url)
+    assert (real.host, real.port or 5432) == ("127.0.0.1", 5432)
+    # and a CP URL in the compose file's form naming the closed port first,
+    query = {**real.query, "host": (f"127.0.0.1:{closed}", "127.0.0.1:5432"), "target_session_attrs": "read-write"}
+    url = real.set(host=None, port=None, query=query).render_as_string(hide_password=False)
+    config = DataMeshConfig.from_env({"DATAMESH_CP_URL": url, "DATAMESH_DATA_DIR": str(tmp_path)}).unwrap()
+    # When the tiers open it (schema check included) and run a query,
+    tiers = Tiers.open(config).unwrap()
+    try:
+        found = tiers.cp.run(
+            lambda c: c.execute(text("SELECT inet_server_port(), pg_is_in_recovery()")).one(),
+            operation="t",
+            write=False,
+        ).unwrap()
+    finally:
+        tiers.close()
+    # Then the connection was made to the second server, a writable one
+    assert tuple(found) == (5432, False)

@@ -84,6 +84,8 @@ def test_config_defaults_work_without_environment() -> None:
     assert config.executor == "local" and config.inline_max_bytes == 64 * 1024
     assert config.resolved_cp_url.startswith("sqlite:///")
     assert config.resolved_objects_url.startswith("file://")
+    assert config.reaper_pivot_attempts == 10
+    assert DataMeshConfig.from_env({"DATAMESH_REAPER_PIVOT_ATTEMPTS": "3"}).unwrap().reaper_pivot_attempts == 3
 
 
 @pytest.mark.parametrize(
@@ -101,6 +103,8 @@ def test_config_defaults_work_without_environment() -> None:
         ("DATAMESH_CP_COMMIT_TIMEOUT_S", "0"),
         ("DATAMESH_AP_LSM_FSYNC", "sometimes"),
         ("DATAMESH_AP_LSM_FSYNC_INTERVAL_S", "0"),
+        ("DATAMESH_REAPER_PIVOT_ATTEMPTS", "0"),
+        ("DATAMESH_REAPER_PIVOT_ATTEMPTS", "ten"),
     ],
 )
 def test_config_names_the_bad_variable(variable: str, value: str) -> None:

@@ -286,3 +286,68 @@ async def test_reaper_compensates_a_saga_whose_pivot_failed_for_good(pg_cp_url: 
         assert [(o.saga_id, o.action) for o in reap(p.tiers)] == [(saga_id, SagaStatus.COMPENSATED.value)]
         counts = counts_after_gc(p.tiers)
         assert counts.stored() == 0 and counts.ap_rows == 0 and counts.rows["idempotency_keys"] == 0
+
+
+@pytest.mark.parametrize("failure", ["serialization-failure", "connection-dropped"])
+async def test_reaper_dead_letters_a_pivot_that_keeps_failing_transiently_and_sagas_retry_commits_it(
+    pg_cp_url: str, tmp_path: Path, failure: str
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from datamesh.observability import ledger
+    from tests.test_cli import run
+
+    config = DataMeshConfig(data_dir=tmp_path / "data", cp_url=pg_cp_url, reap_interval_s=3600.0)
+    async with (await IngestionPipeline.create(config, faults=stop_before_pivot)).unwrap() as p:
+        # Given a saga stranded just before the pivot, and a PostgreSQL where its pivot fails
+        # transiently every time (the CP tier's own re-runs kept short)
+        requests = real_requests(3)
+        saga_id = await stranded_before_the_pivot(p, requests)
+        fail_pivots(p.tiers, PIVOT_FAILURES[failure])
+        impatient = dataclasses.replace(
+            p.tiers, cp=CpDatabase(p.tiers.cp.engine, policy=RetryPolicy(attempts=2, base_s=0.001, cap_s=0.001))
+        )
+        counted = ledger.snapshot(REGISTRY)
+        # When three reaper passes, bound to three pivot attempts, re-run it
+        passes = [[(o.saga_id, o.action) for o in reap(impatient, pivot_attempts=3)] for _ in range(3)]
+        # Then the first two leave it running for the next pass, counting,
+        for attempt, outcomes in enumerate(passes[:2], start=1):
+            ((seen, action),) = outcomes
+            assert seen == saga_id and action.startswith(f"error: commit_cp (reaper attempt {attempt} of 3)"), action
+        # and the third dead-letters it, with the reason naming the error,
+        assert passes[2] == [(saga_id, SagaStatus.DEAD.value)]
+        record = p.tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="t", write=False).unwrap()
+        assert record is not None and record.status == SagaStatus.DEAD and record.failed_step == Step.COMMIT_CP
+        assert record.error is not None and "retryable error on 3 reaper passes" in record.error
+        assert (
+            "pivot conflicted" if failure == "serialization-failure" else "server closed the connection"
+        ) in record.error, record.error
+        assert f"sagas retry {saga_id}" in record.error
+        # nothing undone (its content and keys stay), counted dead-lettered, and left alone after
+        held = tier_counts(p.tiers)
+        assert held.ap_rows == 3 and held.rows["idempotency_keys"] == 3 and held.rows["turns"] == 0
+        moved = ledger.snapshot(REGISTRY) - counted
+        assert (moved.dead_letter, moved.in_flight, moved.compensated) == (3, -3, 0)
+        assert reap(impatient, pivot_attempts=3) == []
+        # Once PostgreSQL lets the pivot through,
+        heal_pivots(p.tiers)
+    # when the operator re-drives it,
+    env = {"DATAMESH_CP_URL": pg_cp_url, "DATAMESH_DATA_DIR": str(tmp_path / "data")}
+    retried = run(["-m", "datamesh", "sagas", "retry", saga_id], tmp_path, **env)
+    # then it commits, exactly once, and every tier holds its turns and nothing else:
+    assert retried.returncode == 0 and f"{saga_id}: committed" in retried.stdout, retried.stdout + retried.stderr
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        assert status_of(p.tiers, saga_id) == SagaStatus.COMMITTED
+        counts = counts_after_gc(p.tiers)
+        assert counts.rows["turns"] == 3 and counts.rows["conversations"] == 3 and counts.ap_rows == 3
+        assert counts.rows["idempotency_keys"] == 3 and counts.rows["object_refs"] == 0 and counts.blobs == 0
+        assert p.tiers.cp.run(sagas.count_by_status, operation="t").unwrap() == {SagaStatus.COMMITTED.value: 1}
+        replay = (await p.ingest_many(requests)).unwrap()
+        assert all(r.unwrap().deduplicated for r in replay)
+        for original, result in zip(requests, replay, strict=True):
+            stored = (await p.get(result.unwrap().conversation_id)).unwrap()
+            assert [(t.prompt, t.response) for t in stored.turns] == [(original.prompt, original.response)]
+        assert reap(p.tiers) == []
+    # and a second re-drive is refused: nothing is left to do
+    again = run(["-m", "datamesh", "sagas", "retry", saga_id], tmp_path, **env)
+    assert again.returncode == 1 and "committed: nothing to re-drive" in again.stdout, again.stdout

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.result import Err
 from datamesh.pipeline import compensation
-from datamesh.pipeline.saga import reap
+from datamesh.pipeline.saga import ReapOutcome, reap, redrive_pivot
 from datamesh.pipeline.tiers import Tiers, engine_for, readonly_engine_for
 from datamesh.storage.cp import migrate, provenance, sagas
 from datamesh.storage.cp.database import CpDatabase
 from datamesh.storage.cp.sagas import SagaStatus
 from datamesh.storage.cp.sql import utcnow
+
+if TYPE_CHECKING:
+    import redis
+    from celery import Celery
 
 
 def register(sub: Any) -> None:
@@ -26,7 +32,12 @@ def register(sub: Any) -> None:
     s = sub.add_parser("sagas", help="list sagas by state, or re-drive one")
     s.add_argument("--dead", action="store_true", help="list dead-lettered sagas")
     s.add_argument("--status", choices=[x.value for x in SagaStatus], help="list sagas in this state")
-    s.add_argument("action", nargs="?", choices=["retry"], help="retry: compensate a dead or stuck saga again")
+    s.add_argument(
+        "action",
+        nargs="?",
+        choices=["retry"],
+        help="retry: compensate a dead or stuck saga again; re-run the pivot of one the reaper dead-lettered there",
+    )
     s.add_argument("saga_id", nargs="?")
     s.set_defaults(handler=_sagas)
 
@@ -84,6 +95,10 @@ def _sagas(args: argparse.Namespace, config: DataMeshConfig) -> int:
             if refused is not None:
                 print(f"error: {refused}")
                 return 1
+            forward = _redrive_pivot(tiers, config, args.saga_id)
+            if forward is not None:
+                print(f"{args.saga_id}: {forward.action}")
+                return 1 if forward.action.startswith("error") else 0
             if config.executor == "celery":
                 return _redrive_on_celery(tiers, config, args.saga_id)
             outcome = compensation.compensate_with_retries(tiers, args.saga_id, failed_step="retry", error="re-driven")
@@ -116,6 +131,31 @@ def _not_redrivable(tiers: Tiers, saga_id: str) -> str | None:
     return sagas.redrive_refusal(record.value, now=utcnow())
 
 
+def _redrive_pivot(tiers: Tiers, config: DataMeshConfig, saga_id: str) -> ReapOutcome | None:
+    """A saga the reaper dead-lettered at its pivot is driven forward again (its pivot re-run, its
+    count reset), not compensated; ``None`` for any other saga."""
+    if config.executor != "celery":
+        return redrive_pivot(tiers, saga_id, pivot_attempts=config.reaper_pivot_attempts)
+    from datamesh.tasks.reaper import redrive_pivot_distributed
+
+    with _celery(config) as (app, broker):
+        return redrive_pivot_distributed(app, tiers, broker, saga_id, pivot_attempts=config.reaper_pivot_attempts)
+
+
+@contextmanager
+def _celery(config: DataMeshConfig) -> Iterator[tuple[Celery, redis.Redis]]:
+    """The Celery app and broker client of a command that settles sagas as the reaper does."""
+    import redis
+
+    from datamesh.workers.app import create_app
+
+    broker = redis.Redis.from_url(config.broker_url, socket_timeout=10)
+    try:
+        yield create_app(config, load_celeryconfig=False), broker
+    finally:
+        broker.close()
+
+
 def _redrive_on_celery(tiers: Tiers, config: DataMeshConfig, saga_id: str) -> int:
     """A fresh compensation attempt count (a stuck saga to ``compensating``), then the workers
     compensate it again."""
@@ -140,18 +180,12 @@ def _reap(args: argparse.Namespace, config: DataMeshConfig) -> int:
         return 2
     try:
         if config.executor == "celery":
-            import redis
-
             from datamesh.tasks.reaper import reap_distributed
-            from datamesh.workers.app import create_app
 
-            broker = redis.Redis.from_url(config.broker_url, socket_timeout=10)
-            try:
-                outcomes = reap_distributed(create_app(config, load_celeryconfig=False), tiers, broker)
-            finally:
-                broker.close()
+            with _celery(config) as (app, broker):
+                outcomes = reap_distributed(app, tiers, broker, pivot_attempts=config.reaper_pivot_attempts)
         else:
-            outcomes = reap(tiers)
+            outcomes = reap(tiers, pivot_attempts=config.reaper_pivot_attempts)
         for outcome in outcomes:
             print(f"{outcome.saga_id} {outcome.action}")
         print(f"{len(outcomes)} expired sagas handled")

@@ -93,6 +93,9 @@ DEFAULT_RESULT_BACKEND = ""
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
 DEFAULT_STEP_MAX_DELIVERIES = 5
 DEFAULT_COMPENSATION_ATTEMPTS = 6
+#: Reaper passes whose re-run of a saga's pivot fails with a retryable error before the saga is
+#: dead-lettered (each pass is one reap interval apart, and the CP tier re-runs each one itself).
+DEFAULT_REAPER_PIVOT_ATTEMPTS = 10
 DEFAULT_SHARD_LEASE_S = 30.0
 DEFAULT_REAP_INTERVAL_S = 30.0
 DEFAULT_SAGA_WAIT_S = 300.0
@@ -162,6 +165,9 @@ class DataMeshConfig:
     visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
     step_max_deliveries: int = DEFAULT_STEP_MAX_DELIVERIES
     compensation_attempts: int = DEFAULT_COMPENSATION_ATTEMPTS
+    #: A saga whose pivot the reaper re-ran this many times, each failing with a retryable error,
+    #: is dead-lettered (not compensated: ``sagas retry`` re-runs the pivot).
+    reaper_pivot_attempts: int = DEFAULT_REAPER_PIVOT_ATTEMPTS
     shard_lease_s: float = DEFAULT_SHARD_LEASE_S
     reap_interval_s: float = DEFAULT_REAP_INTERVAL_S
     saga_wait_s: float = DEFAULT_SAGA_WAIT_S
@@ -331,6 +337,9 @@ class DataMeshConfig:
                 ),
                 compensation_attempts=_get(
                     env, "DATAMESH_COMPENSATION_ATTEMPTS", _int_between(1, 1000), DEFAULT_COMPENSATION_ATTEMPTS
+                ),
+                reaper_pivot_attempts=_get(
+                    env, "DATAMESH_REAPER_PIVOT_ATTEMPTS", _int_between(1, 1000), DEFAULT_REAPER_PIVOT_ATTEMPTS
                 ),
                 shard_lease_s=_get(env, "DATAMESH_SHARD_LEASE_S", _positive_float, DEFAULT_SHARD_LEASE_S),
                 reap_interval_s=_get(env, "DATAMESH_REAP_INTERVAL_S", _positive_float, DEFAULT_REAP_INTERVAL_S),

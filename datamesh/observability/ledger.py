@@ -7,7 +7,8 @@ commits it into a saga.  From then on it is exactly one of::
                   settled it yet)
     persisted     its saga committed (the CP pivot)
     compensated   its saga failed and was fully undone; the caller received the error
-    dead-lettered its compensation kept failing; ``sagas --dead`` lists it, ``sagas retry`` re-drives it
+    dead-lettered its compensation kept failing, or the reaper's re-runs of its pivot did; ``sagas
+                  --dead`` lists it, ``sagas retry`` re-drives it (a pivot's back to in flight)
 
 so, summed over regions and processes::
 
@@ -36,7 +37,17 @@ from prometheus_client import CollectorRegistry
 
 from datamesh.observability import metrics
 
-__all__ = ["Ledger", "accepted", "compensated", "dead_lettered", "deduplicated", "persisted", "rejected", "snapshot"]
+__all__ = [
+    "Ledger",
+    "accepted",
+    "compensated",
+    "dead_lettered",
+    "deduplicated",
+    "persisted",
+    "rejected",
+    "revived",
+    "snapshot",
+]
 
 
 def _regions(regions: Iterable[str]) -> Tally[str]:
@@ -76,6 +87,15 @@ def dead_lettered(regions: Iterable[str]) -> None:
         metrics.INGEST_DEAD_LETTERED.labels(region).inc(n)
         metrics.INGEST_DEAD_LETTER.labels(region).inc(n)
         metrics.INGEST_IN_FLIGHT.labels(region).dec(n)
+
+
+def revived(regions: Iterable[str]) -> None:
+    """Turns of a saga dead-lettered at its pivot are in flight again (``sagas retry`` re-runs it)."""
+    if not metrics.enabled():
+        return
+    for region, n in _regions(regions).items():
+        metrics.INGEST_DEAD_LETTER.labels(region).dec(n)
+        metrics.INGEST_IN_FLIGHT.labels(region).inc(n)
 
 
 def deduplicated(regions: Iterable[str]) -> None:

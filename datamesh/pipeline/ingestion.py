@@ -584,7 +584,7 @@ class IngestionPipeline:
         with tracing.span("pipeline.reap"):
             if not isinstance(self._executor, LocalSagaExecutor):
                 return await asyncio.to_thread(self._executor.reap)
-            return await asyncio.to_thread(reap, self.tiers)
+            return await asyncio.to_thread(lambda: reap(self.tiers, pivot_attempts=self.config.reaper_pivot_attempts))
 
     async def _reap_periodically(self) -> None:
         while True:

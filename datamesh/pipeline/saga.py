@@ -7,8 +7,9 @@ functions as tasks.
 
 :func:`reap` finds sagas whose lease expired (their driver died) and drives each forward, when
 every pre-pivot step is recorded done, or into compensation; a pivot that fails transiently is left
-for the next pass, never compensated.  It is safe to run anywhere, any number of times at once: the
-pivot only commits a running saga and compensation is idempotent.
+for the next pass, never compensated, and after ``pivot_attempts`` such passes the saga is
+dead-lettered (:func:`redrive_pivot` re-runs it).  It is safe to run anywhere, any number of times
+at once: the pivot only commits a running saga and compensation is idempotent.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from sqlalchemy.engine import Connection
+
+from datamesh.core.config import DEFAULT_REAPER_PIVOT_ATTEMPTS
 from datamesh.core.errors import DataMeshError, SagaFailed, StorageError, describe
 from datamesh.core.result import Err, Ok, Result
-from datamesh.observability import logs, metrics, tracing
+from datamesh.observability import ledger, logs, metrics, tracing
 from datamesh.pipeline import compensation
 from datamesh.pipeline.plan import SagaPlan
 from datamesh.pipeline.prepare import Prepared
@@ -159,14 +163,44 @@ def _compensate_here(tiers: Tiers, saga_id: str, failed_step: str, error: str) -
     return compensation.compensate_with_retries(tiers, saga_id, failed_step=failed_step, error=error)
 
 
-def reap(tiers: Tiers, *, limit: int = 100, compensate: Compensator = _compensate_here) -> list[ReapOutcome]:
-    """Finish or undo every saga whose lease expired; safe to run concurrently."""
+def reap(
+    tiers: Tiers,
+    *,
+    limit: int = 100,
+    compensate: Compensator = _compensate_here,
+    pivot_attempts: int = DEFAULT_REAPER_PIVOT_ATTEMPTS,
+) -> list[ReapOutcome]:
+    """Finish or undo every saga whose lease expired; safe to run concurrently.  A saga whose pivot
+    failed retryably on ``pivot_attempts`` passes is dead-lettered (``DATAMESH_REAPER_PIVOT_ATTEMPTS``)."""
     expired = tiers.cp.run(lambda c: sagas.expired(c, now=utcnow(), limit=limit), operation="reaper.scan", write=False)
     if isinstance(expired, Err):
         return [ReapOutcome("-", f"error: {expired.error}")]
-    outcomes = [reap_one(tiers, saga_id, compensate=compensate) for saga_id in expired.value]
+    outcomes = [
+        reap_one(tiers, saga_id, compensate=compensate, pivot_attempts=pivot_attempts) for saga_id in expired.value
+    ]
     observe_saga_log(tiers.cp)
     return outcomes
+
+
+def redrive_pivot(
+    tiers: Tiers,
+    saga_id: str,
+    *,
+    compensate: Compensator = _compensate_here,
+    pivot_attempts: int = DEFAULT_REAPER_PIVOT_ATTEMPTS,
+) -> ReapOutcome | None:
+    """``sagas retry`` of a saga the reaper dead-lettered at its pivot: running again with its count
+    reset, then driven as the reaper drives it (committed; left for the reaper on a retryable error;
+    compensated on any other).  ``None``: not such a saga (the caller compensates it instead)."""
+    revived = tiers.cp.run(lambda c: sagas.revive_at_pivot(c, saga_id, now=utcnow()), operation="saga.revive")
+    if isinstance(revived, Err):
+        return ReapOutcome(saga_id, f"error: {revived.error}")
+    if not revived.value:
+        return None
+    record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="saga.load", write=False)
+    if isinstance(record, Ok) and record.value is not None:
+        ledger.revived(item.region for item in SagaPlan.from_json(record.value.plan_json).items)
+    return reap_one(tiers, saga_id, compensate=compensate, pivot_attempts=pivot_attempts)
 
 
 def observe_saga_log(cp: CpDatabase) -> None:
@@ -182,9 +216,15 @@ def observe_saga_log(cp: CpDatabase) -> None:
     metrics.SAGA_OLDEST_OPEN_AGE.set(oldest_age_s)
 
 
-def reap_one(tiers: Tiers, saga_id: str, *, compensate: Compensator = _compensate_here) -> ReapOutcome:
+def reap_one(
+    tiers: Tiers,
+    saga_id: str,
+    *,
+    compensate: Compensator = _compensate_here,
+    pivot_attempts: int = DEFAULT_REAPER_PIVOT_ATTEMPTS,
+) -> ReapOutcome:
     with logs.bind(saga_id=saga_id), tracing.span("saga.reap", **{"datamesh.saga_id": saga_id}):
-        outcome = _reap_one(tiers, saga_id, compensate)
+        outcome = _reap_one(tiers, saga_id, compensate, pivot_attempts)
         if outcome.action.startswith("error") or outcome.action == "dead":
             tracing.set_error(outcome.action)
             log.error("reaper: saga %s: %s", saga_id, outcome.action)
@@ -193,7 +233,7 @@ def reap_one(tiers: Tiers, saga_id: str, *, compensate: Compensator = _compensat
         return outcome
 
 
-def _reap_one(tiers: Tiers, saga_id: str, compensate: Compensator) -> ReapOutcome:
+def _reap_one(tiers: Tiers, saga_id: str, compensate: Compensator, pivot_attempts: int) -> ReapOutcome:
     record = tiers.cp.run(lambda c: sagas.load(c, saga_id), operation="reaper.load", write=False)
     if isinstance(record, Err) or record.value is None:
         return ReapOutcome(saga_id, "skipped")
@@ -210,9 +250,46 @@ def _reap_one(tiers: Tiers, saga_id: str, compensate: Compensator) -> ReapOutcom
             # connection, a commit in doubt): leave the saga running, its lease expired, for the next
             # pass rather than throw it away.  Any reaper may take it then; the pivot commits only a
             # running saga and the claim takes only a running one, so reapers running at once still
-            # agree on one outcome.
-            return ReapOutcome(saga_id, f"error: commit_cp: {describe(error)}")
+            # agree on one outcome.  Bounded: see _pivot_failed.
+            return _pivot_failed(tiers, saga_id, describe(error), pivot_attempts)
     outcome = compensate(tiers, saga_id, saga.failed_step or "lease", saga.error or "lease expired")
     if isinstance(outcome, Err):
         return ReapOutcome(saga_id, f"error: {outcome.error}")
     return ReapOutcome(saga_id, outcome.value.value)
+
+
+def _pivot_failed(tiers: Tiers, saga_id: str, error: str, pivot_attempts: int) -> ReapOutcome:
+    """Count the reaper's failed re-run of a saga's pivot; the ``pivot_attempts``-th moves it to ``dead``.
+
+    Dead, not compensated: every one of these failures left the pivot's outcome to be read from the
+    saga log, and a pivot failing this way on every pass is a CP tier in trouble (conflicts, dropped
+    connections, a standby not confirming), for an operator to look at rather than a reason to throw
+    the saga's work away.  Whether a pivot landed after all is read as before: it moves the saga to
+    ``committed`` in its own transaction, and only a saga still ``running`` is counted or
+    dead-lettered, in one transaction (so a pivot committing meanwhile makes it re-run, not lie).
+    """
+
+    def tx(conn: Connection) -> tuple[SagaStatus, int] | None:
+        now = utcnow()
+        counted = sagas.count_pivot_reap(conn, saga_id, now=now)
+        if counted is None or counted[1] < pivot_attempts:
+            return counted
+        reason = (
+            f"commit_cp failed with a retryable error on {counted[1]} reaper passes"
+            f" (DATAMESH_REAPER_PIVOT_ATTEMPTS={pivot_attempts}); the last: {error}; nothing undone:"
+            f" `sagas retry {saga_id}` re-runs the pivot"
+        )
+        return (SagaStatus.DEAD, counted[1]) if sagas.dead_at_pivot(conn, saga_id, now=now, error=reason) else counted
+
+    counted = tiers.cp.run(tx, operation="reaper.pivot_failed")
+    if isinstance(counted, Err):  # not counted: this pass is tried again, as before the bound
+        return ReapOutcome(saga_id, f"error: commit_cp: {error}")
+    if counted.value is None:
+        return ReapOutcome(saga_id, "skipped")
+    status, count = counted.value
+    if status == SagaStatus.DEAD:
+        compensation._count_dead(tiers, saga_id)
+        return ReapOutcome(saga_id, SagaStatus.DEAD.value)
+    if status != SagaStatus.RUNNING:
+        return ReapOutcome(saga_id, status.value)  # the pivot landed after all, or another reaper moved it
+    return ReapOutcome(saga_id, f"error: commit_cp (reaper attempt {count} of {pivot_attempts}): {error}")

@@ -13,8 +13,9 @@ from collections import Counter
 import redis
 from celery import Celery, current_app, shared_task
 
+from datamesh.core.config import DEFAULT_REAPER_PIVOT_ATTEMPTS
 from datamesh.observability import metrics
-from datamesh.pipeline.saga import ReapOutcome, reap
+from datamesh.pipeline.saga import Compensator, ReapOutcome, reap, redrive_pivot
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp.sagas import FINAL_STATUSES
 from datamesh.tasks.compensation import redrive_compensation
@@ -22,7 +23,14 @@ from datamesh.workers import queues
 from datamesh.workers.runtime import RUNTIME, announce
 
 
-def reap_distributed(app: Celery, tiers: Tiers, broker: redis.Redis, *, limit: int = 100) -> list[ReapOutcome]:
+def reap_distributed(
+    app: Celery,
+    tiers: Tiers,
+    broker: redis.Redis,
+    *,
+    limit: int = 100,
+    pivot_attempts: int = DEFAULT_REAPER_PIVOT_ATTEMPTS,
+) -> list[ReapOutcome]:
     """One reaper pass for the Celery executor: beat's task, the pipeline's own reaper and
     ``python -m datamesh reap`` all run this.
 
@@ -31,15 +39,30 @@ def reap_distributed(app: Celery, tiers: Tiers, broker: redis.Redis, *, limit: i
     to its TTL (that task's message is lost or late, or the reaper would not have had the saga).  A
     compensation is enqueued here and announced by its last undo, as on the normal path.
     """
-    outcomes = reap(
-        tiers,
-        limit=limit,
-        compensate=lambda t, saga_id, step, error: redrive_compensation(app, t, saga_id, failed_step=step, error=error),
-    )
+    outcomes = reap(tiers, limit=limit, compensate=_compensator(app), pivot_attempts=pivot_attempts)
     for outcome in outcomes:
-        if outcome.action in FINAL_STATUSES:
-            announce(broker, outcome.saga_id, outcome.action)  # best effort: a Redis error is swallowed
+        _announce_settled(broker, outcome)
     return outcomes
+
+
+def redrive_pivot_distributed(
+    app: Celery, tiers: Tiers, broker: redis.Redis, saga_id: str, *, pivot_attempts: int
+) -> ReapOutcome | None:
+    """``sagas retry`` of a saga dead-lettered at its pivot, for the Celery executor
+    (:func:`datamesh.pipeline.saga.redrive_pivot`, announced as :func:`reap_distributed` does)."""
+    outcome = redrive_pivot(tiers, saga_id, compensate=_compensator(app), pivot_attempts=pivot_attempts)
+    if outcome is not None:
+        _announce_settled(broker, outcome)
+    return outcome
+
+
+def _compensator(app: Celery) -> Compensator:
+    return lambda t, saga_id, step, error: redrive_compensation(app, t, saga_id, failed_step=step, error=error)
+
+
+def _announce_settled(broker: redis.Redis, outcome: ReapOutcome) -> None:
+    if outcome.action in FINAL_STATUSES:
+        announce(broker, outcome.saga_id, outcome.action)  # best effort: a Redis error is swallowed
 
 
 def observe_queue_depths(client: redis.Redis, shard_count: int) -> dict[tuple[str, str], int]:
@@ -66,5 +89,8 @@ def reap_task() -> list[list[str]]:
     if RUNTIME.config.broker_url.startswith(("redis://", "rediss://", "unix://")):
         with contextlib.suppress(redis.RedisError):  # a gauge, never a reason to skip the reaper
             observe_queue_depths(RUNTIME.redis(), RUNTIME.config.ap_shards)
-    outcomes = reap_distributed(current_app, RUNTIME.tiers(), RUNTIME.redis())
+    config = RUNTIME.config
+    outcomes = reap_distributed(
+        current_app, RUNTIME.tiers(), RUNTIME.redis(), pivot_attempts=config.reaper_pivot_attempts
+    )
     return [[o.saga_id, o.action] for o in outcomes]

@@ -33,6 +33,28 @@ from datamesh.workers.runtime import DONE_KEY
 _POLL_S = 1.0
 
 
+def still_in_flight(saga_id: str, config: DataMeshConfig) -> StorageError:
+    """The caller stopped waiting (``DATAMESH_SAGA_WAIT_S``) for a saga that has not settled: a
+    retryable error that says so, not a failure.
+
+    The wait is deliberately shorter than the queue timeout plus a reap interval, the longest a saga
+    whose message was lost waits for the reaper: an HTTP caller cannot hold a request that long (the
+    gateway's balancer reads for 60 s), and a shorter queue timeout would compensate sagas that merely
+    wait in a long queue.  So the answer names the saga and what settles it, and how to follow it.
+    """
+    settle_s = config.saga_queue_timeout_s + config.reap_interval_s
+    return StorageError(
+        "pipeline",
+        "ingest",
+        f"saga {saga_id} is still in flight after {config.saga_wait_s:g}s (DATAMESH_SAGA_WAIT_S); it has not"
+        f" failed: its steps are queued, or a message of it was lost and the reaper will drive it forward"
+        f" or compensate it within {settle_s:g}s of its last progress (DATAMESH_SAGA_QUEUE_TIMEOUT_S +"
+        f" DATAMESH_REAP_INTERVAL_S); follow it with saga_status({saga_id!r}), or send the same requests"
+        " again with their idempotency keys for their first result",
+        retryable=True,
+    )
+
+
 class CeleryExecutor:
     """Publishes sagas to the Celery workers and waits for their outcome in the saga log."""
 
@@ -122,14 +144,7 @@ class CeleryExecutor:
                 )
             left = deadline - time.monotonic()
             if left <= 0:
-                return Err(
-                    StorageError(
-                        "pipeline",
-                        "ingest",
-                        f"saga {plan.saga_id} still in flight after {self.config.saga_wait_s}s",
-                        retryable=True,
-                    )
-                )
+                return Err(still_in_flight(plan.saga_id, self.config))
             try:
                 self._redis.blpop([key], timeout=max(0.01, min(_POLL_S, left)))
             except redis.RedisError:
@@ -151,7 +166,7 @@ class CeleryExecutor:
     def reap(self) -> list[ReapOutcome]:
         from datamesh.tasks.reaper import reap_distributed
 
-        return reap_distributed(self.app, self.tiers, self._redis)
+        return reap_distributed(self.app, self.tiers, self._redis, pivot_attempts=self.config.reaper_pivot_attempts)
 
     def close(self) -> None:
         self._redis.close()

@@ -77,6 +77,7 @@ def env_of(config: DataMeshConfig) -> dict[str, str]:
         "DATAMESH_VISIBILITY_TIMEOUT_S": str(config.visibility_timeout_s),
         "DATAMESH_STEP_MAX_DELIVERIES": str(config.step_max_deliveries),
         "DATAMESH_COMPENSATION_ATTEMPTS": str(config.compensation_attempts),
+        "DATAMESH_REAPER_PIVOT_ATTEMPTS": str(config.reaper_pivot_attempts),
         "DATAMESH_AP_ENGINE": config.ap_engine,
     }
 

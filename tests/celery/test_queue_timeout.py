@@ -266,3 +266,87 @@ async def test_a_compensation_nobody_runs_is_redriven_a_bounded_number_of_times_
         await outwait(tiers, [plan.saga_id], config.saga_queue_timeout_s)
         assert [o for o in executor.reap() if o.saga_id == plan.saga_id] == []
         assert plan.saga_id in run_cli(config, "sagas", "--dead")
+
+
+def test_a_caller_that_stops_waiting_is_told_the_saga_is_in_flight_and_how_to_follow_it(
+    celery_config: DataMeshConfig,
+) -> None:
+    from datamesh.core.errors import StorageError
+
+    config = celery_config.with_changes(saga_wait_s=0.5, saga_queue_timeout_s=600.0, reap_interval_s=30.0)
+    with caller(config) as (tiers, executor):
+        # Given a reserved saga whose chain never reaches a worker (its message lost: none published)
+        prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(real_requests(2))]
+        plan = executor.reserve("default", prepared).unwrap().plan
+        # When its caller's wait (DATAMESH_SAGA_WAIT_S) runs out
+        waited = executor.wait(plan)
+        # Then the answer is a retryable error, not a failure, naming the saga, when the reaper settles
+        # it (queue timeout + one reap interval) and how to follow it
+        assert isinstance(waited, Err) and isinstance(waited.error, StorageError) and waited.error.retryable
+        message = waited.error.message
+        assert f"saga {plan.saga_id} is still in flight after 0.5s" in message and "has not failed" in message
+        assert "reaper will drive it forward or compensate it within 630s" in message
+        assert f"saga_status('{plan.saga_id}')" in message and "idempotency keys" in message
+        # and the saga is indeed still running, for the reaper to settle after its queue timeout
+        (record,) = records(tiers, [plan.saga_id])
+        assert record.status == SagaStatus.RUNNING and record.lease_expires_at > utcnow()
+
+
+async def test_a_pivot_the_reaper_keeps_failing_is_dead_lettered_and_sagas_retry_commits_it(
+    celery_config: DataMeshConfig,
+) -> None:
+    import dataclasses
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from datamesh.core.retry import RetryPolicy
+    from datamesh.pipeline.steps import store_blobs, write_ap
+    from datamesh.storage.cp.database import CpDatabase
+    from datamesh.tasks.reaper import reap_distributed
+    from datamesh.workers.runtime import DONE_KEY
+    from tests.celery.conftest import run_cli
+    from tests.test_saga_faults import PIVOT_FAILURES, fail_pivots, heal_pivots
+
+    config = celery_config.with_changes(reaper_pivot_attempts=2)
+    tiers = Tiers.open(config).unwrap()  # a writer of the AP shards: it stands for the pools here
+    executor = CeleryExecutor(tiers, config)
+    broker = redis.Redis.from_url(config.broker_url)
+    try:
+        # Given a saga whose steps before the pivot are done and whose commit_cp message was lost,
+        requests = real_requests(3)
+        prepared = [prepare(i, validate(r, max_payload_bytes=1 << 20).unwrap()) for i, r in enumerate(requests)]
+        plan = executor.reserve("default", prepared).unwrap().plan
+        store_blobs(tiers, plan, {}).unwrap()
+        write_ap(tiers, plan, {i: (r.prompt, r.response, None) for i, r in enumerate(requests)}).unwrap()
+        expire = update(sagas.SAGAS).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        tiers.cp.run(lambda c: c.execute(expire), operation="t").unwrap()
+        # and a PostgreSQL that fails its pivot with a serialization failure every time,
+        fail_pivots(tiers, PIVOT_FAILURES["serialization-failure"])
+        impatient = dataclasses.replace(
+            tiers, cp=CpDatabase(tiers.cp.engine, policy=RetryPolicy(attempts=2, base_s=0.001, cap_s=0.001))
+        )
+        # when the Celery reaper runs twice (DATAMESH_REAPER_PIVOT_ATTEMPTS=2),
+        passes = [reap_distributed(executor.app, impatient, broker, pivot_attempts=2) for _ in range(2)]
+        # then the first pass leaves it running and the second dead-letters it, nothing undone,
+        assert passes[0][0].action.startswith("error: commit_cp (reaper attempt 1 of 2)"), passes
+        assert [(o.saga_id, o.action) for o in passes[1]] == [(plan.saga_id, SagaStatus.DEAD.value)]
+        (record,) = records(tiers, [plan.saga_id])
+        assert record.status == SagaStatus.DEAD and "pivot conflicted" in (record.error or "")
+        assert tier_counts(tiers).ap_rows == 3
+        # and its waiter is told (the outcome announced on the broker)
+        assert broker.lrange(DONE_KEY.format(plan.saga_id), 0, -1) == [b"dead"]
+        # Once PostgreSQL lets the pivot through, `sagas retry` commits it, exactly once
+        heal_pivots(tiers)
+        assert f"{plan.saga_id}: committed" in run_cli(config, "sagas", "retry", plan.saga_id)
+        (record,) = records(tiers, [plan.saga_id])
+        assert record.status == SagaStatus.COMMITTED
+        counts = counts_after_gc(tiers)
+        assert counts.rows["turns"] == 3 and counts.rows["conversations"] == 3 and counts.ap_rows == 3
+        assert counts.rows["idempotency_keys"] == 3 and counts.blobs == 0
+        assert broker.lrange(DONE_KEY.format(plan.saga_id), 0, 0) == [b"committed"]
+        assert reap_distributed(executor.app, tiers, broker) == []
+    finally:
+        broker.close()
+        executor.close()
+        tiers.close()

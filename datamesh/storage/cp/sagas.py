@@ -1,7 +1,8 @@
 """The saga log: a row per saga and a row per step, written with the step's own CP writes.
 
 Statuses: ``running`` → ``committed`` (the pivot committed) or ``running`` → ``compensating`` →
-``compensated`` (or ``dead`` after too many failed compensation attempts).  The pivot only commits
+``compensated`` (or ``dead`` after too many failed compensation attempts), or ``running`` → ``dead``
+when the reaper's re-runs of the pivot kept failing retryably (re-driven back to ``running``).  The pivot only commits
 a ``running`` saga and compensation only claims a ``running`` one, so the two can never both win.
 """
 
@@ -224,15 +225,83 @@ def count_redrive(conn: Connection, saga_id: str, *, now: datetime) -> tuple[Sag
     status = status_of(conn, saga_id)
     if status != SagaStatus.COMPENSATING:
         return None if status is None else (status, 0)
-    where = (STEPS.c.saga_id == saga_id, STEPS.c.step == REDRIVES_STEP)
+    return status, _count(conn, saga_id, REDRIVES_STEP, now=now)
+
+
+#: The saga-log row counting the reaper's re-runs of a running saga's pivot that failed with a
+#: retryable error; its state is ``failed`` once they dead-lettered the saga.
+PIVOT_REAPS_STEP = "commit_cp.reaps"
+
+
+def count_pivot_reap(conn: Connection, saga_id: str, *, now: datetime) -> tuple[SagaStatus, int] | None:
+    """Count a reaper's re-run of a saga's pivot that failed with a retryable error; the saga's status
+    and the count (``None``: no such saga).
+
+    Only a running saga is counted.  The pivot moves the saga to ``committed`` in its own transaction,
+    so a pivot that landed after all (a commit in doubt that did commit) shows here as ``committed``,
+    with nothing counted.
+    """
+    status = status_of(conn, saga_id)
+    if status != SagaStatus.RUNNING:
+        return None if status is None else (status, 0)
+    return status, _count(conn, saga_id, PIVOT_REAPS_STEP, now=now)
+
+
+def dead_at_pivot(conn: Connection, saga_id: str, *, now: datetime, error: str) -> bool:
+    """Move a still running saga to ``dead`` with ``error``, its pivot's re-runs spent; ``False`` if
+    it had moved on (committed, or claimed for compensation).  Nothing is undone: see
+    :func:`revive_at_pivot`."""
+    moved = transition(
+        conn,
+        saga_id,
+        from_status=(SagaStatus.RUNNING,),
+        to_status=SagaStatus.DEAD,
+        now=now,
+        failed_step="commit_cp",
+        error=error,
+    )
+    if moved:
+        conn.execute(
+            update(STEPS)
+            .where(STEPS.c.saga_id == saga_id, STEPS.c.step == PIVOT_REAPS_STEP)
+            .values(state=StepState.FAILED.value, updated_at=now)
+        )
+    return moved
+
+
+def revive_at_pivot(conn: Connection, saga_id: str, *, now: datetime) -> bool:
+    """``sagas retry`` of a saga :func:`dead_at_pivot` dead-lettered: it is running again, its pivot
+    re-runs counted from zero and its lease expired (so a reaper takes it if the re-driver dies);
+    ``False`` for any other saga (a dead saga whose compensation started is compensated instead)."""
+    pivot_dead = conn.execute(
+        select(STEPS.c.saga_id).where(
+            STEPS.c.saga_id == saga_id, STEPS.c.step == PIVOT_REAPS_STEP, STEPS.c.state == StepState.FAILED.value
+        )
+    ).first()
+    if pivot_dead is None:
+        return False
+    if not transition(conn, saga_id, from_status=(SagaStatus.DEAD,), to_status=SagaStatus.RUNNING, now=now):
+        return False
+    conn.execute(update(SAGAS).where(SAGAS.c.id == saga_id).values(attempts=0, lease_expires_at=now))
+    conn.execute(
+        update(STEPS)
+        .where(STEPS.c.saga_id == saga_id, STEPS.c.step == PIVOT_REAPS_STEP)
+        .values(state=StepState.RUNNING.value, attempts=0, updated_at=now)
+    )
+    return True
+
+
+def _count(conn: Connection, saga_id: str, step: str, *, now: datetime) -> int:
+    """Add one to the ``attempts`` of the saga's bookkeeping row ``step`` (made on first use)."""
+    where = (STEPS.c.saga_id == saga_id, STEPS.c.step == step)
     row = conn.execute(select(STEPS.c.attempts).where(*where)).first()
-    redrives = 1 if row is None else int(row.attempts or 0) + 1
+    count = 1 if row is None else int(row.attempts or 0) + 1
     if row is None:
-        values = {"saga_id": saga_id, "step": REDRIVES_STEP, "state": StepState.RUNNING.value, "updated_at": now}
-        conn.execute(STEPS.insert(), {**values, "attempts": redrives})
+        values = {"saga_id": saga_id, "step": step, "state": StepState.RUNNING.value, "updated_at": now}
+        conn.execute(STEPS.insert(), {**values, "attempts": count})
     else:
-        conn.execute(update(STEPS).where(*where).values(attempts=redrives, updated_at=now))
-    return status, redrives
+        conn.execute(update(STEPS).where(*where).values(attempts=count, updated_at=now))
+    return count
 
 
 def undo_succeeded(conn: Connection, saga_id: str, *, now: datetime) -> None:
