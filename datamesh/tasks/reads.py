@@ -6,7 +6,11 @@ pipeline, the gateway, the CLI; on any host) sends each shard's part of a read h
 owner answers through :meth:`~datamesh.workers.runtime.Runtime.reader_ap`: its own writer where it
 has the shard open, memtable included, so a turn is found as soon as its batch was acknowledged
 (no flush waited for); read-only where it has not written the shard since it started.  A read
-takes no lease and no writer lock: it changes nothing, so it never holds a write back.
+takes no lease and no writer lock: it changes nothing, and the lease stays with the writes.  One
+cost remains in the read-only case of LSM shards: keys not found are waited for as by any reader
+of files (the flush interval plus a margin, ``readonly_engine_for``), since a previous owner still
+running on the host may hold them unflushed; the owner's queues wait that long too.  Reads follow
+the CP tier, which names only keys it committed, so that wait is rare.
 
 How long a read waits in the owner: the owner is one process (``-c 1``, one message reserved at a
 time) consuming the write and read queues of its shards.  kombu's Redis transport fetches with one
