@@ -71,6 +71,7 @@ def test_reliability_settings_are_set_and_the_visibility_timeout_checked(tmp_pat
         "datamesh.tasks.reaper",
         "datamesh.tasks.index",
         "datamesh.tasks.erasure",
+        "datamesh.tasks.reads",
     }
 
 
@@ -79,7 +80,7 @@ def test_a_deployment_file_overrides_the_computed_settings_but_not_the_reliabili
 ) -> None:
     # Given a deployment file that moves settings only the Celery processes use, and tries to weaken acks
     (tmp_path / "site_celery.py").write_text(
-        "result_backend = 'redis://results.example:6380/4'\n"
+        "worker_max_memory_per_child = 200000\n"
         "worker_max_tasks_per_child = 100\n"
         "task_acks_late = False\n"
         "not_a_celery_setting = 1\n"
@@ -89,7 +90,7 @@ def test_a_deployment_file_overrides_the_computed_settings_but_not_the_reliabili
     # When the app is built from a configuration that says otherwise
     conf = create_app(DataMeshConfig(broker_url="redis://127.0.0.1:6379/0")).conf
     # Then the file's deployment settings win, the reliability settings do not move
-    assert conf.result_backend == "redis://results.example:6380/4" and conf.worker_max_tasks_per_child == 100
+    assert conf.worker_max_memory_per_child == 200000 and conf.worker_max_tasks_per_child == 100
     assert conf.task_acks_late is True and "not_a_celery_setting" not in conf
     assert conf.broker_url == "redis://127.0.0.1:6379/0"
 
@@ -121,6 +122,7 @@ def test_a_deployment_file_cannot_move_the_broker_or_the_queues_the_callers_use(
         "task_default_queue": "task_default_queue = 'elsewhere'",
         "task_queues": "from kombu import Queue\ntask_queues = [Queue('cp')]",
         "task_routes": "task_routes = ({'datamesh.commit_cp': {'queue': 'elsewhere'}},)",
+        "result_backend": "result_backend = 'redis://results.example:6380/4'",  # readers wait there
     }
     for n, (setting, text) in enumerate(moved.items()):
         (tmp_path / f"moved_{n}.py").write_text(text + "\n")
@@ -171,9 +173,9 @@ def test_the_shipped_celeryconfig_sets_only_what_the_celery_processes_alone_use(
     # When the repository's celeryconfig.py is loaded by the app
     loaded = app_module.deployment_file_settings(Celery("probe")).unwrap()
     expected = app_module.deployment_settings(config)
-    # Then it sets the result backend and the beat schedules (the index drains' too), as computed,
-    assert set(loaded) == {"result_backend", "beat_schedule"}
-    assert loaded["beat_schedule"] == expected["beat_schedule"] and loaded["result_backend"] is None
+    # Then it sets the beat schedules (the index drains' too), as computed,
+    assert set(loaded) == {"beat_schedule"}
+    assert loaded["beat_schedule"] == expected["beat_schedule"]
     # and none of the settings the callers share: a worker built with it and the executor's app
     # (which never loads it) agree on the broker and the queues.
     assert not set(loaded) & set(app_module.SHARED_SETTINGS)
@@ -202,6 +204,7 @@ async def test_an_unsafe_visibility_timeout_is_a_config_error(tmp_path: Path) ->
 
 def test_routing_by_role_region_and_shard() -> None:
     assert queues.route(queues.WRITE_AP, (), {"region": "eu-west", "shard": 3}, {}) == {"queue": "ap.eu-west.3"}
+    assert queues.route(queues.READ_AP, (), {"region": "eu-west", "shard": 3}, {}) == {"queue": "ap-read.eu-west.3"}
     assert queues.route(queues.UNDO_STORE_BLOBS, (), {"region": "us-east"}, {}) == {"queue": "blobs.us-east"}
     assert queues.route(queues.COMMIT_CP, (), {"saga_id": "x"}, {}) == {"queue": "cp"}
     assert queues.route(queues.INDEX_DRAIN, (), {"region": "eu-west"}, {}) == {"queue": "index.eu-west"}
@@ -249,6 +252,10 @@ def test_an_ap_pool_deals_its_shards_to_one_consumer_each() -> None:
     )
     commands = worker_commands(args, DataMeshConfig())
     consumed = [argv[argv.index("-Q") + 1].split(",") for argv, _ in commands]
-    assert consumed == [["ap.eu-west.0", "ap.eu-west.2"], ["ap.eu-west.1", "ap.eu-west.3"]]
+    # (each shard's writes and the reads routed to its owner, by the same process)
+    assert consumed == [
+        ["ap.eu-west.0", "ap-read.eu-west.0", "ap.eu-west.2", "ap-read.eu-west.2"],
+        ["ap.eu-west.1", "ap-read.eu-west.1", "ap.eu-west.3", "ap-read.eu-west.3"],
+    ]
     assert all(argv[argv.index("-c") + 1] == "1" for argv, _ in commands)
     assert all(env["DATAMESH_WORKER_REGIONS"] == "eu-west" for _, env in commands)

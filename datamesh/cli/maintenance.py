@@ -12,7 +12,7 @@ from datamesh.core.config import DataMeshConfig
 from datamesh.core.result import Err
 from datamesh.pipeline import compensation
 from datamesh.pipeline.saga import ReapOutcome, reap, redrive_pivot
-from datamesh.pipeline.tiers import Tiers, engine_for, readonly_engine_for
+from datamesh.pipeline.tiers import Tiers, engine_for, reader_engine_for
 from datamesh.storage.cp import migrate, provenance, sagas
 from datamesh.storage.cp.database import CpDatabase
 from datamesh.storage.cp.sagas import SagaStatus
@@ -74,7 +74,7 @@ def _migrate(args: argparse.Namespace, config: DataMeshConfig) -> int:
 def _with_tiers(config: DataMeshConfig) -> Tiers | None:
     # Under the Celery executor the workers own the AP shards: this process only reads them.
     celery = config.executor == "celery"
-    factory = readonly_engine_for(config.ap_engine) if celery else engine_for(config.ap_engine, config)
+    factory = reader_engine_for(config) if celery else engine_for(config.ap_engine, config)
     tiers = Tiers.open(config, engine_factory=factory)
     if isinstance(tiers, Err):
         print(f"error: {tiers.error}")

@@ -41,6 +41,13 @@ AP_ENGINES = ("sqlite", "lsm")
 DEFAULT_AP_LSM_FSYNC = "always"
 AP_LSM_FSYNC_POLICIES = ("always", "interval", "never")
 DEFAULT_AP_LSM_FSYNC_INTERVAL_S = 0.05
+#: How a process that does not own the AP shards (the Celery-mode pipeline, the gateway, the CLI)
+#: reads them: by opening the shard files itself (``files``: it must see the owners' disk) or by
+#: asking each shard's owner over the broker (``workers``: from any host).
+DEFAULT_AP_READS = "files"
+AP_READS = ("files", "workers")
+#: How long a read routed to a shard's owner waits for its answer before failing (retryable).
+DEFAULT_AP_READ_TIMEOUT_S = 10.0
 DEFAULT_INLINE_MAX_BYTES = 64 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 DEFAULT_INGEST_RATE = 10_000.0
@@ -119,6 +126,9 @@ class DataMeshConfig:
     #: LSM shards' log fsync policy (``always``, ``interval``, ``never``) and interval
     ap_lsm_fsync: str = DEFAULT_AP_LSM_FSYNC
     ap_lsm_fsync_interval_s: float = DEFAULT_AP_LSM_FSYNC_INTERVAL_S
+    #: Where a non-owner reads AP content: the shard files (``files``) or their owners (``workers``)
+    ap_reads: str = DEFAULT_AP_READS
+    ap_read_timeout_s: float = DEFAULT_AP_READ_TIMEOUT_S
     objects_url: str = ""
     inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
@@ -203,6 +213,13 @@ class DataMeshConfig:
         return self.index_dir or self.data_dir / "index"
 
     @property
+    def resolved_result_backend(self) -> str:
+        """Celery's result backend: ``result_backend``, or else the broker's Redis.  It carries the
+        answers of reads routed to the shards' owners (``ap_reads=workers``); saga tasks store no
+        result (the saga log is the record)."""
+        return self.result_backend or self.broker_url
+
+    @property
     def resolved_objects_url(self) -> str:
         return self.objects_url or (self.data_dir / "objects").resolve().as_uri()
 
@@ -227,6 +244,10 @@ class DataMeshConfig:
                     "DATAMESH_AP_LSM_FSYNC_INTERVAL_S",
                     _float_between(0.001, 60.0),
                     DEFAULT_AP_LSM_FSYNC_INTERVAL_S,
+                ),
+                ap_reads=_get(env, "DATAMESH_AP_READS", _choice(AP_READS), DEFAULT_AP_READS),
+                ap_read_timeout_s=_get(
+                    env, "DATAMESH_AP_READ_TIMEOUT_S", _float_between(0.1, 3600.0), DEFAULT_AP_READ_TIMEOUT_S
                 ),
                 objects_url=_get(env, "DATAMESH_OBJECTS_URL", _url, ""),
                 inline_max_bytes=_get(

@@ -50,7 +50,7 @@ from datamesh.pipeline.request import IngestionRequest, IngestionResponse, Valid
 from datamesh.pipeline.saga import FaultHook, LocalSagaExecutor, ReapOutcome, reap
 from datamesh.pipeline.search import SearchResult
 from datamesh.pipeline.steps import Committed, Existing
-from datamesh.pipeline.tiers import Tiers, readonly_engine_for
+from datamesh.pipeline.tiers import Tiers, reader_engine_for
 from datamesh.storage.ap.store import EngineFactory
 from datamesh.storage.cp import provenance, sagas
 from datamesh.storage.cp.sagas import SagaStatus
@@ -112,13 +112,14 @@ class IngestionPipeline:
         """Open the tiers (migrating a local SQLite CP database) and recover expired sagas.
 
         With ``DATAMESH_EXECUTOR=celery`` the sagas run on the Celery workers: this process only reads
-        the AP shards (their writers are the workers) and ``faults`` applies to ``reserve`` only (the one
-        step run here).  The index workers (``worker --role index``) feed the indexes then: this
-        process runs no background indexer and opens the indexes read-only for searching.
+        the AP shards (their writers are the workers; ``DATAMESH_AP_READS`` says how) and ``faults``
+        applies to ``reserve`` only (the one step run here).  The index workers (``worker --role
+        index``) feed the indexes then: this process runs no background indexer and opens the indexes
+        read-only for searching.
         """
         distributed = config.executor == "celery"
         if distributed and engine_factory is None:
-            engine_factory = readonly_engine_for(config.ap_engine)
+            engine_factory = reader_engine_for(config)
         tiers = await asyncio.to_thread(Tiers.open, config, engine_factory=engine_factory)
         if isinstance(tiers, Err):
             return tiers

@@ -122,6 +122,19 @@ def engine_for(name: str, config: DataMeshConfig | None = None) -> EngineFactory
     return default_engine
 
 
+def reader_engine_for(config: DataMeshConfig) -> EngineFactory:
+    """How a process that does not own the AP shards (the Celery workers do) reads them, by
+    ``DATAMESH_AP_READS``: ``files`` opens the shard files read-only (:func:`readonly_engine_for`:
+    the process must run where the owners' files are); ``workers`` asks each shard's owner over the
+    broker (``datamesh.workers.remote_reads``: from any host, and an LSM owner's unflushed writes
+    included)."""
+    if config.ap_reads == "workers":
+        from datamesh.workers.remote_reads import owner_reads_engine
+
+        return owner_reads_engine(config)
+    return readonly_engine_for(config.ap_engine)
+
+
 #: How much longer than the owner's flush interval a reader waits for a committed key to show up.
 VISIBILITY_MARGIN_S = 1.0
 

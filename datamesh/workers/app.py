@@ -35,7 +35,13 @@ TASK_MODULES = (
     "datamesh.tasks.reaper",
     "datamesh.tasks.index",
     "datamesh.tasks.erasure",
+    "datamesh.tasks.reads",
 )
+
+
+#: How long a result stays in the backend when nobody deletes it (a read's answer that came after
+#: its reader gave up); longer than any read timeout worth setting.
+RESULT_EXPIRES_S = 60
 
 
 def reliability_settings(config: DataMeshConfig) -> dict[str, Any]:
@@ -71,8 +77,11 @@ def reliability_settings(config: DataMeshConfig) -> dict[str, Any]:
         # A step that hangs is killed after this long and fails (its errback compensates the saga):
         # this bounds "the longest step" that the visibility timeout must exceed.
         "task_time_limit": config.step_time_limit_s,
-        # Celery results expire and are never the record: the saga log in the CP tier is.
+        # Celery results are never the record: the saga log in the CP tier is.  The one task that
+        # stores a result, ``read_ap`` (a read routed to a shard's owner), holds turn content in it:
+        # its reader deletes it once read, and one it gave up on expires within a minute.
         "task_ignore_result": True,
+        "result_expires": RESULT_EXPIRES_S,
         # JSON only (payload bytes travel base64): no pickle from the broker.
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -90,7 +99,7 @@ def deployment_settings(config: DataMeshConfig) -> dict[str, Any]:
     """Broker, result backend, queues, routes, the reaper's and the index drains' schedules, from the configuration."""
     return {
         "broker_url": config.broker_url,
-        "result_backend": config.result_backend or None,
+        "result_backend": config.resolved_result_backend,
         "task_default_queue": queues.CP_QUEUE,
         "task_queues": [Queue(name) for name in queues.all_queues(config.ap_shards)],
         "task_routes": (queues.route,),
@@ -137,13 +146,15 @@ def create_app(config: DataMeshConfig, *, load_celeryconfig: bool = True) -> Cel
 #: configuration they come from.  The pipeline's executor (the gateway, ``ingest``), the CLI
 #: (``sagas retry``, ``reap``) and every Redis client of datamesh (payload stashes, shard leases, the
 #: waiters' wake-ups) take the broker from DATAMESH_BROKER_URL; the queues and routes decide where
-#: both sides publish and what the workers consume (``-Q`` is computed too).  A file that moved one
+#: both sides publish and what the workers consume (``-Q`` is computed too); readers of AP shards
+#: wait for their owners' answers in the result backend (``DATAMESH_AP_READS=workers``).  A file that moved one
 #: of these for the Celery processes alone would split the system: workers on one broker or queue,
 #: callers on another, and sagas waiting for messages nobody receives.
 SHARED_SETTINGS = {
     "broker_url": "DATAMESH_BROKER_URL",
     "broker_read_url": "DATAMESH_BROKER_URL",
     "broker_write_url": "DATAMESH_BROKER_URL",
+    "result_backend": "DATAMESH_RESULT_BACKEND",
     "task_queues": "DATAMESH_AP_SHARDS",
     "task_default_queue": "datamesh.workers.queues",
     "task_routes": "datamesh.workers.queues",
@@ -173,7 +184,7 @@ def deployment_file_settings(app: Celery, module: str = "celeryconfig") -> Resul
 
 
 def _shared_setting_moved(module: str, name: str, source: str, wanted: Any, computed: Any) -> ConfigError:
-    if source == "DATAMESH_BROKER_URL":
+    if source in ("DATAMESH_BROKER_URL", "DATAMESH_RESULT_BACKEND"):
         shown_wanted, shown_computed = maybe_sanitize_url(wanted), maybe_sanitize_url(computed)
         fix = f"set {source} for every process (workers, beat, Flower, gateway, CLI) and remove {name} from it"
     else:

@@ -1,6 +1,7 @@
 """``python -m datamesh worker | beat | flower``: start Celery pools, the beat scheduler, Flower.
 
-``worker --role ap --region eu-west --shards 0-3`` consumes ``ap.eu-west.0`` … ``ap.eu-west.3``;
+``worker --role ap --region eu-west --shards 0-3`` consumes ``ap.eu-west.0`` … ``ap.eu-west.3`` and the
+reads routed to those shards' owner, ``ap-read.eu-west.0`` … ``ap-read.eu-west.3``;
 ``--role cp`` the ``cp`` queue; ``--role blobs`` the regions' ``blobs.<region>`` queues; ``--role index``
 the regions' ``index.<region>`` queues (index outbox drains: this process is the regions' index writer);
 ``--role all`` everything of its regions (one box).  With ``--processes N`` an AP (or all) pool is N Celery

@@ -7,6 +7,9 @@
     blobs.<region>        object-store writes and their undo, by the region's blob workers
     ap.<region>.<shard>   one queue per AP shard and region (``ap.eu-west.3``): a shard has one writer
                           (its saga writes and undos, and an erasure's deletes)
+    ap-read.<region>.<shard>  reads of that shard routed to its owner (``DATAMESH_AP_READS=workers``),
+                          consumed by the same process as ``ap.<region>.<shard>``: a queue of their own,
+                          so a read does not wait behind the shard's backlog of write batches
     index.<region>        index outbox drains of the region, by its one index worker (the index's writer)
 
 A region's content is only published to that region's queues, so only workers started for the
@@ -35,6 +38,7 @@ UNDO_RESERVE = "datamesh.undo_reserve"
 REAP = "datamesh.reap"
 INDEX_DRAIN = "datamesh.index_drain"
 DELETE_AP = "datamesh.delete_ap"
+READ_AP = "datamesh.read_ap"
 
 ROLES = ("all", "cp", "blobs", "ap", "index")
 
@@ -45,6 +49,10 @@ def blobs_queue(region: str) -> str:
 
 def ap_queue(region: str, shard: int) -> str:
     return f"ap.{region}.{shard}"
+
+
+def ap_read_queue(region: str, shard: int) -> str:
+    return f"ap-read.{region}.{shard}"
 
 
 def index_queue(region: str) -> str:
@@ -59,6 +67,8 @@ def route(
         return {"queue": blobs_queue(kwargs["region"])}
     if name in (WRITE_AP, UNDO_WRITE_AP, DELETE_AP):
         return {"queue": ap_queue(kwargs["region"], int(kwargs["shard"]))}
+    if name == READ_AP:
+        return {"queue": ap_read_queue(kwargs["region"], int(kwargs["shard"]))}
     if name == REAP:
         return {"queue": REAPER_QUEUE}
     if name == INDEX_DRAIN and kwargs.get("region"):  # without a region: fanned out from the cp queue
@@ -69,8 +79,8 @@ def route(
 def queues_for(role: str, regions: Iterable[str], shards: Iterable[int], *, index: bool = True) -> list[str]:
     """The queues a worker of ``role`` consumes for ``regions`` and (AP) ``shards``.
 
-    ``index=False`` leaves the index queues out of an ``all`` worker (one of a pool's workers takes
-    them: a region's index has one writer process).
+    ``index=False`` leaves the index queues out of an ``all`` worker (a sharded pool runs one more
+    process for them: a region's index has one writer process).
     """
     regions, shards = list(regions), list(shards)
     names: list[str] = []
@@ -79,7 +89,8 @@ def queues_for(role: str, regions: Iterable[str], shards: Iterable[int], *, inde
     if role in ("all", "blobs"):
         names += [blobs_queue(r) for r in regions]
     if role in ("all", "ap"):
-        names += [ap_queue(r, s) for r in regions for s in shards]
+        # A shard's owner consumes its writes and its reads (see the module's docstring).
+        names += [name for r in regions for s in shards for name in (ap_queue(r, s), ap_read_queue(r, s))]
     if role == "index" or (role == "all" and index):
         names += [index_queue(r) for r in regions]
     return names

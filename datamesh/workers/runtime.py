@@ -44,6 +44,7 @@ class Runtime:
     _leases: ShardLeases | None = None
     _indexes: RegionalIndexes | None = None
     _index_tiers: Tiers | None = None
+    _reader_ap: ContentStore | None = None
     _index_settings: IndexerSettings | None = None
 
     def configure(self, config: DataMeshConfig) -> None:
@@ -73,15 +74,21 @@ class Runtime:
         AP deletes go to the shards' owners (:mod:`datamesh.tasks.erasure`).
         """
         if self._index_tiers is None:
-            tiers = self.tiers()
-            ap = _IndexAp(
+            self._index_tiers = dataclasses.replace(self.tiers(), ap=self.reader_ap())
+        return self._index_tiers
+
+    def reader_ap(self) -> ContentStore:
+        """AP reads without taking a shard: through this worker's writer where it has the shard
+        open, read-only otherwise (:class:`_ReaderAp`).  Index drains and the reads routed to this
+        worker as a shard's owner (:mod:`datamesh.tasks.reads`) use it."""
+        if self._reader_ap is None:
+            self._reader_ap = _ReaderAp(
                 self.config.resolved_ap_dir,
                 self.config.ap_shards,
-                writer=tiers.ap,
+                writer=self.tiers().ap,
                 reader=readonly_engine_for(self.config.ap_engine),
             )
-            self._index_tiers = dataclasses.replace(tiers, ap=ap)
-        return self._index_tiers
+        return self._reader_ap
 
     def index_settings(self) -> IndexerSettings:
         if self._index_settings is None:
@@ -125,6 +132,7 @@ class Runtime:
         self._leases = None
         self._indexes = None  # the parent's (if any) stay the parent's; this child opens its own
         self._index_tiers = None
+        self._reader_ap = None
 
     def close(self) -> None:
         if self._leases is not None:
@@ -132,8 +140,9 @@ class Runtime:
                 self._leases.release_all()
         if self._indexes is not None:
             self._indexes.close()
-        if self._index_tiers is not None:
-            self._index_tiers.ap.close()
+        if self._reader_ap is not None:
+            self._reader_ap.close()
+        self._reader_ap = None
         self._index_tiers = None
         if self._tiers is not None:
             self._tiers.close()
@@ -175,15 +184,17 @@ def announce(client: redis.Redis, saga_id: str, status: str) -> None:
         pass
 
 
-class _IndexAp(ContentStore):
+class _ReaderAp(ContentStore):
     """AP reads without writer locks (read-only shards), or through this worker's own writer where
     it has the shard open; no writes.
 
     A shard this process writes is read through its writer, which sees the newest writes at once
     (read-your-writes, memtable included), so an index drain that runs where the turns were written
-    never waits for a flush; other shards are read as their owners last flushed them, waiting for
-    keys not visible yet (``readonly_engine_for``).  An erasure's deletes are not made here: the
-    index drain hands them to the shards' owners (``IndexerSettings.hand_off_ap``).
+    never waits for a flush, and a read routed to the shard's owner finds a turn as soon as its
+    batch was acknowledged; other shards (and a shard its owner has not written since it started)
+    are read as last flushed, waiting for keys not visible yet (``readonly_engine_for``).  An
+    erasure's deletes are not made here: the index drain hands them to the shards' owners
+    (``IndexerSettings.hand_off_ap``).
     """
 
     def __init__(self, root: Path, shard_count: int, *, writer: ContentStore, reader: EngineFactory) -> None:
@@ -195,7 +206,7 @@ class _IndexAp(ContentStore):
         return owned if owned is not None else super()._engine(region, shard)
 
     def delete_many(self, region: GeoRegion, keys: Sequence[bytes]) -> Result[int, StorageError]:
-        message = "the index worker does not write AP shards: their owners run an erasure's deletes (delete_ap)"
+        message = "AP reads do not write shards: their owners run an erasure's deletes (delete_ap)"
         return Err(StorageError("ap", "delete_many", message))
 
 

@@ -1,4 +1,5 @@
-"""An index worker reads the LSM shards it writes through its own writer: no wait for a flush."""
+"""A worker reads the LSM shards it writes through its own writer (index drains, reads routed to the
+owner): no wait for a flush."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datamesh.core.types import GeoRegion
 from datamesh.pipeline.tiers import engine_for, readonly_engine_for
 from datamesh.storage.ap.base import ShardEngine
 from datamesh.storage.ap.store import ContentStore, shard_for
-from datamesh.workers.runtime import _IndexAp
+from datamesh.workers.runtime import _ReaderAp
 
 REGION = GeoRegion.EU_WEST
 
@@ -32,7 +33,7 @@ def test_shards_this_worker_writes_are_read_through_its_writer(tmp_path: Path) -
         opened.append(path)
         return readonly_engine_for("lsm")(path)
 
-    index_ap = _IndexAp(tmp_path, 2, writer=writer, reader=reader)
+    index_ap = _ReaderAp(tmp_path, 2, writer=writer, reader=reader)
     # When an index drain reads every turn
     found = index_ap.get_many(REGION, keys).unwrap()
     # Then all are found: shard 0's unflushed turns through the writer, with no read-only handle

@@ -70,7 +70,7 @@ async def test_flower_shows_pools_and_saga_tasks(
         ap_queues = {
             q["name"] for n, info in pools.items() if n.startswith("ap-eu.") for q in info.get("active_queues", [])
         }
-        assert ap_queues == {"ap.eu-west.0", "ap.eu-west.1", "ap.eu-west.2", "ap.eu-west.3"}
+        assert ap_queues == {f"{kind}.eu-west.{n}" for kind in ("ap", "ap-read") for n in range(4)}
         assert all(t["state"] == "SUCCESS" for t in tasks.values() if t.get("name") == "datamesh.commit_cp")
     finally:
         flower.terminate()

@@ -20,6 +20,7 @@ from pathlib import Path
 from datamesh.core.durable import replace_durably
 from datamesh.storage.ap.base import ShardEngine, ShardError
 from datamesh.storage.ap.sqlite_shard import SqliteShard
+from datamesh.storage.ap.store import shard_address
 
 #: ``token(region, shard)``: the fencing token this process holds for a shard, or None without a lease.
 TokenSource = Callable[[str, int], int | None]
@@ -99,7 +100,7 @@ def fenced_engine(tokens: TokenSource, inner: Callable[[Path], ShardEngine]) -> 
     """
 
     def factory(path: Path) -> ShardEngine:
-        region, shard = path.parent.name, int(path.name.rsplit("-", 1)[1])
+        region, shard = shard_address(path)
         return FencedShard(inner(path), path.with_suffix(".fence"), lambda: tokens(region, shard))
 
     return factory

@@ -31,6 +31,11 @@ def shard_for(entity_bytes: bytes, shard_count: int) -> int:
     return int.from_bytes(digest, "big") % shard_count
 
 
+def shard_address(path: Path) -> tuple[str, int]:
+    """``(region, shard)`` of a shard path ``<ap_dir>/<region>/shard-NNN`` (what an engine factory gets)."""
+    return path.parent.name, int(path.name.rsplit("-", 1)[1])
+
+
 def default_engine(path: Path) -> ShardEngine:
     return SqliteShard(path.with_suffix(".sqlite3"))
 
@@ -95,18 +100,32 @@ class ContentStore:
     def scan_entity(
         self, region: GeoRegion, entity: EntityId, limit: int | None = None
     ) -> Result[list[tuple[bytes, bytes]], StorageError]:
-        prefix = entity.value.bytes
-        with tier_call("ap", "scan_entity", region.value) as call:
+        return self.scan_prefix(region, entity.value.bytes, limit, operation="scan_entity")
+
+    def scan_prefix(
+        self, region: GeoRegion, prefix: bytes, limit: int | None = None, *, operation: str = "scan_prefix"
+    ) -> Result[list[tuple[bytes, bytes]], StorageError]:
+        """Items whose key starts with ``prefix`` (at least the 16 bytes of an entity id, which
+        choose the shard), in key order."""
+        with tier_call("ap", operation, region.value) as call:
             try:
-                engine = self._engine(region, self.shard_of(entity))
+                engine = self._engine(region, shard_for(prefix, self.shard_count))
                 return Ok(list(engine.scan_prefix(prefix, limit)))
             except (ShardError, sqlite3.Error, OSError) as exc:
-                return call.check(Err(_translate(exc, "scan_entity")))
+                return call.check(Err(_translate(exc, operation)))
 
     def count(self, region: GeoRegion) -> Result[int, StorageError]:
+        """Live keys of every shard of ``region``."""
+        return self._count(region, range(self.shard_count))
+
+    def count_shard(self, region: GeoRegion, shard: int) -> Result[int, StorageError]:
+        """Live keys of one shard."""
+        return self._count(region, [shard])
+
+    def _count(self, region: GeoRegion, shards: Sequence[int]) -> Result[int, StorageError]:
         with tier_call("ap", "count", region.value) as call:
             try:
-                return Ok(sum(self._engine(region, n).count() for n in range(self.shard_count)))
+                return Ok(sum(self._engine(region, n).count() for n in shards))
             except (ShardError, sqlite3.Error, OSError) as exc:
                 return call.check(Err(_translate(exc, "count")))
 

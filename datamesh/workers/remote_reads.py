@@ -1,0 +1,135 @@
+"""AP shards read through their owners (``DATAMESH_AP_READS=workers``), for processes on any host.
+
+A process that does not own the AP shards (the Celery-mode pipeline, the gateway, the CLI) gets a
+:class:`~datamesh.storage.ap.store.ContentStore` whose engines (:func:`owner_reads_engine`) open no
+file: each read of a shard is a ``read_ap`` task on ``ap-read.<region>.<shard>``, run by the worker
+that owns the shard (:mod:`datamesh.tasks.reads`), and its answer comes back through Celery's result
+backend (``DATAMESH_RESULT_BACKEND``, by default the broker's Redis, which every process shares
+already).  Such an engine never writes: the shard's owner is its only writer.
+
+A read waits ``DATAMESH_AP_READ_TIMEOUT_S`` for its answer; past it (no worker consumes the queue:
+the owner is down, or its queue is not served) it fails with a retryable error naming the region,
+the shard and the queue, and the message, sent with the same expiry, is dropped unread by an owner
+that comes back later.  Failures here are :class:`~datamesh.storage.ap.base.ShardError`, which the
+``ContentStore`` turns into ``StorageError`` like any engine's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from datamesh.core.config import DataMeshConfig
+from datamesh.storage.ap.base import ShardEngine, ShardError
+from datamesh.storage.ap.store import EngineFactory, shard_address
+from datamesh.tasks.codec import b64, unb64
+from datamesh.tasks.reads import COUNT, GET, SCAN, Reply
+from datamesh.workers import queues
+
+
+class OwnerReads:
+    """This process's way to the shards' owners: a Celery app, built on first use, that publishes
+    ``read_ap`` tasks and waits for their results."""
+
+    def __init__(self, config: DataMeshConfig) -> None:
+        self.config = config
+        self._app: Celery | None = None
+        self._lock = threading.Lock()
+
+    def app(self) -> Celery:
+        with self._lock:
+            if self._app is None:
+                from datamesh.workers.app import create_app
+
+                self._app = create_app(self.config, load_celeryconfig=False)
+            return self._app
+
+    def ask(self, region: str, shard: int, op: str, **args: Any) -> Reply:
+        """The owner's answer to one read of shard ``shard`` of ``region``; raises a retryable
+        ``ShardError`` when no answer comes within the timeout or the broker cannot be reached."""
+        where = f"shard {shard} of {region} (queue {queues.ap_read_queue(region, shard)})"
+        timeout = self.config.ap_read_timeout_s
+        app = self.app()
+        try:
+            # ``expires``: an owner that takes the message after the reader gave up drops it unread.
+            sent = app.send_task(
+                queues.READ_AP,
+                kwargs={"region": region, "shard": shard, "op": op, **args},
+                ignore_result=False,
+                expires=timeout,
+            )
+        except Exception as exc:  # kombu/redis failures after their retries: one boundary
+            raise ShardError(f"could not send a read of {where}: {exc}", retryable=True) from exc
+        try:
+            reply = sent.get(timeout=timeout, propagate=False)
+        except CeleryTimeout:
+            app.backend.remove_pending_result(sent)  # stop listening for it
+            raise ShardError(
+                f"no answer to a read of {where} within {timeout:g}s: is the worker that owns it running?",
+                retryable=True,
+            ) from None
+        except Exception as exc:  # the result backend unreachable: one boundary
+            raise ShardError(f"no answer to a read of {where}: {exc}", retryable=True) from exc
+        sent.forget()  # the answer holds content: it stays in the backend no longer than needed
+        if not isinstance(reply, dict):  # the task raised (``reply`` is its exception)
+            raise ShardError(f"the owner of {where} failed the read: {reply!r}", retryable=True)
+        if "error" in reply:
+            raise ShardError(f"the owner of {where}: {reply['error']}", retryable=bool(reply["retryable"]))
+        return reply
+
+    def close(self) -> None:
+        with self._lock:
+            app, self._app = self._app, None
+        if app is not None:
+            app.close()
+
+
+class RemoteShard(ShardEngine):
+    """One shard read through its owner; writes are refused (readers never write)."""
+
+    def __init__(self, owners: OwnerReads, region: str, shard: int) -> None:
+        self._owners = owners
+        self.region = region
+        self.shard = shard
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        raise self._refused()
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        raise self._refused()
+
+    def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
+        reply = self._owners.ask(self.region, self.shard, GET, keys=[b64(k) for k in keys])
+        return {unb64(k): unb64(v) for k, v in reply["found"].items()}
+
+    def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        reply = self._owners.ask(self.region, self.shard, SCAN, prefix=b64(prefix), limit=limit)
+        return iter([(unb64(k), unb64(v)) for k, v in reply["items"]])
+
+    def count(self) -> int:
+        return int(self._owners.ask(self.region, self.shard, COUNT)["count"])
+
+    def close(self) -> None:
+        self._owners.close()  # idempotent; a later read builds the app again
+
+    def _refused(self) -> ShardError:
+        return ShardError(
+            f"shard {self.shard} of {self.region} is read through its owner (DATAMESH_AP_READS=workers):"
+            f" this process does not write it; its writes go to queue {queues.ap_queue(self.region, self.shard)}"
+        )
+
+
+def owner_reads_engine(config: DataMeshConfig) -> EngineFactory:
+    """An engine factory for ``ContentStore`` whose shards are read through their owners."""
+    owners = OwnerReads(config)
+
+    def factory(path: Path) -> ShardEngine:
+        region, shard = shard_address(path)
+        return RemoteShard(owners, region, shard)
+
+    return factory
