@@ -15,7 +15,7 @@ import importlib
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown
+from celery.signals import beat_embedded_init, celeryd_init, worker_process_init, worker_process_shutdown
 from kombu.entity import Queue
 from kombu.utils.url import maybe_sanitize_url
 
@@ -23,7 +23,7 @@ from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import ConfigError, describe
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import GeoRegion
-from datamesh.workers import queues, telemetry
+from datamesh.workers import orphans, queues, telemetry
 from datamesh.workers.runtime import RUNTIME
 
 #: Every task module: every worker imports all of them, whatever queues it consumes, so an errback
@@ -209,6 +209,13 @@ def _name_node(sender: str | None = None, **_: Any) -> None:
     # The lease owner is the worker node: a child restarted after a kill keeps the node's shards.
     if sender:
         RUNTIME.node = sender
+    orphans.record_main_process()  # before any fork: an embedded beat checks its parent against it
+
+
+@beat_embedded_init.connect
+def _beat_dies_with_worker(**_: Any) -> None:
+    # worker --beat: a beat left running by a killed worker would publish for ever (orphans.py).
+    orphans.exit_with_parent()
 
 
 @worker_process_init.connect

@@ -113,7 +113,9 @@ _POOL_POLL_S = 0.5
 def run_worker(args: argparse.Namespace, config: DataMeshConfig) -> int:
     try:
         commands = worker_commands(args, config)
-    except ValueError as exc:
+        if args.beat:  # its schedule file goes there: beat dies at start in a folder that is not there
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.metrics_port is not None:
