@@ -204,3 +204,13 @@ def test_a_multi_host_cp_url_skips_a_server_that_is_down(pg_cp_url: str, tmp_pat
         tiers.close()
     # Then the connection was made to the second server, a writable one
     assert tuple(found) == (5432, False)
+
+
+def test_a_gateway_gives_up_on_a_saga_before_the_balancer_gives_up_on_the_gateway(compose: dict[str, Any]) -> None:
+    # The caller then gets the gateway's answer (the saga id, still in flight), not nginx's bare 504.
+    conf = (ROOT / "deploy" / "nginx" / "datamesh-gateway.conf").read_text()
+    read_timeout = re.search(r"proxy_read_timeout\s+(\d+)s;", conf)
+    assert read_timeout is not None
+    for name in ("gateway-1", "gateway-2"):
+        wait_s = float(compose["services"][name]["environment"]["DATAMESH_SAGA_WAIT_S"])
+        assert wait_s < int(read_timeout.group(1)), name
