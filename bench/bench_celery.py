@@ -27,6 +27,11 @@ outputs in ../shared/data, fresh entity ids per batch so nothing is deduplicated
   After the table, each celery/local rate is printed as a share of the strong floor for the chosen
   AP engine (``raw COPY+sqlite``, or ``raw COPY+lsm``) at the same batch size.
 
+Last, the CPU each celery/local measurement took per conversation, committed and indexed, by part
+(``bench/cpu_meter.py``: the caller, the step workers, the index worker, this run's PostgreSQL
+backends, the Redis server; from ``/proc``, so other users' load does not count), and the rate that
+CPU allows on this machine's cores: a measured ceiling to set the rates and the target against.
+
 Use ``--broker`` to pick a Redis database nobody else uses: it is flushed at the start and the end.
 """
 
@@ -52,6 +57,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from bench.bench_ingest import load_rows, pct, requests_for
+from bench.cpu_meter import CpuMeter, per_item_us
 from datamesh.core.config import DataMeshConfig
 from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.tiers import engine_for
@@ -250,6 +256,17 @@ def raw_baseline(root: Path, pg_url: str, rows: list[tuple[bytes, bytes]], size:
     return (f"batch {size:5d} x{batches:3d}, sequential", size * batches / wall, None, pct(lat, 0.5), pct(lat, 0.99))
 
 
+def print_cpu(cpu_rows: list[tuple[str, int, dict[str, float]]]) -> None:
+    """CPU µs per conversation by part, committed and indexed, and the rate that CPU allows here."""
+    parts = ["caller", "step workers", "index worker", "postgres", "redis"]
+    cores = os.cpu_count() or 1
+    print(f"\nCPU per conversation, committed and indexed (µs; /proc; 'ceiling' = {cores} cores / total):")
+    print(f"{'executor':16} {'batch':>6} " + " ".join(f"{p:>13}" for p in parts) + f" {'total':>8} {'ceiling/s':>10}")
+    for who, size, us in cpu_rows:
+        cells = " ".join(f"{us.get(p, 0.0):13.0f}" for p in parts)
+        print(f"{who:16} {size:6d} {cells} {us['total']:8.0f} {cores * 1e6 / us['total']:10.0f}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", default="1,2,4")
@@ -281,13 +298,28 @@ async def main() -> None:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
         schemas.append(schema)
-        url = f"{args.pg}?options=-csearch_path%3D{schema}"
+        # application_name: the CPU meter tells this run's PostgreSQL backends from others' by it
+        url = f"{args.pg}?options=-csearch_path%3D{schema}&application_name={schema}"
         db = CpDatabase.open(url).unwrap()
         migrate.upgrade(db).unwrap()
         db.dispose()
         return url
 
     results: list[tuple[str, int, Row]] = []
+    cpu_rows: list[tuple[str, int, dict[str, float]]] = []
+    broker_info = redis.Redis.from_url(args.broker).info("server")
+    redis_pid = int(broker_info["process_id"]) if Path(f"/proc/{broker_info['process_id']}").exists() else None
+
+    async def measured(
+        meter: CpuMeter, who: str, p: IngestionPipeline, size: int, turns: int, clients: int, backlog: Callable[[], int]
+    ) -> Row:
+        """``run_batches`` with the CPU it took by part, per conversation, until the index outbox was
+        empty again (the index drains' CPU included)."""
+        before = meter.snapshot()
+        row = await run_batches(p, rows, size, turns, clients, backlog)
+        items = size * max(clients, turns // size)  # what run_batches ingests
+        cpu_rows.append((who, size, per_item_us(before, meter.snapshot(), items)))
+        return row
 
     def report(who: str, size: int, row: Row) -> None:
         results.append((who, size, row))
@@ -326,12 +358,15 @@ async def main() -> None:
                 try:
                     wait_ready(config, processes)
                     backlog = backlog_of(pg_url)
+                    meter = CpuMeter(workers.pid, admin, f"{prefix}_celery{processes}", redis_pid)
                     async with (await IngestionPipeline.create(config)).unwrap() as p:
                         await run_batches(p, rows, 100, 200, 2, backlog)  # warm-up
                         for size in sizes:
                             clients = max(2, 2 * processes)
-                            row = await run_batches(p, rows, size, max(args.turns, size * clients), clients, backlog)
-                            report(f"celery {processes} proc", size, row)
+                            who = f"celery {processes} proc"
+                            turns = max(args.turns, size * clients)
+                            row = await measured(meter, who, p, size, turns, clients, backlog)
+                            report(who, size, row)
                 finally:
                     workers.terminate()  # a warm shutdown: running tasks finish, LSM memtables are flushed
                     try:
@@ -350,10 +385,11 @@ async def main() -> None:
                 max_in_flight=10**6,
             )
             backlog = backlog_of(local_url)
+            meter = CpuMeter(None, admin, f"{prefix}_local", redis_pid=None)
             async with (await IngestionPipeline.create(local)).unwrap() as p:
                 await run_batches(p, rows, 100, 200, 1, backlog)
                 for size in sizes:
-                    row = await run_batches(p, rows, size, max(args.turns, size * 2), 2, backlog)
+                    row = await measured(meter, "local executor", p, size, max(args.turns, size * 2), 2, backlog)
                     report("local executor", size, row)
             raw_url = fresh_schema("raw")
             for variant in RAW_VARIANTS[args.ap_engine]:
@@ -368,6 +404,7 @@ async def main() -> None:
                     f"{who} {r[1] / best:.0%}" for who, n, r in results if n == size and not who.startswith("raw")
                 ]
                 print(f"  batch {size:5d}: " + ", ".join(shares))
+            print_cpu(cpu_rows)
     finally:
         with admin.connect() as conn:
             for schema in schemas:
