@@ -415,3 +415,23 @@ def test_runs_written_from_reused_buffers_hold_every_entry(tmp_path: Path, block
     newest_wins = {key: value for entries in each for key, value in entries.items()}
     assert verify_run(merged) == []
     assert _flat(iter_blocks(merged)) == sorted(newest_wins.items())
+
+
+@pytest.mark.parametrize("with_scratch", [False, True])
+def test_taking_entries_of_mixed_value_widths_gathers_each_value_whole(with_scratch: bool) -> None:
+    # Values of many widths (text-sized, tiny, empty, tombstones), taken in a shuffled order with
+    # repeats, come out exactly as taking them one by one from the lists would give.
+    rng = random.Random(7)
+    keys = [i.to_bytes(16, "big") for i in range(300)]
+    values: list[bytes | None] = [rng.randbytes(rng.choice([0, 3, 60, 2500, 9000])) for _ in keys]
+    for i in range(0, len(values), 17):
+        values[i] = None
+    columns = from_lists(keys, values)
+    assert columns is not None
+    order = [rng.randrange(len(keys)) for _ in range(500)]
+    taken = columns.take(np.array(order, dtype=np.intp), Scratch() if with_scratch else None)
+    got_keys, got_values = taken.to_lists()
+    assert got_keys == [keys[i] for i in order]
+    assert got_values == [values[i] for i in order]
+    taken.values[:1] = 0  # a buffer of its own, writable like any gathered array
+    assert columns.to_lists()[1] == values
