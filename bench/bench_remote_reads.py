@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from statistics import mean
 
@@ -65,65 +67,74 @@ def line(mode: str, what: str, values: list[float]) -> str:
     return f"{mode:8} {what:14} {pct(values, 0.5):8.2f} {pct(values, 0.99):8.2f} {mean(values):8.2f} {len(values):7}"
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ap-engine", choices=("sqlite", "lsm"), default="sqlite")
+@contextlib.asynccontextmanager
+async def workers_on_host_a(pg: str, broker: str, ap_engine: str) -> AsyncIterator[tuple[DataMeshConfig, Path]]:
+    """``worker --role all`` (one process) on a fresh data folder (host A) and PostgreSQL schema:
+    its configuration and the folder holding host A (and host B, a reader's empty one).  Redis
+    ``broker`` is flushed at the start and the end; the schema is dropped at the end."""
+    schema = f"bench_reads_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    pg_url = f"{pg}?options=-csearch_path%3D{schema}"
+    db = CpDatabase.open(pg_url).unwrap()
+    migrate.upgrade(db).unwrap()
+    db.dispose()
+    redis.Redis.from_url(broker).flushdb()
+    try:
+        with tempfile.TemporaryDirectory(prefix="datamesh-bench-reads-") as tmp:
+            root = Path(tmp)
+            owners = DataMeshConfig(
+                data_dir=root / "host-a", cp_url=pg_url, executor="celery", broker_url=broker, ap_engine=ap_engine
+            )
+            env = {
+                "DATAMESH_EXECUTOR": "celery",
+                "DATAMESH_DATA_DIR": str(owners.data_dir),
+                "DATAMESH_CP_URL": pg_url,
+                "DATAMESH_BROKER_URL": broker,
+                "DATAMESH_AP_ENGINE": ap_engine,
+            }
+            workers = start_workers(env, 1, root / "workers.log")
+            try:
+                wait_ready(owners, 1)
+                yield owners, root
+            finally:
+                workers.terminate()
+                workers.wait(timeout=30)
+    finally:
+        redis.Redis.from_url(broker).flushdb()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conversations", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/6")
     parser.add_argument(
         "--pg", default=os.environ.get("DATAMESH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ap-engine", choices=("sqlite", "lsm"), default="sqlite")
+    common_arguments(parser)
     args = parser.parse_args()
-    schema = f"bench_reads_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(args.pg, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    pg_url = f"{args.pg}?options=-csearch_path%3D{schema}"
-    db = CpDatabase.open(pg_url).unwrap()
-    migrate.upgrade(db).unwrap()
-    db.dispose()
-    redis.Redis.from_url(args.broker).flushdb()
     print(f"AP engine {args.ap_engine}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    try:
-        with tempfile.TemporaryDirectory(prefix="datamesh-bench-reads-") as tmp:
-            root = Path(tmp)
-            owners = DataMeshConfig(
-                data_dir=root / "host-a",
-                cp_url=pg_url,
-                executor="celery",
-                broker_url=args.broker,
-                ap_engine=args.ap_engine,
-            )
-            env = {
-                "DATAMESH_EXECUTOR": "celery",
-                "DATAMESH_DATA_DIR": str(owners.data_dir),
-                "DATAMESH_CP_URL": pg_url,
-                "DATAMESH_BROKER_URL": args.broker,
-                "DATAMESH_AP_ENGINE": args.ap_engine,
-            }
-            workers = start_workers(env, 1, root / "workers.log")
-            try:
-                wait_ready(owners, 1)
-                async with (await IngestionPipeline.create(owners)).unwrap() as p:
-                    results = (await p.ingest_many(requests_for(load_rows(), args.conversations))).unwrap()
-                ids = [str(r.unwrap().conversation_id) for r in results]
-                await asyncio.sleep(3)  # LSM: let the owner flush, so the files reader waits for nothing
-                remote = owners.with_changes(
-                    data_dir=root / "host-b", objects_url=owners.resolved_objects_url, ap_reads="workers"
-                )
-                print(f"{'reads':8} {'call':14} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'calls':>7}")
-                for mode, config in (("files", owners), ("workers", remote)):
-                    gets, keys = await measure(config, ids, args.rounds)
-                    print(line(mode, "p.get", gets))
-                    print(line(mode, "ap.get_many", keys), flush=True)
-            finally:
-                workers.terminate()
-                workers.wait(timeout=30)
-    finally:
-        redis.Redis.from_url(args.broker).flushdb()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    async with workers_on_host_a(args.pg, args.broker, args.ap_engine) as (owners, root):
+        async with (await IngestionPipeline.create(owners)).unwrap() as p:
+            results = (await p.ingest_many(requests_for(load_rows(), args.conversations))).unwrap()
+        ids = [str(r.unwrap().conversation_id) for r in results]
+        await asyncio.sleep(3)  # LSM: let the owner flush, so the files reader waits for nothing
+        remote = owners.with_changes(
+            data_dir=root / "host-b", objects_url=owners.resolved_objects_url, ap_reads="workers"
+        )
+        print(f"{'reads':8} {'call':14} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'calls':>7}")
+        for mode, config in (("files", owners), ("workers", remote)):
+            gets, keys = await measure(config, ids, args.rounds)
+            print(line(mode, "p.get", gets))
+            print(line(mode, "ap.get_many", keys), flush=True)
 
 
 if __name__ == "__main__":

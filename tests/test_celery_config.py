@@ -72,6 +72,7 @@ def test_reliability_settings_are_set_and_the_visibility_timeout_checked(tmp_pat
         "datamesh.tasks.index",
         "datamesh.tasks.erasure",
         "datamesh.tasks.reads",
+        "datamesh.tasks.search",
     }
 
 
@@ -209,6 +210,9 @@ def test_routing_by_role_region_and_shard() -> None:
     assert queues.route(queues.COMMIT_CP, (), {"saga_id": "x"}, {}) == {"queue": "cp"}
     assert queues.route(queues.INDEX_DRAIN, (), {"region": "eu-west"}, {}) == {"queue": "index.eu-west"}
     assert queues.route(queues.INDEX_DRAIN, (), {}, {}) == {"queue": "cp"}
+    assert queues.route(queues.QUERY_INDEX, (), {"region": "eu-west", "op": "search"}, {}) == {
+        "queue": "search.eu-west"
+    }
 
 
 def test_the_reaper_has_a_queue_of_its_own_that_cp_workers_consume() -> None:
@@ -244,6 +248,28 @@ def test_index_queues_have_one_consumer_process() -> None:
     assert consumed[2] == ["index.eu-west"] and commands[2][1]["DATAMESH_WORKER_ROLE"] == "index"
     assert not any(q.startswith("index.") for q in consumed[0] + consumed[1])
     assert {"ap.eu-west.0", "ap.eu-west.1"} == {q for q in consumed[0] + consumed[1] if q.startswith("ap.")}
+
+
+def test_search_queues_have_a_pool_of_their_own_apart_from_the_index_writer() -> None:
+    # A search pool serves its regions' search queues with N processes (read-only: any number),
+    args = build_parser().parse_args(["worker", "--role", "search", "--region", "eu-west", "--processes", "3"])
+    commands = worker_commands(args, DataMeshConfig())
+    assert [(argv[argv.index("-Q") + 1], argv[argv.index("-c") + 1]) for argv, _ in commands] == [
+        ("search.eu-west", "3")
+    ]
+    assert commands[0][1]["DATAMESH_WORKER_ROLE"] == "search"
+    # a one-process all-roles pool (one box) consumes them beside everything else,
+    args = build_parser().parse_args(["worker", "--role", "all", "--region", "eu-west"])
+    (argv, _), *_ = worker_commands(args, DataMeshConfig())
+    assert {"index.eu-west", "search.eu-west"} <= set(argv[argv.index("-Q") + 1].split(","))
+    # and a sharded one gives them a process of their own, apart from the index writer's: a search
+    # never waits behind an index drain, nor behind a shard's saga steps.
+    args = build_parser().parse_args(["worker", "--role", "all", "--region", "eu-west", "--processes", "2"])
+    commands = worker_commands(args, DataMeshConfig(ap_shards=2))
+    consumed = [argv[argv.index("-Q") + 1].split(",") for argv, _ in commands]
+    assert consumed[3] == ["search.eu-west"] and commands[3][1]["DATAMESH_WORKER_ROLE"] == "search"
+    assert not any(q.startswith("search.") for q in consumed[0] + consumed[1] + consumed[2])
+    assert "search.eu-west" in queues.all_queues(2)  # declared, and its depth observed by the reaper
 
 
 def test_an_ap_pool_deals_its_shards_to_one_consumer_each() -> None:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from datamesh.cli.main import build_parser
+from datamesh.core.types import GeoRegion
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
@@ -94,8 +95,23 @@ def test_one_index_writer_and_read_only_readers(compose: dict[str, Any]) -> None
     writers = [n for n, s in services.items() if s.get("command", [])[3:6] == ["worker", "--role", "index"]]
     assert writers == ["worker-index"]
     assert "index:/var/lib/datamesh/index" in services["worker-index"]["volumes"]
-    for name in ("gateway-1", "gateway-2"):  # gateways search the indexes read-only
-        assert "index:/var/lib/datamesh/index:ro" in services[name]["volumes"]
+    # and every region's searches are served by a search pool that mounts the index volume read-only.
+    searchers = {n: s for n, s in services.items() if s.get("command", [])[3:6] == ["worker", "--role", "search"]}
+    served = {c[i + 1] for c in (s["command"] for s in searchers.values()) for i, a in enumerate(c) if a == "--region"}
+    assert served == {r.value for r in GeoRegion}
+    for service in searchers.values():
+        assert service["volumes"] == ["index:/var/lib/datamesh/index:ro"]
+
+
+def test_gateways_mount_no_data_volume_and_read_through_the_workers(compose: dict[str, Any]) -> None:
+    # Gateways are stateless instances that may run on any host: AP reads go to the shards' owners,
+    # searches to the search pools, and nothing of the data folder is mounted.
+    services = compose["services"]
+    for name in ("gateway-1", "gateway-2"):
+        gateway = services[name]
+        assert gateway["environment"]["DATAMESH_AP_READS"] == "workers"
+        assert gateway["environment"]["DATAMESH_INDEX_READS"] == "workers"
+        assert not gateway.get("volumes"), name
 
 
 def test_the_image_user_owns_the_data_folder_and_every_mount_point_under_it(compose: dict[str, Any]) -> None:

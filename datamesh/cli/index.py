@@ -2,9 +2,11 @@
 
 ``rebuild`` re-indexes every active conversation of a region (or of every region) from the AP
 tier and the CP tier and removes erased ones; ``status`` shows the index outbox (rows owed, the
-oldest row's age, rows failing and their last errors); ``drain`` does the outbox's work now.
-A region's index is open in one process at a time: run these where no pipeline holds it, or
-they report the index as busy.
+oldest row's age, rows failing and their last errors) and each region's indexed turns, read as
+``DATAMESH_INDEX_READS`` says (beside the writer: the files read-only, or the search workers);
+``drain`` does the outbox's work now.  ``rebuild`` and ``drain`` write the indexes, and a region's
+index is open for writing in one process at a time: run them on the index host where no pipeline
+or index worker holds it, or they report the index as busy.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from datamesh.core.config import DataMeshConfig
 from datamesh.core.result import Err
 from datamesh.core.types import GeoRegion
 from datamesh.pipeline import indexer
-from datamesh.pipeline.tiers import Tiers
-from datamesh.storage.index import Embedder, MiniLMEmbedder, RegionalIndexes
+from datamesh.pipeline.tiers import Tiers, reader_indexes_for
+from datamesh.storage.index import Embedder, IndexReader, MiniLMEmbedder, RegionalIndexes
 
 
 def register(sub: Any) -> None:
@@ -32,10 +34,15 @@ def run(args: argparse.Namespace, config: DataMeshConfig) -> int:
     if isinstance(tiers, Err):
         print(f"error: {tiers.error}")
         return 2
+    if args.action == "status":
+        reader = reader_indexes_for(config)
+        try:
+            return _status(tiers.value, reader)
+        finally:
+            reader.close()
+            tiers.value.close()
     indexes = RegionalIndexes(config.resolved_index_dir)
     try:
-        if args.action == "status":
-            return _status(tiers.value, indexes)
         embedder: Embedder | None = None
         if config.embedder == "minilm":
             loaded = MiniLMEmbedder.load()
@@ -81,22 +88,23 @@ def _drain(tiers: Tiers, indexes: RegionalIndexes, config: DataMeshConfig, embed
     return 1 if failed else 0
 
 
-def _status(tiers: Tiers, indexes: RegionalIndexes) -> int:
+def _status(tiers: Tiers, indexes: IndexReader) -> int:
     status = indexer.outbox_status(tiers)
     if isinstance(status, Err):
         print(f"error: {status.error}")
         return 1
     report = status.value
+    regions = list(GeoRegion)
+    counts = indexes.count_regions(regions)  # read-only (or by the search workers): beside the writer
     print("region         outbox  lag_s     failing  indexed")
-    for region in GeoRegion:
+    for n, region in enumerate(regions):
         depth = report.regions.get(region.value)
         rows = 0 if depth is None else depth.rows
         failing = 0 if depth is None else depth.failing
-        indexed = "-"
-        if (indexes.root / region.value).is_dir():
-            index = indexes.region(region)
-            indexed = "busy" if isinstance(index, Err) else str(index.value.count().unwrap_or(0))
+        indexed = "?" if isinstance(counts, Err) else "-" if counts.value[n] is None else str(counts.value[n])
         print(f"{region.value:<14} {rows:>6}  {report.lag_s(region.value):>8.1f}  {failing:>7}  {indexed:>7}")
     for op, key, attempts, error in report.worst:
         print(f"retrying {op} {key} after {attempts} attempts: {error}")
+    if isinstance(counts, Err):
+        print(f"indexed turns unknown: {counts.error}")
     return 0

@@ -76,11 +76,19 @@ DEFAULT_EMBEDDER = "none"
 DEFAULT_INDEXER = "on"
 DEFAULT_INDEX_INTERVAL_S = 1.0
 DEFAULT_INDEX_BATCH = 200
+#: How a Celery-mode process that does not write the regional indexes (the pipeline, the gateway,
+#: the CLI) searches them: by opening the index files read-only itself (``files``: it must see the
+#: index volume) or by asking each region's search workers over the broker (``workers``: any host).
+DEFAULT_INDEX_READS = "files"
+INDEX_READS = ("files", "workers")
+#: How long a search routed to the search workers waits for every region's answer (one deadline
+#: for the regions asked at once) before failing (retryable).
+DEFAULT_SEARCH_TIMEOUT_S = 10.0
 EMBEDDERS = ("none", "minilm")
 
 BACKPRESSURE_MODES = ("wait", "reject")
 EXECUTORS = ("local", "celery")
-WORKER_ROLES = ("all", "cp", "blobs", "ap", "index")
+WORKER_ROLES = ("all", "cp", "blobs", "ap", "index", "search")
 RATE_LIMIT_FAILURE_MODES = ("closed", "open")
 RATE_LIMIT_OFF = "off"
 DEFAULT_METRICS = "on"
@@ -193,6 +201,9 @@ class DataMeshConfig:
     index_interval_s: float = DEFAULT_INDEX_INTERVAL_S
     index_batch: int = DEFAULT_INDEX_BATCH
     embedder: str = DEFAULT_EMBEDDER
+    #: Where a Celery-mode reader searches: the index files (``files``) or the search workers (``workers``)
+    index_reads: str = DEFAULT_INDEX_READS
+    search_timeout_s: float = DEFAULT_SEARCH_TIMEOUT_S
 
     @property
     def tracing(self) -> bool:
@@ -374,6 +385,10 @@ class DataMeshConfig:
                 index_interval_s=_get(env, "DATAMESH_INDEX_INTERVAL_S", _positive_float, DEFAULT_INDEX_INTERVAL_S),
                 index_batch=_get(env, "DATAMESH_INDEX_BATCH", _int_between(1, 100_000), DEFAULT_INDEX_BATCH),
                 embedder=_get(env, "DATAMESH_EMBEDDER", _choice(EMBEDDERS), DEFAULT_EMBEDDER),
+                index_reads=_get(env, "DATAMESH_INDEX_READS", _choice(INDEX_READS), DEFAULT_INDEX_READS),
+                search_timeout_s=_get(
+                    env, "DATAMESH_SEARCH_TIMEOUT_S", _float_between(0.1, 3600.0), DEFAULT_SEARCH_TIMEOUT_S
+                ),
             )
         except _BadValue as bad:
             return Err(ConfigError(bad.variable, bad.message))

@@ -50,11 +50,11 @@ from datamesh.pipeline.request import IngestionRequest, IngestionResponse, Valid
 from datamesh.pipeline.saga import FaultHook, LocalSagaExecutor, ReapOutcome, reap
 from datamesh.pipeline.search import SearchResult
 from datamesh.pipeline.steps import Committed, Existing
-from datamesh.pipeline.tiers import Tiers, reader_engine_for
+from datamesh.pipeline.tiers import Tiers, reader_engine_for, reader_indexes_for
 from datamesh.storage.ap.store import EngineFactory
 from datamesh.storage.cp import provenance, sagas
 from datamesh.storage.cp.sagas import SagaStatus
-from datamesh.storage.index import Embedder, MiniLMEmbedder, RegionalIndexes
+from datamesh.storage.index import Embedder, IndexReader, MiniLMEmbedder, RegionalIndexes
 
 if TYPE_CHECKING:
     from datamesh.workers.executor import CeleryExecutor
@@ -84,8 +84,14 @@ class IngestionPipeline:
     ) -> None:
         self.config = config
         self.tiers = tiers
-        # Under Celery the index workers write the regional indexes; this process only searches them.
-        self.indexes = RegionalIndexes(config.resolved_index_dir, readonly=not isinstance(executor, LocalSagaExecutor))
+        # Under Celery the index workers write the regional indexes; this process only searches them,
+        # from the files or through the search workers (``DATAMESH_INDEX_READS``).
+        self._writer_indexes: RegionalIndexes | None = None
+        self.indexes: IndexReader
+        if isinstance(executor, LocalSagaExecutor):
+            self.indexes = self._writer_indexes = RegionalIndexes(config.resolved_index_dir)
+        else:
+            self.indexes = reader_indexes_for(config)
         self._index_settings = indexer.IndexerSettings(batch=config.index_batch, embedder=embedder)
         self._index_lock = asyncio.Lock()
         self._index_wakeup = asyncio.Event()
@@ -114,8 +120,8 @@ class IngestionPipeline:
         With ``DATAMESH_EXECUTOR=celery`` the sagas run on the Celery workers: this process only reads
         the AP shards (their writers are the workers; ``DATAMESH_AP_READS`` says how) and ``faults``
         applies to ``reserve`` only (the one step run here).  The index workers (``worker --role
-        index``) feed the indexes then: this process runs no background indexer and opens the indexes
-        read-only for searching.
+        index``) feed the indexes then: this process runs no background indexer and searches the
+        indexes without writing them (``DATAMESH_INDEX_READS`` says how).
         """
         distributed = config.executor == "celery"
         if distributed and engine_factory is None:
@@ -474,8 +480,11 @@ class IngestionPipeline:
         async with self._index_lock:
             if self._closed:
                 return Err(StorageError("pipeline", "index", "the pipeline is closed"))
+            indexes = self._writer_indexes
+            if indexes is None:  # unreachable: only a local pipeline drains (the index workers do under Celery)
+                return Err(StorageError("pipeline", "index", "this process does not write the indexes"))
             work = asyncio.ensure_future(
-                asyncio.to_thread(indexer.drain_once, self.tiers, self.indexes, self._index_settings, due_only=due_only)
+                asyncio.to_thread(indexer.drain_once, self.tiers, indexes, self._index_settings, due_only=due_only)
             )
             self._draining = work
             return await asyncio.shield(work)

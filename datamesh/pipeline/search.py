@@ -23,7 +23,7 @@ from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import ConversationId, EntityId, GeoRegion, TurnId
 from datamesh.pipeline.tiers import Tiers
 from datamesh.storage.cp import conversations
-from datamesh.storage.index import RegionalIndexes, SearchHit
+from datamesh.storage.index import AccessFilter, IndexQuery, IndexReader, RegionalIndexes
 
 MAX_LIMIT = 1000
 MAX_TEXT_CHARS = 4096
@@ -118,31 +118,19 @@ def allowed_entities(principal: Principal) -> frozenset[EntityId] | None:
 
 
 def search(
-    tiers: Tiers, indexes: RegionalIndexes, principal: Principal, query: SearchQuery
+    tiers: Tiers, indexes: IndexReader, principal: Principal, query: SearchQuery
 ) -> Result[list[SearchResult], Error]:
-    """Search the query's regions (or every indexed region) as ``principal``; best ``limit`` hits."""
-    regions = query.regions if query.regions is not None else indexed_regions(indexes)
-    hits: list[tuple[GeoRegion, SearchHit]] = []
-    allowed = allowed_entities(principal)
-    for region in regions:
-        if not indexes.exists(region):
-            continue  # nothing was ever indexed there (and a read-only index cannot create it)
-        index = indexes.region(region)
-        if isinstance(index, Err):
-            return index
-        found = index.value.search(
-            query.text,
-            query.vector,
-            tenant=principal.tenant,
-            allowed_entities=allowed,
-            entity_id=query.entity_id,
-            since=query.since,
-            until=query.until,
-            limit=query.limit,
-        )
-        if isinstance(found, Err):
-            return found
-        hits.extend((region, h) for h in found.value)
+    """Search the query's regions (or every indexed region) as ``principal``; best ``limit`` hits.
+
+    ``indexes`` answers each region's part: the index files opened here, or the regions' search
+    workers (``DATAMESH_INDEX_READS``); the access filter goes into the query either way.
+    """
+    regions = query.regions if query.regions is not None else tuple(GeoRegion)
+    access = AccessFilter(principal.tenant, allowed_entities(principal), query.entity_id, query.since, query.until)
+    found = indexes.search_regions(regions, IndexQuery(query.text, query.vector, access, query.limit))
+    if isinstance(found, Err):
+        return Err(found.error)
+    hits = [(region, h) for region, region_hits in zip(regions, found.value, strict=True) for h in region_hits]
     hits.sort(key=lambda rh: rh[1].score, reverse=True)
     hits = hits[: query.limit]
     if not hits:

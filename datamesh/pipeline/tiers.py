@@ -13,6 +13,7 @@ from datamesh.storage.ap.fenced import VisibleAfterFlush, readonly_engine
 from datamesh.storage.ap.store import ContentStore, EngineFactory, default_engine
 from datamesh.storage.cp import migrate, replication
 from datamesh.storage.cp.database import CpDatabase
+from datamesh.storage.index import IndexReader, RegionalIndexes
 from datamesh.storage.objects.router import ObjectStoreRouter, open_object_stores, open_object_stores_from
 
 
@@ -133,6 +134,18 @@ def reader_engine_for(config: DataMeshConfig) -> EngineFactory:
 
         return owner_reads_engine(config)
     return readonly_engine_for(config.ap_engine)
+
+
+def reader_indexes_for(config: DataMeshConfig) -> IndexReader:
+    """How a process that does not write the regional indexes (the index workers do) searches them,
+    by ``DATAMESH_INDEX_READS``: ``files`` opens the index files read-only (the process must run
+    where they are); ``workers`` asks each region's search workers over the broker
+    (``datamesh.workers.remote_search``: from any host)."""
+    if config.index_reads == "workers":
+        from datamesh.workers.remote_search import RemoteIndexes
+
+        return RemoteIndexes(config)
+    return RegionalIndexes(config.resolved_index_dir, readonly=True)
 
 
 #: How much longer than the owner's flush interval a reader waits for a committed key to show up.

@@ -38,10 +38,10 @@ from datamesh.core.result import Err, Result
 from datamesh.core.types import GeoRegion
 from datamesh.tasks.codec import b64, unb64
 from datamesh.workers import queues
+from datamesh.workers.replies import Reply
 from datamesh.workers.runtime import RUNTIME
 
 GET, SCAN, COUNT = "get", "scan", "count"
-Reply = dict[str, Any]
 
 
 @shared_task(name=queues.READ_AP, ignore_result=False)

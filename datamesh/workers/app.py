@@ -36,11 +36,12 @@ TASK_MODULES = (
     "datamesh.tasks.index",
     "datamesh.tasks.erasure",
     "datamesh.tasks.reads",
+    "datamesh.tasks.search",
 )
 
 
-#: How long a result stays in the backend when nobody deletes it (a read's answer that came after
-#: its reader gave up); longer than any read timeout worth setting.
+#: How long a result stays in the backend when nobody deletes it (a read's or a search's answer that
+#: came after its reader gave up); longer than any read or search timeout worth setting.
 RESULT_EXPIRES_S = 60
 
 
@@ -77,9 +78,10 @@ def reliability_settings(config: DataMeshConfig) -> dict[str, Any]:
         # A step that hangs is killed after this long and fails (its errback compensates the saga):
         # this bounds "the longest step" that the visibility timeout must exceed.
         "task_time_limit": config.step_time_limit_s,
-        # Celery results are never the record: the saga log in the CP tier is.  The one task that
-        # stores a result, ``read_ap`` (a read routed to a shard's owner), holds turn content in it:
-        # its reader deletes it once read, and one it gave up on expires within a minute.
+        # Celery results are never the record: the saga log in the CP tier is.  The two tasks that
+        # store a result, ``read_ap`` and ``query_index`` (reads routed to a shard's owner, to a
+        # region's search workers), hold turn content in it: their reader deletes it once read, and
+        # one it gave up on expires within a minute.
         "task_ignore_result": True,
         "result_expires": RESULT_EXPIRES_S,
         # JSON only (payload bytes travel base64): no pickle from the broker.

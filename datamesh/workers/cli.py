@@ -4,11 +4,14 @@
 reads routed to those shards' owner, ``ap-read.eu-west.0`` … ``ap-read.eu-west.3``;
 ``--role cp`` the ``cp`` queue; ``--role blobs`` the regions' ``blobs.<region>`` queues; ``--role index``
 the regions' ``index.<region>`` queues (index outbox drains: this process is the regions' index writer);
+``--role search`` the regions' ``search.<region>`` queues (searches routed to the index's host,
+``DATAMESH_INDEX_READS=workers``: it opens the index files read-only, next to the writer);
 ``--role all`` everything of its regions (one box).  With ``--processes N`` an AP (or all) pool is N Celery
 workers of one process each, the shards dealt round-robin between them, so each shard queue has one
-consumer, plus one process for the index queues; a ``cp`` or ``blobs`` pool is one Celery worker with N
-processes; an ``index`` pool is always one process (a region's index has one writer).  Each run is ``celery -A
-datamesh.workers.app worker`` with the queues and ``DATAMESH_WORKER_*`` set for it.
+consumer, plus one process for the index queues and one for the search queues; a ``cp``, ``blobs`` or
+``search`` pool is one Celery worker with N processes; an ``index`` pool is always one process (a region's
+index has one writer).  Each run is ``celery -A datamesh.workers.app worker`` with the queues and
+``DATAMESH_WORKER_*`` set for it.
 """
 
 from __future__ import annotations
@@ -74,10 +77,11 @@ def worker_commands(args: argparse.Namespace, config: DataMeshConfig) -> list[tu
     groups = [shards[i::processes] for i in range(processes)] if sharded else [shards]
     # (role, shards) per Celery worker.  A sharded all-roles pool gives the index queues a process of
     # its own: an index drain runs for seconds, and behind it, in a process that also owns shards,
-    # those shards' saga steps would wait (a region's index has one writer, so one process).
+    # those shards' saga steps would wait (a region's index has one writer, so one process).  The
+    # search queues get one more, for the same reason: a search must not wait behind a drain either.
     specs = [(args.role, owned) for owned in groups]
     if sharded and args.role == "all":
-        specs.append(("index", []))
+        specs += [("index", []), ("search", [])]
     commands = []
     for n, (role, owned) in enumerate(specs):
         names = queues.queues_for(role, regions, owned, index=not sharded)

@@ -11,6 +11,9 @@
                           consumed by the same process as ``ap.<region>.<shard>``: a queue of their own,
                           so a read does not wait behind the shard's backlog of write batches
     index.<region>        index outbox drains of the region, by its one index worker (the index's writer)
+    search.<region>       searches and counts of the region's index (``DATAMESH_INDEX_READS=workers``),
+                          by its search workers, which open the index files read-only next to the
+                          writer: a queue of their own, so a search never waits behind an index drain
 
 A region's content is only published to that region's queues, so only workers started for the
 region (``python -m datamesh worker --region eu-west``) ever write it.
@@ -39,8 +42,9 @@ REAP = "datamesh.reap"
 INDEX_DRAIN = "datamesh.index_drain"
 DELETE_AP = "datamesh.delete_ap"
 READ_AP = "datamesh.read_ap"
+QUERY_INDEX = "datamesh.query_index"
 
-ROLES = ("all", "cp", "blobs", "ap", "index")
+ROLES = ("all", "cp", "blobs", "ap", "index", "search")
 
 
 def blobs_queue(region: str) -> str:
@@ -59,6 +63,10 @@ def index_queue(region: str) -> str:
     return f"index.{region}"
 
 
+def search_queue(region: str) -> str:
+    return f"search.{region}"
+
+
 def route(
     name: str, args: Sequence[Any], kwargs: Mapping[str, Any], options: Mapping[str, Any], **_: Any
 ) -> dict[str, str]:
@@ -69,6 +77,8 @@ def route(
         return {"queue": ap_queue(kwargs["region"], int(kwargs["shard"]))}
     if name == READ_AP:
         return {"queue": ap_read_queue(kwargs["region"], int(kwargs["shard"]))}
+    if name == QUERY_INDEX:
+        return {"queue": search_queue(kwargs["region"])}
     if name == REAP:
         return {"queue": REAPER_QUEUE}
     if name == INDEX_DRAIN and kwargs.get("region"):  # without a region: fanned out from the cp queue
@@ -79,8 +89,9 @@ def route(
 def queues_for(role: str, regions: Iterable[str], shards: Iterable[int], *, index: bool = True) -> list[str]:
     """The queues a worker of ``role`` consumes for ``regions`` and (AP) ``shards``.
 
-    ``index=False`` leaves the index queues out of an ``all`` worker (a sharded pool runs one more
-    process for them: a region's index has one writer process).
+    ``index=False`` leaves the index tier's queues out of an ``all`` worker: a sharded pool runs a
+    process for the index queues (a region's index has one writer process) and one for the search
+    queues (a search must not wait behind an index drain).
     """
     regions, shards = list(regions), list(shards)
     names: list[str] = []
@@ -93,6 +104,8 @@ def queues_for(role: str, regions: Iterable[str], shards: Iterable[int], *, inde
         names += [name for r in regions for s in shards for name in (ap_queue(r, s), ap_read_queue(r, s))]
     if role == "index" or (role == "all" and index):
         names += [index_queue(r) for r in regions]
+    if role == "search" or (role == "all" and index):
+        names += [search_queue(r) for r in regions]
     return names
 
 

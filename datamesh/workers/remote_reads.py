@@ -4,8 +4,8 @@ A process that does not own the AP shards (the Celery-mode pipeline, the gateway
 :class:`~datamesh.storage.ap.store.ContentStore` whose engines (:func:`owner_reads_engine`) open no
 file: each read of a shard is a ``read_ap`` task on ``ap-read.<region>.<shard>``, run by the worker
 that owns the shard (:mod:`datamesh.tasks.reads`), and its answer comes back through Celery's result
-backend (``DATAMESH_RESULT_BACKEND``, by default the broker's Redis, which every process shares
-already).  Such an engine never writes: the shard's owner is its only writer.
+backend (:mod:`datamesh.workers.replies`).  Such an engine never writes: the shard's owner is its
+only writer.
 
 A read waits ``DATAMESH_AP_READ_TIMEOUT_S`` for its answer; past it (no worker consumes the queue:
 the owner is down, or its queue is not served) it fails with a retryable error naming the region,
@@ -16,77 +16,45 @@ that comes back later.  Failures here are :class:`~datamesh.storage.ap.base.Shar
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from celery import Celery
-from celery.exceptions import TimeoutError as CeleryTimeout
 
 from datamesh.core.config import DataMeshConfig
 from datamesh.storage.ap.base import ShardEngine, ShardError
 from datamesh.storage.ap.store import EngineFactory, shard_address
 from datamesh.tasks.codec import b64, unb64
-from datamesh.tasks.reads import COUNT, GET, SCAN, Reply
+from datamesh.tasks.reads import COUNT, GET, SCAN
 from datamesh.workers import queues
+from datamesh.workers.replies import NoAnswer, Replies, Reply
 
 
 class OwnerReads:
-    """This process's way to the shards' owners: a Celery app, built on first use, that publishes
-    ``read_ap`` tasks and waits for their results."""
+    """This process's way to the shards' owners: ``read_ap`` tasks sent and answered through
+    :class:`~datamesh.workers.replies.Replies`."""
 
     def __init__(self, config: DataMeshConfig) -> None:
         self.config = config
-        self._app: Celery | None = None
-        self._lock = threading.Lock()
-
-    def app(self) -> Celery:
-        with self._lock:
-            if self._app is None:
-                from datamesh.workers.app import create_app
-
-                self._app = create_app(self.config, load_celeryconfig=False)
-            return self._app
+        self._replies = Replies(config)
 
     def ask(self, region: str, shard: int, op: str, **args: Any) -> Reply:
         """The owner's answer to one read of shard ``shard`` of ``region``; raises a retryable
         ``ShardError`` when no answer comes within the timeout or the broker cannot be reached."""
         where = f"shard {shard} of {region} (queue {queues.ap_read_queue(region, shard)})"
-        timeout = self.config.ap_read_timeout_s
-        app = self.app()
         try:
-            # ``expires``: an owner that takes the message after the reader gave up drops it unread.
-            sent = app.send_task(
+            return self._replies.ask(
                 queues.READ_AP,
-                kwargs={"region": region, "shard": shard, "op": op, **args},
-                ignore_result=False,
-                expires=timeout,
+                {"region": region, "shard": shard, "op": op, **args},
+                what=f"a read of {where}",
+                who=f"the owner of {where}",
+                hint="is the worker that owns it running?",
+                timeout=self.config.ap_read_timeout_s,
             )
-        except Exception as exc:  # kombu/redis failures after their retries: one boundary
-            raise ShardError(f"could not send a read of {where}: {exc}", retryable=True) from exc
-        try:
-            reply = sent.get(timeout=timeout, propagate=False)
-        except CeleryTimeout:
-            app.backend.remove_pending_result(sent)  # stop listening for it
-            raise ShardError(
-                f"no answer to a read of {where} within {timeout:g}s: is the worker that owns it running?",
-                retryable=True,
-            ) from None
-        except Exception as exc:  # the result backend unreachable: one boundary
-            raise ShardError(f"no answer to a read of {where}: {exc}", retryable=True) from exc
-        sent.forget()  # the answer holds content: it stays in the backend no longer than needed
-        if not isinstance(reply, dict):  # the task raised (``reply`` is its exception)
-            raise ShardError(f"the owner of {where} failed the read: {reply!r}", retryable=True)
-        if "error" in reply:
-            raise ShardError(f"the owner of {where}: {reply['error']}", retryable=bool(reply["retryable"]))
-        return reply
+        except NoAnswer as exc:
+            raise ShardError(exc.message, retryable=exc.retryable) from exc
 
     def close(self) -> None:
-        with self._lock:
-            app, self._app = self._app, None
-        if app is not None:
-            app.close()
+        self._replies.close()
 
 
 class RemoteShard(ShardEngine):

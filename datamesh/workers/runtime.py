@@ -43,6 +43,7 @@ class Runtime:
     _redis: redis.Redis | None = None
     _leases: ShardLeases | None = None
     _indexes: RegionalIndexes | None = None
+    _search_indexes: RegionalIndexes | None = None
     _index_tiers: Tiers | None = None
     _reader_ap: ContentStore | None = None
     _index_settings: IndexerSettings | None = None
@@ -66,6 +67,16 @@ class Runtime:
         if self._indexes is None:
             self._indexes = RegionalIndexes(self.config.resolved_index_dir)
         return self._indexes
+
+    def search_indexes(self) -> RegionalIndexes:
+        """The regional indexes a search task reads: the files opened read-only (held until shutdown).
+
+        Read-only even in a process that also writes them (an ``all`` pool's single process): a
+        search then sees what any reader of the files sees, and never waits on the writer's lock.
+        """
+        if self._search_indexes is None:
+            self._search_indexes = RegionalIndexes(self.config.resolved_index_dir, readonly=True)
+        return self._search_indexes
 
     def index_tiers(self) -> Tiers:
         """The tiers the index drains use: AP content read without the shards' writer locks.
@@ -131,6 +142,7 @@ class Runtime:
         self._redis = None
         self._leases = None
         self._indexes = None  # the parent's (if any) stay the parent's; this child opens its own
+        self._search_indexes = None
         self._index_tiers = None
         self._reader_ap = None
 
@@ -138,8 +150,9 @@ class Runtime:
         if self._leases is not None:
             with contextlib.suppress(redis.RedisError):
                 self._leases.release_all()
-        if self._indexes is not None:
-            self._indexes.close()
+        for indexes in (self._indexes, self._search_indexes):
+            if indexes is not None:
+                indexes.close()
         if self._reader_ap is not None:
             self._reader_ap.close()
         self._reader_ap = None
@@ -147,6 +160,7 @@ class Runtime:
         if self._tiers is not None:
             self._tiers.close()
         self._indexes = None
+        self._search_indexes = None
         self._tiers = None
         self._leases = None
         self._redis = None

@@ -5,9 +5,12 @@ import datamesh.storage.index as index_tier
 
 def test_public_api() -> None:
     assert sorted(index_tier.__all__) == [
+        "AccessFilter",
         "Embedder",
         "IndexConfig",
         "IndexDocument",
+        "IndexQuery",
+        "IndexReader",
         "MiniLMEmbedder",
         "RegionalIndexes",
         "SearchHit",

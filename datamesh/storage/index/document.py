@@ -75,6 +75,17 @@ class AccessFilter:
         return None if self.until is None else to_micros(self.until)
 
 
+@dataclass(frozen=True, slots=True)
+class IndexQuery:
+    """One search as each regional index runs it: words, a vector or both, the caller's access
+    (applied inside the query, so ranks never depend on what the caller may not see), a limit."""
+
+    text: str | None
+    vector: tuple[float, ...] | None
+    access: AccessFilter
+    limit: int
+
+
 def to_micros(moment: datetime) -> int:
     """Microseconds since the Unix epoch (UTC) of an aware datetime; exact, no float rounding."""
     offset = moment.utcoffset()
@@ -115,4 +126,4 @@ def check_filter(access: AccessFilter, limit: int) -> Result[None, ValidationErr
     return Ok(None)
 
 
-__all__ = ["AccessFilter", "IndexDocument", "SearchHit", "check_document", "check_filter", "to_micros"]
+__all__ = ["AccessFilter", "IndexDocument", "IndexQuery", "SearchHit", "check_document", "check_filter", "to_micros"]

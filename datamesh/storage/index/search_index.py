@@ -43,6 +43,7 @@ from datamesh.core.types import ConversationId, EntityId, GeoRegion, TurnId
 from datamesh.storage.index.document import (
     AccessFilter,
     IndexDocument,
+    IndexQuery,
     SearchHit,
     check_document,
     check_filter,
@@ -287,6 +288,20 @@ class SearchIndex:
             query = _normalise(vector)
         return _widen(_guard("search", lambda: self._search(match, query, access, limit)))
 
+    def run(self, query: IndexQuery) -> Result[list[SearchHit], ValidationError | StorageError]:
+        """:meth:`search` with its arguments in one record (as they travel to a search worker)."""
+        access = query.access
+        return self.search(
+            query.text,
+            query.vector,
+            tenant=access.tenant,
+            allowed_entities=access.allowed_entities,
+            entity_id=access.entity_id,
+            since=access.since,
+            until=access.until,
+            limit=query.limit,
+        )
+
     def _search(self, match: str | None, query: np.ndarray | None, access: AccessFilter, limit: int) -> list[SearchHit]:
         depth = limit if match is None or query is None else max(3 * limit, 30)
         self._refresh()
@@ -404,6 +419,41 @@ class RegionalIndexes:
         if not path.exists():
             return False
         return not self.readonly or _initialised(path)
+
+    def search_regions(
+        self, regions: Sequence[GeoRegion], query: IndexQuery
+    ) -> Result[list[list[SearchHit]], ValidationError | StorageError]:
+        """Each region's hits, in the order of ``regions``; a region without an index has none
+        (nothing was ever indexed there, and a read-only index cannot create it)."""
+        out: list[list[SearchHit]] = []
+        for region in regions:
+            if not self.exists(region):
+                out.append([])
+                continue
+            index = self.region(region)
+            if isinstance(index, Err):
+                return Err(index.error)
+            found = index.value.run(query)
+            if isinstance(found, Err):
+                return found
+            out.append(found.value)
+        return Ok(out)
+
+    def count_regions(self, regions: Sequence[GeoRegion]) -> Result[list[int | None], StorageError]:
+        """How many turns each region's index holds (``None``: that region has no index)."""
+        out: list[int | None] = []
+        for region in regions:
+            if not self.exists(region):
+                out.append(None)
+                continue
+            index = self.region(region)
+            if isinstance(index, Err):
+                return index
+            counted = index.value.count()
+            if isinstance(counted, Err):
+                return counted
+            out.append(counted.value)
+        return Ok(out)
 
     def add_many(self, docs: Sequence[IndexDocument]) -> Result[int, ValidationError | StorageError]:
         """Route each document to its own region's index; returns how many were indexed."""
