@@ -18,7 +18,7 @@ from datamesh.core.result import Err, Result
 from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.tiers import Tiers
 from datamesh.workers import app as app_module
-from datamesh.workers import queues
+from datamesh.workers import gc_tuning, queues
 from datamesh.workers.app import create_app, deployment_settings
 from datamesh.workers.cli import worker_commands
 
@@ -285,3 +285,14 @@ def test_an_ap_pool_deals_its_shards_to_one_consumer_each() -> None:
     ]
     assert all(argv[argv.index("-c") + 1] == "1" for argv, _ in commands)
     assert all(env["DATAMESH_WORKER_REGIONS"] == "eu-west" for _, env in commands)
+
+
+def test_a_worker_process_freezes_its_start_up_heap_and_collects_young_objects_less_often() -> None:
+    # In a process of its own: the collector's settings are the whole interpreter's.
+    code = (
+        "import gc; from datamesh.workers import app;"
+        "app._after_fork();"  # what worker_process_init runs in each pool process
+        "print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == [str(gc_tuning.YOUNG_THRESHOLD), "True"], out.stderr[-2000:]

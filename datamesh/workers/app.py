@@ -23,7 +23,7 @@ from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import ConfigError, describe
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import GeoRegion
-from datamesh.workers import orphans, queues, telemetry
+from datamesh.workers import gc_tuning, orphans, queues, telemetry
 from datamesh.workers.runtime import RUNTIME
 
 #: Every task module: every worker imports all of them, whatever queues it consumes, so an errback
@@ -227,6 +227,7 @@ def _after_fork(**_: Any) -> None:
     # Each pool process has its own tracer, exporter thread and log handler (service name "worker"):
     # the task spans continue the trace context carried in the message headers (telemetry.py).
     telemetry.after_fork(RUNTIME.config)
+    gc_tuning.tune_after_fork()  # last: what the set-up above made is frozen with the imports
 
 
 @worker_process_shutdown.connect
