@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
+from array import array
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -68,6 +70,73 @@ def decode_content(wire: Mapping[str, list[Any]]) -> dict[int, tuple[bytes, byte
     }
 
 
+#: A ``write_ap`` part in the stash: ``MAGIC``, the sub-plan's JSON (``u32`` length first), then per
+#: turn ``u32`` index, prompt length, response length, embedding length (``NO_EMBEDDING`` for none),
+#: the prompt and response bytes and the embedding as float64, little-endian throughout.  Raw bytes:
+#: the JSON-with-base64 form it replaces cost ~10 µs a turn to encode and ~9 to decode for AlpacaEval
+#: texts (about 1 µs and 1.5 this way) and a third more bytes in Redis.  A part in that JSON form
+#: (``{`` first: stashed by a caller of an earlier version during a rolling deploy) is still read.
+PART_MAGIC = b"DMP1"
+_PART_LEN = struct.Struct("<I")
+_TURN_HEAD = struct.Struct("<IIII")
+NO_EMBEDDING = 0xFFFFFFFF
+
+
+class PartFormatError(ValueError):
+    """A stashed ``write_ap`` part that is neither form (truncated, or another writer's data)."""
+
+
+def encode_part(plan: SagaPlan, content: Content) -> bytes:
+    """A ``write_ap`` part: ``plan`` (one shard's sub-plan) and its turns' AP content; payloads kept in
+    the object store are not sent again (empty here, as in :func:`encode_content`)."""
+    plan_json = plan.to_json().encode()
+    out = [PART_MAGIC, _PART_LEN.pack(len(plan_json)), plan_json]
+    for item in plan.items:
+        prompt, response, embedding = content[item.index]
+        prompt = prompt if item.prompt_location == LOCATION_AP else b""
+        response = response if item.response_location == LOCATION_AP else b""
+        vector = array("d", embedding).tobytes() if embedding is not None else b""
+        count = NO_EMBEDDING if embedding is None else len(embedding)
+        out += [_TURN_HEAD.pack(item.index, len(prompt), len(response), count), prompt, response, vector]
+    return b"".join(out)
+
+
+def decode_part(raw: bytes) -> tuple[SagaPlan, dict[int, tuple[bytes, bytes, tuple[float, ...] | None]]]:
+    """The sub-plan and content of a stashed ``write_ap`` part, in either form; raises
+    :class:`PartFormatError` naming what is wrong."""
+    if raw[:1] == b"{":
+        wire = json.loads(raw)
+        return SagaPlan.from_json(wire["plan"]), decode_content(wire["content"])
+    if raw[: len(PART_MAGIC)] != PART_MAGIC:
+        raise PartFormatError(f"a write_ap part starts with {raw[:4]!r}, not {PART_MAGIC!r} or JSON")
+    try:
+        pos = len(PART_MAGIC)
+        (plan_len,) = _PART_LEN.unpack_from(raw, pos)
+        pos += _PART_LEN.size
+        plan = SagaPlan.from_json(raw[pos : pos + plan_len].decode())
+        pos += plan_len
+        content: dict[int, tuple[bytes, bytes, tuple[float, ...] | None]] = {}
+        while pos < len(raw):
+            index, prompt_len, response_len, count = _TURN_HEAD.unpack_from(raw, pos)
+            pos += _TURN_HEAD.size
+            prompt, pos = raw[pos : pos + prompt_len], pos + prompt_len
+            response, pos = raw[pos : pos + response_len], pos + response_len
+            embedding = None
+            if count != NO_EMBEDDING:
+                embedding, pos = tuple(array("d", raw[pos : pos + 8 * count])), pos + 8 * count
+            if pos > len(raw):
+                raise PartFormatError(f"a write_ap part ends inside turn {index} ({len(raw)} bytes)")
+            content[index] = (prompt, response, embedding)
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, PartFormatError):
+            raise
+        raise PartFormatError(f"a write_ap part cannot be read: {exc}") from exc
+    missing = sorted({item.index for item in plan.items} - content.keys())
+    if missing:  # cut at a turn's boundary
+        raise PartFormatError(f"a write_ap part lacks the content of turns {missing[:5]} of its plan")
+    return plan, content
+
+
 def part_name(region: str, shard: int) -> str:
     return f"{Step.WRITE_AP}.{region}.{shard}"
 
@@ -110,7 +179,7 @@ def saga_chain(
         if n == len(ordered) - 1:
             marks.append(Step.WRITE_AP.value)
         field = part_name(region, shard)
-        stash[field] = json.dumps({"plan": sub.to_json(), "content": encode_content(sub, content)}).encode()
+        stash[field] = encode_part(sub, content)
         sigs.append(
             app.signature(
                 queues.WRITE_AP,

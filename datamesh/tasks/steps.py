@@ -27,7 +27,7 @@ from datamesh.pipeline.steps import Step, _NotRunning, commit_cp, store_blobs, w
 from datamesh.storage.cp import sagas
 from datamesh.storage.cp.sagas import SagaStatus
 from datamesh.storage.cp.sql import utcnow
-from datamesh.tasks.codec import decode_content, stash_key, unb64
+from datamesh.tasks.codec import PartFormatError, decode_part, stash_key, unb64
 from datamesh.tasks.index import enqueue_index_drains
 from datamesh.workers import queues
 from datamesh.workers.runtime import RUNTIME
@@ -179,7 +179,7 @@ def _index_delay_s() -> float | None:
     return DEFAULT_FLUSH_INTERVAL_S
 
 
-def unstash(saga_id: str, part: str) -> Result[Any, StorageError]:
+def unstash(saga_id: str, part: str) -> Result[bytes, StorageError]:
     """The payload stashed for ``part`` of the saga (see :mod:`datamesh.tasks.codec`)."""
     try:
         raw = RUNTIME.redis().hget(stash_key(saga_id), part)
@@ -194,7 +194,7 @@ def unstash(saga_id: str, part: str) -> Result[Any, StorageError]:
                 " broker's data); the saga is compensated and the request may be sent again",
             )
         )
-    return Ok(json.loads(raw))
+    return Ok(raw if isinstance(raw, bytes) else raw.encode())  # bytes: the client decodes nothing
 
 
 @shared_task(bind=True, name=queues.STORE_BLOBS)
@@ -206,7 +206,7 @@ def store_blobs_task(self: Task, *, saga_id: str, tenant: str, region: str, part
         stashed = unstash(saga_id, part)
         if isinstance(stashed, Err):
             return stashed
-        blobs = stashed.value
+        blobs = json.loads(stashed.value)
         plan = SagaPlan(saga_id, tenant, [], [BlobPlan(region, h, int(size)) for h, size, _ in blobs])
         return store_blobs(RUNTIME.tiers(), plan, {(region, h): unb64(b) for h, _, b in blobs}, part=part)
 
@@ -221,8 +221,10 @@ def write_ap_task(self: Task, *, saga_id: str, region: str, shard: int, part: st
         stashed = unstash(saga_id, part)
         if isinstance(stashed, Err):
             return stashed
-        sub = SagaPlan.from_json(stashed.value["plan"])
-        decoded = decode_content(stashed.value["content"])
+        try:
+            sub, decoded = decode_part(stashed.value)
+        except PartFormatError as exc:  # nothing written: the saga fails and is compensated
+            return Err(StorageError("broker", "unstash", f"saga {saga_id} {part}: {exc}"))
         return write_ap_part(RUNTIME.tiers(), sub, decoded, part=part, marks=[Step(m) for m in marks])
 
     return run_step(self, saga_id, part, Step.WRITE_AP, body)
