@@ -58,6 +58,7 @@ from sqlalchemy import create_engine, text
 
 from bench.bench_ingest import load_rows, pct, requests_for
 from bench.cpu_meter import CpuMeter, per_item_us
+from datamesh.core import gc_tuning
 from datamesh.core.config import DataMeshConfig
 from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.tiers import engine_for
@@ -280,6 +281,7 @@ async def main() -> None:
         "--pg", default=os.environ.get("DATAMESH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     )
     args = parser.parse_args()
+    gc_tuning.tune()  # the caller's process is tuned as the gateway's is (``python -m datamesh serve``)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     counts = [int(s) for s in args.processes.split(",")]
     rows = load_rows()

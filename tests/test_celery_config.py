@@ -12,13 +12,14 @@ import pytest
 from celery import Celery
 
 from datamesh.cli.main import build_parser
+from datamesh.core import gc_tuning
 from datamesh.core.config import DataMeshConfig, parse_shards
 from datamesh.core.errors import ConfigError
 from datamesh.core.result import Err, Result
 from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.pipeline.tiers import Tiers
 from datamesh.workers import app as app_module
-from datamesh.workers import gc_tuning, queues
+from datamesh.workers import queues
 from datamesh.workers.app import create_app, deployment_settings
 from datamesh.workers.cli import worker_commands
 

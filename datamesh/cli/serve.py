@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Any
 
+from datamesh.core import gc_tuning
 from datamesh.core.config import DataMeshConfig
 from datamesh.observability.context import LogContextFilter
 
@@ -41,8 +42,10 @@ def _serve(args: argparse.Namespace, config: DataMeshConfig) -> int:
     configure_logging(args.log_level)
     host = args.host or config.gateway_host
     port = config.gateway_port if args.port is None else args.port
+    app = create_app(config)
+    gc_tuning.tune()  # a gateway's ingest makes and drops objects per turn like a worker's steps
     uvicorn.run(
-        create_app(config),
+        app,
         host=host,
         port=port,
         log_config=None,

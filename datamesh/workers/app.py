@@ -19,11 +19,12 @@ from celery.signals import beat_embedded_init, celeryd_init, worker_process_init
 from kombu.entity import Queue
 from kombu.utils.url import maybe_sanitize_url
 
+from datamesh.core import gc_tuning
 from datamesh.core.config import DataMeshConfig
 from datamesh.core.errors import ConfigError, describe
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import GeoRegion
-from datamesh.workers import gc_tuning, orphans, queues, telemetry
+from datamesh.workers import orphans, queues, telemetry
 from datamesh.workers.runtime import RUNTIME
 
 #: Every task module: every worker imports all of them, whatever queues it consumes, so an errback
@@ -227,7 +228,7 @@ def _after_fork(**_: Any) -> None:
     # Each pool process has its own tracer, exporter thread and log handler (service name "worker"):
     # the task spans continue the trace context carried in the message headers (telemetry.py).
     telemetry.after_fork(RUNTIME.config)
-    gc_tuning.tune_after_fork()  # last: what the set-up above made is frozen with the imports
+    gc_tuning.tune()  # last: what the set-up above made is frozen with the imports
 
 
 @worker_process_shutdown.connect
