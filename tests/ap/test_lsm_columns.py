@@ -199,6 +199,10 @@ def test_a_run_written_from_columns_reads_back_and_verifies(tmp_path: Path, tomb
     run = Run(tmp_path / "1.sqlite3")
     assert run.key_width == 16
     assert all(run.get(key) == value for key, value in zip(keys[::97], values[::97], strict=True))
+    # and a batch lookup (every key, keys not in the run, repeats, any order) answers as get does.
+    asked = keys + [k for k in pool if k not in set(keys)][:500] + keys[:50]
+    rng.shuffle(asked)
+    assert run.get_many(asked) == [run.get(key) for key in asked]
     assert [k for k, _ in run.range_items(keys[100], keys[900])] == keys[100:900]
     back = [pair for chunk in iter_columns(tmp_path / "1.sqlite3", 16) for pair in zip(*chunk.to_lists(), strict=True)]
     assert back == list(zip(keys, values, strict=True))

@@ -348,12 +348,14 @@ def test_lookups_of_keys_a_run_lacks_inside_its_key_range_are_answered_by_its_ke
     # the one read per probed run that a missing filter check costs
     assert found == {}
     assert sum(counts.values()) <= 10, counts
-    # And keys in the newest run's range but only in an older run read only the older run's block
+    # And keys in the newest run's range but only in an older run read only the older runs' blocks,
+    # each block once for the whole batch (500 keys, a few blocks), not once per key
     counts.clear()
     shadowed = [_key(b"a", n) for n in range(3002, 4000, 4)] + [_key(b"b", n) for n in range(2, 1000, 4)]
     assert shard.get_many(shadowed) == {key: expected[key] for key in shadowed}
     newest = max(ranges)  # file numbers grow with age
-    assert counts[newest] <= 10 and sum(counts.values()) - counts[newest] == len(shadowed), counts
+    older = sum(counts.values()) - counts[newest]
+    assert counts[newest] <= 10 and 0 < older < len(shadowed) // 10, counts
     shard.close()
 
 

@@ -294,13 +294,16 @@ class LsmShard(ShardMaintenance, ShardEngine):
                         found[key] = value
                 pending = missing
         try:
-            for key in pending:
-                for run in runs:
-                    value = run.get(key)
-                    if value is not MISSING:
-                        if isinstance(value, bytes):
-                            found[key] = value
-                        break
+            for run in runs:  # newest first: a key found (or deleted) in a newer run is settled there
+                if not pending:
+                    break
+                missing = []
+                for key, value in zip(pending, run.get_many(pending), strict=True):
+                    if value is MISSING:
+                        missing.append(key)
+                    elif isinstance(value, bytes):
+                        found[key] = value
+                pending = missing
         except FormatError as exc:
             raise ShardError(f"corrupt run in {self.path}: {exc}") from exc
         finally:
