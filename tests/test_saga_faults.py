@@ -241,6 +241,14 @@ async def stranded_before_the_pivot(p: IngestionPipeline, requests: list[Ingesti
     return str(saga_id)
 
 
+def short_retries(tiers: Tiers) -> Tiers:
+    """The tiers with the CP tier's own re-runs kept short: it gives up on the first conflict it
+    cannot get past."""
+    return dataclasses.replace(
+        tiers, cp=CpDatabase(tiers.cp.engine, policy=RetryPolicy(attempts=2, base_s=0.001, cap_s=0.001))
+    )
+
+
 def status_of(tiers: Tiers, saga_id: str) -> SagaStatus | None:
     return tiers.cp.run(lambda c: sagas.status_of(c, saga_id), operation="t", write=False).unwrap()
 
@@ -257,9 +265,7 @@ async def test_reaper_leaves_a_saga_whose_pivot_failed_transiently_for_its_next_
         # and a PostgreSQL where the pivot's transaction fails transiently (the CP tier's retry
         # bound kept short, so it gives up on the first conflict it cannot get past)
         fail_pivots(p.tiers, PIVOT_FAILURES[failure])
-        impatient = dataclasses.replace(
-            p.tiers, cp=CpDatabase(p.tiers.cp.engine, policy=RetryPolicy(attempts=2, base_s=0.001, cap_s=0.001))
-        )
+        impatient = short_retries(p.tiers)
         # When the reaper runs
         (outcome,) = reap(impatient)
         # Then it reports the error and leaves the saga running, nothing undone, for its next pass
@@ -304,9 +310,7 @@ async def test_reaper_dead_letters_a_pivot_that_keeps_failing_transiently_and_sa
         requests = real_requests(3)
         saga_id = await stranded_before_the_pivot(p, requests)
         fail_pivots(p.tiers, PIVOT_FAILURES[failure])
-        impatient = dataclasses.replace(
-            p.tiers, cp=CpDatabase(p.tiers.cp.engine, policy=RetryPolicy(attempts=2, base_s=0.001, cap_s=0.001))
-        )
+        impatient = short_retries(p.tiers)
         counted = ledger.snapshot(REGISTRY)
         # When three reaper passes, bound to three pivot attempts, re-run it
         passes = [[(o.saga_id, o.action) for o in reap(impatient, pivot_attempts=3)] for _ in range(3)]

@@ -286,24 +286,12 @@ class LsmShard(ShardMaintenance, ShardEngine):
             for memtable in memtables:
                 if not pending:
                     break
-                missing: list[bytes] = []
-                for key, value in zip(pending, memtable.get_many(pending), strict=True):
-                    if value is MISSING:
-                        missing.append(key)
-                    elif isinstance(value, bytes):
-                        found[key] = value
-                pending = missing
+                pending = _settle(pending, memtable.get_many(pending), found)
         try:
             for run in runs:  # newest first: a key found (or deleted) in a newer run is settled there
                 if not pending:
                     break
-                missing = []
-                for key, value in zip(pending, run.get_many(pending), strict=True):
-                    if value is MISSING:
-                        missing.append(key)
-                    elif isinstance(value, bytes):
-                        found[key] = value
-                pending = missing
+                pending = _settle(pending, run.get_many(pending), found)
         except FormatError as exc:
             raise ShardError(f"corrupt run in {self.path}: {exc}") from exc
         finally:
@@ -466,3 +454,15 @@ def lsm_engine_with(fsync: FsyncPolicy, fsync_interval_s: float) -> Callable[[Pa
 
 #: :func:`lsm_engine_with` the default fsync policy.
 lsm_engine = lsm_engine_with(DEFAULT_FSYNC, DEFAULT_FSYNC_INTERVAL_S)
+
+
+def _settle(keys: Sequence[bytes], values: Sequence[object], found: dict[bytes, bytes]) -> list[bytes]:
+    """Record in ``found`` the keys one layer (a memtable, a run) has a value for; the keys it lacks,
+    to ask the next (older) layer.  A tombstone settles its key as absent."""
+    missing: list[bytes] = []
+    for key, value in zip(keys, values, strict=True):
+        if value is MISSING:
+            missing.append(key)
+        elif isinstance(value, bytes):
+            found[key] = value
+    return missing
