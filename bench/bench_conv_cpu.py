@@ -1,6 +1,7 @@
 """CPU per conversation, part by part, of the local executor with the indexer.
 
     python bench/bench_conv_cpu.py [--batch 5000] [--batches 4] [--repeat 3] [--profile ingest|drain]
+                                   [--gc default|tuned|off]
 
 Runs ``IngestionPipeline.ingest_many`` over batches of the real AlpacaEval rows against PostgreSQL
 (``--pg``; a fresh schema per run, dropped at the end), with the background indexer off, then
@@ -13,7 +14,9 @@ Parts: ``caller`` is everything of ``ingest_many`` outside the saga steps (valid
 idempotency keys, responses); ``reserve`` / ``write_ap`` / ``commit_cp`` are the saga steps
 (``store_blobs`` is recorded by ``reserve`` when there are no large payloads); ``index.*`` are the
 drain's parts.  The best of ``--repeat`` runs of each part is kept (the least disturbed one).
-``--profile`` prints the cProfile top functions of one part.
+``--profile`` prints the cProfile top functions of one part.  ``--gc``: the garbage collector as
+CPython starts it (``default``), as datamesh's workers and gateway set it (``tuned``,
+``datamesh.core.gc_tuning.tune``), or disabled (``off``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import os
 import pstats
 import sys
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import create_engine, text
 
 from bench.bench_ingest import load_rows, requests_for
+from datamesh.core import gc_tuning
 from datamesh.core.config import DataMeshConfig
 from datamesh.pipeline import indexer, saga
 from datamesh.pipeline.ingestion import IngestionPipeline
@@ -176,8 +181,13 @@ def main() -> None:
     parser.add_argument(
         "--pg", default=os.environ.get("DATAMESH_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     )
+    parser.add_argument("--gc", choices=["default", "tuned", "off"], default="default")
     args = parser.parse_args()
     rows = load_rows()
+    if args.gc == "tuned":
+        gc_tuning.tune()
+    elif args.gc == "off":
+        gc.disable()
     instrument()
     runs = [
         asyncio.run(one_run(args.pg, rows, args.batch, args.batches, args.profile))
@@ -185,7 +195,7 @@ def main() -> None:
     ]
     n = args.batch * args.batches
     print(f"{n} conversations per run ({args.batches} x ingest_many({args.batch})), best of {len(runs)} runs")
-    print(f"load average {os.getloadavg()[0]:.1f}")
+    print(f"load average {os.getloadavg()[0]:.1f}; garbage collector: {args.gc}")
     print(f"{'part':44} {'CPU us/conv':>12} {'runs':>24}")
     for part in sorted(runs[0]):
         values = [r.get(part, 0.0) * 1e6 / n for r in runs]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -249,6 +251,19 @@ def short_retries(tiers: Tiers) -> Tiers:
     )
 
 
+@asynccontextmanager
+async def failing_pivot(
+    pg_cp_url: str, tmp_path: Path, failure: str, requests: list[IngestionRequest]
+) -> AsyncIterator[tuple[IngestionPipeline, str]]:
+    """A pipeline (its own reaper idle) with a saga of ``requests`` stranded just before the pivot,
+    its lease expired, on a PostgreSQL where that pivot fails with ``PIVOT_FAILURES[failure]``."""
+    config = DataMeshConfig(data_dir=tmp_path / "data", cp_url=pg_cp_url, reap_interval_s=3600.0)
+    async with (await IngestionPipeline.create(config, faults=stop_before_pivot)).unwrap() as p:
+        saga_id = await stranded_before_the_pivot(p, requests)
+        fail_pivots(p.tiers, PIVOT_FAILURES[failure])
+        yield p, saga_id
+
+
 def status_of(tiers: Tiers, saga_id: str) -> SagaStatus | None:
     return tiers.cp.run(lambda c: sagas.status_of(c, saga_id), operation="t", write=False).unwrap()
 
@@ -257,14 +272,11 @@ def status_of(tiers: Tiers, saga_id: str) -> SagaStatus | None:
 async def test_reaper_leaves_a_saga_whose_pivot_failed_transiently_for_its_next_pass(
     pg_cp_url: str, tmp_path: Path, failure: str
 ) -> None:
-    config = DataMeshConfig(data_dir=tmp_path / "data", cp_url=pg_cp_url, reap_interval_s=3600.0)
-    async with (await IngestionPipeline.create(config, faults=stop_before_pivot)).unwrap() as p:
-        # Given a saga whose driver died with every step before the pivot done, its lease expired,
-        requests = real_requests(3)
-        saga_id = await stranded_before_the_pivot(p, requests)
-        # and a PostgreSQL where the pivot's transaction fails transiently (the CP tier's retry
-        # bound kept short, so it gives up on the first conflict it cannot get past)
-        fail_pivots(p.tiers, PIVOT_FAILURES[failure])
+    # Given a saga whose driver died with every step before the pivot done, its lease expired,
+    # and a PostgreSQL where the pivot's transaction fails transiently (the CP tier's retry bound
+    # kept short, so it gives up on the first conflict it cannot get past)
+    requests = real_requests(3)
+    async with failing_pivot(pg_cp_url, tmp_path, failure, requests) as (p, saga_id):
         impatient = short_retries(p.tiers)
         # When the reaper runs
         (outcome,) = reap(impatient)
@@ -282,12 +294,9 @@ async def test_reaper_leaves_a_saga_whose_pivot_failed_transiently_for_its_next_
 
 
 async def test_reaper_compensates_a_saga_whose_pivot_failed_for_good(pg_cp_url: str, tmp_path: Path) -> None:
-    config = DataMeshConfig(data_dir=tmp_path / "data", cp_url=pg_cp_url, reap_interval_s=3600.0)
-    async with (await IngestionPipeline.create(config, faults=stop_before_pivot)).unwrap() as p:
-        # Given a saga stranded just before the pivot, and a PostgreSQL that refuses its pivot
-        # with an error no retry changes
-        saga_id = await stranded_before_the_pivot(p, real_requests(3))
-        fail_pivots(p.tiers, PIVOT_FAILURES["check-violation"])
+    # Given a saga stranded just before the pivot, and a PostgreSQL that refuses its pivot with an
+    # error no retry changes
+    async with failing_pivot(pg_cp_url, tmp_path, "check-violation", real_requests(3)) as (p, saga_id):
         # When the reaper runs, then it compensates the saga, as it did before
         assert [(o.saga_id, o.action) for o in reap(p.tiers)] == [(saga_id, SagaStatus.COMPENSATED.value)]
         counts = counts_after_gc(p.tiers)
@@ -303,13 +312,10 @@ async def test_reaper_dead_letters_a_pivot_that_keeps_failing_transiently_and_sa
     from datamesh.observability import ledger
     from tests.test_cli import run
 
-    config = DataMeshConfig(data_dir=tmp_path / "data", cp_url=pg_cp_url, reap_interval_s=3600.0)
-    async with (await IngestionPipeline.create(config, faults=stop_before_pivot)).unwrap() as p:
-        # Given a saga stranded just before the pivot, and a PostgreSQL where its pivot fails
-        # transiently every time (the CP tier's own re-runs kept short)
-        requests = real_requests(3)
-        saga_id = await stranded_before_the_pivot(p, requests)
-        fail_pivots(p.tiers, PIVOT_FAILURES[failure])
+    # Given a saga stranded just before the pivot, and a PostgreSQL where its pivot fails
+    # transiently every time (the CP tier's own re-runs kept short)
+    requests = real_requests(3)
+    async with failing_pivot(pg_cp_url, tmp_path, failure, requests) as (p, saga_id):
         impatient = short_retries(p.tiers)
         counted = ledger.snapshot(REGISTRY)
         # When three reaper passes, bound to three pivot attempts, re-run it
@@ -335,6 +341,7 @@ async def test_reaper_dead_letters_a_pivot_that_keeps_failing_transiently_and_sa
         assert reap(impatient, pivot_attempts=3) == []
         # Once PostgreSQL lets the pivot through,
         heal_pivots(p.tiers)
+        config = p.config
     # when the operator re-drives it,
     env = {"DATAMESH_CP_URL": pg_cp_url, "DATAMESH_DATA_DIR": str(tmp_path / "data")}
     retried = run(["-m", "datamesh", "sagas", "retry", saga_id], tmp_path, **env)

@@ -73,9 +73,10 @@ def decode_content(wire: Mapping[str, list[Any]]) -> dict[int, tuple[bytes, byte
 #: A ``write_ap`` part in the stash: ``MAGIC``, the sub-plan's JSON (``u32`` length first), then per
 #: turn ``u32`` index, prompt length, response length, embedding length (``NO_EMBEDDING`` for none),
 #: the prompt and response bytes and the embedding as float64, little-endian throughout.  Raw bytes:
-#: the JSON-with-base64 form it replaces cost ~10 µs a turn to encode and ~9 to decode for AlpacaEval
-#: texts (about 1 µs and 1.5 this way) and a third more bytes in Redis.  A part in that JSON form
-#: (``{`` first: stashed by a caller of an earlier version during a rolling deploy) is still read.
+#: the JSON-with-base64 form it replaces cost ~13 µs a turn to encode and ~11 to decode for AlpacaEval
+#: texts, against ~2.8 each this way, and 30% more bytes in Redis (``bench/bench_codecs.py``).  A
+#: part in that JSON form (``{`` first: stashed by a caller of an earlier version during a rolling
+#: deploy) is still read.
 PART_MAGIC = b"DMP1"
 _PART_LEN = struct.Struct("<I")
 _TURN_HEAD = struct.Struct("<IIII")

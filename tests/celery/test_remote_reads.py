@@ -124,15 +124,23 @@ def stored(config: DataMeshConfig) -> TierCounts:
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("DATAMESH_AP_READS", "remote"), ("DATAMESH_AP_READ_TIMEOUT_S", "0"), ("DATAMESH_AP_READ_TIMEOUT_S", "soon")],
+    [
+        (variable, value)
+        for mode, timeout in (
+            ("DATAMESH_AP_READS", "DATAMESH_AP_READ_TIMEOUT_S"),
+            ("DATAMESH_INDEX_READS", "DATAMESH_SEARCH_TIMEOUT_S"),
+        )
+        for variable, value in ((mode, "remote"), (timeout, "0"), (timeout, "soon"))
+    ],
 )
-def test_a_bad_read_setting_is_a_config_error(variable: str, value: str) -> None:
-    # Given a bad value for one of the read settings, when the configuration is read,
+def test_a_bad_read_or_search_setting_is_a_config_error(variable: str, value: str) -> None:
+    # Given a bad value for one of the settings of reads and searches routed to workers, when the
+    # configuration is read,
     config = DataMeshConfig.from_env({variable: value})
-    # then it is an error naming the variable (and, for the mode, the allowed values).
+    # then it is an error naming the variable (and, for a mode, the allowed values).
     assert isinstance(config, Err) and isinstance(config.error, ConfigError)
     assert config.error.variable == variable
-    if variable == "DATAMESH_AP_READS":
+    if variable.endswith("_READS"):
         assert "files, workers" in config.error.message
 
 

@@ -12,11 +12,10 @@ import math
 import time
 from pathlib import Path
 
-import pytest
 import redis
 
 from datamesh.core.config import DataMeshConfig
-from datamesh.core.errors import ConfigError, StorageError, ValidationError
+from datamesh.core.errors import StorageError, ValidationError
 from datamesh.core.principal import Principal, Role
 from datamesh.core.result import Err
 from datamesh.core.types import EntityId, GeoRegion
@@ -151,20 +150,6 @@ async def test_a_search_whose_workers_are_down_fails_within_the_timeout(
     broker = redis.Redis.from_url(celery_config.broker_url)
     assert broker.llen(queues.search_queue("eu-west")) == 2
     broker.close()
-
-
-@pytest.mark.parametrize(
-    ("variable", "value"),
-    [("DATAMESH_INDEX_READS", "remote"), ("DATAMESH_SEARCH_TIMEOUT_S", "0"), ("DATAMESH_SEARCH_TIMEOUT_S", "soon")],
-)
-def test_a_bad_search_setting_is_a_config_error(variable: str, value: str) -> None:
-    # Given a bad value for one of the search settings, when the configuration is read,
-    config = DataMeshConfig.from_env({variable: value})
-    # then it is an error naming the variable (and, for the mode, the allowed values).
-    assert isinstance(config, Err) and isinstance(config.error, ConfigError)
-    assert config.error.variable == variable
-    if variable == "DATAMESH_INDEX_READS":
-        assert "files, workers" in config.error.message
 
 
 def test_searches_default_to_the_files() -> None:
