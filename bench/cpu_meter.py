@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_s(pid: int) -> float | None:
+def cpu_seconds(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -71,14 +71,14 @@ class CpuMeter:
         parts: Counter[str] = Counter()
         parts["caller"] = time.process_time()
         for pid in _tree(self.root_pid) if self.root_pid is not None else []:
-            parts[_worker_part(pid)] += _cpu_s(pid) or 0.0  # a pool child has its main process's cmdline
+            parts[_worker_part(pid)] += cpu_seconds(pid) or 0.0  # a pool child has its main process's cmdline
         with self.pg_admin.connect() as conn:
             pids = conn.execute(
                 text("SELECT pid FROM pg_stat_activity WHERE application_name = :a"), {"a": self.app_name}
             ).scalars()
-            parts["postgres"] = sum(_cpu_s(int(p)) or 0.0 for p in pids)
+            parts["postgres"] = sum(cpu_seconds(int(p)) or 0.0 for p in pids)
         if self.redis_pid is not None:
-            parts["redis"] = _cpu_s(self.redis_pid) or 0.0
+            parts["redis"] = cpu_seconds(self.redis_pid) or 0.0
         return parts
 
 
