@@ -16,12 +16,13 @@ that comes back later.  Failures here are :class:`~datamesh.storage.ap.base.Shar
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from datamesh.core.config import DataMeshConfig
-from datamesh.storage.ap.base import ShardEngine, ShardError
+from datamesh.storage.ap.base import PendingRead, ShardEngine, ShardError
 from datamesh.storage.ap.store import EngineFactory, shard_address
 from datamesh.tasks.codec import b64, unb64
 from datamesh.tasks.reads import COUNT, GET, SCAN
@@ -40,18 +41,37 @@ class OwnerReads:
     def ask(self, region: str, shard: int, op: str, **args: Any) -> Reply:
         """The owner's answer to one read of shard ``shard`` of ``region``; raises a retryable
         ``ShardError`` when no answer comes within the timeout or the broker cannot be reached."""
+        answer, _ = self.send(region, shard, op, **args)
+        return answer()
+
+    def send(self, region: str, shard: int, op: str, **args: Any) -> tuple[Callable[[], Reply], Callable[[], None]]:
+        """Send one read now: returns the wait for its answer (as :meth:`ask`, within the timeout
+        from now) and the way to give it up."""
         where = f"shard {shard} of {region} (queue {queues.ap_read_queue(region, shard)})"
+        what = f"a read of {where}"
+        timeout = self.config.ap_read_timeout_s
+        deadline = time.monotonic() + timeout
         try:
-            return self._replies.ask(
-                queues.READ_AP,
-                {"region": region, "shard": shard, "op": op, **args},
-                what=f"a read of {where}",
-                who=f"the owner of {where}",
-                hint="is the worker that owns it running?",
-                timeout=self.config.ap_read_timeout_s,
+            sent = self._replies.send(
+                queues.READ_AP, {"region": region, "shard": shard, "op": op, **args}, what=what, timeout=timeout
             )
         except NoAnswer as exc:
             raise ShardError(exc.message, retryable=exc.retryable) from exc
+
+        def answer() -> Reply:
+            try:
+                return self._replies.wait(
+                    sent,
+                    what=what,
+                    who=f"the owner of {where}",
+                    hint="is the worker that owns it running?",
+                    timeout=timeout,
+                    deadline=deadline,
+                )
+            except NoAnswer as exc:
+                raise ShardError(exc.message, retryable=exc.retryable) from exc
+
+        return answer, lambda: self._replies.forget(sent)
 
     def close(self) -> None:
         self._replies.close()
@@ -72,8 +92,12 @@ class RemoteShard(ShardEngine):
         raise self._refused()
 
     def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
-        reply = self._owners.ask(self.region, self.shard, GET, keys=[b64(k) for k in keys])
-        return {unb64(k): unb64(v) for k, v in reply["found"].items()}
+        return self.begin_get_many(keys).result()
+
+    def begin_get_many(self, keys: Sequence[bytes]) -> PendingRead:
+        """Send the read now: a reader of several shards has them all read at once."""
+        answer, abandon = self._owners.send(self.region, self.shard, GET, keys=[b64(k) for k in keys])
+        return PendingRead(lambda: {unb64(k): unb64(v) for k, v in answer()["found"].items()}, abandon)
 
     def scan_prefix(self, prefix: bytes, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
         reply = self._owners.ask(self.region, self.shard, SCAN, prefix=b64(prefix), limit=limit)

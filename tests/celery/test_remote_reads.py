@@ -113,6 +113,34 @@ async def test_a_read_whose_owner_is_down_fails_within_the_timeout(
     assert stored(celery_config) == before
 
 
+async def test_a_read_of_several_shards_asks_every_owner_at_once(
+    workers: Workers, celery_config: DataMeshConfig, tmp_path: Path
+) -> None:
+    # Given turns of entities on every shard, written by workers that are then killed
+    workers.start("--role", "all")
+    workers.wait_ready()
+    reader = on_another_host(celery_config, tmp_path / "host-b", "workers", ap_read_timeout_s=3.0)
+    requests = real_requests(32, entities=16)  # 16 entities: all in one of the 4 shards has odds 4^-15
+    async with (await IngestionPipeline.create(reader)).unwrap() as p:
+        ap = p.tiers.ap
+        results = [r.unwrap() for r in (await p.ingest_many(requests)).unwrap()]
+        keys = [turn_key(q.entity_id, r.conversation_id, r.turn_id) for q, r in zip(requests, results, strict=True)]
+        shards = sorted({ap.shard_of(q.entity_id) for q in requests})
+        assert len(shards) > 1, "the entities must fall in several shards"
+        workers.kill()
+        # When the reader reads all their keys in one call
+        started = time.monotonic()
+        read = await asyncio.to_thread(ap.get_many, REGION, keys)
+        waited = time.monotonic() - started
+    # Then every shard's owner was asked before the first answer was awaited: each read queue holds
+    # its question, and the call failed after one timeout, not one per shard
+    broker = redis.Redis.from_url(celery_config.broker_url)
+    assert [broker.llen(queues.ap_read_queue("eu-west", s)) for s in shards] == [1] * len(shards)
+    broker.close()
+    assert isinstance(read, Err) and read.error.retryable and "within 3s" in read.error.message
+    assert waited < 3.0 * 2, (waited, len(shards))
+
+
 def stored(config: DataMeshConfig) -> TierCounts:
     """What is stored, seen from the workers' host: their files (data dir A) opened read-only."""
     tiers = Tiers.open(config, engine_factory=readonly_engine_for(config.ap_engine)).unwrap()

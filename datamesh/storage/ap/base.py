@@ -14,7 +14,8 @@ translates it (and ``sqlite3`` errors) into ``StorageError`` at its one boundary
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 
 class ShardError(Exception):
@@ -23,6 +24,15 @@ class ShardError(Exception):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRead:
+    """A read begun by :meth:`ShardEngine.begin_get_many`: ``result()`` gives the values, or
+    ``abandon()`` drops a read whose answer is no longer wanted."""
+
+    result: Callable[[], Mapping[bytes, bytes]]
+    abandon: Callable[[], None] = lambda: None
 
 
 class ShardEngine(ABC):
@@ -35,6 +45,12 @@ class ShardEngine(ABC):
     @abstractmethod
     def get_many(self, keys: Sequence[bytes]) -> Mapping[bytes, bytes]:
         """The values of the keys present (absent keys are left out)."""
+
+    def begin_get_many(self, keys: Sequence[bytes]) -> PendingRead:
+        """Begin :meth:`get_many`, so that a reader of several shards can ask them all before it
+        waits for one.  A local engine reads when the result is asked for; an engine whose reads
+        travel to another process sends its question here."""
+        return PendingRead(lambda: self.get_many(keys))
 
     @abstractmethod
     def delete_many(self, keys: Sequence[bytes]) -> int:

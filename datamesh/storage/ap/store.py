@@ -19,7 +19,7 @@ from datamesh.core.errors import StorageError
 from datamesh.core.result import Err, Ok, Result
 from datamesh.core.types import EntityId, GeoRegion
 from datamesh.observability.instrument import tier_call
-from datamesh.storage.ap.base import ShardEngine, ShardError
+from datamesh.storage.ap.base import PendingRead, ShardEngine, ShardError
 from datamesh.storage.ap.sqlite_shard import SqliteShard
 
 EngineFactory = Callable[[Path], ShardEngine]
@@ -77,15 +77,25 @@ class ContentStore:
         )
 
     def get_many(self, region: GeoRegion, keys: Sequence[bytes]) -> Result[dict[bytes, bytes], StorageError]:
+        """The values of the keys present, from every shard they fall in; each shard is asked
+        before any answer is awaited (engines reading through another process ask them at once)."""
+        groups: dict[int, list[bytes]] = defaultdict(list)
+        for key in keys:
+            groups[shard_for(key, self.shard_count)].append(key)
         found: dict[bytes, bytes] = {}
-        result = self._each_shard(
-            region,
-            [(k, b"") for k in keys],
-            lambda e, part: len(found.update(e.get_many([k for k, _ in part])) or ()),
-            "get_many",
-        )
-        if isinstance(result, Err):
-            return result
+        begun: list[PendingRead] = []
+        settled = 0  # reads whose result was asked for
+        with tier_call("ap", "get_many", region.value) as call:
+            try:
+                for shard in sorted(groups):
+                    begun.append(self._engine(region, shard).begin_get_many(groups[shard]))
+                for read in begun:
+                    settled += 1
+                    found.update(read.result())
+            except (ShardError, sqlite3.Error, OSError) as exc:
+                for read in begun[settled:]:
+                    read.abandon()
+                return call.check(Err(_translate(exc, "get_many")))
         return Ok(found)
 
     def delete_many(self, region: GeoRegion, keys: Sequence[bytes]) -> Result[int, StorageError]:
