@@ -1,14 +1,17 @@
 """Latency of AP reads from the shard files (``DATAMESH_AP_READS=files``) and through the shards'
 owners (``workers``), in the same run.
 
-    python bench/bench_remote_reads.py [--ap-engine sqlite|lsm] [--conversations 200] [--rounds 5]
+    python bench/bench_remote_reads.py [--ap-engine sqlite|lsm] [--processes 1] [--conversations 200] [--rounds 5]
 
-Starts ``python -m datamesh worker --role all`` (one process) on a fresh data folder and PostgreSQL
-schema, ingests ``--conversations`` AlpacaEval turns, then reads each of them back ``--rounds`` times,
-one read at a time, twice: by a reader on the workers' data folder that opens the shard files, and by
-one with an empty data folder of its own whose reads go to the owner (``ap-read.<region>.<shard>``,
-answers in the result backend).  Reported per mode: ``p.get`` (CP rows + AP content + hash checks)
-and ``ap.get_many`` of one turn's key (the AP part alone), p50 / p99 / mean in milliseconds.
+Starts ``python -m datamesh worker --role all --processes N`` (``--processes``, default 1) on a
+fresh data folder and PostgreSQL schema, ingests ``--conversations`` AlpacaEval turns, then reads
+each of them back ``--rounds`` times, one read at a time, twice: by a reader on the workers' data
+folder that opens the shard files, and by one with an empty data folder of its own whose reads go
+to the owner (``ap-read.<region>.<shard>``, answers in the result backend).  Reported per mode:
+``p.get`` (CP rows + AP content + hash checks) and ``ap.get_many`` of one turn's key (the AP part
+alone), p50 / p99 / mean in milliseconds; then ``get_many 4 sh``, one call for one key on each of
+four shards (every shard is asked before any answer is awaited), next to ``4 x 1 shard``, the same
+four keys read by four calls one after another.
 
 Needs Redis (``--broker``, flushed at the start and the end: pick a database nobody else uses) and
 PostgreSQL (``--pg``; the schema is dropped at the end).
@@ -36,9 +39,10 @@ from sqlalchemy import create_engine, text
 from bench.bench_celery import start_workers, wait_ready
 from bench.bench_ingest import load_rows, pct, requests_for
 from datamesh.core.config import DataMeshConfig
-from datamesh.core.types import GeoRegion
+from datamesh.core.types import EntityId, GeoRegion
 from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.storage.ap.record import turn_key
+from datamesh.storage.ap.store import shard_for
 from datamesh.storage.cp import migrate
 from datamesh.storage.cp.database import CpDatabase
 
@@ -63,13 +67,45 @@ async def measure(config: DataMeshConfig, ids: list[str], rounds: int) -> tuple[
     return gets, keys
 
 
+def owners_shard(config: DataMeshConfig, entity: EntityId) -> int:
+    return shard_for(entity.value.bytes, config.ap_shards)
+
+
+def spread_keys(config: DataMeshConfig, stored: list[tuple[bytes, int]]) -> list[bytes]:
+    """One key from each of the first four shards that hold one (fewer if fewer shards hold data)."""
+    by_shard: dict[int, bytes] = {}
+    for key, shard in stored:
+        by_shard.setdefault(shard, key)
+    return [by_shard[s] for s in sorted(by_shard)[:4]]
+
+
+async def measure_spread(config: DataMeshConfig, keys: list[bytes], rounds: int) -> tuple[list[float], list[float]]:
+    """Milliseconds of one ``get_many`` over ``keys`` (one per shard), and of one call per key in turn."""
+    together: list[float] = []
+    one_by_one: list[float] = []
+    async with (await IngestionPipeline.create(config)).unwrap() as p:
+        ap = p.tiers.ap
+        assert len(ap.get_many(GeoRegion.EU_WEST, keys).unwrap()) == len(keys)  # warm-up
+        for _ in range(rounds * 50):
+            started = time.perf_counter()
+            assert len(ap.get_many(GeoRegion.EU_WEST, keys).unwrap()) == len(keys)
+            together.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            for key in keys:
+                assert ap.get_many(GeoRegion.EU_WEST, [key]).unwrap()
+            one_by_one.append((time.perf_counter() - started) * 1000)
+    return together, one_by_one
+
+
 def line(mode: str, what: str, values: list[float]) -> str:
     return f"{mode:8} {what:14} {pct(values, 0.5):8.2f} {pct(values, 0.99):8.2f} {mean(values):8.2f} {len(values):7}"
 
 
 @contextlib.asynccontextmanager
-async def workers_on_host_a(pg: str, broker: str, ap_engine: str) -> AsyncIterator[tuple[DataMeshConfig, Path]]:
-    """``worker --role all`` (one process) on a fresh data folder (host A) and PostgreSQL schema:
+async def workers_on_host_a(
+    pg: str, broker: str, ap_engine: str, processes: int = 1
+) -> AsyncIterator[tuple[DataMeshConfig, Path]]:
+    """``worker --role all --processes N`` on a fresh data folder (host A) and PostgreSQL schema:
     its configuration and the folder holding host A (and host B, a reader's empty one).  Redis
     ``broker`` is flushed at the start and the end; the schema is dropped at the end."""
     schema = f"bench_reads_{uuid.uuid4().hex[:10]}"
@@ -94,9 +130,9 @@ async def workers_on_host_a(pg: str, broker: str, ap_engine: str) -> AsyncIterat
                 "DATAMESH_BROKER_URL": broker,
                 "DATAMESH_AP_ENGINE": ap_engine,
             }
-            workers = start_workers(env, 1, root / "workers.log")
+            workers = start_workers(env, processes, root / "workers.log")
             try:
-                wait_ready(owners, 1)
+                wait_ready(owners, processes)
                 yield owners, root
             finally:
                 workers.terminate()
@@ -119,13 +155,19 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ap-engine", choices=("sqlite", "lsm"), default="sqlite")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes owning the shards")
     common_arguments(parser)
     args = parser.parse_args()
     print(f"AP engine {args.ap_engine}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    async with workers_on_host_a(args.pg, args.broker, args.ap_engine) as (owners, root):
+    async with workers_on_host_a(args.pg, args.broker, args.ap_engine, args.processes) as (owners, root):
         async with (await IngestionPipeline.create(owners)).unwrap() as p:
-            results = (await p.ingest_many(requests_for(load_rows(), args.conversations))).unwrap()
+            requests = requests_for(load_rows(), args.conversations)
+            results = (await p.ingest_many(requests)).unwrap()
         ids = [str(r.unwrap().conversation_id) for r in results]
+        placed = [
+            (turn_key(q.entity_id, r.unwrap().conversation_id, r.unwrap().turn_id), owners_shard(owners, q.entity_id))
+            for q, r in zip(requests, results, strict=True)
+        ]
         await asyncio.sleep(3)  # LSM: let the owner flush, so the files reader waits for nothing
         remote = owners.with_changes(
             data_dir=root / "host-b", objects_url=owners.resolved_objects_url, ap_reads="workers"
@@ -135,6 +177,11 @@ async def main() -> None:
             gets, keys = await measure(config, ids, args.rounds)
             print(line(mode, "p.get", gets))
             print(line(mode, "ap.get_many", keys), flush=True)
+        spread = spread_keys(owners, placed)
+        for mode, config in (("files", owners), ("workers", remote)):
+            together, one_by_one = await measure_spread(config, spread, args.rounds)
+            print(line(mode, f"get_many {len(spread)} sh", together))
+            print(line(mode, f"{len(spread)} x 1 shard", one_by_one), flush=True)
 
 
 if __name__ == "__main__":
