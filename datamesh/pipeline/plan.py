@@ -7,6 +7,7 @@ finish or undo the saga from the CP tier alone.  Content bytes never enter the s
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -66,7 +67,7 @@ class SagaPlan:
                 "saga_id": self.saga_id,
                 "tenant": self.tenant,
                 "item_fields": _ITEM_FIELDS,
-                "items": [[getattr(item, f) for f in _ITEM_FIELDS] for item in self.items],
+                "items": [_ITEM_ROW(item) for item in self.items],  # tuples: JSON arrays
                 "blobs": [[b.region, b.content_hash, b.size] for b in self.blobs],
             },
             separators=(",", ":"),
@@ -92,3 +93,4 @@ class SagaPlan:
 
 
 _ITEM_FIELDS = [f.name for f in fields(ItemPlan)]
+_ITEM_ROW = operator.attrgetter(*_ITEM_FIELDS)  # an item's fields in constructor order, one C call
