@@ -54,6 +54,10 @@ class Replies:
                 from datamesh.workers.app import create_app
 
                 self._app = create_app(self.config, load_celeryconfig=False)
+                # No task-sent monitoring event for a question: its arguments are a search's query or
+                # a read's keys, which the monitoring stream must not broadcast (the tasks themselves
+                # send no worker event either: ``send_events=False``).  This app only asks questions.
+                self._app.conf.task_send_sent_event = False
             return self._app
 
     def send(self, task: str, kwargs: dict[str, Any], *, what: str, timeout: float) -> AsyncResult:

@@ -1,4 +1,5 @@
-"""Flower started by ``python -m datamesh flower`` sees the worker pools and the saga tasks."""
+"""Flower started by ``python -m datamesh flower`` sees the worker pools and the saga tasks, and no
+read answered by a worker."""
 
 from __future__ import annotations
 
@@ -72,6 +73,23 @@ async def test_flower_shows_pools_and_saga_tasks(
         }
         assert ap_queues == {f"{kind}.eu-west.{n}" for kind in ("ap", "ap-read") for n in range(4)}
         assert all(t["state"] == "SUCCESS" for t in tasks.values() if t.get("name") == "datamesh.commit_cp")
+        # And a read routed to a shard's owner sends no monitoring event (its answer is content): once
+        # Flower has seen a write_ap task the same pool ran after the read, it still knows no read_ap.
+        writes_before = sum(1 for t in tasks.values() if t.get("name") == "datamesh.write_ap")
+        reader = celery_config.with_changes(ap_reads="workers")
+        async with (await IngestionPipeline.create(reader)).unwrap() as p:
+            requests = real_requests(2)
+            first = (await p.ingest(requests[0])).unwrap()
+            assert (await p.get(first.conversation_id)).unwrap().turns[0].response == requests[0].response
+            assert (await p.ingest(requests[1])).is_ok()
+        deadline = time.monotonic() + 30
+        while True:
+            names_seen = [t.get("name") for t in get_json(f"{base}/api/tasks").values()]
+            if names_seen.count("datamesh.write_ap") >= writes_before + 2:
+                break
+            assert time.monotonic() < deadline, names_seen
+            time.sleep(0.5)
+        assert "datamesh.read_ap" not in names_seen
     finally:
         flower.terminate()
         flower.wait(timeout=15)
