@@ -72,7 +72,10 @@ def reliability_settings(config: DataMeshConfig) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         # Redis redelivers an unacknowledged message after this long: it must exceed the longest step
         # with its retries (checked above), or a step still running is run a second time in parallel.
-        "broker_transport_options": {"visibility_timeout": config.visibility_timeout_s},
+        # ``priority_steps``: datamesh sends no task priorities, so each queue is one Redis list, not
+        # kombu's default four (one per priority step): a worker's BRPOP, sent again after every
+        # message it takes, names a quarter as many keys (an ``all`` worker listens on ~60 queues).
+        "broker_transport_options": {"visibility_timeout": config.visibility_timeout_s, "priority_steps": [0]},
         # A task running when the broker connection drops cannot acknowledge its message any more; it
         # will be redelivered, so cancel it rather than finish it twice.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
