@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import create_engine, text
 
-from bench.bench_cp import DEFAULT_PG_URL, TABLES, _copy_value, load_rows, requests_for
+from bench.bench_cp import DEFAULT_PG_URL, ROWS_OF_SAGA, TABLES, _copy_value, load_rows, requests_for
 from bench.cpu_meter import cpu_seconds
 from datamesh.core.config import DataMeshConfig
 from datamesh.pipeline.prepare import prepare
@@ -80,19 +80,13 @@ def template_rows(pg_url: str, schema: str, batch: int) -> Template:
         commit_cp(tiers, plan).unwrap()
     finally:
         tiers.close()
-    where = {
-        "conversations": "id IN (SELECT conversation_id FROM turns WHERE saga_id = %(s)s)",
-        "turns": "saga_id = %(s)s",
-        "provenance_records": "conversation_id IN (SELECT conversation_id FROM turns WHERE saga_id = %(s)s)",
-        "idempotency_keys": "saga_id = %(s)s",
-    }
     engine = create_engine(url)
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()
         out: Template = {}
         for table in TABLES:
-            cursor.execute(f'SELECT * FROM "{schema}"."{table}" WHERE {where[table]}', {"s": plan.saga_id})
+            cursor.execute(f'SELECT * FROM "{schema}"."{table}" WHERE {ROWS_OF_SAGA[table]}', {"s": plan.saga_id})
             columns = [d[0] for d in cursor.description]
             keep = [i for i, c in enumerate(columns) if not (table == "provenance_records" and c == "id")]
             lines = ["\t".join(_copy_value(row[i]) for i in keep) for row in cursor.fetchall()]

@@ -43,6 +43,13 @@ from datamesh.storage.cp.database import CpDatabase
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval"
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 TABLES = ("conversations", "turns", "provenance_records", "idempotency_keys")
+#: per table, the rows one saga (``%(s)s``) wrote
+ROWS_OF_SAGA = {
+    "conversations": "id IN (SELECT conversation_id FROM turns WHERE saga_id = %(s)s)",
+    "turns": "saga_id = %(s)s",
+    "provenance_records": "conversation_id IN (SELECT conversation_id FROM turns WHERE saga_id = %(s)s)",
+    "idempotency_keys": "saga_id = %(s)s",
+}
 
 
 def load_rows() -> list[tuple[bytes, bytes]]:
@@ -111,13 +118,7 @@ def run_once(
         cursor = raw.cursor()
         data: dict[str, tuple[list[str], list[tuple[Any, ...]]]] = {}
         for table in TABLES:
-            where = {
-                "conversations": "id IN (SELECT conversation_id FROM turns WHERE saga_id = %(s)s)",
-                "turns": "saga_id = %(s)s",
-                "provenance_records": "conversation_id IN (SELECT conversation_id FROM turns WHERE saga_id = %(s)s)",
-                "idempotency_keys": "saga_id = %(s)s",
-            }[table]
-            cursor.execute(f'SELECT * FROM "{schema}"."{table}" WHERE {where}', {"s": plan.saga_id})
+            cursor.execute(f'SELECT * FROM "{schema}"."{table}" WHERE {ROWS_OF_SAGA[table]}', {"s": plan.saga_id})
             columns = [d.name for d in cursor.description]
             data[table] = (columns, cursor.fetchall())
         raw.commit()

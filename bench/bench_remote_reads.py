@@ -39,10 +39,9 @@ from sqlalchemy import create_engine, text
 from bench.bench_celery import start_workers, wait_ready
 from bench.bench_ingest import load_rows, pct, requests_for
 from datamesh.core.config import DataMeshConfig
-from datamesh.core.types import EntityId, GeoRegion
+from datamesh.core.types import GeoRegion
 from datamesh.pipeline.ingestion import IngestionPipeline
 from datamesh.storage.ap.record import turn_key
-from datamesh.storage.ap.store import shard_for
 from datamesh.storage.cp import migrate
 from datamesh.storage.cp.database import CpDatabase
 
@@ -67,11 +66,7 @@ async def measure(config: DataMeshConfig, ids: list[str], rounds: int) -> tuple[
     return gets, keys
 
 
-def owners_shard(config: DataMeshConfig, entity: EntityId) -> int:
-    return shard_for(entity.value.bytes, config.ap_shards)
-
-
-def spread_keys(config: DataMeshConfig, stored: list[tuple[bytes, int]]) -> list[bytes]:
+def spread_keys(stored: list[tuple[bytes, int]]) -> list[bytes]:
     """One key from each of the first four shards that hold one (fewer if fewer shards hold data)."""
     by_shard: dict[int, bytes] = {}
     for key, shard in stored:
@@ -163,11 +158,12 @@ async def main() -> None:
         async with (await IngestionPipeline.create(owners)).unwrap() as p:
             requests = requests_for(load_rows(), args.conversations)
             results = (await p.ingest_many(requests)).unwrap()
+            done = [r.unwrap() for r in results]
+            placed = [
+                (turn_key(q.entity_id, r.conversation_id, r.turn_id), p.tiers.ap.shard_of(q.entity_id))
+                for q, r in zip(requests, done, strict=True)
+            ]
         ids = [str(r.unwrap().conversation_id) for r in results]
-        placed = [
-            (turn_key(q.entity_id, r.unwrap().conversation_id, r.unwrap().turn_id), owners_shard(owners, q.entity_id))
-            for q, r in zip(requests, results, strict=True)
-        ]
         await asyncio.sleep(3)  # LSM: let the owner flush, so the files reader waits for nothing
         remote = owners.with_changes(
             data_dir=root / "host-b", objects_url=owners.resolved_objects_url, ap_reads="workers"
@@ -177,7 +173,7 @@ async def main() -> None:
             gets, keys = await measure(config, ids, args.rounds)
             print(line(mode, "p.get", gets))
             print(line(mode, "ap.get_many", keys), flush=True)
-        spread = spread_keys(owners, placed)
+        spread = spread_keys(placed)
         for mode, config in (("files", owners), ("workers", remote)):
             together, one_by_one = await measure_spread(config, spread, args.rounds)
             print(line(mode, f"get_many {len(spread)} sh", together))

@@ -38,17 +38,13 @@ from datamesh.core.result import Err, Result
 from datamesh.core.types import GeoRegion
 from datamesh.tasks.codec import b64, unb64
 from datamesh.workers import queues
-from datamesh.workers.replies import Reply
+from datamesh.workers.replies import ANSWER_TASK, Reply
 from datamesh.workers.runtime import RUNTIME
 
 GET, SCAN, COUNT = "get", "scan", "count"
 
 
-# ``send_events=False``: a worker started with ``-E`` (for Flower) sends no monitoring event for this
-# task.  Its answer is the user's content (a task-succeeded event carries the result's repr, and
-# task-received the arguments), which the monitoring stream must not broadcast; and each event is
-# a publish to Redis that cost the owner about a quarter of its time per read.
-@shared_task(name=queues.READ_AP, ignore_result=False, send_events=False)
+@shared_task(name=queues.READ_AP, **ANSWER_TASK)
 def read_ap_task(
     *, region: str, shard: int, op: str, keys: list[str] | None = None, prefix: str = "", limit: int | None = None
 ) -> Reply:

@@ -28,17 +28,13 @@ from datamesh.core.result import Err
 from datamesh.core.types import ConversationId, EntityId, GeoRegion, TurnId
 from datamesh.storage.index import AccessFilter, IndexQuery, SearchHit
 from datamesh.workers import queues
-from datamesh.workers.replies import Reply
+from datamesh.workers.replies import ANSWER_TASK, Reply
 from datamesh.workers.runtime import RUNTIME
 
 SEARCH, COUNT = "search", "count"
 
 
-# ``send_events=False``: a worker started with ``-E`` (for Flower) sends no monitoring event for this
-# task.  Its answer is the user's content (a task-succeeded event carries the result's repr, and
-# task-received the arguments), which the monitoring stream must not broadcast; and each event is
-# a publish to Redis that cost the owner about a quarter of its time per read.
-@shared_task(name=queues.QUERY_INDEX, ignore_result=False, send_events=False)
+@shared_task(name=queues.QUERY_INDEX, **ANSWER_TASK)
 def query_index_task(*, region: str, op: str, query: Reply | None = None) -> Reply:
     """Answer one region's part: ``search`` (``query``, see :func:`encode_query`) or ``count``."""
     indexes, where = RUNTIME.search_indexes(), GeoRegion(region)

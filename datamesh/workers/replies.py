@@ -4,7 +4,7 @@ Reads of AP shards (:mod:`datamesh.workers.remote_reads`) and of the regional in
 (:mod:`datamesh.workers.remote_search`) go to the workers that hold the files, as tasks on their
 queues, and their answers come back through Celery's result backend (``DATAMESH_RESULT_BACKEND``, by
 default the broker's Redis, which every process shares already).  :class:`Replies` is that round
-trip, split in two (:meth:`~Replies.send`, :meth:`~Replies.wait`) so that a caller can send several
+trip, in two parts (:meth:`~Replies.send`, :meth:`~Replies.wait`) so that a caller can send several
 questions before it waits for the first answer.
 
 A question is sent with an expiry equal to its timeout: a worker that takes it after its caller
@@ -28,6 +28,14 @@ from celery.result import AsyncResult
 from datamesh.core.config import DataMeshConfig
 
 Reply = dict[str, Any]
+
+#: The options of every task whose answer a caller waits for (``read_ap``, ``query_index``).  Its
+#: result is stored (the answer travels back through the result backend).  It sends no monitoring
+#: event, though workers run with ``-E`` for Flower: the answer is the user's content (a
+#: task-succeeded event carries the result's repr, task-received the arguments), which the
+#: monitoring stream must not broadcast, and each event was a Redis publish costing the worker
+#: about a quarter of its time per read.
+ANSWER_TASK = {"ignore_result": False, "send_events": False}
 
 
 class NoAnswer(Exception):
@@ -55,8 +63,8 @@ class Replies:
 
                 self._app = create_app(self.config, load_celeryconfig=False)
                 # No task-sent monitoring event for a question: its arguments are a search's query or
-                # a read's keys, which the monitoring stream must not broadcast (the tasks themselves
-                # send no worker event either: ``send_events=False``).  This app only asks questions.
+                # a read's keys, which the monitoring stream must not broadcast (nor do the workers
+                # send events for these tasks: :data:`ANSWER_TASK`).  This app only asks questions.
                 self._app.conf.task_send_sent_event = False
             return self._app
 
@@ -90,12 +98,6 @@ class Replies:
     def forget(self, sent: AsyncResult) -> None:
         """Stop listening for the answer to ``sent`` (its caller will not wait for it)."""
         self.app().backend.remove_pending_result(sent)
-
-    def ask(self, task: str, kwargs: dict[str, Any], *, what: str, who: str, hint: str, timeout: float) -> Reply:
-        """:meth:`send` then :meth:`wait`: one question, one answer within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        sent = self.send(task, kwargs, what=what, timeout=timeout)
-        return self.wait(sent, what=what, who=who, hint=hint, timeout=timeout, deadline=deadline)
 
     def close(self) -> None:
         with self._lock:

@@ -35,6 +35,14 @@ def on_another_host(workers_config: DataMeshConfig, data_dir: Path, reads: str, 
     )
 
 
+def owners_running(workers: Workers, config: DataMeshConfig, data_dir: Path, **changes: object) -> DataMeshConfig:
+    """Start an ``all`` pool owning every shard (data dir A) and return the configuration of a
+    reader on another host (``data_dir``, empty) whose AP reads go to the owners."""
+    workers.start("--role", "all")
+    workers.wait_ready()
+    return on_another_host(config, data_dir, "workers", **changes)
+
+
 def shard_files(root: Path) -> list[Path]:
     return list(root.rglob("shard-*")) if root.exists() else []
 
@@ -44,9 +52,7 @@ async def test_a_reader_on_another_host_reads_through_the_owners(
     workers: Workers, celery_config: DataMeshConfig, tmp_path: Path
 ) -> None:
     # Given workers owning the shards in data dir A, and a reader whose data dir B is empty
-    workers.start("--role", "all")
-    workers.wait_ready()
-    reader = on_another_host(celery_config, tmp_path / "host-b", "workers")
+    reader = owners_running(workers, celery_config, tmp_path / "host-b")
     requests = real_requests(24)
     big = b"B" * (celery_config.inline_max_bytes + 3)  # kept in the (shared) object store
     requests.append(IngestionRequest(entity_id=EntityId.generate(), prompt=b"p", response=big, geo_region=REGION))
@@ -85,9 +91,7 @@ async def test_a_read_whose_owner_is_down_fails_within_the_timeout(
     workers: Workers, celery_config: DataMeshConfig, tmp_path: Path
 ) -> None:
     # Given conversations written by workers that are then killed (nobody consumes the read queues)
-    workers.start("--role", "all")
-    workers.wait_ready()
-    reader = on_another_host(celery_config, tmp_path / "host-b", "workers", ap_read_timeout_s=2.0)
+    reader = owners_running(workers, celery_config, tmp_path / "host-b", ap_read_timeout_s=2.0)
     requests = real_requests(8)
     async with (await IngestionPipeline.create(reader)).unwrap() as p:
         ids = [r.unwrap().conversation_id for r in (await p.ingest_many(requests)).unwrap()]
@@ -117,9 +121,7 @@ async def test_a_read_of_several_shards_asks_every_owner_at_once(
     workers: Workers, celery_config: DataMeshConfig, tmp_path: Path
 ) -> None:
     # Given turns of entities on every shard, written by workers that are then killed
-    workers.start("--role", "all")
-    workers.wait_ready()
-    reader = on_another_host(celery_config, tmp_path / "host-b", "workers", ap_read_timeout_s=3.0)
+    reader = owners_running(workers, celery_config, tmp_path / "host-b", ap_read_timeout_s=3.0)
     requests = real_requests(32, entities=16)  # 16 entities: all in one of the 4 shards has odds 4^-15
     async with (await IngestionPipeline.create(reader)).unwrap() as p:
         ap = p.tiers.ap

@@ -14,6 +14,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from datamesh.core.errors import StorageError
 from datamesh.core.result import Err, Ok, Result
@@ -23,6 +24,7 @@ from datamesh.storage.ap.base import PendingRead, ShardEngine, ShardError
 from datamesh.storage.ap.sqlite_shard import SqliteShard
 
 EngineFactory = Callable[[Path], ShardEngine]
+T = TypeVar("T")
 
 
 def shard_for(entity_bytes: bytes, shard_count: int) -> int:
@@ -79,9 +81,7 @@ class ContentStore:
     def get_many(self, region: GeoRegion, keys: Sequence[bytes]) -> Result[dict[bytes, bytes], StorageError]:
         """The values of the keys present, from every shard they fall in; each shard is asked
         before any answer is awaited (engines reading through another process ask them at once)."""
-        groups: dict[int, list[bytes]] = defaultdict(list)
-        for key in keys:
-            groups[shard_for(key, self.shard_count)].append(key)
+        groups = self._by_shard(keys, lambda key: key)
         found: dict[bytes, bytes] = {}
         begun: list[PendingRead] = []
         settled = 0  # reads whose result was asked for
@@ -171,9 +171,7 @@ class ContentStore:
         action: Callable[[ShardEngine, list[tuple[bytes, bytes]]], int],
         operation: str,
     ) -> Result[int, StorageError]:
-        groups: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
-        for item in items:
-            groups[shard_for(item[0], self.shard_count)].append(item)
+        groups = self._by_shard(items, lambda item: item[0])
         total = 0
         with tier_call("ap", operation, region.value) as call:
             try:
@@ -182,6 +180,13 @@ class ContentStore:
             except (ShardError, sqlite3.Error, OSError) as exc:
                 return call.check(Err(_translate(exc, operation)))
         return Ok(total)
+
+    def _by_shard(self, things: Sequence[T], key_of: Callable[[T], bytes]) -> dict[int, list[T]]:
+        """``things`` grouped by the shard their key falls in (order kept within a shard)."""
+        groups: dict[int, list[T]] = defaultdict(list)
+        for thing in things:
+            groups[shard_for(key_of(thing), self.shard_count)].append(thing)
+        return groups
 
     def _engine(self, region: GeoRegion, shard: int) -> ShardEngine:
         key = (region, shard)
